@@ -1,0 +1,66 @@
+# Finsight — every target sets itself up (virtualenv, install, code generation),
+# so a fresh clone needs nothing but `make run` or `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+PROTO_STAMP := .build/proto.stamp
+PYTEST_ARGS ?=
+
+.PHONY: help venv proto run test lint bench clean env-example
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(INSTALLED)  ## create .venv and install the project with dev tools
+
+$(PROTO_STAMP): $(INSTALLED) $(PROTOS) buf.yaml
+	@rm -rf .build/proto-deps && mkdir -p .build/proto-deps/google/type .build/proto-deps/google/rpc
+	@gp=$$($(PY) -c 'import google.type.date_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[1])'); \
+	  cp $$gp/type/{date,money,decimal}.proto .build/proto-deps/google/type/; \
+	  cp $$gp/rpc/{status,code,error_details}.proto .build/proto-deps/google/rpc/
+	find protos -name '*_pb2*.py*' -delete
+	$(PY) -m grpc_tools.protoc -I protos -I .build/proto-deps \
+	  --python_out=protos --mypy_out=quiet:protos \
+	  --grpc_python_out=protos --mypy_grpc_out=quiet:protos \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  $(PROTOS)
+	@touch $@
+
+proto: $(PROTO_STAMP)  ## generate Python code (+ .pyi stubs) from protos/
+
+run: $(PROTO_STAMP)  ## run the whole suite locally (embedded Redis unless REDIS_URL is set)
+	$(PY) -m libs.common.devstack
+
+test: $(PROTO_STAMP)  ## run the test suite with coverage
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+lint: $(PROTO_STAMP)  ## ruff, mypy, buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy libs services tests benchmarks
+	$(BIN)/buf lint
+
+bench: $(PROTO_STAMP)  ## run the benchmarks (figures are ratios against baselines of the same run)
+	$(PY) -m benchmarks
+
+clean:  ## remove the virtualenv, generated code, caches and local data
+	rm -rf $(VENV) .build var .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	find protos -name '*_pb2*.py*' -delete
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: env-example
+env-example: $(INSTALLED)  ## regenerate .env.example from the settings models
+	$(PY) -m libs.common.envdoc > .env.example

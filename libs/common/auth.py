@@ -1,0 +1,202 @@
+"""API-key authentication: `authorization: Bearer <key>` against a file of hashed keys.
+
+The keys file (JSON) holds only SHA-256 hashes:
+
+    {"keys": [{"id": "analytics-2026-11", "caller": "analytics", "tenant": "acme",
+               "scopes": ["memory.read", "memory.write"], "sha256": "<hex>",
+               "not_after": "2027-06-01T00:00:00Z"}]}
+
+A caller may have several entries at once, which is how keys rotate without
+downtime. The file is re-read when its modification time changes (checked at
+most once a second), so adding or revoking a key needs no restart; a file that
+fails to parse keeps the previous keys and is logged.
+
+Scopes: `*` grants everything, `memory.*` grants every `memory.` scope, else exact.
+Generate a key with `python -m libs.common.auth new-key --caller NAME --tenant T --scopes a,b`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from libs.common.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: established by authentication, never by a request field."""
+
+    caller: str
+    tenant: str
+    scopes: frozenset[str]
+    key_id: str
+
+    def has_scope(self, scope: str) -> bool:
+        return scope_granted(self.scopes, scope)
+
+
+ANONYMOUS = Identity(caller="anonymous", tenant="default", scopes=frozenset({"*"}), key_id="")
+
+
+def scope_granted(granted: Iterable[str], wanted: str) -> bool:
+    for scope in granted:
+        if scope in ("*", wanted):
+            return True
+        if scope.endswith(".*") and wanted.startswith(scope[:-1]):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key_id: str
+    caller: str
+    tenant: str
+    scopes: frozenset[str]
+    sha256: str
+    not_after: datetime | None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_keys(data: dict[str, object]) -> dict[str, KeyEntry]:
+    entries: dict[str, KeyEntry] = {}
+    raw = data.get("keys")
+    if not isinstance(raw, list):
+        raise ValueError("keys file must be an object with a 'keys' list")
+    for i, item in enumerate(raw):
+        try:
+            not_after = item.get("not_after")
+            entry = KeyEntry(
+                key_id=str(item.get("id") or f"key-{i}"),
+                caller=str(item["caller"]),
+                tenant=str(item["tenant"]),
+                scopes=frozenset(str(s) for s in item.get("scopes", [])),
+                sha256=str(item["sha256"]).lower(),
+                not_after=_parse_time(not_after) if not_after else None,
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"keys[{i}]: {exc}") from exc
+        entries[entry.sha256] = entry
+    return entries
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class KeyStore:
+    """Hashed keys from a file, re-read when the file changes."""
+
+    def __init__(self, path: Path, *, check_interval_s: float = 1.0) -> None:
+        self.path = path
+        self.check_interval_s = check_interval_s
+        self._entries: dict[str, KeyEntry] = {}
+        self._mtime: float | None = None
+        self._checked_at = 0.0
+        self._reload(force=True)
+
+    def _reload(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.check_interval_s:
+            return
+        self._checked_at = now
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError as exc:
+            if force:
+                raise ValueError(f"cannot read API keys file {self.path}: {exc.strerror}") from exc
+            log.error("api keys file unreadable; keeping previous keys", extra={"path": str(self.path)})
+            return
+        if mtime == self._mtime:
+            return
+        try:
+            entries = parse_keys(json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            if force:
+                raise ValueError(f"invalid API keys file {self.path}: {exc}") from exc
+            log.error("api keys file invalid; keeping previous keys", extra={"error": str(exc)})
+            return
+        self._entries, self._mtime = entries, mtime
+        if not force:
+            log.info("api keys reloaded", extra={"keys": len(entries)})
+
+    def authenticate(self, key: str | None, *, now: datetime | None = None) -> Identity:
+        self._reload()
+        if not key:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'",
+                                  reason="API_KEY_MISSING")
+        digest = hash_key(key)
+        entry = self._entries.get(digest)
+        # compare_digest keeps the final comparison constant-time.
+        if entry is None or not hmac.compare_digest(entry.sha256, digest):
+            raise Unauthenticated("unknown API key", reason="API_KEY_UNKNOWN")
+        if entry.not_after and (now or datetime.now(UTC)) >= entry.not_after:
+            raise Unauthenticated("API key expired", reason="API_KEY_EXPIRED")
+        return Identity(entry.caller, entry.tenant, entry.scopes, entry.key_id)
+
+
+def require_scope(identity: Identity, scope: str | None) -> None:
+    if scope and not identity.has_scope(scope):
+        raise PermissionDenied(f"caller {identity.caller!r} lacks scope {scope!r}",
+                               reason="SCOPE_MISSING", metadata={"scope": scope})
+
+
+def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def new_key() -> str:
+    return "fsk_" + secrets.token_urlsafe(32)
+
+
+def key_entry(key: str, *, caller: str, tenant: str, scopes: list[str],
+              not_after: str | None = None, key_id: str | None = None) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "id": key_id or f"{caller}-{datetime.now(UTC):%Y%m%d%H%M%S}",
+        "caller": caller, "tenant": tenant, "scopes": scopes, "sha256": hash_key(key)}
+    if not_after:
+        entry["not_after"] = not_after
+    return entry
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m libs.common.auth")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    gen = sub.add_parser("new-key", help="print a new key and its keys-file entry")
+    gen.add_argument("--caller", required=True)
+    gen.add_argument("--tenant", required=True)
+    gen.add_argument("--scopes", default="*")
+    gen.add_argument("--not-after", default=None, help="ISO time the key stops working")
+    args = parser.parse_args()
+    key = new_key()
+    entry = key_entry(key, caller=args.caller, tenant=args.tenant,
+                      scopes=args.scopes.split(","), not_after=args.not_after)
+    print(f"key (give to the caller, store nowhere else): {key}")
+    print("entry (add to the keys file):")
+    print(json.dumps(entry, indent=2))
+
+
+if __name__ == "__main__":
+    _main()

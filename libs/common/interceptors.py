@@ -1,0 +1,243 @@
+"""The one server interceptor chain every service uses.
+
+Order (outermost first): OpenTelemetry tracing (W3C context from metadata,
+installed by `libs.common.server` from opentelemetry-instrumentation-grpc),
+then `FinsightServerInterceptor`, which for every RPC does
+
+    metrics started → bind deadline → authenticate → scope check → rate limit
+    → handler → exception → status mapping → metrics handled → access log line.
+
+It is the only place where exceptions become gRPC status codes: a
+`FinsightError` is sent with its `google.rpc` details; anything else becomes
+INTERNAL with an opaque error id, which is also in the log line (with the
+stack trace, which never reaches the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from libs.common import context, metrics
+from libs.common.auth import ANONYMOUS, Identity, KeyStore, bearer_from_metadata, require_scope
+from libs.common.errors import FinsightError, Internal, Unauthenticated
+from libs.common.ratelimit import TokenBucket
+
+access_log = logging.getLogger("finsight.access")
+log = logging.getLogger(__name__)
+
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class MethodPolicy:
+    """What a method needs: a scope to call it, and the rate-limit class it spends from."""
+
+    scope: str | None
+    method_class: str = "default"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    rate: float
+    burst: float
+
+
+@dataclass
+class _Rpc:
+    service: str
+    method: str
+    type: str
+    started: float
+    identity: Identity = ANONYMOUS
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    error_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        return (self.service, self.method, self.type)
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    return "server_stream" if handler.response_streaming else "unary"
+
+
+class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        keystore: KeyStore | None,
+        limiter: TokenBucket | None,
+        policies: Mapping[str, MethodPolicy],
+        default_scope: str | None,
+        rate_limits: Mapping[str, RateLimit],
+        exempt_health: bool = True,
+    ) -> None:
+        self.keystore = keystore
+        self.limiter = limiter
+        self.policies = dict(policies)
+        self.default_scope = default_scope
+        self.rate_limits = dict(rate_limits)
+        self.exempt_health = exempt_health
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        full = handler_call_details.method
+        service, _, method = full.lstrip("/").rpartition("/")
+        kind = _rpc_type(handler)
+        exempt = full.startswith(EXEMPT_PREFIXES)
+        policy = self.policies.get(method, MethodPolicy(self.default_scope))
+        if handler.response_streaming:
+            name = "stream_stream" if handler.request_streaming else "unary_stream"
+            behavior = getattr(handler, name)
+            wrapped: Any = self._wrap_stream(behavior, service, method, kind, policy, exempt)
+        else:
+            name = "stream_unary" if handler.request_streaming else "unary_unary"
+            behavior = getattr(handler, name)
+            wrapped = self._wrap_unary(behavior, service, method, kind, policy, exempt)
+        return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
+
+    # -- admission: auth, scope, rate limit ------------------------------------------------
+    async def _admit(self, rpc: _Rpc, ctx: grpc.aio.ServicerContext, policy: MethodPolicy,
+                     exempt: bool) -> None:
+        metadata = ctx.invocation_metadata()
+        bearer = bearer_from_metadata(metadata)
+        identity = ANONYMOUS
+        if self.keystore is not None and not (exempt and self.exempt_health):
+            try:
+                identity = self.keystore.authenticate(bearer)
+            except Unauthenticated as exc:
+                metrics.AUTH_FAILURES.labels(rpc.service, exc.reason).inc()
+                raise
+            if not exempt:
+                require_scope(identity, policy.scope)
+        rpc.identity = identity
+        context.bind(identity, ctx.time_remaining(), bearer)
+        if self.limiter is not None and not exempt:
+            limit = self.rate_limits.get(policy.method_class) or self.rate_limits["default"]
+            try:
+                await self.limiter.enforce(
+                    f"rl:{identity.tenant}:{identity.caller}:{rpc.service}:{policy.method_class}",
+                    rate=limit.rate, burst=limit.burst,
+                    subject=f"caller:{identity.caller}",
+                    what=f"{policy.method_class} requests on {rpc.service}")
+            except FinsightError:
+                metrics.RATELIMIT_REJECTED.labels(rpc.service, policy.method_class).inc()
+                raise
+
+    # -- wrappers ----------------------------------------------------------------------------
+    def _wrap_unary(self, behavior: Callable[..., Any], service: str, method: str, kind: str,
+                    policy: MethodPolicy, exempt: bool) -> Callable[..., Any]:
+        async def handle(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            rpc = self._begin(service, method, kind)
+            try:
+                await self._admit(rpc, ctx, policy, exempt)
+                if kind == "client_stream":
+                    request = _count_received(request, rpc)
+                return await behavior(request, ctx)
+            except BaseException as exc:
+                await self._fail(rpc, ctx, exc)
+                raise  # unreachable for mapped errors: _fail aborts
+            finally:
+                self._finish(rpc, ctx)
+
+        return handle
+
+    def _wrap_stream(self, behavior: Callable[..., Any], service: str, method: str, kind: str,
+                     policy: MethodPolicy, exempt: bool) -> Callable[..., Any]:
+        async def handle(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rpc = self._begin(service, method, kind)
+            try:
+                await self._admit(rpc, ctx, policy, exempt)
+                if kind == "bidi_stream":
+                    request = _count_received(request, rpc)
+                result = behavior(request, ctx)
+                if inspect.isasyncgen(result):
+                    sent = metrics.SERVER_MSG_SENT.labels(*rpc.labels)
+                    async for item in result:
+                        sent.inc()
+                        yield item
+                else:  # a handler that writes with ctx.write() and returns None
+                    await result
+            except BaseException as exc:
+                await self._fail(rpc, ctx, exc)
+                raise
+            finally:
+                self._finish(rpc, ctx)
+
+        return handle
+
+    def _begin(self, service: str, method: str, kind: str) -> _Rpc:
+        rpc = _Rpc(service, method, kind, time.perf_counter())
+        metrics.SERVER_STARTED.labels(*rpc.labels).inc()
+        return rpc
+
+    async def _fail(self, rpc: _Rpc, ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            rpc.code = grpc.StatusCode.CANCELLED
+            return
+        if isinstance(exc, grpc.aio.AbortError):  # the handler aborted itself
+            rpc.code = ctx.code() or grpc.StatusCode.UNKNOWN
+            return
+        if isinstance(exc, FinsightError):
+            error: FinsightError = exc
+        else:
+            error = Internal()
+            log.error("unhandled exception in %s/%s", rpc.service, rpc.method,
+                      exc_info=exc, extra={"error_id": error.metadata["error_id"]})
+        rpc.code, rpc.reason = error.code, error.reason
+        rpc.error_id = error.metadata.get("error_id")
+        await ctx.abort_with_status(rpc_status.to_status(error.to_status()))
+
+    def _finish(self, rpc: _Rpc, ctx: grpc.aio.ServicerContext) -> None:
+        elapsed = time.perf_counter() - rpc.started
+        if rpc.code == grpc.StatusCode.OK:
+            rpc.code = ctx.code() or grpc.StatusCode.OK
+        code_name = rpc.code.name
+        metrics.SERVER_HANDLED.labels(*rpc.labels, code_name).inc()
+        metrics.SERVER_HANDLING_SECONDS.labels(*rpc.labels).observe(elapsed)
+        extra: dict[str, Any] = {
+            "grpc_service": rpc.service, "grpc_method": rpc.method, "grpc_code": code_name,
+            "duration_ms": round(elapsed * 1000, 3), "caller": rpc.identity.caller,
+            "tenant": rpc.identity.tenant, "peer": ctx.peer(),
+        }
+        if rpc.reason and rpc.code != grpc.StatusCode.OK:
+            extra["reason"] = rpc.reason
+        if rpc.error_id:
+            extra["error_id"] = rpc.error_id
+        if rpc.code in _SERVER_FAULTS:
+            level = logging.ERROR
+        elif rpc.service == "grpc.health.v1.Health" and rpc.code == grpc.StatusCode.OK:
+            level = logging.DEBUG  # kubelet probes: not worth a line each
+        else:
+            level = logging.INFO
+        access_log.log(level, "rpc %s/%s %s", rpc.service, rpc.method, code_name, extra=extra)
+
+
+_SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
+
+
+async def _count_received(requests: AsyncIterator[Any], rpc: _Rpc) -> AsyncIterator[Any]:
+    received = metrics.SERVER_MSG_RECEIVED.labels(*rpc.labels)
+    async for item in requests:
+        received.inc()
+        yield item

@@ -1,0 +1,286 @@
+"""Server bootstrap: one way to build, run and drain a Finsight gRPC service.
+
+    host = ServiceHost(settings, policies=POLICIES)
+    add_MemoryServiceServicer_to_server(servicer, host.server)
+    host.add_readiness_check("redis", lambda: redis_ready(redis))
+    host.on_shutdown(db.close)
+    await host.run()          # until SIGTERM/SIGINT
+
+Health (`grpc.health.v1`, the standard servicer): `""` is the whole server,
+`liveness` answers while the process and its event loop do (it never depends
+on another system), and the service's full name is readiness: SERVING only
+while every readiness check passes. On SIGTERM/SIGINT every name goes
+NOT_SERVING, the server keeps serving for `FINSIGHT_DRAIN_DELAY_S` so load
+balancers notice, then `stop(grace)` lets in-flight RPCs finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from redis.asyncio import Redis
+
+from libs.common import metrics
+from libs.common.auth import KeyStore
+from libs.common.config import CommonSettings, S, load_settings_or_exit
+from libs.common.interceptors import FinsightServerInterceptor, MethodPolicy, RateLimit
+from libs.common.logging import configure_logging
+from libs.common.ratelimit import TokenBucket
+from libs.common.redis_pool import create_redis, redis_ready
+from libs.common.tracing import configure_tracing, shutdown_tracing
+
+log = logging.getLogger(__name__)
+
+LIVENESS = "liveness"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+def server_options(settings: CommonSettings) -> list[tuple[str, Any]]:
+    keepalive_ms = int(settings.finsight_keepalive_time_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", settings.finsight_max_message_bytes),
+        ("grpc.max_send_message_length", settings.finsight_max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Recycle connections so clients re-resolve DNS and spread over new pods.
+        ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+        ("grpc.max_connection_age_grace_ms", int(settings.finsight_shutdown_grace_s * 1000)),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_enabled:
+        return None
+    assert settings.finsight_tls_cert_file and settings.finsight_tls_key_file
+    client_ca = settings.finsight_tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(settings.finsight_tls_key_file.read_bytes(), settings.finsight_tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class ServiceHost:
+    """A configured `grpc.aio` server with health, reflection, metrics and drain."""
+
+    def __init__(
+        self,
+        settings: CommonSettings,
+        *,
+        policies: Mapping[str, MethodPolicy] | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        limiter: TokenBucket | None = None,
+        extra_service_names: Sequence[str] = (),
+        port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.service_names = [settings.full_service_name, *extra_service_names]
+        self.port = settings.grpc_port if port is None else port
+        self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
+        self.health = health_aio.HealthServicer()
+        self.keystore = self._keystore(settings)
+        limits = {"default": RateLimit(settings.finsight_rate_limit_rps,
+                                       settings.finsight_rate_limit_burst)}
+        limits.update(rate_limits or {})
+        self.interceptor = FinsightServerInterceptor(
+            keystore=self.keystore,
+            limiter=limiter if settings.finsight_rate_limit_enabled else None,
+            policies=policies or {},
+            default_scope=settings.service_name or None,
+            rate_limits=limits,
+            exempt_health=settings.finsight_auth_exempt_health,
+        )
+        self.server = grpc.aio.server(
+            interceptors=[
+                # Probes every few seconds would drown the real traces.
+                aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+                self.interceptor,
+            ],
+            options=server_options(settings),
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._checks: dict[str, ReadinessCheck] = {}
+        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._stop = asyncio.Event()
+        self._ready_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self.bound_port: int | None = None
+        self.bound_metrics_port: int | None = None
+
+    @staticmethod
+    def _keystore(settings: CommonSettings) -> KeyStore | None:
+        if not settings.finsight_auth_enabled:
+            return None
+        assert settings.finsight_api_keys_file is not None
+        return KeyStore(Path(settings.finsight_api_keys_file))
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        self._checks[name] = check
+
+    def on_shutdown(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Run after the server stopped, in reverse order of registration."""
+        self._cleanups.append(cleanup)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> int:
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        address = f"{self.settings.finsight_bind_host}:{self.port}"
+        creds = server_credentials(self.settings)
+        self.bound_port = (self.server.add_secure_port(address, creds) if creds
+                           else self.server.add_insecure_port(address))
+        if self.metrics_port is not None:
+            self.bound_metrics_port = metrics.serve_metrics(
+                self.metrics_port, self.settings.finsight_bind_host)
+        await self.server.start()
+        await self.health.set("", SERVING)
+        await self.health.set(LIVENESS, SERVING)
+        for name in self.service_names:
+            await self.health.set(name, NOT_SERVING)
+        await self._check_readiness()
+        self._ready_task = asyncio.create_task(self._readiness_loop(), name="readiness")
+        log.info("service started", extra={
+            "service": self.settings.service_name, "port": self.bound_port,
+            "metrics_port": self.bound_metrics_port, "tls": self.settings.tls_enabled,
+            "auth": self.keystore is not None})
+        return self.bound_port
+
+    async def _check_readiness(self) -> bool:
+        ready = True
+        for name, check in self._checks.items():
+            try:
+                ok = await asyncio.wait_for(check(), timeout=2.0)
+            except Exception:
+                ok = False
+            metrics.DEPENDENCY_UP.labels(name).set(1 if ok else 0)
+            ready = ready and ok
+        if not self._draining:
+            status = SERVING if ready else NOT_SERVING
+            for name in self.service_names:
+                await self.health.set(name, status)
+            metrics.SERVICE_READY.set(1 if ready else 0)
+        return ready
+
+    async def _readiness_loop(self) -> None:
+        previous: bool | None = None
+        while not self._draining:
+            ready = await self._check_readiness()
+            if ready != previous:
+                log.info("readiness changed", extra={"ready": ready})
+                previous = ready
+            await asyncio.sleep(self.settings.finsight_readiness_interval_s)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def drain_and_stop(self) -> None:
+        """Health → NOT_SERVING, wait for load balancers, then stop with grace."""
+        if self._draining:
+            return
+        self._draining = True
+        started = time.monotonic()
+        log.info("draining", extra={"drain_delay_s": self.settings.finsight_drain_delay_s})
+        metrics.SERVICE_READY.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+        await asyncio.sleep(self.settings.finsight_drain_delay_s)
+        await self.server.stop(self.settings.finsight_shutdown_grace_s)
+        for cleanup in reversed(self._cleanups):
+            try:
+                await cleanup()
+            except Exception:
+                log.exception("cleanup failed")
+        shutdown_tracing()
+        log.info("stopped", extra={"shutdown_s": round(time.monotonic() - started, 3)})
+
+    async def run_until_signal(self) -> None:
+        """Serve (already started) until SIGTERM/SIGINT, then drain and stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop.wait()
+        await self.drain_and_stop()
+
+
+Setup = Callable[[ServiceHost, Redis], Awaitable[None]]
+
+
+async def start_service(
+    settings: CommonSettings,
+    setup: Setup,
+    *,
+    policies: Mapping[str, MethodPolicy] | None = None,
+    rate_limits: Mapping[str, RateLimit] | None = None,
+) -> ServiceHost:
+    """Build the host with the shared Redis pool and rate limiter, let `setup` add the
+    service's servicers, checks and cleanups, and start serving."""
+    redis = create_redis(settings)
+    limiter = TokenBucket(redis, fail_mode=settings.finsight_rate_limit_fail_mode)
+    host = ServiceHost(settings, policies=policies, rate_limits=rate_limits, limiter=limiter)
+    host.add_readiness_check("redis", lambda: redis_ready(redis))
+    host.on_shutdown(redis.aclose)
+    await setup(host, redis)
+    await host.start()
+    return host
+
+
+def main_entry(settings_cls: type[S], setup: Setup, **kwargs: Any) -> None:
+    """`python -m services.X`: load config (exit 2 if invalid), serve until a signal."""
+    settings = load_settings_or_exit(settings_cls)
+    bootstrap_observability(settings)
+
+    async def serve() -> None:
+        host = await start_service(settings, setup, **kwargs)
+        await host.run_until_signal()
+
+    asyncio.run(serve())
+
+
+def bootstrap_observability(settings: CommonSettings) -> None:
+    """Logging and tracing for a service process; call first thing in main()."""
+    configure_logging(settings.service_name, settings.finsight_log_level,
+                      secrets=settings.secret_values())
+    configure_tracing(settings.service_name, otlp_endpoint=settings.otel_exporter_otlp_endpoint,
+                      sample_ratio=settings.finsight_trace_sample_ratio,
+                      release=settings.finsight_release, environment=settings.finsight_env)
+
+
+async def wait_for_serving(target: str, service: str = "", timeout: float = 30.0,
+                           credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Poll a health endpoint until `service` is SERVING (used by make run and tests)."""
+    deadline = time.monotonic() + timeout
+    channel = (grpc.aio.secure_channel(target, credentials) if credentials
+               else grpc.aio.insecure_channel(target))
+    async with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} ({service or 'server'}) not SERVING after {timeout}s")
+            await asyncio.sleep(0.1)

@@ -1,0 +1,3 @@
+from services.analytics.main import main
+
+main()

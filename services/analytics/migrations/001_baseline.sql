@@ -1,0 +1,2 @@
+-- Baseline: the schema_migrations table itself is created by libs.common.duck.
+SELECT 1;

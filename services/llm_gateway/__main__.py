@@ -1,0 +1,3 @@
+from services.llm_gateway.main import main
+
+main()
