@@ -43,8 +43,12 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.server = ValkeyServer(port=self.port, data_dir=self.data_dir, persist=True,
-                                   config={"save": "", "appendonly": "no"})
+        self.server = ValkeyServer(
+            port=self.port,
+            data_dir=self.data_dir,
+            persist=True,
+            config={"save": "", "appendonly": "no"},
+        )
         self.server.start()
 
     def stop(self) -> None:
@@ -79,30 +83,43 @@ class Keys:
     """Plaintext keys for the identities in the test keys file."""
 
     path: Path
-    admin: str          # tenant "t-admin", scopes *
-    alice: str          # tenant "acme", every service scope but admin ones
+    admin: str  # tenant "t-admin", scopes *
+    alice: str  # tenant "acme", every service scope but admin ones
     alice_rotated: str  # a second valid key of the same caller (rotation)
-    bob: str            # tenant "globex": another tenant
-    expired: str        # expired key
-    narrow: str         # tenant "acme", scope "nothing" only
+    bob: str  # tenant "globex": another tenant
+    expired: str  # expired key
+    narrow: str  # tenant "acme", scope "nothing" only
 
     def metadata(self, key: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {key}"),)
 
 
 def write_keys(path: Path) -> Keys:
-    keys = Keys(path, admin="k-admin-000000", alice="k-alice-111111",
-                alice_rotated="k-alice-222222", bob="k-bob-333333",
-                expired="k-expired-444444", narrow="k-narrow-555555")
+    keys = Keys(
+        path,
+        admin="k-admin-000000",
+        alice="k-alice-111111",
+        alice_rotated="k-alice-222222",
+        bob="k-bob-333333",
+        expired="k-expired-444444",
+        narrow="k-narrow-555555",
+    )
     services = ["llm_gateway", "memory", "analytics", "echo"]
     entries = [
         key_entry(keys.admin, caller="admin", tenant="t-admin", scopes=["*"], key_id="admin"),
         key_entry(keys.alice, caller="alice", tenant="acme", scopes=services, key_id="alice-1"),
-        key_entry(keys.alice_rotated, caller="alice", tenant="acme", scopes=services,
-                  key_id="alice-2"),
+        key_entry(
+            keys.alice_rotated, caller="alice", tenant="acme", scopes=services, key_id="alice-2"
+        ),
         key_entry(keys.bob, caller="bob", tenant="globex", scopes=services, key_id="bob"),
-        key_entry(keys.expired, caller="old", tenant="acme", scopes=["*"],
-                  not_after="2020-01-01T00:00:00Z", key_id="expired"),
+        key_entry(
+            keys.expired,
+            caller="old",
+            tenant="acme",
+            scopes=["*"],
+            not_after="2020-01-01T00:00:00Z",
+            key_id="expired",
+        ),
         key_entry(keys.narrow, caller="narrow", tenant="acme", scopes=["nothing"], key_id="narrow"),
     ]
     path.write_text(json.dumps({"keys": entries}))
@@ -114,11 +131,15 @@ def api_keys(tmp_path: Path) -> Keys:
     return write_keys(tmp_path / "api-keys.json")
 
 
-def make_settings(cls: type[S], tmp_path: Path, redis_url: str, keys: Keys | None,
-                  **overrides: Any) -> S:
+def make_settings(
+    cls: type[S], tmp_path: Path, redis_url: str, keys: Keys | None, **overrides: Any
+) -> S:
     """Settings for an in-process service on ephemeral ports, isolated from `.env`."""
-    port_fields = {name: 0 for name in cls.model_fields
-                   if name.endswith("_grpc_port") or name.endswith("_metrics_port")}
+    port_fields = {
+        name: 0
+        for name in cls.model_fields
+        if name.endswith("_grpc_port") or name.endswith("_metrics_port")
+    }
     values: dict[str, Any] = {
         "finsight_data_dir": tmp_path,
         "redis_url": redis_url,

@@ -122,7 +122,9 @@ class KeyStore:
         except OSError as exc:
             if force:
                 raise ValueError(f"cannot read API keys file {self.path}: {exc.strerror}") from exc
-            log.error("api keys file unreadable; keeping previous keys", extra={"path": str(self.path)})
+            log.error(
+                "api keys file unreadable; keeping previous keys", extra={"path": str(self.path)}
+            )
             return
         if mtime == self._mtime:
             return
@@ -140,8 +142,9 @@ class KeyStore:
     def authenticate(self, key: str | None, *, now: datetime | None = None) -> Identity:
         self._reload()
         if not key:
-            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'",
-                                  reason="API_KEY_MISSING")
+            raise Unauthenticated(
+                "missing API key: send 'authorization: Bearer <key>'", reason="API_KEY_MISSING"
+            )
         digest = hash_key(key)
         entry = self._entries.get(digest)
         # compare_digest keeps the final comparison constant-time.
@@ -154,8 +157,11 @@ class KeyStore:
 
 def require_scope(identity: Identity, scope: str | None) -> None:
     if scope and not identity.has_scope(scope):
-        raise PermissionDenied(f"caller {identity.caller!r} lacks scope {scope!r}",
-                               reason="SCOPE_MISSING", metadata={"scope": scope})
+        raise PermissionDenied(
+            f"caller {identity.caller!r} lacks scope {scope!r}",
+            reason="SCOPE_MISSING",
+            metadata={"scope": scope},
+        )
 
 
 def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -171,11 +177,22 @@ def new_key() -> str:
     return "fsk_" + secrets.token_urlsafe(32)
 
 
-def key_entry(key: str, *, caller: str, tenant: str, scopes: list[str],
-              not_after: str | None = None, key_id: str | None = None) -> dict[str, object]:
+def key_entry(
+    key: str,
+    *,
+    caller: str,
+    tenant: str,
+    scopes: list[str],
+    not_after: str | None = None,
+    key_id: str | None = None,
+) -> dict[str, object]:
     entry: dict[str, object] = {
         "id": key_id or f"{caller}-{datetime.now(UTC):%Y%m%d%H%M%S}",
-        "caller": caller, "tenant": tenant, "scopes": scopes, "sha256": hash_key(key)}
+        "caller": caller,
+        "tenant": tenant,
+        "scopes": scopes,
+        "sha256": hash_key(key),
+    }
     if not_after:
         entry["not_after"] = not_after
     return entry
@@ -191,8 +208,13 @@ def _main() -> None:
     gen.add_argument("--not-after", default=None, help="ISO time the key stops working")
     args = parser.parse_args()
     key = new_key()
-    entry = key_entry(key, caller=args.caller, tenant=args.tenant,
-                      scopes=args.scopes.split(","), not_after=args.not_after)
+    entry = key_entry(
+        key,
+        caller=args.caller,
+        tenant=args.tenant,
+        scopes=args.scopes.split(","),
+        not_after=args.not_after,
+    )
     print(f"key (give to the caller, store nowhere else): {key}")
     print("entry (add to the keys file):")
     print(json.dumps(entry, indent=2))

@@ -31,16 +31,18 @@ from libs.common.errors import DeadlineExceeded
 
 RETRY_SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{}],
-        "retryPolicy": {
-            "maxAttempts": 4,
-            "initialBackoff": "0.05s",
-            "maxBackoff": "1s",
-            "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }],
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
 }
 
 
@@ -58,8 +60,10 @@ class _ClientInterceptor(
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         remaining = context.remaining_time()
         if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("caller deadline already passed; downstream call not sent",
-                                   reason="DEADLINE_PROPAGATED")
+            raise DeadlineExceeded(
+                "caller deadline already passed; downstream call not sent",
+                reason="DEADLINE_PROPAGATED",
+            )
         candidates = [t for t in (details.timeout, remaining) if t is not None]
         timeout = min(candidates) if candidates else self.default_deadline_s
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
@@ -68,8 +72,12 @@ class _ClientInterceptor(
             if key:
                 metadata["authorization"] = f"Bearer {key}"
         return grpc.aio.ClientCallDetails(
-            method=details.method, timeout=timeout, metadata=metadata,
-            credentials=details.credentials, wait_for_ready=details.wait_for_ready)
+            method=details.method,
+            timeout=timeout,
+            metadata=metadata,
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
 
     def _observe(self, call: Any, method: str | bytes, kind: str) -> None:
         name = method.decode() if isinstance(method, bytes) else method
@@ -90,26 +98,30 @@ class _ClientInterceptor(
 
         call.add_done_callback(done)
 
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
-                                    request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         call = await continuation(self._details(client_call_details), request)
         self._observe(call, client_call_details.method, "unary")
         return call
 
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any,
-                                     request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         call = await continuation(self._details(client_call_details), request)
         self._observe(call, client_call_details.method, "server_stream")
         return call
 
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
-                                     request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         call = await continuation(self._details(client_call_details), request_iterator)
         self._observe(call, client_call_details.method, "client_stream")
         return call
 
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
-                                      request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         call = await continuation(self._details(client_call_details), request_iterator)
         self._observe(call, client_call_details.method, "bidi_stream")
         return call
@@ -136,7 +148,9 @@ def client_credentials(settings: CommonSettings) -> grpc.ChannelCredentials | No
         key = settings.finsight_tls_key_file.read_bytes()
     return grpc.ssl_channel_credentials(
         root_certificates=settings.finsight_tls_ca_file.read_bytes(),
-        private_key=key, certificate_chain=cert)
+        private_key=key,
+        certificate_chain=cert,
+    )
 
 
 def create_channel(
@@ -146,8 +160,11 @@ def create_channel(
     extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A channel to another Finsight service (`dns:///host:port` for round-robin)."""
-    service_key = (settings.finsight_service_api_key.get_secret_value()
-                   if settings.finsight_service_api_key else None)
+    service_key = (
+        settings.finsight_service_api_key.get_secret_value()
+        if settings.finsight_service_api_key
+        else None
+    )
     interceptors: list[grpc.aio.ClientInterceptor] = [
         _ClientInterceptor(service_key, settings.finsight_default_deadline_s),
         *aio_client_interceptors(),

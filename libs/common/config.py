@@ -42,7 +42,9 @@ class FileSecretSource(PydanticBaseSettingsSource):
         try:
             return Path(path).read_text(encoding="utf-8").strip(), field_name, False
         except OSError as exc:
-            raise ValueError(f"{field_name.upper()}_FILE: cannot read {path}: {exc.strerror}") from exc
+            raise ValueError(
+                f"{field_name.upper()}_FILE: cannot read {path}: {exc.strerror}"
+            ) from exc
 
     def __call__(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -61,20 +63,29 @@ class CommonSettings(BaseSettings):
     """Settings every service reads. Field name = environment variable name."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
 
     # Which service this model configures, e.g. "memory"; set by subclasses.
     service_name: ClassVar[str] = ""
     # The gRPC full service name reported as the readiness health name.
     full_service_name: ClassVar[str] = ""
 
-    finsight_env: Environment = Field("dev", description="dev, staging or prod; prod refuses insecure settings")
-    finsight_data_dir: Path = Field(Path("var"), description="Local data directory (DuckDB files, dev keys)")
+    finsight_env: Environment = Field(
+        "dev", description="dev, staging or prod; prod refuses insecure settings"
+    )
+    finsight_data_dir: Path = Field(
+        Path("var"), description="Local data directory (DuckDB files, dev keys)"
+    )
     finsight_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    finsight_bind_host: str = Field("127.0.0.1", description="Interface the gRPC and metrics ports bind to")
+    finsight_bind_host: str = Field(
+        "127.0.0.1", description="Interface the gRPC and metrics ports bind to"
+    )
     finsight_release: str = Field("dev", description="Release tag reported in logs and traces")
 
-    redis_url: str | None = Field(None, description="redis:// URL; unset: `make run` starts an embedded server")
+    redis_url: str | None = Field(
+        None, description="redis:// URL; unset: `make run` starts an embedded server"
+    )
     finsight_redis_max_connections: int = Field(64, ge=1, le=10_000)
     finsight_redis_timeout_s: float = Field(0.5, gt=0, le=30)
 
@@ -82,29 +93,45 @@ class CommonSettings(BaseSettings):
     finsight_api_keys_file: Path | None = Field(None, description="JSON file of hashed API keys")
     finsight_auth_exempt_health: bool = Field(True, description="Health and reflection need no key")
     finsight_service_api_key: SecretStr | None = Field(
-        None, description="Key this service presents downstream when it has no caller key to forward")
+        None,
+        description="Key this service presents downstream when it has no caller key to forward",
+    )
 
     finsight_tls_cert_file: Path | None = None
     finsight_tls_key_file: Path | None = None
-    finsight_tls_client_ca_file: Path | None = Field(None, description="Set to require client certificates (mTLS)")
-    finsight_tls_ca_file: Path | None = Field(None, description="CA that signs the servers this service calls")
-    finsight_allow_plaintext: bool = Field(False, description="Allow no TLS in prod (e.g. behind a mesh)")
+    finsight_tls_client_ca_file: Path | None = Field(
+        None, description="Set to require client certificates (mTLS)"
+    )
+    finsight_tls_ca_file: Path | None = Field(
+        None, description="CA that signs the servers this service calls"
+    )
+    finsight_allow_plaintext: bool = Field(
+        False, description="Allow no TLS in prod (e.g. behind a mesh)"
+    )
 
     finsight_rate_limit_enabled: bool = True
-    finsight_rate_limit_rps: float = Field(200.0, gt=0, description="Sustained requests/s per caller and method class")
+    finsight_rate_limit_rps: float = Field(
+        200.0, gt=0, description="Sustained requests/s per caller and method class"
+    )
     finsight_rate_limit_burst: int = Field(400, ge=1)
     finsight_rate_limit_fail_mode: Literal["open", "closed"] = "open"
 
     finsight_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     finsight_keepalive_time_s: float = Field(30.0, gt=0)
     finsight_shutdown_grace_s: float = Field(10.0, ge=0, le=300)
-    finsight_drain_delay_s: float = Field(2.0, ge=0, le=60, description="NOT_SERVING before the listener closes")
-    finsight_default_deadline_s: float = Field(30.0, gt=0, le=600, description="Cap for downstream calls with no caller deadline")
+    finsight_drain_delay_s: float = Field(
+        2.0, ge=0, le=60, description="NOT_SERVING before the listener closes"
+    )
+    finsight_default_deadline_s: float = Field(
+        30.0, gt=0, le=600, description="Cap for downstream calls with no caller deadline"
+    )
     finsight_readiness_interval_s: float = Field(2.0, gt=0, le=60)
     finsight_db_workers: int = Field(4, ge=1, le=64, description="Threads for blocking DuckDB work")
     finsight_db_slow_query_ms: float = Field(200.0, ge=0)
 
-    otel_exporter_otlp_endpoint: str | None = Field(None, description="OTLP/gRPC collector, e.g. http://otel-collector:4317")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector, e.g. http://otel-collector:4317"
+    )
     finsight_trace_sample_ratio: float = Field(1.0, ge=0, le=1)
 
     @classmethod
@@ -146,7 +173,9 @@ class CommonSettings(BaseSettings):
         if (self.finsight_tls_cert_file is None) != (self.finsight_tls_key_file is None):
             problems.append("FINSIGHT_TLS_CERT_FILE and FINSIGHT_TLS_KEY_FILE must be set together")
         if self.finsight_tls_client_ca_file and not self.tls_enabled:
-            problems.append("FINSIGHT_TLS_CLIENT_CA_FILE (mTLS) needs FINSIGHT_TLS_CERT_FILE/KEY_FILE")
+            problems.append(
+                "FINSIGHT_TLS_CLIENT_CA_FILE (mTLS) needs FINSIGHT_TLS_CERT_FILE/KEY_FILE"
+            )
         if self.finsight_auth_enabled and self.finsight_api_keys_file is None:
             problems.append("FINSIGHT_API_KEYS_FILE is required when FINSIGHT_AUTH_ENABLED=true")
         if self.finsight_env == "prod":
@@ -162,7 +191,8 @@ class CommonSettings(BaseSettings):
         if not self.tls_enabled and not self.finsight_allow_plaintext:
             problems.append(
                 "prod refuses plaintext gRPC: set FINSIGHT_TLS_CERT_FILE/KEY_FILE "
-                "or FINSIGHT_ALLOW_PLAINTEXT=true explicitly")
+                "or FINSIGHT_ALLOW_PLAINTEXT=true explicitly"
+            )
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr) and _is_placeholder(value.get_secret_value()):
@@ -179,8 +209,10 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 def format_validation_error(cls: type[CommonSettings], exc: ValidationError) -> str:
-    lines = [f"Invalid configuration for {cls.service_name or cls.__name__} "
-             f"({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''}):"]
+    lines = [
+        f"Invalid configuration for {cls.service_name or cls.__name__} "
+        f"({exc.error_count()} problem{'s' if exc.error_count() != 1 else ''}):"
+    ]
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]).upper()
         msg = err["msg"].removeprefix("Value error, ")

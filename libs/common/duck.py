@@ -74,21 +74,25 @@ def apply_migrations(conn: Cursor, migrations: list[Migration]) -> list[int]:
         CREATE TABLE IF NOT EXISTS schema_migrations (
             version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,
             applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)""")
-    applied = {v: c for v, c in conn.execute(
-        "SELECT version, checksum FROM schema_migrations").fetchall()}
+    applied = {
+        v: c for v, c in conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+    }
     done = []
     for m in migrations:
         if m.version in applied:
             if applied[m.version] != m.checksum:
                 raise MigrationError(
                     f"migration {m.version}_{m.name} changed after it was applied; "
-                    "add a new migration instead of editing an applied one")
+                    "add a new migration instead of editing an applied one"
+                )
             continue
         conn.execute("BEGIN TRANSACTION")
         try:
             conn.execute(m.sql)
-            conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)",
-                         [m.version, m.name, m.checksum])
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)",
+                [m.version, m.name, m.checksum],
+            )
             conn.execute("COMMIT")
         except Exception:
             conn.execute("ROLLBACK")
@@ -142,7 +146,8 @@ class Database:
         if self.migrations_dir is not None:
             migrations = load_migrations(self.migrations_dir)
             applied = await loop.run_in_executor(
-                self._writer, apply_migrations, self._conn, migrations)
+                self._writer, apply_migrations, self._conn, migrations
+            )
         self._wake = asyncio.Event()
         self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name}-committer")
         return applied
@@ -173,7 +178,8 @@ class Database:
     async def read(self, statement: str, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(cursor, *args)` on the reader pool; `statement` names it in metrics."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._readers, self._timed, statement, fn, args)
+            self._readers, self._timed, statement, fn, args
+        )
 
     def _timed(self, statement: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         cur = self._cursor()
@@ -187,8 +193,14 @@ class Database:
     def _observe(self, statement: str, seconds: float) -> None:
         metrics.DB_QUERY_SECONDS.labels(self.name, statement).observe(seconds)
         if seconds * 1000 >= self.slow_query_ms:
-            log.warning("slow statement", extra={
-                "db": self.name, "statement": statement, "duration_ms": round(seconds * 1000, 1)})
+            log.warning(
+                "slow statement",
+                extra={
+                    "db": self.name,
+                    "statement": statement,
+                    "duration_ms": round(seconds * 1000, 1),
+                },
+            )
 
     # -- writes (group commit) ---------------------------------------------------------------
     async def write(self, statement: str, fn: Callable[..., T], *args: Any) -> T:
@@ -210,7 +222,7 @@ class Database:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
                 live = [job for job in batch if not job.future.cancelled()]
                 if not live:
                     continue
@@ -233,8 +245,10 @@ class Database:
             try:
                 return [(True, r) for r in self._transaction(conn, jobs)]
             except Exception:
-                log.info("group commit failed; retrying jobs one by one",
-                         extra={"db": self.name, "jobs": len(jobs)})
+                log.info(
+                    "group commit failed; retrying jobs one by one",
+                    extra={"db": self.name, "jobs": len(jobs)},
+                )
         out: list[tuple[bool, Any]] = []
         for job in jobs:
             try:

@@ -57,16 +57,21 @@ class FinsightError(Exception):
 
     def details(self) -> list[any_pb2.Any]:
         """`google.rpc` detail messages carried by this error."""
-        out = [_pack(error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))]
+        out = [
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+                )
+            )
+        ]
         if self.retry_after is not None:
-            out.append(_pack(error_details_pb2.RetryInfo(
-                retry_delay=_duration(self.retry_after))))
+            out.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(self.retry_after))))
         return out
 
     def to_status(self) -> status_pb2.Status:
         return status_pb2.Status(
-            code=self.code.value[0], message=self.message, details=self.details())
+            code=self.code.value[0], message=self.message, details=self.details()
+        )
 
 
 class InvalidArgument(FinsightError):
@@ -91,10 +96,14 @@ class InvalidArgument(FinsightError):
         return cls(violations=[FieldViolation(field_path, description)])
 
     def details(self) -> list[any_pb2.Any]:
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in self.violations
-        ])
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in self.violations
+            ]
+        )
         return [*super().details(), _pack(bad)]
 
 
@@ -174,11 +183,18 @@ class ResourceExhausted(FinsightError):
     def details(self) -> list[any_pb2.Any]:
         out = super().details()
         if self.quota:
-            out.append(_pack(error_details_pb2.QuotaFailure(violations=[
-                error_details_pb2.QuotaFailure.Violation(
-                    subject=q.subject, description=q.description)
-                for q in self.quota
-            ])))
+            out.append(
+                _pack(
+                    error_details_pb2.QuotaFailure(
+                        violations=[
+                            error_details_pb2.QuotaFailure.Violation(
+                                subject=q.subject, description=q.description
+                            )
+                            for q in self.quota
+                        ]
+                    )
+                )
+            )
         return out
 
 
@@ -215,8 +231,11 @@ def status_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> StatusInfo:
 
     code = error.code()  # type: ignore[attr-defined]
     info = StatusInfo(code=code, message=error.details() or "")  # type: ignore[attr-defined]
-    status = rpc_status.from_call(error) if not isinstance(error, grpc.aio.AioRpcError) else (
-        _status_from_aio(error))
+    status = (
+        rpc_status.from_call(error)
+        if not isinstance(error, grpc.aio.AioRpcError)
+        else (_status_from_aio(error))
+    )
     if status is None:
         return info
     for detail in status.details:
@@ -228,7 +247,8 @@ def status_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> StatusInfo:
             br = error_details_pb2.BadRequest()
             detail.Unpack(br)
             info.field_violations = [
-                FieldViolation(v.field, v.description) for v in br.field_violations]
+                FieldViolation(v.field, v.description) for v in br.field_violations
+            ]
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             ri = error_details_pb2.RetryInfo()
             detail.Unpack(ri)

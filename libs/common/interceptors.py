@@ -117,8 +117,9 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
         return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
 
     # -- admission: auth, scope, rate limit ------------------------------------------------
-    async def _admit(self, rpc: _Rpc, ctx: grpc.aio.ServicerContext, policy: MethodPolicy,
-                     exempt: bool) -> None:
+    async def _admit(
+        self, rpc: _Rpc, ctx: grpc.aio.ServicerContext, policy: MethodPolicy, exempt: bool
+    ) -> None:
         metadata = ctx.invocation_metadata()
         bearer = bearer_from_metadata(metadata)
         identity = ANONYMOUS
@@ -137,16 +138,25 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 await self.limiter.enforce(
                     f"rl:{identity.tenant}:{identity.caller}:{rpc.service}:{policy.method_class}",
-                    rate=limit.rate, burst=limit.burst,
+                    rate=limit.rate,
+                    burst=limit.burst,
                     subject=f"caller:{identity.caller}",
-                    what=f"{policy.method_class} requests on {rpc.service}")
+                    what=f"{policy.method_class} requests on {rpc.service}",
+                )
             except FinsightError:
                 metrics.RATELIMIT_REJECTED.labels(rpc.service, policy.method_class).inc()
                 raise
 
     # -- wrappers ----------------------------------------------------------------------------
-    def _wrap_unary(self, behavior: Callable[..., Any], service: str, method: str, kind: str,
-                    policy: MethodPolicy, exempt: bool) -> Callable[..., Any]:
+    def _wrap_unary(
+        self,
+        behavior: Callable[..., Any],
+        service: str,
+        method: str,
+        kind: str,
+        policy: MethodPolicy,
+        exempt: bool,
+    ) -> Callable[..., Any]:
         async def handle(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             rpc = self._begin(service, method, kind)
             try:
@@ -162,8 +172,15 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    def _wrap_stream(self, behavior: Callable[..., Any], service: str, method: str, kind: str,
-                     policy: MethodPolicy, exempt: bool) -> Callable[..., Any]:
+    def _wrap_stream(
+        self,
+        behavior: Callable[..., Any],
+        service: str,
+        method: str,
+        kind: str,
+        policy: MethodPolicy,
+        exempt: bool,
+    ) -> Callable[..., Any]:
         async def handle(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             rpc = self._begin(service, method, kind)
             try:
@@ -202,8 +219,13 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             error: FinsightError = exc
         else:
             error = Internal()
-            log.error("unhandled exception in %s/%s", rpc.service, rpc.method,
-                      exc_info=exc, extra={"error_id": error.metadata["error_id"]})
+            log.error(
+                "unhandled exception in %s/%s",
+                rpc.service,
+                rpc.method,
+                exc_info=exc,
+                extra={"error_id": error.metadata["error_id"]},
+            )
         rpc.code, rpc.reason = error.code, error.reason
         rpc.error_id = error.metadata.get("error_id")
         await ctx.abort_with_status(rpc_status.to_status(error.to_status()))
@@ -216,9 +238,13 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
         metrics.SERVER_HANDLED.labels(*rpc.labels, code_name).inc()
         metrics.SERVER_HANDLING_SECONDS.labels(*rpc.labels).observe(elapsed)
         extra: dict[str, Any] = {
-            "grpc_service": rpc.service, "grpc_method": rpc.method, "grpc_code": code_name,
-            "duration_ms": round(elapsed * 1000, 3), "caller": rpc.identity.caller,
-            "tenant": rpc.identity.tenant, "peer": ctx.peer(),
+            "grpc_service": rpc.service,
+            "grpc_method": rpc.method,
+            "grpc_code": code_name,
+            "duration_ms": round(elapsed * 1000, 3),
+            "caller": rpc.identity.caller,
+            "tenant": rpc.identity.tenant,
+            "peer": ctx.peer(),
         }
         if rpc.reason and rpc.code != grpc.StatusCode.OK:
             extra["reason"] = rpc.reason

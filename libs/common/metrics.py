@@ -11,47 +11,69 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RPC = ("grpc_service", "grpc_method", "grpc_type")
 
-SERVER_STARTED = Counter(
-    "grpc_server_started_total", "RPCs started on the server.", _RPC)
+SERVER_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _RPC)
 SERVER_HANDLED = Counter(
-    "grpc_server_handled_total", "RPCs completed on the server, by status code.",
-    (*_RPC, "grpc_code"))
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    (*_RPC, "grpc_code"),
+)
 SERVER_HANDLING_SECONDS = Histogram(
-    "grpc_server_handling_seconds", "Time to handle an RPC on the server.", _RPC,
-    buckets=_LATENCY_BUCKETS)
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC on the server.",
+    _RPC,
+    buckets=_LATENCY_BUCKETS,
+)
 SERVER_MSG_RECEIVED = Counter(
-    "grpc_server_msg_received_total", "Stream messages received by the server.", _RPC)
-SERVER_MSG_SENT = Counter(
-    "grpc_server_msg_sent_total", "Stream messages sent by the server.", _RPC)
+    "grpc_server_msg_received_total", "Stream messages received by the server.", _RPC
+)
+SERVER_MSG_SENT = Counter("grpc_server_msg_sent_total", "Stream messages sent by the server.", _RPC)
 
 CLIENT_STARTED = Counter(
-    "grpc_client_started_total", "RPCs started by this process as a client.", _RPC)
+    "grpc_client_started_total", "RPCs started by this process as a client.", _RPC
+)
 CLIENT_HANDLED = Counter(
-    "grpc_client_handled_total", "RPCs completed as a client, by status code.",
-    (*_RPC, "grpc_code"))
+    "grpc_client_handled_total", "RPCs completed as a client, by status code.", (*_RPC, "grpc_code")
+)
 CLIENT_HANDLING_SECONDS = Histogram(
-    "grpc_client_handling_seconds", "Time for an outgoing RPC to complete.", _RPC,
-    buckets=_LATENCY_BUCKETS)
+    "grpc_client_handling_seconds",
+    "Time for an outgoing RPC to complete.",
+    _RPC,
+    buckets=_LATENCY_BUCKETS,
+)
 
 RATELIMIT_REJECTED = Counter(
-    "finsight_ratelimit_rejected_total", "Requests rejected by the per-caller rate limit.",
-    ("grpc_service", "method_class"))
+    "finsight_ratelimit_rejected_total",
+    "Requests rejected by the per-caller rate limit.",
+    ("grpc_service", "method_class"),
+)
 RATELIMIT_REDIS_ERRORS = Counter(
     "finsight_ratelimit_redis_errors_total",
-    "Rate-limit checks that could not reach Redis, by the fail mode applied.", ("fail_mode",))
+    "Rate-limit checks that could not reach Redis, by the fail mode applied.",
+    ("fail_mode",),
+)
 AUTH_FAILURES = Counter(
-    "finsight_auth_failures_total", "Rejected authentications, by reason.",
-    ("grpc_service", "reason"))
+    "finsight_auth_failures_total",
+    "Rejected authentications, by reason.",
+    ("grpc_service", "reason"),
+)
 DEPENDENCY_UP = Gauge(
-    "finsight_dependency_up", "1 when a dependency answered its last readiness check.",
-    ("dependency",))
+    "finsight_dependency_up",
+    "1 when a dependency answered its last readiness check.",
+    ("dependency",),
+)
 SERVICE_READY = Gauge("finsight_service_ready", "1 while the service reports SERVING.")
 DB_QUERY_SECONDS = Histogram(
-    "finsight_db_query_seconds", "DuckDB statement time, by stable statement name.",
-    ("db", "statement"), buckets=_LATENCY_BUCKETS)
+    "finsight_db_query_seconds",
+    "DuckDB statement time, by stable statement name.",
+    ("db", "statement"),
+    buckets=_LATENCY_BUCKETS,
+)
 DB_BATCH_SIZE = Histogram(
-    "finsight_db_commit_batch_size", "Jobs committed together by the group committer.",
-    ("db",), buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+    "finsight_db_commit_batch_size",
+    "Jobs committed together by the group committer.",
+    ("db",),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

@@ -68,22 +68,30 @@ class TokenBucket:
             allowed, retry_ms, tokens = await self._script(keys=[key], args=[rate, burst, cost])
         except (RedisError, OSError) as exc:
             metrics.RATELIMIT_REDIS_ERRORS.labels(fail_mode=self.fail_mode).inc()
-            log.warning("rate limiter: redis unavailable", extra={
-                "fail_mode": self.fail_mode, "error": type(exc).__name__})
+            log.warning(
+                "rate limiter: redis unavailable",
+                extra={"fail_mode": self.fail_mode, "error": type(exc).__name__},
+            )
             if self.fail_mode == "closed":
-                raise Unavailable("rate limiter unavailable; retry shortly",
-                                  reason="RATE_LIMITER_UNAVAILABLE", retry_after=1.0) from None
+                raise Unavailable(
+                    "rate limiter unavailable; retry shortly",
+                    reason="RATE_LIMITER_UNAVAILABLE",
+                    retry_after=1.0,
+                ) from None
             return Decision(True, 0.0, float("nan"))
         return Decision(bool(allowed), int(retry_ms) / 1000.0, float(tokens))
 
-    async def enforce(self, key: str, *, rate: float, burst: float, cost: float = 1.0,
-                      subject: str, what: str) -> Decision:
+    async def enforce(
+        self, key: str, *, rate: float, burst: float, cost: float = 1.0, subject: str, what: str
+    ) -> Decision:
         decision = await self.take(key, rate=rate, burst=burst, cost=cost)
         if not decision.allowed:
             from libs.common.errors import QuotaViolation
 
             raise ResourceExhausted(
                 f"rate limit exceeded for {what}; retry in {decision.retry_after_s:.2f}s",
-                reason="RATE_LIMITED", retry_after=decision.retry_after_s,
-                quota=[QuotaViolation(subject=subject, description=what)])
+                reason="RATE_LIMITED",
+                retry_after=decision.retry_after_s,
+                quota=[QuotaViolation(subject=subject, description=what)],
+            )
         return decision

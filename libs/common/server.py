@@ -72,7 +72,12 @@ def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | Non
     assert settings.finsight_tls_cert_file and settings.finsight_tls_key_file
     client_ca = settings.finsight_tls_client_ca_file
     return grpc.ssl_server_credentials(
-        [(settings.finsight_tls_key_file.read_bytes(), settings.finsight_tls_cert_file.read_bytes())],
+        [
+            (
+                settings.finsight_tls_key_file.read_bytes(),
+                settings.finsight_tls_cert_file.read_bytes(),
+            )
+        ],
         root_certificates=client_ca.read_bytes() if client_ca else None,
         require_client_auth=client_ca is not None,
     )
@@ -98,8 +103,11 @@ class ServiceHost:
         self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
         self.health = health_aio.HealthServicer()
         self.keystore = self._keystore(settings)
-        limits = {"default": RateLimit(settings.finsight_rate_limit_rps,
-                                       settings.finsight_rate_limit_burst)}
+        limits = {
+            "default": RateLimit(
+                settings.finsight_rate_limit_rps, settings.finsight_rate_limit_burst
+            )
+        }
         limits.update(rate_limits or {})
         self.interceptor = FinsightServerInterceptor(
             keystore=self.keystore,
@@ -143,15 +151,24 @@ class ServiceHost:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> int:
         reflection.enable_server_reflection(
-            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self.server)
+            [
+                *self.service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            self.server,
+        )
         address = f"{self.settings.finsight_bind_host}:{self.port}"
         creds = server_credentials(self.settings)
-        self.bound_port = (self.server.add_secure_port(address, creds) if creds
-                           else self.server.add_insecure_port(address))
+        self.bound_port = (
+            self.server.add_secure_port(address, creds)
+            if creds
+            else self.server.add_insecure_port(address)
+        )
         if self.metrics_port is not None:
             self.bound_metrics_port = metrics.serve_metrics(
-                self.metrics_port, self.settings.finsight_bind_host)
+                self.metrics_port, self.settings.finsight_bind_host
+            )
         await self.server.start()
         await self.health.set("", SERVING)
         await self.health.set(LIVENESS, SERVING)
@@ -159,10 +176,16 @@ class ServiceHost:
             await self.health.set(name, NOT_SERVING)
         await self._check_readiness()
         self._ready_task = asyncio.create_task(self._readiness_loop(), name="readiness")
-        log.info("service started", extra={
-            "service": self.settings.service_name, "port": self.bound_port,
-            "metrics_port": self.bound_metrics_port, "tls": self.settings.tls_enabled,
-            "auth": self.keystore is not None})
+        log.info(
+            "service started",
+            extra={
+                "service": self.settings.service_name,
+                "port": self.bound_port,
+                "metrics_port": self.bound_metrics_port,
+                "tls": self.settings.tls_enabled,
+                "auth": self.keystore is not None,
+            },
+        )
         return self.bound_port
 
     async def _check_readiness(self) -> bool:
@@ -259,24 +282,38 @@ def main_entry(settings_cls: type[S], setup: Setup, **kwargs: Any) -> None:
 
 def bootstrap_observability(settings: CommonSettings) -> None:
     """Logging and tracing for a service process; call first thing in main()."""
-    configure_logging(settings.service_name, settings.finsight_log_level,
-                      secrets=settings.secret_values())
-    configure_tracing(settings.service_name, otlp_endpoint=settings.otel_exporter_otlp_endpoint,
-                      sample_ratio=settings.finsight_trace_sample_ratio,
-                      release=settings.finsight_release, environment=settings.finsight_env)
+    configure_logging(
+        settings.service_name, settings.finsight_log_level, secrets=settings.secret_values()
+    )
+    configure_tracing(
+        settings.service_name,
+        otlp_endpoint=settings.otel_exporter_otlp_endpoint,
+        sample_ratio=settings.finsight_trace_sample_ratio,
+        release=settings.finsight_release,
+        environment=settings.finsight_env,
+    )
 
 
-async def wait_for_serving(target: str, service: str = "", timeout: float = 30.0,
-                           credentials: grpc.ChannelCredentials | None = None) -> None:
+async def wait_for_serving(
+    target: str,
+    service: str = "",
+    timeout: float = 30.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     """Poll a health endpoint until `service` is SERVING (used by make run and tests)."""
     deadline = time.monotonic() + timeout
-    channel = (grpc.aio.secure_channel(target, credentials) if credentials
-               else grpc.aio.insecure_channel(target))
+    channel = (
+        grpc.aio.secure_channel(target, credentials)
+        if credentials
+        else grpc.aio.insecure_channel(target)
+    )
     async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=1.0
+                )
                 if reply.status == SERVING:
                     return
             except grpc.aio.AioRpcError:

@@ -28,18 +28,22 @@ def configure_tracing(
     """Install the global tracer provider once; later calls add processors only."""
     global _provider
     if _provider is None:
-        resource = Resource.create({
-            "service.name": f"finsight-{service}",
-            "service.version": release,
-            "deployment.environment": environment,
-        })
+        resource = Resource.create(
+            {
+                "service.name": f"finsight-{service}",
+                "service.version": release,
+                "deployment.environment": environment,
+            }
+        )
         _provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
+        )
         if otlp_endpoint:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             _provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+            )
         trace.set_tracer_provider(_provider)
     for processor in extra_processors:
         _provider.add_span_processor(processor)

@@ -16,9 +16,15 @@ class AnalyticsSettings(CommonSettings):
 
     analytics_grpc_port: int = Field(50053, ge=0, le=65535)
     analytics_metrics_port: int = Field(9103, ge=0, le=65535)
-    analytics_db_path: Path | None = Field(None, description="DuckDB file; default <data dir>/analytics.duckdb")
-    analytics_memory_target: str = Field("dns:///127.0.0.1:50052", description="memory service address")
-    analytics_llm_gateway_target: str = Field("dns:///127.0.0.1:50051", description="llm_gateway address")
+    analytics_db_path: Path | None = Field(
+        None, description="DuckDB file; default <data dir>/analytics.duckdb"
+    )
+    analytics_memory_target: str = Field(
+        "dns:///127.0.0.1:50052", description="memory service address"
+    )
+    analytics_llm_gateway_target: str = Field(
+        "dns:///127.0.0.1:50051", description="llm_gateway address"
+    )
 
     @property
     def grpc_port(self) -> int:

@@ -16,7 +16,9 @@ class MemorySettings(CommonSettings):
 
     memory_grpc_port: int = Field(50052, ge=0, le=65535)
     memory_metrics_port: int = Field(9102, ge=0, le=65535)
-    memory_db_path: Path | None = Field(None, description="DuckDB file; default <data dir>/memory.duckdb")
+    memory_db_path: Path | None = Field(
+        None, description="DuckDB file; default <data dir>/memory.duckdb"
+    )
 
     @property
     def grpc_port(self) -> int:

@@ -16,9 +16,13 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 async def setup(host: ServiceHost, redis: Redis) -> None:
     settings = host.settings
     assert isinstance(settings, MemorySettings)
-    db = Database(settings.db_path, name="memory", migrations_dir=MIGRATIONS,
-                  workers=settings.finsight_db_workers,
-                  slow_query_ms=settings.finsight_db_slow_query_ms)
+    db = Database(
+        settings.db_path,
+        name="memory",
+        migrations_dir=MIGRATIONS,
+        workers=settings.finsight_db_workers,
+        slow_query_ms=settings.finsight_db_slow_query_ms,
+    )
     await db.open()
     host.on_shutdown(db.close)
 

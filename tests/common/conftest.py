@@ -49,10 +49,14 @@ def _echo_handlers(settings: EchoSettings, state: dict[str, Any]) -> grpc.Generi
 
     async def whoami(request: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         ident = context.current_identity()
-        return json.dumps({
-            "caller": ident.caller, "tenant": ident.tenant,
-            "remaining": context.remaining_time(), "trace_id": current_trace_id(),
-        }).encode()
+        return json.dumps(
+            {
+                "caller": ident.caller,
+                "tenant": ident.tenant,
+                "remaining": context.remaining_time(),
+                "trace_id": current_trace_id(),
+            }
+        ).encode()
 
     async def boom(request: bytes, ctx: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("secret internals: password=hunter2 at /srv/db")
@@ -79,12 +83,19 @@ def _echo_handlers(settings: EchoSettings, state: dict[str, Any]) -> grpc.Generi
     def unary(fn: Callable[..., Awaitable[bytes]]) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(fn)
 
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Echo": unary(echo), "WhoAmI": unary(whoami), "Boom": unary(boom),
-        "Invalid": unary(invalid), "Slow": unary(slow), "Admin": unary(echo),
-        "Downstream": unary(downstream),
-        "Stream": grpc.unary_stream_rpc_method_handler(stream),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Echo": unary(echo),
+            "WhoAmI": unary(whoami),
+            "Boom": unary(boom),
+            "Invalid": unary(invalid),
+            "Slow": unary(slow),
+            "Admin": unary(echo),
+            "Downstream": unary(downstream),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        },
+    )
 
 
 class Echo:

@@ -23,14 +23,18 @@ async def call_status(echo: Echo, method: str, metadata: tuple[tuple[str, str], 
     return None
 
 
-@pytest.mark.parametrize(("who", "code", "reason"), [
-    (None, grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING"),
-    ("k-unknown-999999", grpc.StatusCode.UNAUTHENTICATED, "API_KEY_UNKNOWN"),
-    ("expired", grpc.StatusCode.UNAUTHENTICATED, "API_KEY_EXPIRED"),
-    ("narrow", grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING"),
-])
-async def test_rejections(echo: Echo, api_keys: Keys, who: str | None,
-                          code: grpc.StatusCode, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("who", "code", "reason"),
+    [
+        (None, grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING"),
+        ("k-unknown-999999", grpc.StatusCode.UNAUTHENTICATED, "API_KEY_UNKNOWN"),
+        ("expired", grpc.StatusCode.UNAUTHENTICATED, "API_KEY_EXPIRED"),
+        ("narrow", grpc.StatusCode.PERMISSION_DENIED, "SCOPE_MISSING"),
+    ],
+)
+async def test_rejections(
+    echo: Echo, api_keys: Keys, who: str | None, code: grpc.StatusCode, reason: str
+) -> None:
     key = getattr(api_keys, who, who) if who else None
     info = await call_status(echo, "Echo", api_keys.metadata(key) if key else None)
     assert info is not None and (info.code, info.reason) == (code, reason)
@@ -42,7 +46,8 @@ async def test_malformed_authorization_header_is_unauthenticated(echo: Echo) -> 
 
 
 async def test_rotated_keys_both_work_and_identify_the_same_caller(
-        echo: Echo, api_keys: Keys) -> None:
+    echo: Echo, api_keys: Keys
+) -> None:
     for key in (api_keys.alice, api_keys.alice_rotated):
         seen = json.loads(await echo.unary("WhoAmI")(b"", metadata=api_keys.metadata(key)))
         assert (seen["caller"], seen["tenant"]) == ("alice", "acme")
@@ -58,7 +63,8 @@ async def test_health_is_exempt_from_auth(echo: Echo) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     reply = await health_pb2_grpc.HealthStub(echo.channel).Check(
-        health_pb2.HealthCheckRequest(service=""))
+        health_pb2.HealthCheckRequest(service="")
+    )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -85,9 +91,11 @@ async def test_broken_keys_file_keeps_previous_keys(echo: Echo, api_keys: Keys) 
 
 
 async def test_rate_limit_returns_resource_exhausted_with_retry_info(
-        tmp_path: Path, redis_url: str, api_keys: Keys) -> None:
-    echo = await start_echo(tmp_path, redis_url, api_keys,
-                            finsight_rate_limit_rps=0.5, finsight_rate_limit_burst=3)
+    tmp_path: Path, redis_url: str, api_keys: Keys
+) -> None:
+    echo = await start_echo(
+        tmp_path, redis_url, api_keys, finsight_rate_limit_rps=0.5, finsight_rate_limit_burst=3
+    )
     try:
         md = api_keys.metadata(api_keys.bob)
         results = [await call_status(echo, "Echo", md) for _ in range(5)]
@@ -103,13 +111,19 @@ async def test_rate_limit_returns_resource_exhausted_with_retry_info(
         await echo.close()
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("open", None), ("closed", grpc.StatusCode.UNAVAILABLE)])
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("open", None), ("closed", grpc.StatusCode.UNAVAILABLE)]
+)
 async def test_rate_limiter_follows_fail_mode_when_redis_is_down(
-        tmp_path: Path, private_redis: RedisProcess, api_keys: Keys, mode: str,
-        expected: grpc.StatusCode | None) -> None:
-    echo = await start_echo(tmp_path, private_redis.url, api_keys,
-                            finsight_rate_limit_fail_mode=mode)
+    tmp_path: Path,
+    private_redis: RedisProcess,
+    api_keys: Keys,
+    mode: str,
+    expected: grpc.StatusCode | None,
+) -> None:
+    echo = await start_echo(
+        tmp_path, private_redis.url, api_keys, finsight_rate_limit_fail_mode=mode
+    )
     try:
         md = api_keys.metadata(api_keys.alice)
         assert await call_status(echo, "Echo", md) is None

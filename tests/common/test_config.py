@@ -26,9 +26,14 @@ def test_env_example_matches_the_settings_models() -> None:
 
 def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_settings(MemorySettings, _env_file=None, memory_grpc_port="not-a-port",
-                      finsight_env="qa", finsight_redis_timeout_s=-1,
-                      finsight_api_keys_file=tmp_path / "k.json")
+        load_settings(
+            MemorySettings,
+            _env_file=None,
+            memory_grpc_port="not-a-port",
+            finsight_env="qa",
+            finsight_redis_timeout_s=-1,
+            finsight_api_keys_file=tmp_path / "k.json",
+        )
     text = str(err.value)
     assert text.startswith("Invalid configuration for memory (3 problems):")
     for name in ("MEMORY_GRPC_PORT", "FINSIGHT_ENV", "FINSIGHT_REDIS_TIMEOUT_S"):
@@ -38,8 +43,13 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
 
 def test_prod_refuses_insecure_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        load_settings(MemorySettings, _env_file=None, finsight_env="prod",
-                      finsight_auth_enabled=False, finsight_service_api_key="changeme-please")
+        load_settings(
+            MemorySettings,
+            _env_file=None,
+            finsight_env="prod",
+            finsight_auth_enabled=False,
+            finsight_service_api_key="changeme-please",
+        )
     text = str(err.value)
     assert "FINSIGHT_AUTH_ENABLED=false" in text
     assert "plaintext" in text
@@ -50,8 +60,13 @@ def test_prod_refuses_insecure_settings(tmp_path: Path) -> None:
 def test_prod_accepts_explicit_plaintext_opt_in_with_auth(tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": []}')
-    settings = load_settings(MemorySettings, _env_file=None, finsight_env="prod",
-                             finsight_api_keys_file=keys, finsight_allow_plaintext=True)
+    settings = load_settings(
+        MemorySettings,
+        _env_file=None,
+        finsight_env="prod",
+        finsight_api_keys_file=keys,
+        finsight_allow_plaintext=True,
+    )
     assert settings.finsight_env == "prod"
 
 
@@ -65,18 +80,30 @@ def test_secret_from_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "s3cr3t" not in repr(settings)
 
 
-def test_unreadable_secret_file_is_a_config_error(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_secret_file_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FINSIGHT_SERVICE_API_KEY_FILE", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="FINSIGHT_SERVICE_API_KEY_FILE"):
         load_settings(MemorySettings, _env_file=None, finsight_auth_enabled=False)
 
 
 def test_service_exits_2_with_a_readable_message(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "MEMORY_GRPC_PORT": "abc", "FINSIGHT_ENV": "prod",
-           "FINSIGHT_AUTH_ENABLED": "false"}
-    proc = subprocess.run([sys.executable, "-m", "services.memory"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MEMORY_GRPC_PORT": "abc",
+        "FINSIGHT_ENV": "prod",
+        "FINSIGHT_AUTH_ENABLED": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.memory"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "Invalid configuration for memory" in proc.stderr
     assert "MEMORY_GRPC_PORT" in proc.stderr

@@ -15,14 +15,16 @@ def write_migrations(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "001_items.sql").write_text(
         "CREATE SEQUENCE item_ids; CREATE TABLE items (id BIGINT PRIMARY KEY DEFAULT "
-        "nextval('item_ids'), name TEXT NOT NULL UNIQUE, price DECIMAL(18, 6));")
+        "nextval('item_ids'), name TEXT NOT NULL UNIQUE, price DECIMAL(18, 6));"
+    )
     (directory / "002_tags.sql").write_text("ALTER TABLE items ADD COLUMN tag TEXT;")
     return directory
 
 
 def insert(cur: duckdb.DuckDBPyConnection, name: str, price: str) -> int:
-    row = cur.execute("INSERT INTO items (name, price) VALUES (?, ?) RETURNING id",
-                      [name, price]).fetchone()
+    row = cur.execute(
+        "INSERT INTO items (name, price) VALUES (?, ?) RETURNING id", [name, price]
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -38,8 +40,12 @@ async def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
     await db.close()
     db = Database(tmp_path / "a.duckdb", name="t", migrations_dir=migrations)
     assert await db.open() == []
-    recorded = await db.read("versions", lambda c: c.execute(
-        "SELECT version, name FROM schema_migrations ORDER BY version").fetchall())
+    recorded = await db.read(
+        "versions",
+        lambda c: c.execute(
+            "SELECT version, name FROM schema_migrations ORDER BY version"
+        ).fetchall(),
+    )
     assert recorded == [(1, "items"), (2, "tags")]
     await db.close()
 
@@ -62,7 +68,9 @@ async def test_a_failing_migration_leaves_nothing_behind(tmp_path: Path) -> None
     with pytest.raises(duckdb.Error):
         await db.open()
     conn = duckdb.connect(str(tmp_path / "a.duckdb"))
-    tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    tables = {
+        r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }
     versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations").fetchall()]
     conn.close()
     assert "half" not in tables and versions == [1, 2]
@@ -74,7 +82,8 @@ async def test_group_commit_batches_and_isolates_a_failing_job(tmp_path: Path) -
     try:
         names = [f"n{i}" for i in range(50)] + ["n7"]  # the duplicate violates UNIQUE
         results = await asyncio.gather(
-            *(db.write("insert", insert, n, "1.5") for n in names), return_exceptions=True)
+            *(db.write("insert", insert, n, "1.5") for n in names), return_exceptions=True
+        )
         failures = [r for r in results if isinstance(r, BaseException)]
         assert len(failures) == 1 and isinstance(failures[0], duckdb.ConstraintException)
         stored = await db.read("rows", rows)

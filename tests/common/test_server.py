@@ -23,7 +23,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 async def health_of(target: str, name: str) -> int:
     async with grpc.aio.insecure_channel(target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=name), timeout=2)
+            health_pb2.HealthCheckRequest(service=name), timeout=2
+        )
         return int(reply.status)
 
 
@@ -42,7 +43,8 @@ async def test_health_names_follow_readiness_and_drain(echo: Echo, api_keys: Key
     # An RPC in flight when the drain starts still completes.
     echo.host.settings.finsight_drain_delay_s = 0.5
     slow = asyncio.ensure_future(
-        echo.unary("Slow")(b"1.0", metadata=api_keys.metadata(api_keys.alice), timeout=10))
+        echo.unary("Slow")(b"1.0", metadata=api_keys.metadata(api_keys.alice), timeout=10)
+    )
     await echo.state["slow_started"].wait()
     drain = asyncio.ensure_future(echo.host.drain_and_stop())
     await asyncio.sleep(0.2)
@@ -64,7 +66,8 @@ async def test_reflection_lists_the_services(echo: Echo) -> None:
 
 
 async def test_unexpected_exception_is_internal_with_opaque_error_id(
-        echo: Echo, api_keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    echo: Echo, api_keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await echo.unary("Boom")(b"", metadata=api_keys.metadata(api_keys.alice))
@@ -84,7 +87,8 @@ async def test_invalid_argument_carries_field_violations(echo: Echo, api_keys: K
     info = status_info(err.value)
     assert info.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [(v.field, v.description) for v in info.field_violations] == [
-        ("messages[0].content", "must not be empty")]
+        ("messages[0].content", "must not be empty")
+    ]
 
 
 async def test_metrics_use_go_grpc_prometheus_names(echo: Echo, api_keys: Keys) -> None:
@@ -102,45 +106,64 @@ async def test_metrics_use_go_grpc_prometheus_names(echo: Echo, api_keys: Keys) 
     assert f'grpc_server_handled_total{{grpc_code="OK",{labels}}}' in text
     assert f'grpc_server_handled_total{{grpc_code="UNAUTHENTICATED",{labels}}}' in text
     assert f"grpc_server_handling_seconds_bucket{{{labels},le=" in text
-    assert (f'grpc_server_msg_sent_total{{grpc_method="Stream",grpc_service="{SERVICE}",'
-            f'grpc_type="server_stream"}}') in text
+    assert (
+        f'grpc_server_msg_sent_total{{grpc_method="Stream",grpc_service="{SERVICE}",'
+        f'grpc_type="server_stream"}}'
+    ) in text
 
 
-async def test_access_log_line_per_rpc(echo: Echo, api_keys: Keys,
-                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_line_per_rpc(
+    echo: Echo, api_keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="finsight.access")
     await echo.unary("Echo")(b"x", metadata=api_keys.metadata(api_keys.alice))
-    lines = [r for r in caplog.records if r.name == "finsight.access"
-             and getattr(r, "grpc_method", "") == "Echo"]
+    lines = [
+        r
+        for r in caplog.records
+        if r.name == "finsight.access" and getattr(r, "grpc_method", "") == "Echo"
+    ]
     assert lines, "one access log line per RPC"
     line = lines[-1]
     assert (line.grpc_code, line.caller, line.tenant) == ("OK", "alice", "acme")  # type: ignore[attr-defined]
     assert line.duration_ms >= 0  # type: ignore[attr-defined]
 
 
-async def test_sigterm_drains_a_real_service_process(tmp_path: Path, redis_url: str,
-                                                     api_keys: Keys) -> None:
+async def test_sigterm_drains_a_real_service_process(
+    tmp_path: Path, redis_url: str, api_keys: Keys
+) -> None:
     """The memory service as its own process: SIGTERM → NOT_SERVING → clean exit 0."""
     from tests.conftest import free_port
 
     port = free_port()
     env = {
-        "PATH": "/usr/bin:/bin", "FINSIGHT_DATA_DIR": str(tmp_path), "REDIS_URL": redis_url,
-        "FINSIGHT_API_KEYS_FILE": str(api_keys.path), "MEMORY_GRPC_PORT": str(port),
-        "MEMORY_METRICS_PORT": str(free_port()), "FINSIGHT_DRAIN_DELAY_S": "1.0",
+        "PATH": "/usr/bin:/bin",
+        "FINSIGHT_DATA_DIR": str(tmp_path),
+        "REDIS_URL": redis_url,
+        "FINSIGHT_API_KEYS_FILE": str(api_keys.path),
+        "MEMORY_GRPC_PORT": str(port),
+        "MEMORY_METRICS_PORT": str(free_port()),
+        "FINSIGHT_DRAIN_DELAY_S": "1.0",
     }
     import sys
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.memory", env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "services.memory",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     try:
         from libs.common.server import wait_for_serving
 
         await wait_for_serving(f"127.0.0.1:{port}", "finsight.memory.v1.MemoryService", timeout=60)
         proc.terminate()
         await asyncio.sleep(0.3)
-        assert await health_of(f"127.0.0.1:{port}", "finsight.memory.v1.MemoryService") == NOT_SERVING
+        assert (
+            await health_of(f"127.0.0.1:{port}", "finsight.memory.v1.MemoryService") == NOT_SERVING
+        )
         assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
     finally:
         if proc.returncode is None:
@@ -150,8 +173,9 @@ async def test_sigterm_drains_a_real_service_process(tmp_path: Path, redis_url: 
     assert '"msg": "draining"' in out and '"msg": "stopped"' in out
 
 
-async def test_two_echo_servers_start_on_ephemeral_ports(tmp_path: Path, redis_url: str,
-                                                         api_keys: Keys) -> None:
+async def test_two_echo_servers_start_on_ephemeral_ports(
+    tmp_path: Path, redis_url: str, api_keys: Keys
+) -> None:
     a = await start_echo(tmp_path / "a", redis_url, api_keys)
     b = await start_echo(tmp_path / "b", redis_url, api_keys)
     try:
