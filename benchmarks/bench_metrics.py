@@ -213,8 +213,8 @@ def check_agreement(ds: Dataset) -> float:
     for k, name in enumerate(ds.symbols):
         for key, ref in per_symbol[name].items():
             got = _ours_value(mine[name], key)
-            for other in (ref, vectorised.get(key, ref)[k] if key in vectorised else ref):
-                worst = max(worst, abs(got - float(other)) / max(abs(float(other)), 1e-300))
+            for other in (float(ref), float(np.asarray(vectorised[key]).ravel()[k])):
+                worst = max(worst, abs(got - other) / max(abs(other), 1e-300))
     return worst
 
 

@@ -125,6 +125,17 @@ annualised portfolio volatility ``sigma_p = sqrt(w' S w)``: ``c_i = w_i (S
 w)_i / sigma_p`` (they sum to ``sigma_p``) and shares ``c_i / sigma_p`` (sum
 to 1).
 
+Implementation
+--------------
+Everything runs on a ``(symbols, periods)`` array with one numpy operation per
+step for all symbols.  Without gaps (every symbol has a return on every
+period after the first) a view of the returns is used directly; otherwise
+missing returns are zero-filled and a mask keeps them out of means, moments,
+tails and the drawdown dates.  Tail quantiles use ``np.partition`` and sort
+only the few smallest returns.  On 500 symbols x 10 years of daily prices the
+full metric set takes about 60 ms (``benchmarks/bench_metrics.py``), ~20x
+faster than empyrical called per symbol and ~10x faster than its 2-D paths.
+
 Validation
 ----------
 Bad input raises :class:`MetricsInputError` (a ``ValueError``) whose
@@ -461,8 +472,8 @@ def _build_panel(rows: FloatArray, kind: InputKind) -> _Panel:
     has_nan = bool(np.isnan(rows).any())
     returns = _returns_from_prices_rows(rows, has_nan) if kind == "prices" else rows
     k, t = returns.shape
-    if not has_nan and kind == "prices":
-        offset: int | None = min(1, t - 1)  # row 0 has no return, all later rows do
+    if not has_nan and kind == "prices" and t > 1:
+        offset: int | None = 1  # row 0 has no return, every later row does
         valid = None
     else:
         valid = ~np.isnan(returns)
@@ -566,6 +577,7 @@ def _sortino(panel: _Panel, excess_mean: FloatArray, rf_p: float, p: float) -> F
 
 @dataclass(frozen=True, slots=True)
 class _Drawdowns:
+    growth: FloatArray  # final wealth prod(1 + r), a by-product of the wealth path
     max_drawdown: FloatArray
     peak: IntArray  # row of the peak (the base row when the peak is the start)
     trough: IntArray
@@ -574,19 +586,21 @@ class _Drawdowns:
     has_drawdown: BoolArray
 
 
-def _underwater(x: FloatArray) -> FloatArray:
-    """Drawdown from the running peak, the starting wealth 1.0 being the first peak."""
+def _underwater(x: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Drawdown from the running peak (the starting wealth 1.0 is the first peak)
+    and the final wealth ``prod(1 + r)`` per row, from one wealth path."""
     wealth = 1.0 + x
     np.cumprod(wealth, axis=1, out=wealth)
+    growth = wealth[:, -1].copy()
     peak = np.maximum.accumulate(wealth, axis=1)
     np.maximum(peak, 1.0, out=peak)
     wealth -= peak  # (W - M) / M, as empyrical, for bit-level agreement
     wealth /= peak
-    return wealth
+    return wealth, growth
 
 
 def _drawdowns(panel: _Panel) -> _Drawdowns:
-    dd = _underwater(panel.x)
+    dd, growth = _underwater(panel.x)
     rows = np.arange(dd.shape[0])
     col = np.arange(dd.shape[1], dtype=np.intp)
     trough = np.argmin(dd, axis=1).astype(np.intp)
@@ -610,7 +624,7 @@ def _drawdowns(panel: _Panel) -> _Drawdowns:
         counts = np.cumsum(panel.mask, axis=1, dtype=np.intp)
         periods = counts[rows, end] - counts[rows, peak] + extra
     mdd = dd[rows, trough]
-    return _Drawdowns(mdd, peak, trough + off, recovery, periods.astype(np.intp), mdd < 0.0)
+    return _Drawdowns(growth, mdd, peak, trough + off, recovery, periods.astype(np.intp), mdd < 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,7 +692,7 @@ def _active_stats(
     """Annualised tracking error and information ratio of active returns (0 = none)."""
     mean = active.sum(axis=1) / n
     dev = _centred(active, mean, mask)
-    std = np.sqrt(_safe_divide(_rowdot(dev, dev), n - 1.0))
+    std = np.sqrt(_safe_divide(_rowdot(dev, dev), (n - 1).astype(np.float64)))
     return std * math.sqrt(p), _safe_divide(mean, std) * math.sqrt(p)
 
 
@@ -814,11 +828,11 @@ def _extreme_rows(panel: _Panel) -> tuple[IntArray, IntArray]:
 
 
 def _metric_table(panel: _Panel, rf_p: float, p: float) -> _MetricTable:
-    growth = np.prod(1.0 + panel.x, axis=1)  # missing returns are 0 in x
+    drawdowns = _drawdowns(panel)
+    growth = drawdowns.growth  # missing returns are 0 in x, so they do not compound
     cagr = growth ** (p / panel.n) - 1.0
     moments = _moments(panel)
     excess_mean = moments.mean - rf_p
-    drawdowns = _drawdowns(panel)
     normal = NormalDist()
     best, worst = _extreme_rows(panel)
     return _MetricTable(

@@ -345,7 +345,7 @@ def test_bad_wide_cells_are_rejected_individually() -> None:
     ],
 )
 def test_structural_problems_raise(data: bytes, message: str) -> None:
-    layout = "long" if b"symbol" in data else "auto"
+    layout: im.Layout = "long" if b"symbol" in data else "auto"
     with pytest.raises(im.ImportFormatError, match=message):
         im.read_bars(data, layout=layout)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -92,10 +93,19 @@ def _to_date(day: np.datetime64) -> date:
 # ---------------------------------------------------------------------------
 
 
-def _drawdown_oracle(r: list[float], dates: list[date], base_date: date) -> dict[str, object]:
+@dataclass(frozen=True)
+class _DrawdownOracle:
+    mdd: float
+    peak: date | None
+    trough: date | None
+    recovery: date | None
+    periods: int
+
+
+def _drawdown_oracle(r: list[float], dates: list[date], base_date: date) -> _DrawdownOracle:
     """Walk the wealth path; the starting wealth 1.0 (dated base_date) is the first peak."""
     wealth, peak_value, peak_at = 1.0, 1.0, -1
-    worst, worst_peak, worst_trough = 0.0, None, None
+    worst, worst_peak, worst_trough = 0.0, -1, -1
     for i, ret in enumerate(r):
         wealth *= 1.0 + ret
         if wealth >= peak_value:
@@ -103,25 +113,25 @@ def _drawdown_oracle(r: list[float], dates: list[date], base_date: date) -> dict
         dd = (wealth - peak_value) / peak_value
         if dd < worst:
             worst, worst_peak, worst_trough = dd, peak_at, i
-    if worst_trough is None:
-        return {"mdd": 0.0, "peak": None, "trough": None, "recovery": None, "periods": 0}
+    if worst_trough < 0:
+        return _DrawdownOracle(0.0, None, None, None, 0)
     # Recovery: first later point back at the pre-drawdown peak wealth.
     wealth = math.prod(1.0 + x for x in r[: worst_trough + 1])
     target = math.prod(1.0 + x for x in r[: worst_peak + 1]) if worst_peak >= 0 else 1.0
-    recovery = None
+    recovery = -1
     for j in range(worst_trough + 1, len(r)):
         wealth *= 1.0 + r[j]
         if wealth >= target:  # same float products as the engine, so exact
             recovery = j
             break
-    end = recovery if recovery is not None else len(r) - 1
-    return {
-        "mdd": worst,
-        "peak": dates[worst_peak] if worst_peak >= 0 else base_date,
-        "trough": dates[worst_trough],
-        "recovery": dates[recovery] if recovery is not None else None,
-        "periods": end - worst_peak,
-    }
+    end = recovery if recovery >= 0 else len(r) - 1
+    return _DrawdownOracle(
+        mdd=worst,
+        peak=dates[worst_peak] if worst_peak >= 0 else base_date,
+        trough=dates[worst_trough],
+        recovery=dates[recovery] if recovery >= 0 else None,
+        periods=end - worst_peak,
+    )
 
 
 def _compressed_returns(prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -266,13 +276,13 @@ def test_drawdown_dates_match_loop_oracle(sample, results, symbol: str) -> None:
     day_list = [_to_date(d) for d in dates[1:]]
     oracle = _drawdown_oracle(r.tolist(), day_list, _to_date(dates[0]))
     dd = results[symbol].drawdown
-    assert _close(dd.max_drawdown, oracle["mdd"])
+    assert _close(dd.max_drawdown, oracle.mdd)
     assert (dd.peak_date, dd.trough_date, dd.recovery_date) == (
-        oracle["peak"],
-        oracle["trough"],
-        oracle["recovery"],
+        oracle.peak,
+        oracle.trough,
+        oracle.recovery,
     )
-    assert dd.duration_periods == oracle["periods"]
+    assert dd.duration_periods == oracle.periods
     end = dd.recovery_date or _to_date(dates[-1])
     assert dd.duration_days == (end - dd.peak_date).days
 
@@ -293,7 +303,7 @@ def test_weekly_sampling_with_other_periods_per_year(sample) -> None:
             "vol": (got.volatility, ep.annual_volatility(r, annualization=52)),
             "sharpe": (got.sharpe, ep.sharpe_ratio(r, annualization=52)),
             "sortino": (got.sortino, ep.sortino_ratio(r, annualization=52)),
-            "alpha": (got.relative.alpha, ep.alpha(r, b, annualization=52)),
+            "alpha": (_ours_relative(got)["alpha"], ep.alpha(r, b, annualization=52)),
         }
         assert _mismatches(pairs) == []
 
@@ -366,6 +376,49 @@ def test_return_spanning_a_gap_is_the_price_change_over_the_gap(gapped) -> None:
         )
 
 
+def _assert_same_metrics(a: object, b: object, rel: float = 1e-12) -> None:
+    """Equal dates/counts and floats equal to ``rel`` (different summation orders)."""
+    for field in dataclasses.fields(a):  # type: ignore[arg-type]
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, float):
+            assert _close(x, y, rel) or (math.isnan(x) and math.isnan(y)), field.name
+        elif dataclasses.is_dataclass(x):
+            _assert_same_metrics(x, y, rel)
+        else:
+            assert x == y, field.name
+
+
+def test_masked_path_agrees_with_dense_path(sample) -> None:
+    """A gap in one symbol switches the engine to masked arithmetic for all of them."""
+    symbols, prices, dates, bench = sample
+    dense = m.compute_metrics(prices[:, :4], dates, symbols[:4], benchmark=bench, risk_free=0.02)
+    with_gap = prices[:, :5].copy()
+    with_gap[100:110, 4] = np.nan
+    masked = m.compute_metrics(with_gap, dates, symbols[:5], benchmark=bench, risk_free=0.02)
+    for name in symbols[:4]:
+        _assert_same_metrics(dense[name], masked[name])
+
+
+def test_dense_symbols_with_a_gapped_benchmark(sample) -> None:
+    symbols, prices, dates, bench = sample
+    gapped_bench = bench.copy()
+    gapped_bench[[10, 2000, 2001, 5000]] = np.nan
+    res = m.compute_metrics(
+        prices[:, :3], dates, symbols[:3], benchmark=gapped_bench, risk_free=RF_ANNUAL
+    )
+    b, rows = _compressed_returns(gapped_bench)
+    b_full = np.full(dates.size, np.nan)
+    b_full[rows] = b
+    for col in range(3):
+        r_full = np.full(dates.size, np.nan)
+        r_full[1:] = prices[1:, col] / prices[:-1, col] - 1.0
+        got = _ours_relative(res[symbols[col]])
+        assert _mismatches(_pairs(got, _relative_oracle(r_full, b_full))) == []
+        # Only the 4 missing-price rows lack a benchmark return; the next
+        # return spans the gap (e.g. row 11 = p11 / p9 - 1).
+        assert got["n_common"] == 8312 - 4
+
+
 def test_gap_drawdown_dates_match_loop_oracle(gapped) -> None:
     names, prices, dates, _ = gapped
     res = m.compute_metrics(prices, dates, names)
@@ -375,11 +428,11 @@ def test_gap_drawdown_dates_match_loop_oracle(gapped) -> None:
         oracle = _drawdown_oracle(r.tolist(), [_to_date(dates[i]) for i in rows], base)
         dd = res[name].drawdown
         assert (dd.peak_date, dd.trough_date, dd.recovery_date) == (
-            oracle["peak"],
-            oracle["trough"],
-            oracle["recovery"],
+            oracle.peak,
+            oracle.trough,
+            oracle.recovery,
         )
-        assert dd.duration_periods == oracle["periods"]
+        assert dd.duration_periods == oracle.periods
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +481,15 @@ def test_drawdown_first_day_loss_with_returns_input_on_row_zero() -> None:
     assert dd.duration_periods == 3
 
 
+def test_drawdown_peak_on_the_first_return_of_a_returns_input() -> None:
+    # The first return is a gain, so the peak is *after* it: 2 periods to recovery.
+    dd, days = _dd([0.01, -0.05, 0.1], kind="returns")
+    assert dd.peak_date == _to_date(days[0])
+    assert dd.trough_date == _to_date(days[1])
+    assert dd.recovery_date == _to_date(days[2])
+    assert dd.duration_periods == 2
+
+
 def test_drawdown_not_recovered_runs_to_the_last_observation() -> None:
     dd, days = _dd([100, 120, 90, 100])
     assert dd.max_drawdown == pytest.approx(-0.25, rel=1e-12)
@@ -470,6 +532,7 @@ def _rolling_oracle(metric: str, x: np.ndarray, b: np.ndarray | None, w: int) ->
             ex = win - RF_P
             out.append(ex.mean() / np.std(ex, ddof=1) * math.sqrt(P))
         elif metric == "beta":
+            assert b is not None
             bw = b[end - w : end]
             out.append(np.cov(win, bw, ddof=1)[0, 1] / np.var(bw, ddof=1))
         else:
@@ -480,7 +543,7 @@ def _rolling_oracle(metric: str, x: np.ndarray, b: np.ndarray | None, w: int) ->
 
 
 @pytest.mark.parametrize("metric", ["volatility", "sharpe", "beta", "drawdown"])
-def test_rolling_metric_matches_loop_and_empyrical(sample, metric: str) -> None:
+def test_rolling_metric_matches_loop_and_empyrical(sample, metric: m.RollingMetricName) -> None:
     _symbols, prices, dates, bench = sample
     x = prices[1:, 0] / prices[:-1, 0] - 1.0
     b = bench[1:] / bench[:-1] - 1.0
@@ -549,7 +612,7 @@ def _portfolio_oracle(prices: np.ndarray, days: np.ndarray, w: np.ndarray, rule:
 
 
 @pytest.mark.parametrize("rule", ["none", "daily", "weekly", "monthly", "quarterly", "annual"])
-def test_portfolio_returns_match_unit_simulation(sample, rule: str) -> None:
+def test_portfolio_returns_match_unit_simulation(sample, rule: m.Rebalance) -> None:
     _symbols, prices, dates, _ = sample
     sub = prices[:1500, :4].copy()
     sub[700:705, 2] = np.nan  # a gap is carried at the last price
@@ -687,14 +750,14 @@ def test_fewer_than_two_returns_names_the_symbol() -> None:
     [
         (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "volatility", 5), "window"),
         (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "volatility", 1), "window"),
-        (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "volatility", 2.5), "window"),
-        (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "omega", 2), "metric"),
+        (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "volatility", 2.5), "window"),  # type: ignore[arg-type]
+        (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "omega", 2), "metric"),  # type: ignore[arg-type]
         (lambda: m.rolling_metric(GOOD[:, 0], GOOD_DAYS, "beta", 2), "benchmark_returns"),
         (lambda: m.rolling_metric(GOOD[:, 0] - 200, GOOD_DAYS, "volatility", 2), "returns"),
         (lambda: m.portfolio_returns(GOOD, GOOD_DAYS, [0.5, 0.4999]), "weights"),
         (lambda: m.portfolio_returns(GOOD, GOOD_DAYS, [0.5, 0.5, 0.0]), "weights"),
         (lambda: m.portfolio_returns(GOOD, GOOD_DAYS, [1.2, -0.2]), "weights"),
-        (lambda: m.portfolio_returns(GOOD, GOOD_DAYS, [1.0, 0.0], "hourly"), "rebalance"),
+        (lambda: m.portfolio_returns(GOOD, GOOD_DAYS, [1.0, 0.0], "hourly"), "rebalance"),  # type: ignore[arg-type]
         (
             lambda: m.portfolio_returns(
                 np.vstack([[np.nan, 50.0], GOOD[1:]]), GOOD_DAYS, [0.5, 0.5]
