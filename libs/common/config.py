@@ -134,6 +134,10 @@ class CommonSettings(BaseSettings):
     )
     finsight_trace_sample_ratio: float = Field(1.0, ge=0, le=1)
 
+    sentry_dsn: SecretStr | None = Field(
+        None, description="Sentry-compatible DSN; set to report unexpected exceptions"
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -28,6 +28,7 @@ from grpc_status import rpc_status
 
 from libs.common import context, metrics
 from libs.common.auth import ANONYMOUS, Identity, KeyStore, bearer_from_metadata, require_scope
+from libs.common.error_reporting import report_exception
 from libs.common.errors import FinsightError, Internal, Unauthenticated
 from libs.common.ratelimit import TokenBucket
 
@@ -219,6 +220,12 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             error: FinsightError = exc
         else:
             error = Internal()
+            report_exception(
+                exc,
+                error_id=error.metadata["error_id"],
+                rpc=f"{rpc.service}/{rpc.method}",
+                caller=rpc.identity.caller,
+            )
             log.error(
                 "unhandled exception in %s/%s",
                 rpc.service,

@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 from libs.common import metrics
 from libs.common.auth import KeyStore
 from libs.common.config import CommonSettings, S, load_settings_or_exit
+from libs.common.error_reporting import configure_error_reporting, flush
 from libs.common.interceptors import FinsightServerInterceptor, MethodPolicy, RateLimit
 from libs.common.logging import configure_logging
 from libs.common.ratelimit import TokenBucket
@@ -235,6 +236,7 @@ class ServiceHost:
             except Exception:
                 log.exception("cleanup failed")
         shutdown_tracing()
+        flush()
         log.info("stopped", extra={"shutdown_s": round(time.monotonic() - started, 3)})
 
     async def run_until_signal(self) -> None:
@@ -284,6 +286,12 @@ def bootstrap_observability(settings: CommonSettings) -> None:
     """Logging and tracing for a service process; call first thing in main()."""
     configure_logging(
         settings.service_name, settings.finsight_log_level, secrets=settings.secret_values()
+    )
+    configure_error_reporting(
+        settings.sentry_dsn.get_secret_value() if settings.sentry_dsn else None,
+        service=settings.service_name,
+        release=settings.finsight_release,
+        environment=settings.finsight_env,
     )
     configure_tracing(
         settings.service_name,
