@@ -1,0 +1,148 @@
+"""TLS / mutual TLS through the kit's server and channel factory; log redaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from libs.common.clients import create_channel
+from libs.common.logging import JsonFormatter, redact
+from tests.common.conftest import SERVICE, EchoSettings, start_echo
+from tests.conftest import Keys, make_settings
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(
+    subject: str,
+    issuer_key: ec.EllipticCurvePrivateKey | None,
+    issuer: x509.Name | None,
+    *,
+    ca: bool,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer or _name(subject))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def _write(
+    path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> tuple[Path, Path]:
+    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".pem")
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    ca_key, ca_cert = _issue("finsight-test-ca", None, None, ca=True)
+    _, ca_pem = _write(tmp_path / "ca", ca_key, ca_cert)
+    out = {"ca": ca_pem}
+    for who in ("server", "client"):
+        key, cert = _issue("localhost", ca_key, ca_cert.subject, ca=False)
+        out[f"{who}_key"], out[f"{who}_cert"] = _write(tmp_path / who, key, cert)
+    return out
+
+
+async def _echo_via(channel: grpc.aio.Channel, keys: Keys) -> bytes:
+    return await channel.unary_unary(f"/{SERVICE}/Echo")(  # type: ignore[no-any-return]
+        b"hi", metadata=keys.metadata(keys.alice), timeout=5
+    )
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_tls_end_to_end_and_plaintext_refused(
+    tmp_path: Path, redis_url: str, api_keys: Keys, pki: dict[str, Path], mutual: bool
+) -> None:
+    echo = await start_echo(
+        tmp_path,
+        redis_url,
+        api_keys,
+        finsight_tls_cert_file=pki["server_cert"],
+        finsight_tls_key_file=pki["server_key"],
+        finsight_tls_client_ca_file=pki["ca"] if mutual else None,
+    )
+    target = f"localhost:{echo.host.bound_port}"
+    try:
+        client_settings = make_settings(
+            EchoSettings,
+            tmp_path,
+            redis_url,
+            None,
+            finsight_tls_ca_file=pki["ca"],
+            finsight_tls_cert_file=pki["client_cert"],
+            finsight_tls_key_file=pki["client_key"],
+        )
+        async with create_channel(target, client_settings) as channel:
+            assert await _echo_via(channel, api_keys) == b"hi"
+
+        async with grpc.aio.insecure_channel(target) as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _echo_via(plaintext, api_keys)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        if mutual:  # trusts the server, but presents no certificate
+            anonymous = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+            async with grpc.aio.secure_channel(target, anonymous) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _echo_via(channel, api_keys)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await echo.close()
+
+
+def test_log_lines_redact_keys_and_known_secrets() -> None:
+    redact.add_values(["provider-secret-value-123"])
+    record = logging.LogRecord(
+        "x",
+        logging.INFO,
+        __file__,
+        1,
+        "calling with Bearer fsk_abcdefghijkl and sk-0123456789abcdef "
+        "and provider-secret-value-123 api_key=zzzzzzzz",
+        (),
+        None,
+    )
+    line = JsonFormatter("test").format(record)
+    entry = json.loads(line)
+    for secret in (
+        "fsk_abcdefghijkl",
+        "sk-0123456789abcdef",
+        "provider-secret-value-123",
+        "zzzzzzzz",
+    ):
+        assert secret not in line
+    assert entry["msg"].count("[REDACTED]") == 4
