@@ -71,6 +71,10 @@ clean:  ## remove the virtualenv, generated code, caches and local data
 	find protos -name '*_pb2*.py*' -delete
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+.PHONY: docs
+docs: $(PROTO_STAMP)  ## regenerate docs/api.md from the proto comments
+	$(PY) -m libs.common.apidoc > docs/api.md
+
 .PHONY: env-example
 env-example: $(INSTALLED)  ## regenerate .env.example from the settings models
 	$(PY) -m libs.common.envdoc > .env.example
