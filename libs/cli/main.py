@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from rich.console import Console
 from libs.cli import commands
 from libs.cli.connection import Connection, describe_error
 
-Handler = Callable[[argparse.Namespace, Connection], Awaitable[Any]]
+Handler = Callable[[argparse.Namespace, Connection], Coroutine[Any, Any, Any]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler: Handler = args.handler
     try:
-        result = asyncio.run(handler(args, conn))
+        result: Any = asyncio.run(handler(args, conn))
     except grpc.aio.AioRpcError as err:
         info, lines = describe_error(err)
         if args.json:
