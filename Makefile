@@ -56,12 +56,13 @@ $(NODE_TOOLS): .ci/package.json
 	cd .ci && npm install --silent --no-audit --no-fund
 	@touch $@
 
-lint: $(PROTO_STAMP) $(NODE_TOOLS)  ## ruff, mypy, buf lint, actionlint
+lint: $(PROTO_STAMP) $(NODE_TOOLS)  ## ruff, mypy, buf lint, actionlint, hadolint, kustomize + schema validation
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy libs services tests benchmarks
 	$(BIN)/buf lint
 	node .ci/actionlint.mjs .github/workflows/*.yml
+	bash deploy/lint.sh
 
 bench: $(PROTO_STAMP)  ## run the benchmarks (figures are ratios against baselines of the same run)
 	$(PY) -m benchmarks
