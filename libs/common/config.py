@@ -83,6 +83,9 @@ class CommonSettings(BaseSettings):
     )
     finsight_release: str = Field("dev", description="Release tag reported in logs and traces")
 
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password, kept out of REDIS_URL (use REDIS_PASSWORD_FILE in k8s)"
+    )
     redis_url: str | None = Field(
         None, description="redis:// URL; unset: `make run` starts an embedded server"
     )
@@ -128,6 +131,10 @@ class CommonSettings(BaseSettings):
     finsight_readiness_interval_s: float = Field(2.0, gt=0, le=60)
     finsight_db_workers: int = Field(4, ge=1, le=64, description="Threads for blocking DuckDB work")
     finsight_db_slow_query_ms: float = Field(200.0, ge=0)
+    finsight_backup_dir: Path | None = Field(
+        None, description="Where the Backup RPC writes; default <data dir>/backups"
+    )
+    finsight_backup_keep: int = Field(7, ge=1, le=1000, description="Backups kept per database")
 
     otel_exporter_otlp_endpoint: str | None = Field(
         None, description="OTLP/gRPC collector, e.g. http://otel-collector:4317"

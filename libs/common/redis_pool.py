@@ -21,6 +21,7 @@ def create_redis(settings: CommonSettings) -> Redis:
         socket_connect_timeout=settings.finsight_redis_timeout_s,
         health_check_interval=15,
         retry_on_timeout=False,
+        password=(settings.redis_password.get_secret_value() if settings.redis_password else None),
     )
     return Redis(connection_pool=pool)
 

@@ -142,6 +142,14 @@ class ServiceHost:
         assert settings.finsight_api_keys_file is not None
         return KeyStore(Path(settings.finsight_api_keys_file))
 
+    def add_service_name(self, full_name: str) -> None:
+        """Another gRPC service served here (listed by reflection, reported by health)."""
+        self.service_names.append(full_name)
+
+    def add_policy(self, method: str, policy: MethodPolicy) -> None:
+        """Scope and rate-limit class of a method added after construction."""
+        self.interceptor.policies[method] = policy
+
     def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
         self._checks[name] = check
 
