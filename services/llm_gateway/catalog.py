@@ -1,0 +1,229 @@
+"""Providers, models and routes resolved from settings (the gateway's routing table).
+
+Built once at start-up; any inconsistency (a route naming an unknown model, a model on an
+unknown provider, a missing price) is a configuration error reported with every problem at
+once, so the process exits before serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, cast
+
+from services.llm_gateway.config import DEEPSEEK, ProviderSpec
+from services.llm_gateway.pricing import DEFAULT_MODELS, DEFAULT_ROUTES, Pricing
+
+if TYPE_CHECKING:
+    from services.llm_gateway.config import GatewaySettings
+
+
+class CatalogError(ValueError):
+    """The provider/model/route configuration is inconsistent."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key: str | None
+    requires_key: bool
+    system: str  # gen_ai.system
+    max_connections: int
+    attempt_timeout_s: float
+    max_retries: int
+    key_setting: str  # what to set to enable it (for FAILED_PRECONDITION messages)
+
+    @property
+    def available(self) -> bool:
+        return bool(self.api_key) or not self.requires_key
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    provider: str
+    provider_model: str
+    context_window: int
+    max_output_tokens: int
+    default_max_tokens: int
+    pricing: Pricing
+
+
+@dataclass(frozen=True)
+class Route:
+    alias: str
+    models: tuple[str, ...]
+    context_fallback: str | None = None
+
+
+@dataclass
+class Catalog:
+    providers: dict[str, Provider]
+    models: dict[str, Model]
+    routes: dict[str, Route]
+    default_route: str
+    problems: list[str] = field(default_factory=list)
+
+    def resolve(self, name: str) -> Route | None:
+        """A route alias, or a model name as a route of one; None if unknown."""
+        name = name or self.default_route
+        route = self.routes.get(name)
+        if route is not None:
+            return route
+        if name in self.models:
+            return Route(alias=name, models=(name,))
+        return None
+
+    @property
+    def any_provider_available(self) -> bool:
+        return any(p.available for p in self.providers.values())
+
+
+def build_catalog(settings: GatewaySettings) -> Catalog:
+    problems: list[str] = []
+    providers = _providers(settings, problems)
+    models = _models(settings, providers, problems)
+    routes = _routes(settings, models, problems)
+    if settings.llm_gateway_default_route not in routes and (
+        settings.llm_gateway_default_route not in models
+    ):
+        problems.append(
+            f"LLM_GATEWAY_DEFAULT_ROUTE: unknown route or model "
+            f"{settings.llm_gateway_default_route!r}"
+        )
+    if problems:
+        raise CatalogError("; ".join(problems))
+    return Catalog(providers, models, routes, settings.llm_gateway_default_route)
+
+
+def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Provider]:
+    specs: dict[str, ProviderSpec] = {}
+    deepseek_key = settings.deepseek_api_key
+    specs[DEEPSEEK] = ProviderSpec.model_validate(
+        {"base_url": settings.deepseek_base_url, "api_key": deepseek_key, "system": "deepseek"}
+    )
+    for name, spec in settings.llm_gateway_providers.items():
+        if (
+            name == DEEPSEEK
+            and spec.api_key is None
+            and spec.api_key_env is None
+            and (spec.api_key_file is None)
+        ):
+            spec = spec.model_copy(update={"api_key": deepseek_key})
+        specs[name] = spec
+    out: dict[str, Provider] = {}
+    for name, spec in specs.items():
+        if not spec.base_url.startswith(("http://", "https://")):
+            problems.append(f"provider {name!r}: base_url must start with http:// or https://")
+        try:
+            key = spec.resolved_key()
+        except OSError as exc:
+            problems.append(f"provider {name!r}: cannot read api_key_file: {exc.strerror}")
+            key = None
+        key_setting = (
+            "DEEPSEEK_API_KEY"
+            if name == DEEPSEEK and spec.api_key_env is None
+            else spec.api_key_env or f"LLM_GATEWAY_PROVIDERS[{name}].api_key_env"
+        )
+        out[name] = Provider(
+            name=name,
+            base_url=spec.base_url.rstrip("/"),
+            api_key=key,
+            requires_key=spec.requires_key,
+            system=spec.system or name,
+            max_connections=spec.max_connections or settings.llm_gateway_max_connections,
+            attempt_timeout_s=spec.attempt_timeout_s or settings.llm_gateway_attempt_timeout_s,
+            max_retries=(
+                settings.llm_gateway_max_retries if spec.max_retries is None else spec.max_retries
+            ),
+            key_setting=key_setting,
+        )
+    return out
+
+
+def _models(
+    settings: GatewaySettings, providers: dict[str, Provider], problems: list[str]
+) -> dict[str, Model]:
+    out: dict[str, Model] = {}
+    names = list(DEFAULT_MODELS) + [
+        n for n in settings.llm_gateway_models if n not in DEFAULT_MODELS
+    ]
+    for name in names:
+        base = DEFAULT_MODELS.get(name)
+        spec = settings.llm_gateway_models.get(name)
+        provider = (spec and spec.provider) or (base and base.provider)
+        window = (spec and spec.context_window) or (base and base.context_window)
+        max_out = (spec and spec.max_output_tokens) or (base and base.max_output_tokens)
+        default_max = (spec and spec.default_max_tokens) or (base and base.default_max_tokens)
+        prices = [
+            _pick(
+                spec and spec.input_cache_hit_per_mtok,
+                base and base.pricing.input_cache_hit_per_mtok,
+            ),
+            _pick(
+                spec and spec.input_cache_miss_per_mtok,
+                base and base.pricing.input_cache_miss_per_mtok,
+            ),
+            _pick(spec and spec.output_per_mtok, base and base.pricing.output_per_mtok),
+        ]
+        as_of = (spec and spec.prices_as_of) or (base and base.pricing.as_of) or None
+        where = f"LLM_GATEWAY_MODELS[{name}]"
+        missing = [
+            n
+            for n, v in (
+                ("provider", provider),
+                ("context_window", window),
+                ("max_output_tokens", max_out),
+            )
+            if not v
+        ]
+        if any(p is None for p in prices):
+            missing.append("input_cache_hit_per_mtok/input_cache_miss_per_mtok/output_per_mtok")
+        if missing:
+            problems.append(f"{where}: missing {', '.join(missing)}")
+            continue
+        assert isinstance(provider, str) and isinstance(window, int) and isinstance(max_out, int)
+        if provider not in providers:
+            problems.append(f"{where}: unknown provider {provider!r}")
+            continue
+        if max_out >= window:
+            problems.append(f"{where}: max_output_tokens must be below context_window")
+            continue
+        default_max = min(int(default_max or max_out), max_out)
+        hit, miss, output = (cast(Decimal, p) for p in prices)
+        out[name] = Model(
+            name=name,
+            provider=provider,
+            provider_model=(spec and spec.provider_model) or (base and base.provider_model) or name,
+            context_window=window,
+            max_output_tokens=max_out,
+            default_max_tokens=default_max,
+            pricing=Pricing(hit, miss, output, as_of),
+        )
+    return out
+
+
+def _pick(*values: object) -> object:
+    for value in values:
+        if value is not None:
+            return value
+    return None
+
+
+def _routes(
+    settings: GatewaySettings, models: dict[str, Model], problems: list[str]
+) -> dict[str, Route]:
+    raw: dict[str, tuple[list[str], str | None]] = {
+        alias: (list(chain), None) for alias, chain in DEFAULT_ROUTES.items()
+    }
+    for alias, spec in settings.llm_gateway_routes.items():
+        raw[alias] = (spec.models, spec.context_fallback)
+    out: dict[str, Route] = {}
+    for alias, (chain, fallback) in raw.items():
+        unknown = [m for m in [*chain, *([fallback] if fallback else [])] if m not in models]
+        if unknown:
+            problems.append(f"LLM_GATEWAY_ROUTES[{alias}]: unknown model(s) {', '.join(unknown)}")
+            continue
+        out[alias] = Route(alias, tuple(chain), fallback)
+    return out

@@ -1,0 +1,79 @@
+"""Domain metrics of the LLM gateway (the kit already counts RPCs by method and code).
+
+Label values are bounded: providers, models and routes come from configuration, outcomes
+from a fixed vocabulary; never a tenant or a request id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 131072)
+
+REQUESTS = Counter(
+    "llm_gateway_requests_total",
+    "Completions by provider, model and outcome (ok, cache_hit, or the final error reason).",
+    ("provider", "model", "outcome"),
+)
+ATTEMPT_SECONDS = Histogram(
+    "llm_gateway_attempt_seconds",
+    "Duration of one provider attempt (streams: until the first token), by outcome.",
+    ("provider", "model", "outcome"),
+    buckets=_LATENCY,
+)
+TTFT_SECONDS = Histogram(
+    "llm_gateway_time_to_first_token_seconds",
+    "Streaming: time from the RPC's start to the first token sent.",
+    ("provider", "model"),
+    buckets=_LATENCY,
+)
+TOKENS = Counter(
+    "llm_gateway_tokens_total",
+    "Tokens billed by providers, by kind (prompt, completion, cached_prompt, reasoning).",
+    ("provider", "model", "kind"),
+)
+COST_USD = Counter(
+    "llm_gateway_cost_usd_total",
+    "Cost of completions in USD (accounting uses exact integers).",
+    ("provider", "model"),
+)
+CACHE = Counter(
+    "llm_gateway_cache_total", "Response-cache lookups by result (hit, miss, error).", ("result",)
+)
+RETRIES = Counter(
+    "llm_gateway_retries_total",
+    "Retries after a failed attempt, by the attempt's outcome.",
+    ("provider", "model", "outcome"),
+)
+FALLBACKS = Counter(
+    "llm_gateway_fallbacks_total",
+    "Moves to the next link of a route's chain.",
+    ("route", "from_model", "to_model", "reason"),
+)
+BREAKER_STATE = Gauge(
+    "llm_gateway_breaker_state",
+    "Circuit state per provider: 0 closed, 1 open, 2 half-open.",
+    ("provider",),
+)
+BREAKER_TRANSITIONS = Counter(
+    "llm_gateway_breaker_transitions_total",
+    "Circuit state changes per provider.",
+    ("provider", "state"),
+)
+LIMIT_REJECTIONS = Counter(
+    "llm_gateway_limit_rejections_total",
+    "Requests refused by a tenant limit (rpm, tpm, budget).",
+    ("limit",),
+)
+TRUNCATIONS = Counter(
+    "llm_gateway_truncations_total",
+    "Prompts whose oldest turns were dropped to fit the window.",
+    ("model",),
+)
+PROMPT_TOKENS = Histogram(
+    "llm_gateway_prompt_tokens",
+    "Prompt tokens per request as counted by the gateway.",
+    ("model",),
+    buckets=_TOKENS,
+)

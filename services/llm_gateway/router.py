@@ -1,0 +1,370 @@
+"""Routes: try a chain of provider+model links in order, with retries, breakers and fallback.
+
+A link is skipped (next link tried) when its provider's breaker is open, its retries are
+spent, or it answered 401/402/403/404; a 400/422 stops the chain (another provider would
+reject the same request). Every attempt gets a span with the OpenTelemetry GenAI
+attributes and is bounded by an absolute deadline: the provider's attempt timeout, capped by
+the caller's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from libs.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    FinsightError,
+    InvalidArgument,
+    QuotaViolation,
+    ResourceExhausted,
+    Unavailable,
+)
+from libs.common.tracing import tracer
+from services.llm_gateway import metrics
+from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
+from services.llm_gateway.catalog import Model, Provider
+from services.llm_gateway.pricing import Usage
+from services.llm_gateway.providers import (
+    ProviderAnswer,
+    ProviderClient,
+    ProviderError,
+    ProviderStream,
+    StreamDelta,
+)
+from services.llm_gateway.retry import MIN_ATTEMPT_S, RetryPolicy
+
+T = TypeVar("T")
+_tracer = tracer(__name__)
+
+
+class DeadlineSpent(Exception):
+    """The caller's deadline leaves no time for another attempt."""
+
+
+@dataclass(frozen=True)
+class Link:
+    """One element of a chain, with the provider request body prepared for it."""
+
+    model: Model
+    provider: Provider
+    body: dict[str, Any]
+    prompt_tokens: int = 0  # as counted by the gateway, after fitting
+    dropped: tuple[int, ...] = ()  # request message indices dropped to fit this model
+
+
+@dataclass
+class Routed:
+    answer: ProviderAnswer
+    link: Link
+    attempts: int
+
+
+@dataclass
+class OpenStream:
+    """A stream that delivered its first delta; the caller must `close()` it."""
+
+    stream: ProviderStream
+    first: StreamDelta | None
+    link: Link
+    attempts: int
+    span: Span
+
+    async def close(self, error: BaseException | None = None) -> None:
+        await self.stream.__aexit__(None, None, None)
+        state = self.stream.state
+        _finish_span(self.span, self.link, state.model, state.usage, error, end=True)
+
+
+class _LinkFailed(Exception):
+    def __init__(self, error: BaseException, attempts: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+
+
+class Router:
+    def __init__(
+        self,
+        clients: dict[str, ProviderClient],
+        breakers: dict[str, ProviderBreaker],
+        policy: RetryPolicy,
+    ) -> None:
+        self.clients = clients
+        self.breakers = breakers
+        self.policy = policy
+
+    # -- unary ------------------------------------------------------------------------------
+    async def complete(self, route: str, links: Sequence[Link], deadline: float | None) -> Routed:
+        async def run(link: Link, attempt_no: int, timeout: float) -> ProviderAnswer:
+            with self._attempt_span(link, attempt_no) as span:
+                started = time.perf_counter()
+                outcome = "ok"
+                try:
+                    with self.breakers[link.provider.name].calling():
+                        answer = await self.clients[link.provider.name].complete(
+                            link.body, timeout_s=timeout
+                        )
+                except BaseException as exc:
+                    outcome = _outcome(exc)
+                    _finish_span(span, link, None, None, exc)
+                    raise
+                finally:
+                    metrics.ATTEMPT_SECONDS.labels(
+                        link.provider.name, link.model.name, outcome
+                    ).observe(time.perf_counter() - started)
+                _finish_span(span, link, answer.model, answer.usage, None)
+                return answer
+
+        answer, link, attempts = await self._chain(route, links, deadline, run)
+        return Routed(answer, link, attempts)
+
+    # -- streaming --------------------------------------------------------------------------
+    async def open_stream(
+        self, route: str, links: Sequence[Link], deadline: float | None
+    ) -> OpenStream:
+        """Open a stream and read its first delta, with retries and fallback; nothing has
+        been sent to the caller yet, so every failure here may still be retried."""
+
+        async def run(link: Link, attempt_no: int, timeout: float) -> OpenStream:
+            span = _tracer.start_span(
+                f"chat {link.model.provider_model}",
+                kind=trace.SpanKind.CLIENT,
+                attributes=_request_attributes(link, attempt_no, True),
+            )
+            started = time.perf_counter()
+            stream = self.clients[link.provider.name].stream(link.body)
+            outcome = "ok"
+            try:
+                with self.breakers[link.provider.name].calling():
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await stream.__aenter__()
+                            first = await stream.next_delta()
+                    except TimeoutError:
+                        raise self.clients[link.provider.name]._timeout(timeout) from None
+            except BaseException as exc:
+                outcome = _outcome(exc)
+                await stream.__aexit__(None, None, None)
+                _finish_span(span, link, None, None, exc, end=True)
+                raise
+            finally:
+                metrics.ATTEMPT_SECONDS.labels(
+                    link.provider.name, link.model.name, outcome
+                ).observe(time.perf_counter() - started)
+            return OpenStream(stream, first, link, attempt_no, span)
+
+        opened, _, attempts = await self._chain(route, links, deadline, run)
+        opened.attempts = attempts
+        return opened
+
+    # -- the chain ----------------------------------------------------------------------------
+    async def _chain(
+        self,
+        route: str,
+        links: Sequence[Link],
+        deadline: float | None,
+        run: Callable[[Link, int, float], Awaitable[T]],
+    ) -> tuple[T, Link, int]:
+        usable = [link for link in links if link.provider.available]
+        if not usable:
+            raise no_provider_error(links)
+        attempts = 0
+        errors: list[BaseException] = []
+        for index, link in enumerate(usable):
+            try:
+                result, made = await self._link(link, deadline, run, attempts)
+                return result, link, attempts + made
+            except _LinkFailed as failed:
+                attempts += failed.attempts
+                errors.append(failed.error)
+                if not _falls_back(failed.error) or index + 1 == len(usable):
+                    break
+                metrics.FALLBACKS.labels(
+                    route, link.model.name, usable[index + 1].model.name, _outcome(failed.error)
+                ).inc()
+        raise map_error(errors, attempts)
+
+    async def _link(
+        self,
+        link: Link,
+        deadline: float | None,
+        run: Callable[[Link, int, float], Awaitable[T]],
+        attempts_before: int,
+    ) -> tuple[T, int]:
+        made = 0
+
+        async def attempt() -> T:
+            nonlocal made
+            timeout = link.provider.attempt_timeout_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left < MIN_ATTEMPT_S:
+                    raise DeadlineSpent
+                timeout = min(timeout, left)
+            made += 1
+            return await run(link, attempts_before + made, timeout)
+
+        def on_retry(error: BaseException, sleep_s: float) -> None:
+            metrics.RETRIES.labels(link.provider.name, link.model.name, _outcome(error)).inc()
+
+        try:
+            result = await self.policy.run(
+                attempt, deadline=deadline, max_retries=link.provider.max_retries, on_retry=on_retry
+            )
+        except (ProviderError, CircuitOpen, DeadlineSpent) as exc:
+            raise _LinkFailed(exc, made) from exc
+        return result, made
+
+    def _attempt_span(self, link: Link, attempt_no: int) -> Any:
+        return _tracer.start_as_current_span(
+            f"chat {link.model.provider_model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes=_request_attributes(link, attempt_no, False),
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+
+# -- spans ------------------------------------------------------------------------------------
+def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, Any]:
+    body = link.body
+    attrs: dict[str, Any] = {
+        "gen_ai.system": link.provider.system,
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": link.model.provider_model,
+        "gen_ai.request.max_tokens": body.get("max_tokens", 0),
+        "finsight.llm.provider": link.provider.name,
+        "finsight.llm.attempt": attempt_no,
+        "finsight.llm.stream": stream,
+    }
+    for key in ("temperature", "top_p"):
+        if body.get(key) is not None:
+            attrs[f"gen_ai.request.{key}"] = body[key]
+    return attrs
+
+
+def _finish_span(
+    span: Span,
+    link: Link,
+    response_model: str | None,
+    usage: Usage | None,
+    error: BaseException | None,
+    *,
+    end: bool = False,
+) -> None:
+    """Response attributes (and, for manually started stream spans, the end)."""
+    if response_model:
+        span.set_attribute("gen_ai.response.model", response_model)
+    if usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", usage.prompt)
+        span.set_attribute("gen_ai.usage.output_tokens", usage.completion)
+    if error is not None:
+        span.set_attribute("error.type", _outcome(error))
+        if isinstance(error, ProviderError) and error.status is not None:
+            span.set_attribute("http.response.status_code", error.status)
+        span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
+    if end:
+        span.end()
+
+
+# -- error mapping ------------------------------------------------------------------------------
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, ProviderError):
+        return exc.outcome
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
+    if isinstance(exc, DeadlineSpent):
+        return "deadline"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
+
+
+def _falls_back(error: BaseException) -> bool:
+    if isinstance(error, DeadlineSpent):
+        return False
+    return not (isinstance(error, ProviderError) and error.status in (400, 422))
+
+
+def no_provider_error(links: Sequence[Link]) -> FailedPrecondition:
+    settings = sorted({link.provider.key_setting for link in links})
+    models = ", ".join(link.model.name for link in links)
+    return FailedPrecondition(
+        f"no LLM provider is configured for {models}: set {' or '.join(settings)} "
+        f"(see docs/llm_gateway.md)",
+        reason="NO_PROVIDER_CONFIGURED",
+        metadata={"settings": ",".join(settings)},
+    )
+
+
+def map_error(errors: Sequence[BaseException], attempts: int) -> FinsightError:
+    """The caller's error for a chain whose every usable link failed (last error wins,
+    RetryInfo from the soonest time any link may work again)."""
+    last = errors[-1]
+    meta = {"attempts": str(attempts)}
+    hints = [h for h in (getattr(e, "retry_after", None) for e in errors) if h is not None]
+    retry_after = min(hints) if hints else None
+    if isinstance(last, DeadlineSpent):
+        return DeadlineExceeded(
+            "the deadline expired before the provider answered",
+            reason="DEADLINE_EXCEEDED",
+            metadata=meta,
+        )
+    if isinstance(last, CircuitOpen):
+        meta["provider"] = last.provider
+        return Unavailable(
+            f"provider {last.provider} is failing (circuit open); retry later",
+            reason="PROVIDER_CIRCUIT_OPEN",
+            metadata=meta,
+            retry_after=max(retry_after or 1.0, 0.1),
+        )
+    assert isinstance(last, ProviderError), last
+    meta["provider"] = last.provider
+    if last.status is not None:
+        meta["http_status"] = str(last.status)
+    status = last.status
+    if status in (400, 422):
+        return InvalidArgument(
+            last.message,
+            [FieldViolation("request", last.message)],
+            reason="PROVIDER_INVALID_REQUEST",
+            metadata=meta,
+        )
+    if status in (401, 403):
+        return Unavailable(
+            f"provider {last.provider} refused the gateway's credentials "
+            f"(HTTP {status}); an operator must fix its API key",
+            reason="PROVIDER_AUTH",
+            metadata=meta,
+        )
+    if status == 402:
+        return ResourceExhausted(
+            f"provider {last.provider}: insufficient account balance (HTTP 402)",
+            reason="PROVIDER_INSUFFICIENT_BALANCE",
+            metadata=meta,
+            quota=[QuotaViolation(f"provider:{last.provider}", "account balance")],
+        )
+    if status == 429:
+        return Unavailable(
+            f"{last.message}; retries spent",
+            reason="PROVIDER_RATE_LIMITED",
+            metadata=meta,
+            retry_after=retry_after if retry_after else 1.0,
+        )
+    if status is not None and 400 <= status < 500:
+        return FailedPrecondition(last.message, reason="PROVIDER_REJECTED", metadata=meta)
+    return Unavailable(
+        f"{last.message}; retries spent",
+        reason="PROVIDER_UNAVAILABLE",
+        metadata=meta,
+        retry_after=retry_after if retry_after else 1.0,
+    )

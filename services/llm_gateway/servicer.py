@@ -1,0 +1,361 @@
+"""gRPC servicer: protobuf ↔ domain translation for LlmGatewayService, nothing else.
+
+Undecodable requests: protobuf refuses to parse a `string` field holding invalid UTF-8, and
+grpcio.aio answers a request it cannot deserialize with UNKNOWN and the exception's text,
+which blames the server and leaks internals. The handlers are therefore registered with a
+deserializer that returns an `Undecodable` marker instead of raising; the servicer answers
+it with INVALID_ARGUMENT, naming the offending field (e.g. `messages[1].content`) found by
+walking the wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf.message import DecodeError, Message
+from google.type import date_pb2, money_pb2
+
+from finsight.common.v1 import common_pb2
+from finsight.llm.v1 import llm_gateway_pb2 as pb
+from libs.common.errors import InvalidArgument, Violations
+from services.llm_gateway.domain import Completion, CompletionRequest, Delta
+from services.llm_gateway.domain import Message as ChatMessage
+from services.llm_gateway.gateway import CatalogView, Gateway
+from services.llm_gateway.pricing import Pricing, Usage, nanos_to_units, usd_to_nanos
+
+SERVICE = "finsight.llm.v1.LlmGatewayService"
+M = TypeVar("M", bound=Message)
+
+_ROLES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+}
+_FORMATS = {
+    pb.RESPONSE_FORMAT_UNSPECIFIED: "text",
+    pb.RESPONSE_FORMAT_TEXT: "text",
+    pb.RESPONSE_FORMAT_JSON_OBJECT: "json_object",
+}
+_CACHE = {
+    pb.CACHE_POLICY_UNSPECIFIED: "auto",
+    pb.CACHE_POLICY_DISABLED: "disabled",
+    pb.CACHE_POLICY_ENABLED: "enabled",
+    pb.CACHE_POLICY_REFRESH: "refresh",
+}
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "content_filter": pb.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+    "insufficient_system_resource": pb.FINISH_REASON_INSUFFICIENT_SYSTEM_RESOURCE,
+}
+_CIRCUIT = {
+    "closed": pb.CIRCUIT_STATE_CLOSED,
+    "open": pb.CIRCUIT_STATE_OPEN,
+    "half-open": pb.CIRCUIT_STATE_HALF_OPEN,
+}
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request body protobuf refused to parse."""
+
+    field: str
+    description: str
+
+
+class LlmGatewayServicer:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Complete(
+        self, request: pb.CompleteRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteResponse:
+        completion = await self.gateway.complete(_completion_request(_decoded(request)))
+        return pb.CompleteResponse(
+            content=completion.content,
+            reasoning_content=completion.reasoning,
+            finish_reason=_FINISH.get(completion.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            usage=_usage(completion.usage),
+            cost=_money(completion.cost_nanos),
+            provider=completion.provider,
+            model=completion.model,
+            route=completion.route,
+            attempts=completion.attempts,
+            cached=completion.cached,
+            truncated=completion.truncated,
+            dropped_message_indices=completion.dropped,
+            provider_request_id=completion.provider_request_id,
+        )
+
+    async def StreamComplete(
+        self, request: pb.StreamCompleteRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamCompleteResponse]:
+        async for item in self.gateway.stream(_completion_request(_decoded(request))):
+            if isinstance(item, Delta):
+                yield pb.StreamCompleteResponse(
+                    delta=pb.CompletionDelta(content=item.content, reasoning_content=item.reasoning)
+                )
+            else:
+                yield pb.StreamCompleteResponse(end=_end(item))
+
+    async def CountTokens(
+        self, request: pb.CountTokensRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        req = _decoded(request)
+        count = await self.gateway.count_tokens(req.model, _messages(req.messages))
+        return pb.CountTokensResponse(
+            prompt_tokens=count.prompt_tokens,
+            model=count.model,
+            context_window=count.context_window,
+            max_output_tokens=count.max_output_tokens,
+            message_tokens=count.message_tokens,
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        _decoded(request)
+        return _list_models(self.gateway.list_models())
+
+    async def GetUsage(
+        self, request: pb.GetUsageRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.GetUsageResponse:
+        req = _decoded(request)
+        v = Violations()
+        start = _date(req.range.start, "range.start", v) if req.range.HasField("start") else None
+        end = _date(req.range.end, "range.end", v) if req.range.HasField("end") else None
+        v.raise_if_any()
+        report = await self.gateway.usage(start, end, req.model)
+        out = pb.GetUsageResponse()
+        total, cost, requests = Usage(), 0, 0
+        for row in report.rows:
+            out.rows.append(
+                pb.UsageRow(
+                    date=date_pb2.Date(year=row.day.year, month=row.day.month, day=row.day.day),
+                    model=row.model,
+                    usage=_usage(row.usage),
+                    cost=_money(row.cost_nanos),
+                    requests=row.requests,
+                    cache_hits=row.cache_hits,
+                )
+            )
+            total, cost, requests = (
+                total + row.usage,
+                cost + row.cost_nanos,
+                requests + row.requests,
+            )
+        out.total_usage.CopyFrom(_usage(total))
+        out.total_cost.CopyFrom(_money(cost))
+        out.total_requests = requests
+        if report.daily_budget_nanos is not None:
+            out.daily_budget.CopyFrom(_money(report.daily_budget_nanos))
+            out.remaining_budget_today.CopyFrom(_money(report.remaining_today_nanos or 0))
+        return out
+
+
+# -- registration with tolerant deserializers ------------------------------------------------
+def add_to_server(servicer: LlmGatewayServicer, server: grpc.aio.Server) -> None:
+    def unary(fn: Callable[..., Any], req: type[Message], resp: type[Message]) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=tolerant(req), response_serializer=resp.SerializeToString
+        )
+
+    handlers = {
+        "Complete": unary(servicer.Complete, pb.CompleteRequest, pb.CompleteResponse),
+        "StreamComplete": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamComplete,
+            request_deserializer=tolerant(pb.StreamCompleteRequest),
+            response_serializer=pb.StreamCompleteResponse.SerializeToString,
+        ),
+        "CountTokens": unary(servicer.CountTokens, pb.CountTokensRequest, pb.CountTokensResponse),
+        "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+        "GetUsage": unary(servicer.GetUsage, pb.GetUsageRequest, pb.GetUsageResponse),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def tolerant(cls: type[M]) -> Callable[[bytes], M | Undecodable]:
+    def parse(raw: bytes) -> M | Undecodable:
+        try:
+            return cls.FromString(raw)
+        except DecodeError:
+            path = find_invalid_utf8(raw, cls.DESCRIPTOR)
+            if path:
+                return Undecodable(path, "string fields must be valid UTF-8")
+            return Undecodable("request", "not a valid protobuf message")
+
+    return parse
+
+
+def _decoded(request: M | Undecodable) -> M:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument.field(request.field, request.description)
+    return request
+
+
+def find_invalid_utf8(raw: bytes, desc: Any, prefix: str = "") -> str | None:
+    """Path of the first string field holding invalid UTF-8 (wire-format walk), or None."""
+    counts: dict[int, int] = {}
+    pos = 0
+    try:
+        while pos < len(raw):
+            key, pos = _varint(raw, pos)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(raw, pos)
+                continue
+            if wire in (1, 5):
+                pos += 8 if wire == 1 else 4
+                continue
+            if wire != 2:
+                return None
+            size, pos = _varint(raw, pos)
+            chunk, pos = raw[pos : pos + size], pos + size
+            fd = desc.fields_by_number.get(number)
+            if fd is None:
+                continue
+            index = counts.get(number, 0)
+            counts[number] = index + 1
+            repeated = bool(getattr(fd, "is_repeated", False))
+            name = f"{prefix}{fd.name}" + (f"[{index}]" if repeated else "")
+            if fd.type == _descriptor.FieldDescriptor.TYPE_STRING:
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    return name
+            elif fd.type == _descriptor.FieldDescriptor.TYPE_MESSAGE:
+                found = find_invalid_utf8(chunk, fd.message_type, name + ".")
+                if found:
+                    return found
+    except IndexError:
+        return None
+    return None
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+# -- translation helpers ---------------------------------------------------------------------
+def _messages(messages: Any) -> list[ChatMessage]:
+    return [
+        ChatMessage(_ROLES.get(m.role, "" if m.role == 0 else f"ROLE_{m.role}"), m.content)
+        for m in messages
+    ]
+
+
+def _completion_request(req: pb.CompleteRequest | pb.StreamCompleteRequest) -> CompletionRequest:
+    return CompletionRequest(
+        model=req.model,
+        messages=_messages(req.messages),
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+        temperature=req.temperature if req.HasField("temperature") else None,
+        top_p=req.top_p if req.HasField("top_p") else None,
+        stop=list(req.stop),
+        response_format=_FORMATS.get(req.response_format, f"unknown:{req.response_format}"),  # type: ignore[arg-type]
+        cache_policy=_CACHE.get(req.cache_policy, f"unknown:{req.cache_policy}"),  # type: ignore[arg-type]
+        cache_ttl_s=req.cache_ttl_seconds,
+    )
+
+
+def _usage(usage: Usage) -> common_pb2.TokenUsage:
+    return common_pb2.TokenUsage(
+        prompt_tokens=usage.prompt,
+        completion_tokens=usage.completion,
+        cached_prompt_tokens=usage.cached_prompt,
+        reasoning_tokens=usage.reasoning,
+        total_tokens=usage.total,
+    )
+
+
+def _money(nanos: int) -> money_pb2.Money:
+    units, rest = nanos_to_units(max(0, nanos))
+    return money_pb2.Money(currency_code="USD", units=units, nanos=rest)
+
+
+def _end(c: Completion) -> pb.CompletionEnd:
+    return pb.CompletionEnd(
+        finish_reason=_FINISH.get(c.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        usage=_usage(c.usage),
+        cost=_money(c.cost_nanos),
+        provider=c.provider,
+        model=c.model,
+        route=c.route,
+        attempts=c.attempts,
+        cached=c.cached,
+        truncated=c.truncated,
+        dropped_message_indices=c.dropped,
+        provider_request_id=c.provider_request_id,
+    )
+
+
+def _pricing(p: Pricing) -> pb.ModelPricing:
+    out = pb.ModelPricing(
+        input_cache_hit_per_million=_money(usd_to_nanos(p.input_cache_hit_per_mtok)),
+        input_cache_miss_per_million=_money(usd_to_nanos(p.input_cache_miss_per_mtok)),
+        output_per_million=_money(usd_to_nanos(p.output_per_mtok)),
+    )
+    if p.as_of is not None:
+        out.as_of.CopyFrom(date_pb2.Date(year=p.as_of.year, month=p.as_of.month, day=p.as_of.day))
+    return out
+
+
+def _list_models(view: CatalogView) -> pb.ListModelsResponse:
+    out = pb.ListModelsResponse()
+    for mv in view.models:
+        m = mv.model
+        out.models.append(
+            pb.ModelInfo(
+                name=m.name,
+                provider=m.provider,
+                provider_model=m.provider_model,
+                context_window=m.context_window,
+                max_output_tokens=m.max_output_tokens,
+                default_max_tokens=m.default_max_tokens,
+                pricing=_pricing(m.pricing),
+                available=mv.available,
+                circuit_state=_CIRCUIT.get(mv.circuit_state, pb.CIRCUIT_STATE_UNSPECIFIED),
+            )
+        )
+    for r in view.routes:
+        out.routes.append(
+            pb.RouteInfo(
+                alias=r.alias,
+                models=list(r.models),
+                context_fallback_model=r.context_fallback or "",
+            )
+        )
+    for p in view.providers:
+        out.providers.append(
+            pb.ProviderInfo(
+                name=p.name,
+                base_url=p.base_url,
+                available=p.available,
+                circuit_state=_CIRCUIT.get(p.circuit_state, pb.CIRCUIT_STATE_UNSPECIFIED),
+                consecutive_failures=p.failures,
+            )
+        )
+    return out
+
+
+def _date(d: date_pb2.Date, field: str, v: Violations) -> date | None:
+    try:
+        return date(d.year, d.month, d.day)
+    except ValueError:
+        v.add(field, "must be a full, valid calendar date")
+        return None
