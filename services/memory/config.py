@@ -1,13 +1,50 @@
-"""Settings of the memory service (environment variable = field name in upper case)."""
+"""Settings of the memory service (environment variable = field name in upper case).
+
+Retention is set by defaults plus per-tenant overrides (JSON), for example:
+
+    MEMORY_MESSAGE_RETENTION_DAYS=365
+    MEMORY_FACT_RETENTION_DAYS='{"episodic": 90}'
+    MEMORY_TENANT_RETENTION='{"acme": {"message_retention_days": 30,
+                                       "fact_retention_days": {"episodic": 7}}}'
+
+A tenant override replaces only what it sets; `fact_retention_days` entries are merged
+per kind over the defaults. `0` means "keep forever". docs/memory.md explains the rest.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from libs.common.config import CommonSettings
+
+DEFAULT_PREAMBLE = (
+    "You are Finsight, a careful assistant for financial analysis. Answer from the data and "
+    "facts provided, say when you are unsure, and never present speculation as advice."
+)
+
+
+class TenantRetention(BaseModel):
+    """A tenant's retention override; unset fields inherit the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message_retention_days: float | None = Field(default=None, ge=0)
+    audit_retention_days: float | None = Field(default=None, ge=0)
+    fact_retention_days: dict[str, float] = Field(default_factory=dict)
+
+
+class RetentionPolicy(BaseModel):
+    """Effective retention of one tenant (days; 0 = forever)."""
+
+    message_days: float
+    audit_days: float
+    fact_days: dict[str, float]
+
+    def fact_days_for(self, kind: str) -> float:
+        return self.fact_days.get(kind, self.fact_days.get("*", 0.0))
 
 
 class MemorySettings(CommonSettings):
@@ -20,6 +57,82 @@ class MemorySettings(CommonSettings):
         None, description="DuckDB file; default <data dir>/memory.duckdb"
     )
 
+    # Hot tier (Redis): the recent window of each session.
+    memory_redis_prefix: str = Field(
+        "finsight:memory",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key this service writes (flushed at start-up)",
+    )
+    memory_hot_window: int = Field(
+        100, ge=1, le=1000, description="Most recent messages of a session kept in Redis"
+    )
+    memory_hot_ttl_s: int = Field(
+        3600, ge=1, le=30 * 86400, description="Redis TTL of a session window, refreshed on append"
+    )
+
+    # Retention.
+    memory_message_retention_days: float = Field(
+        365.0, ge=0, description="Messages older than this are purged (0 = keep forever)"
+    )
+    memory_audit_retention_days: float = Field(
+        730.0, ge=0, description="Audit entries older than this are purged (0 = keep forever)"
+    )
+    memory_fact_retention_days: dict[str, float] = Field(
+        default_factory=dict,
+        description='Max age of facts per kind, JSON {"kind": days}; "*" = every kind',
+    )
+    memory_tenant_retention: dict[str, TenantRetention] = Field(
+        default_factory=dict,
+        description='Per-tenant overrides, JSON {"tenant": {"message_retention_days": 30, ...}}',
+    )
+    memory_purge_interval_s: float = Field(
+        3600.0, ge=0, description="Seconds between background purges (0 = no background purge)"
+    )
+
+    # Recall scoring: score = w_bm25 * bm25/max(bm25) + w_recency * recency + w_importance * imp.
+    memory_recall_weight_bm25: float = Field(
+        0.6, ge=0, le=1, description="Weight of lexical relevance"
+    )
+    memory_recall_weight_recency: float = Field(0.2, ge=0, le=1, description="Weight of recency")
+    memory_recall_weight_importance: float = Field(
+        0.2, ge=0, le=1, description="Weight of importance"
+    )
+    memory_recency_half_life_days: float = Field(
+        30.0, gt=0, description="Age at which a fact's recency score halves"
+    )
+
+    # BuildContext.
+    memory_system_preamble: str = Field(
+        DEFAULT_PREAMBLE,
+        min_length=1,
+        max_length=8192,
+        description="System message that opens every built context",
+    )
+    memory_context_default_facts: int = Field(
+        8, ge=0, le=50, description="Facts recalled by default"
+    )
+    memory_context_facts_share: float = Field(
+        0.25, ge=0, le=1, description="Largest share of the token budget the facts may take"
+    )
+    memory_context_max_messages: int = Field(
+        200, ge=1, le=2000, description="Most recent session messages BuildContext considers"
+    )
+
+    memory_audit_reads: bool = Field(
+        True, description="Audit reads of personal data, not only writes"
+    )
+
+    @model_validator(mode="after")
+    def _weights_are_usable(self) -> MemorySettings:
+        if (
+            self.memory_recall_weight_bm25
+            + self.memory_recall_weight_recency
+            + self.memory_recall_weight_importance
+        ) <= 0:
+            raise ValueError("MEMORY_RECALL_WEIGHT_* must not all be 0")
+        return self
+
     @property
     def grpc_port(self) -> int:
         return self.memory_grpc_port
@@ -31,3 +144,20 @@ class MemorySettings(CommonSettings):
     @property
     def db_path(self) -> Path:
         return self.memory_db_path or self.finsight_data_dir / "memory.duckdb"
+
+    def retention_for(self, tenant: str) -> RetentionPolicy:
+        """Defaults with the tenant's override applied."""
+        override = self.memory_tenant_retention.get(tenant)
+        policy = RetentionPolicy(
+            message_days=self.memory_message_retention_days,
+            audit_days=self.memory_audit_retention_days,
+            fact_days=dict(self.memory_fact_retention_days),
+        )
+        if override is None:
+            return policy
+        if override.message_retention_days is not None:
+            policy.message_days = override.message_retention_days
+        if override.audit_retention_days is not None:
+            policy.audit_days = override.audit_retention_days
+        policy.fact_days.update(override.fact_retention_days)
+        return policy

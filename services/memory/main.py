@@ -1,19 +1,42 @@
-"""Wiring of the memory service: storage, servicers, readiness. No logic lives here."""
+"""Wiring of the memory service: storage, hot tier, servicer, retention, readiness.
+No logic lives here."""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 from redis.asyncio import Redis
 
+from finsight.memory.v1 import memory_pb2
+from libs.common import tokens
 from libs.common.duck import Database
+from libs.common.interceptors import MethodPolicy
+from libs.common.redis_pool import redis_ready
 from libs.common.server import ServiceHost, main_entry
+from services.memory import metrics, wire
 from services.memory.config import MemorySettings
+from services.memory.hot_tier import HotTier
+from services.memory.manager import MemoryManager
+from services.memory.retention import Purger
+from services.memory.servicer import MemoryServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+POLICIES = {"PurgeExpired": MethodPolicy(scope="memory.admin", method_class="admin")}
 
 
-async def setup(host: ServiceHost, redis: Redis) -> None:
+@dataclass(frozen=True)
+class MemoryApp:
+    """The running parts (tests and benchmarks reach storage and cache through it)."""
+
+    db: Database
+    hot: HotTier
+    manager: MemoryManager
+    purger: Purger
+
+
+async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     settings = host.settings
     assert isinstance(settings, MemorySettings)
     db = Database(
@@ -25,15 +48,49 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     )
     await db.open()
     host.on_shutdown(db.close)
+    hot = HotTier(
+        redis,
+        prefix=settings.memory_redis_prefix,
+        window=settings.memory_hot_window,
+        ttl_s=settings.memory_hot_ttl_s,
+    )
+    hot.start()
+    host.on_shutdown(hot.close)
+    manager = MemoryManager(settings, db, hot)
+    manager.start()
+    host.on_shutdown(manager.close)  # runs before db.close (reverse order)
+    purger = Purger(settings, db, hot)
+    purger.start()
+    host.on_shutdown(purger.stop)  # runs before db.close (reverse order)
+    wire.add_servicer(
+        MemoryServicer(manager, purger),
+        memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],
+        memory_pb2,
+        host.server,
+    )
+    await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
 
     async def db_ready() -> bool:
         return db.is_open
 
+    async def redis_observed() -> bool:
+        # Redis is a cache here: when it is down every RPC is served from DuckDB, so it
+        # must not take the service out of rotation. Replaces the kit's "redis" check;
+        # its state is exported as finsight_memory_redis_up instead.
+        metrics.REDIS_UP.set(1 if await redis_ready(redis) else 0)
+        return True
+
     host.add_readiness_check("duckdb", db_ready)
+    host.add_readiness_check("redis", redis_observed)
+    return MemoryApp(db, hot, manager, purger)
+
+
+async def setup(host: ServiceHost, redis: Redis) -> None:
+    await build(host, redis)
 
 
 def main() -> None:
-    main_entry(MemorySettings, setup)
+    main_entry(MemorySettings, setup, policies=POLICIES)
 
 
 if __name__ == "__main__":

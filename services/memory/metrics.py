@@ -1,0 +1,49 @@
+"""Domain metrics of the memory service (the kit already counts RPCs and DB statements)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HOT_TIER_READS = Counter(
+    "finsight_memory_hot_tier_reads_total",
+    "Session-window reads, by outcome: hit, miss (absent or not covering), bypass (cache "
+    "not trusted), error (Redis failed; served from DuckDB).",
+    ("outcome",),
+)
+REDIS_ERRORS = Counter(
+    "finsight_memory_redis_errors_total",
+    "Redis operations that failed (the RPC was served from DuckDB anyway).",
+    ("op",),
+)
+HOT_TIER_TRUSTED = Gauge(
+    "finsight_memory_hot_tier_trusted",
+    "1 while the Redis window is known consistent with DuckDB and used; 0 while it is "
+    "bypassed until a flush succeeds.",
+)
+MESSAGES_APPENDED = Counter(
+    "finsight_memory_messages_appended_total",
+    "Messages stored, and retried ones recognised.",
+    ("outcome",),
+)
+FACTS_REMEMBERED = Counter(
+    "finsight_memory_facts_remembered_total",
+    "Facts stored, and duplicates recognised.",
+    ("outcome",),
+)
+RECALL_RESULTS = Histogram(
+    "finsight_memory_recall_results",
+    "Facts returned per Recall.",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100),
+)
+CONTEXT_TOKENS = Histogram(
+    "finsight_memory_context_tokens",
+    "Prompt tokens of built contexts.",
+    buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+)
+PURGED = Counter("finsight_memory_purged_total", "Rows deleted by retention, by kind.", ("kind",))
+ERASURES = Counter("finsight_memory_erasures_total", "DeleteUserData calls completed.")
+REDIS_UP = Gauge(
+    "finsight_memory_redis_up",
+    "1 when Redis answered the last readiness probe. Informational: memory stays ready "
+    "without Redis (it serves from DuckDB).",
+)

@@ -1,0 +1,197 @@
+"""Domain types of the memory service. Times are integer microseconds since the Unix epoch
+(UTC), so they survive DuckDB, JSON (Redis) and protobuf round trips exactly."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+ROLES = ("system", "user", "assistant")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Order(Enum):
+    ASC = "asc"
+    DESC = "desc"
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    role: str
+    content: str
+    client_message_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    message_id: str
+    session_id: str
+    user_id: str
+    sequence: int
+    role: str
+    content: str
+    client_message_id: str | None
+    metadata: dict[str, str]
+    created_us: int
+
+
+@dataclass(frozen=True)
+class Appended:
+    message_id: str
+    sequence: int
+    client_message_id: str | None
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What one append job did: `owner_mismatch` means nothing was written."""
+
+    appended: list[Appended]
+    new_messages: list[StoredMessage]
+    owner_mismatch: bool = False
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    tenant: str
+    session_id: str
+    user_id: str
+    messages: list[NewMessage]
+    audit: AuditRecord
+    now_us: int
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    user_id: str
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class Page:
+    messages: list[StoredMessage]
+    next_after: int | None  # the boundary sequence the next page continues from; None: last page
+
+
+@dataclass(frozen=True)
+class NewFact:
+    text: str
+    kind: str
+    importance: float
+    tags: tuple[str, ...]
+    source_session_id: str | None
+    expires_us: int | None
+
+
+@dataclass(frozen=True)
+class Fact:
+    fact_id: str
+    user_id: str
+    text: str
+    kind: str
+    importance: float
+    tags: tuple[str, ...]
+    source_session_id: str | None
+    created_us: int
+    expires_us: int | None
+
+
+@dataclass(frozen=True)
+class Remembered:
+    fact_id: str
+    deduplicated: bool
+
+
+@dataclass(frozen=True)
+class FactFilter:
+    kinds: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    created_after_us: int | None = None
+    created_before_us: int | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            self.kinds
+            or self.tags
+            or self.created_after_us is not None
+            or self.created_before_us is not None
+        )
+
+
+@dataclass(frozen=True)
+class RecallWeights:
+    bm25: float
+    recency: float
+    importance: float
+    half_life_days: float
+
+
+@dataclass(frozen=True)
+class ScoredFact:
+    fact: Fact
+    bm25: float
+    bm25_normalized: float
+    recency: float
+    importance: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Consent:
+    long_term_memory: bool = False
+    updated_us: int | None = None
+    updated_by: str = ""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An audit row to write: who did what to whose data. Never content."""
+
+    tenant: str
+    caller: str
+    key_id: str
+    rpc: str
+    user_id: str | None
+    session_id: str | None = None
+    target_ids: tuple[str, ...] = ()
+    outcome: str = "ok"
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    audit_id: str
+    at_us: int
+    caller: str
+    rpc: str
+    session_id: str | None
+    target_ids: tuple[str, ...]
+    outcome: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ErasureCounts:
+    messages: int
+    sessions: int
+    facts: int
+    consent: int
+    session_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PurgeCounts:
+    facts: int = 0
+    messages: int = 0
+    sessions: int = 0
+    audit_entries: int = 0
+    # (tenant, session_id) whose cached window must be dropped.
+    touched_sessions: tuple[tuple[str, str], ...] = ()

@@ -1,0 +1,126 @@
+"""Lexical recall: the tokenizer, term keys and BM25 constants shared by indexing and search.
+
+BM25 (Robertson/Sparck Jones, the Lucene variant whose IDF is never negative):
+
+    score(D, Q) = sum over distinct terms t of Q present in D of
+        idf(t) * tf(t, D) * (K1 + 1) / (tf(t, D) + K1 * (1 - B + B * |D| / avgdl))
+    idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
+
+N, df and avgdl are computed over the *user's* live (unexpired) facts only: a user is a
+partition, so another user's or tenant's facts never influence a score. The SQL lives in
+`storage.recall_candidates`; this module only turns text into terms.
+
+Tokenisation: NFKC normalisation, case folding, maximal runs of letters/digits, minus a
+small English stop-word list; no stemming ("stocks" and "stock" are different terms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+
+K1 = 1.2
+B = 0.75
+MAX_TERM_CHARS = 64
+
+_WORD = re.compile(r"[^\W_]+")
+_SPACE = re.compile(r"\s+")
+
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "but",
+        "by",
+        "for",
+        "from",
+        "has",
+        "have",
+        "he",
+        "her",
+        "his",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "no",
+        "not",
+        "of",
+        "on",
+        "or",
+        "our",
+        "she",
+        "so",
+        "than",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "to",
+        "was",
+        "we",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "will",
+        "with",
+        "you",
+        "your",
+    }
+)
+
+
+def tokenize(text: str) -> list[str]:
+    """Terms of `text`, in order, duplicates kept (they are the term frequencies)."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return [w[:MAX_TERM_CHARS] for w in _WORD.findall(folded) if w not in STOPWORDS]
+
+
+def term_frequencies(text: str) -> tuple[Counter[str], int]:
+    """(tf per distinct term, document length in terms)."""
+    terms = tokenize(text)
+    return Counter(terms), len(terms)
+
+
+def query_terms(query: str) -> list[str]:
+    """Distinct terms of a query, sorted (a repeated query word counts once)."""
+    return sorted(set(tokenize(query)))
+
+
+def term_key(tenant: str, user_id: str, term: str) -> int:
+    """Signed 64-bit key of a term inside one user's partition (blake2b, stable across runs).
+
+    A collision could only add a posting to a candidate list; candidates are always joined
+    back to facts filtered by the exact tenant and user, so it can never cross partitions.
+    """
+    digest = hashlib.blake2b(f"{tenant}\x00{user_id}\x00{term}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def normalise_fact(text: str) -> str:
+    """The form two facts are compared in for deduplication."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def fact_hash(text: str) -> str:
+    return hashlib.sha256(normalise_fact(text).encode()).hexdigest()

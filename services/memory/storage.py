@@ -1,0 +1,893 @@
+"""All SQL of the memory service. Synchronous functions taking a DuckDB cursor; the service
+runs them with `Database.read(name, fn, ...)` or, for writes, `Database.write(name, fn, ...)`
+(inside one group-committed transaction, on the single writer thread).
+
+Write functions must be safe to re-run after a rollback (the group committer retries a
+failed batch job by job), so they derive everything from the database state they read.
+Because every write runs on the one writer thread, "read then insert" is race-free: two
+concurrent appends with the same client message id are serialised, and the second sees
+the first one's row even inside the same batch transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from services.memory import recall
+from services.memory.models import (
+    Appended,
+    AppendRequest,
+    AppendResult,
+    AuditEntry,
+    AuditRecord,
+    Consent,
+    ErasureCounts,
+    Fact,
+    FactFilter,
+    NewFact,
+    Order,
+    PurgeCounts,
+    RecallWeights,
+    Remembered,
+    ScoredFact,
+    Session,
+    StoredMessage,
+)
+
+Cursor = duckdb.DuckDBPyConnection
+MAX_AUDIT_TARGETS = 100
+_US_PER_DAY = 86_400 * 1_000_000
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# -- audit ---------------------------------------------------------------------------------
+def insert_audit(cur: Cursor, record: AuditRecord, at_us: int) -> str:
+    audit_id = new_id("aud")
+    cur.execute(
+        "INSERT INTO audit_log VALUES (?, make_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            audit_id,
+            at_us,
+            record.tenant,
+            record.caller,
+            record.key_id,
+            record.rpc,
+            record.user_id,
+            record.session_id,
+            list(record.target_ids[:MAX_AUDIT_TARGETS]),
+            record.outcome,
+            json.dumps(record.detail, sort_keys=True, separators=(",", ":")),
+        ],
+    )
+    return audit_id
+
+
+# -- sessions and messages -----------------------------------------------------------------
+_MESSAGE_COLUMNS = (
+    "message_id, session_id, user_id, seq, role, content, client_message_id, "
+    "metadata, epoch_us(created_at)"
+)
+
+
+def _message(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        message_id=row[0],
+        session_id=row[1],
+        user_id=row[2],
+        sequence=int(row[3]),
+        role=row[4],
+        content=row[5],
+        client_message_id=row[6],
+        metadata=json.loads(row[7]),
+        created_us=int(row[8]),
+    )
+
+
+def get_session(cur: Cursor, tenant: str, session_id: str) -> Session | None:
+    row = cur.execute(
+        "SELECT session_id, user_id, last_seq FROM sessions WHERE tenant = ? AND session_id = ?",
+        [tenant, session_id],
+    ).fetchone()
+    return None if row is None else Session(row[0], row[1], int(row[2]))
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def insert_audit_rows(cur: Cursor, rows: Sequence[tuple[AuditRecord, int]]) -> None:
+    """Insert many audit rows in one statement (Arrow)."""
+    if not rows:
+        return
+    table = pa.table(
+        {
+            "audit_id": pa.array([new_id("aud") for _ in rows], pa.string()),
+            "at_us": pa.array([at for _, at in rows], pa.int64()),
+            "tenant": pa.array([r.tenant for r, _ in rows], pa.string()),
+            "caller": pa.array([r.caller for r, _ in rows], pa.string()),
+            "key_id": pa.array([r.key_id for r, _ in rows], pa.string()),
+            "rpc": pa.array([r.rpc for r, _ in rows], pa.string()),
+            "user_id": pa.array([r.user_id for r, _ in rows], pa.string()),
+            "session_id": pa.array([r.session_id for r, _ in rows], pa.string()),
+            "target_ids": pa.array(
+                [list(r.target_ids[:MAX_AUDIT_TARGETS]) for r, _ in rows], pa.list_(pa.string())
+            ),
+            "outcome": pa.array([r.outcome for r, _ in rows], pa.string()),
+            "detail": pa.array([_json(r.detail) for r, _ in rows], pa.string()),
+        }
+    )
+    cur.register("new_audit", table)
+    try:
+        cur.execute(
+            "INSERT INTO audit_log SELECT audit_id, make_timestamp(at_us), tenant, caller, "
+            "key_id, rpc, user_id, session_id, target_ids, outcome, detail FROM new_audit"
+        )
+    finally:
+        cur.unregister("new_audit")
+
+
+def write_audit_batch(cur: Cursor, rows: list[tuple[AuditRecord, int]]) -> list[None]:
+    """Batcher job: the audit rows of many reads."""
+    insert_audit_rows(cur, rows)
+    return [None] * len(rows)
+
+
+def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResult]:
+    """Many AppendMessages requests in one set-based job (see services/memory/batcher.py).
+
+    Requests are applied in order, exactly as if each ran alone: sequence numbers continue
+    per session across the batch, and a client message id stored earlier in the batch (or
+    before) deduplicates a later one.
+    """
+    keys = sorted({(r.tenant, r.session_id) for r in requests})
+    cur.register(
+        "req_sessions",
+        pa.table(
+            {
+                "tenant": pa.array([k[0] for k in keys], pa.string()),
+                "session_id": pa.array([k[1] for k in keys], pa.string()),
+            }
+        ),
+    )
+    try:
+        found = cur.execute(
+            "SELECT s.tenant, s.session_id, s.sess_no, s.user_id, s.last_seq FROM sessions s "
+            "JOIN req_sessions r ON s.tenant = r.tenant AND s.session_id = r.session_id"
+        ).fetchall()
+    finally:
+        cur.unregister("req_sessions")
+    # (tenant, session_id) -> [sess_no, owner, last_seq]
+    state: dict[tuple[str, str], list[Any]] = {
+        (t, sid): [int(no), owner, int(last)] for t, sid, no, owner, last in found
+    }
+    existing_nos = {v[0] for v in state.values()}
+
+    wanted = [
+        (state[(r.tenant, r.session_id)][0], m.client_message_id)
+        for r in requests
+        if (r.tenant, r.session_id) in state
+        for m in r.messages
+        if m.client_message_id
+    ]
+    known: dict[tuple[int, str], tuple[str, int]] = {}
+    if wanted:
+        cur.register(
+            "req_ids",
+            pa.table(
+                {
+                    "sess_no": pa.array([w[0] for w in wanted], pa.int64()),
+                    "cid": pa.array([w[1] for w in wanted], pa.string()),
+                }
+            ),
+        )
+        try:
+            for no, cid, mid, seq in cur.execute(
+                "SELECT m.sess_no, m.client_message_id, m.message_id, m.seq FROM messages m "
+                "JOIN (SELECT DISTINCT sess_no, cid FROM req_ids) r "
+                "ON m.sess_no = r.sess_no AND m.client_message_id = r.cid"
+            ).fetchall():
+                known[(int(no), cid)] = (mid, int(seq))
+        finally:
+            cur.unregister("req_ids")
+
+    fresh = [k for k in dict.fromkeys((r.tenant, r.session_id) for r in requests) if k not in state]
+    if fresh:
+        numbers = [
+            int(row[0])
+            for row in cur.execute(
+                f"SELECT nextval('session_no_seq') FROM range({len(fresh)})"
+            ).fetchall()
+        ]
+        owners: dict[tuple[str, str], str] = {}
+        for r in requests:
+            owners.setdefault((r.tenant, r.session_id), r.user_id)
+        for key, no in zip(fresh, numbers, strict=True):
+            state[key] = [no, owners[key], 0]
+
+    results: list[AppendResult] = []
+    msg_rows: list[tuple[int, str, StoredMessage]] = []
+    audits: list[tuple[AuditRecord, int]] = []
+    touched: dict[int, tuple[int, int]] = {}  # sess_no -> (last_seq, updated_us)
+    for r in requests:
+        sess_no, owner, last_seq = state[(r.tenant, r.session_id)]
+        if owner != r.user_id:
+            audits.append((replace(r.audit, outcome="SESSION_USER_MISMATCH"), r.now_us))
+            results.append(AppendResult([], [], owner_mismatch=True))
+            continue
+        appended: list[Appended] = []
+        new: list[StoredMessage] = []
+        for m in r.messages:
+            cid = m.client_message_id
+            if cid and (sess_no, cid) in known:
+                mid, old_seq = known[(sess_no, cid)]
+                appended.append(Appended(mid, old_seq, cid, True))
+                continue
+            last_seq += 1
+            stored = StoredMessage(
+                new_id("msg"),
+                r.session_id,
+                r.user_id,
+                last_seq,
+                m.role,
+                m.content,
+                cid,
+                dict(m.metadata),
+                r.now_us,
+            )
+            if cid:
+                known[(sess_no, cid)] = (stored.message_id, last_seq)
+            new.append(stored)
+            msg_rows.append((sess_no, r.tenant, stored))
+            appended.append(Appended(stored.message_id, last_seq, cid, False))
+        state[(r.tenant, r.session_id)][2] = last_seq
+        if new:
+            touched[sess_no] = (last_seq, r.now_us)
+        audits.append(
+            (
+                replace(
+                    r.audit,
+                    target_ids=tuple(a.message_id for a in appended),
+                    detail={"stored": len(new), "deduplicated": len(appended) - len(new)},
+                ),
+                r.now_us,
+            )
+        )
+        results.append(AppendResult(appended, new))
+
+    _insert_messages(cur, msg_rows)
+    new_sessions = [(k, v) for k, v in state.items() if v[0] not in existing_nos]
+    if new_sessions:
+        cur.register(
+            "new_sessions",
+            pa.table(
+                {
+                    "sess_no": pa.array([v[0] for _, v in new_sessions], pa.int64()),
+                    "tenant": pa.array([k[0] for k, _ in new_sessions], pa.string()),
+                    "session_id": pa.array([k[1] for k, _ in new_sessions], pa.string()),
+                    "user_id": pa.array([v[1] for _, v in new_sessions], pa.string()),
+                    "last_seq": pa.array([v[2] for _, v in new_sessions], pa.int64()),
+                    "at_us": pa.array(
+                        [touched.get(v[0], (0, requests[0].now_us))[1] for _, v in new_sessions],
+                        pa.int64(),
+                    ),
+                }
+            ),
+        )
+        try:
+            cur.execute(
+                "INSERT INTO sessions SELECT sess_no, tenant, session_id, user_id, "
+                "last_seq, make_timestamp(at_us), make_timestamp(at_us) FROM new_sessions"
+            )
+        finally:
+            cur.unregister("new_sessions")
+    updates = [(no, seq, at) for no, (seq, at) in touched.items() if no in existing_nos]
+    if updates:
+        cur.register(
+            "upd_sessions",
+            pa.table(
+                {
+                    "sess_no": pa.array([u[0] for u in updates], pa.int64()),
+                    "last_seq": pa.array([u[1] for u in updates], pa.int64()),
+                    "at_us": pa.array([u[2] for u in updates], pa.int64()),
+                }
+            ),
+        )
+        try:
+            cur.execute(
+                "UPDATE sessions SET last_seq = u.last_seq, "
+                "updated_at = make_timestamp(u.at_us) FROM upd_sessions u "
+                "WHERE sessions.sess_no = u.sess_no"
+            )
+        finally:
+            cur.unregister("upd_sessions")
+    insert_audit_rows(cur, audits)
+    return results
+
+
+def _insert_messages(cur: Cursor, rows: Sequence[tuple[int, str, StoredMessage]]) -> None:
+    if not rows:
+        return
+    cur.register(
+        "new_messages",
+        pa.table(
+            {
+                "sess_no": pa.array([r[0] for r in rows], pa.int64()),
+                "seq": pa.array([r[2].sequence for r in rows], pa.int64()),
+                "tenant": pa.array([r[1] for r in rows], pa.string()),
+                "session_id": pa.array([r[2].session_id for r in rows], pa.string()),
+                "user_id": pa.array([r[2].user_id for r in rows], pa.string()),
+                "message_id": pa.array([r[2].message_id for r in rows], pa.string()),
+                "role": pa.array([r[2].role for r in rows], pa.string()),
+                "content": pa.array([r[2].content for r in rows], pa.string()),
+                "client_message_id": pa.array([r[2].client_message_id for r in rows], pa.string()),
+                "metadata": pa.array([_json(r[2].metadata) for r in rows], pa.string()),
+                "at_us": pa.array([r[2].created_us for r in rows], pa.int64()),
+            }
+        ),
+    )
+    try:
+        cur.execute(
+            "INSERT INTO messages SELECT sess_no, seq, tenant, session_id, user_id, "
+            "message_id, role, content, client_message_id, metadata, "
+            "make_timestamp(at_us) FROM new_messages"
+        )
+    finally:
+        cur.unregister("new_messages")
+
+
+def history_page(
+    cur: Cursor, tenant: str, session_id: str, order: Order, boundary: int | None, limit: int
+) -> list[StoredMessage]:
+    """Up to `limit` messages after (asc) or before (desc) the `boundary` sequence."""
+    if order is Order.ASC:
+        cond, direction = "seq > ?", "ASC"
+        bound = boundary or 0
+    else:
+        cond, direction = "seq < ?", "DESC"
+        bound = boundary if boundary is not None else 2**62
+    rows = cur.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE tenant = ? AND session_id = ? AND {cond} "
+        f"ORDER BY seq {direction} LIMIT ?",
+        [tenant, session_id, bound, limit],
+    ).fetchall()
+    return [_message(r) for r in rows]
+
+
+def recent_messages(cur: Cursor, tenant: str, session_id: str, limit: int) -> list[StoredMessage]:
+    """The last `limit` messages of a session, oldest first."""
+    rows = cur.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE tenant = ? AND session_id = ? "
+        "ORDER BY seq DESC LIMIT ?",
+        [tenant, session_id, limit],
+    ).fetchall()
+    return [_message(r) for r in reversed(rows)]
+
+
+# -- facts ---------------------------------------------------------------------------------
+_FACT_COLUMNS = (
+    "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, "
+    "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at)"
+)
+
+
+def _fact(row: Sequence[Any]) -> Fact:
+    return Fact(
+        fact_id=row[0],
+        user_id=row[1],
+        text=row[2],
+        kind=row[3],
+        importance=float(row[4]),
+        tags=tuple(row[5]),
+        source_session_id=row[6],
+        created_us=int(row[7]),
+        expires_us=None if row[8] is None else int(row[8]),
+    )
+
+
+def has_consent(cur: Cursor, tenant: str, user_id: str) -> bool:
+    row = cur.execute(
+        "SELECT long_term_memory FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def remember_facts(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    facts: Sequence[NewFact],
+    now_us: int,
+    audit: AuditRecord,
+) -> list[Remembered] | None:
+    """Store facts (deduplicated per user). None, with an audit row, when consent is missing:
+    consent is checked inside the write transaction so it cannot race a withdrawal."""
+    if not has_consent(cur, tenant, user_id):
+        insert_audit(cur, replace(audit, outcome="CONSENT_REQUIRED"), now_us)
+        return None
+    hashes = [recall.fact_hash(f.text) for f in facts]
+    live: dict[str, str] = {}
+    stale: list[str] = []
+    for text_hash, fact_id, expires in cur.execute(
+        "SELECT text_hash, fact_id, epoch_us(expires_at) FROM facts "
+        "WHERE tenant = ? AND user_id = ? AND list_contains(?, text_hash)",
+        [tenant, user_id, sorted(set(hashes))],
+    ).fetchall():
+        if expires is not None and expires <= now_us:
+            stale.append(fact_id)  # an expired twin is replaced, not resurrected
+        else:
+            live[text_hash] = fact_id
+    if stale:
+        _delete_facts(cur, tenant, user_id, stale)
+
+    out: list[Remembered] = []
+    rows: list[tuple[str, NewFact, str]] = []
+    for fact, text_hash in zip(facts, hashes, strict=True):
+        if text_hash in live:
+            out.append(Remembered(live[text_hash], True))
+            continue
+        fact_id = new_id("fct")
+        live[text_hash] = fact_id  # a duplicate later in the same request dedups to this one
+        rows.append((fact_id, fact, text_hash))
+        out.append(Remembered(fact_id, False))
+    insert_facts(cur, tenant, user_id, rows, now_us)
+    insert_audit(
+        cur,
+        replace(
+            audit,
+            target_ids=tuple(r.fact_id for r in out),
+            detail={"stored": len(rows), "deduplicated": len(out) - len(rows)},
+        ),
+        now_us,
+    )
+    return out
+
+
+def insert_facts(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    rows: Sequence[tuple[str, NewFact, str]],
+    now_us: int,
+    created_us: Sequence[int] | None = None,
+) -> None:
+    """Insert facts and their postings (Arrow tables: one statement each, any batch size).
+
+    `created_us` overrides the creation times (bulk loads in benchmarks and tests)."""
+    if not rows:
+        return
+    fact_nos = [
+        int(r[0])
+        for r in cur.execute(f"SELECT nextval('fact_no_seq') FROM range({len(rows)})").fetchall()
+    ]
+    doc_lens: list[int] = []
+    p_key: list[int] = []
+    p_no: list[int] = []
+    p_tf: list[int] = []
+    for fact_no, (_, fact, _) in zip(fact_nos, rows, strict=True):
+        tfs, length = recall.term_frequencies(fact.text)
+        doc_lens.append(length)
+        for term, tf in tfs.items():
+            p_key.append(recall.term_key(tenant, user_id, term))
+            p_no.append(fact_no)
+            p_tf.append(tf)
+    n = len(rows)
+    created = list(created_us) if created_us is not None else [now_us] * n
+    facts_tbl = pa.table(
+        {
+            "fact_no": pa.array(fact_nos, pa.int64()),
+            "tenant": pa.array([tenant] * n, pa.string()),
+            "user_id": pa.array([user_id] * n, pa.string()),
+            "fact_id": pa.array([r[0] for r in rows], pa.string()),
+            "text": pa.array([r[1].text for r in rows], pa.string()),
+            "text_hash": pa.array([r[2] for r in rows], pa.string()),
+            "kind": pa.array([r[1].kind for r in rows], pa.string()),
+            "importance": pa.array([r[1].importance for r in rows], pa.float64()),
+            "tags": pa.array([list(r[1].tags) for r in rows], pa.list_(pa.string())),
+            "source_session_id": pa.array([r[1].source_session_id for r in rows], pa.string()),
+            "doc_len": pa.array(doc_lens, pa.int32()),
+            "created_us": pa.array(created, pa.int64()),
+            "expires_us": pa.array([r[1].expires_us for r in rows], pa.int64()),
+        }
+    )
+    terms_tbl = pa.table(
+        {
+            "term_key": pa.array(p_key, pa.int64()),
+            "fact_no": pa.array(p_no, pa.int64()),
+            "tf": pa.array(p_tf, pa.int32()),
+        }
+    )
+    cur.register("new_facts", facts_tbl)
+    cur.register("new_terms", terms_tbl)
+    try:
+        cur.execute(
+            "INSERT INTO facts SELECT fact_no, tenant, user_id, fact_id, text, text_hash, kind, "
+            "importance, tags, source_session_id, doc_len, make_timestamp(created_us), "
+            "make_timestamp(expires_us) FROM new_facts"
+        )
+        cur.execute("INSERT INTO fact_terms SELECT term_key, fact_no, tf FROM new_terms")
+    finally:
+        cur.unregister("new_facts")
+        cur.unregister("new_terms")
+
+
+def _filter_sql(flt: FactFilter, alias: str = "f") -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    params: list[Any] = []
+    if flt.kinds:
+        parts.append(f"list_contains(?, {alias}.kind)")
+        params.append(list(flt.kinds))
+    if flt.tags:
+        parts.append(f"list_has_any({alias}.tags, ?::VARCHAR[])")
+        params.append(list(flt.tags))
+    if flt.created_after_us is not None:
+        parts.append(f"{alias}.created_at >= make_timestamp(?)")
+        params.append(flt.created_after_us)
+    if flt.created_before_us is not None:
+        parts.append(f"{alias}.created_at < make_timestamp(?)")
+        params.append(flt.created_before_us)
+    return (" AND " + " AND ".join(parts)) if parts else "", params
+
+
+def recall_facts(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    query: str,
+    flt: FactFilter,
+    k: int,
+    now_us: int,
+    weights: RecallWeights,
+) -> list[ScoredFact]:
+    """Top `k` live facts of the user by the weighted score (see services/memory/recall.py).
+
+    Ranking is by the score rounded to 1e-12 (so float summation order cannot reorder
+    equal scores), then by fact id. Only narrow columns travel through the scoring; text and
+    tags are fetched for the k winners only.
+    """
+    keys = sorted({recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)})
+    filter_sql, filter_params = _filter_sql(flt)
+    named: dict[str, Any] = {
+        "tenant": tenant,
+        "user": user_id,
+        "now": now_us,
+        "k": k,
+        "w_bm25": weights.bm25,
+        "w_rec": weights.recency,
+        "w_imp": weights.importance,
+        "half_life": weights.half_life_days * _US_PER_DAY,
+    }
+    for i, p in enumerate(filter_params):
+        named[f"f{i}"] = p
+        filter_sql = filter_sql.replace("?", f"$f{i}", 1)
+    ok = f"(TRUE{filter_sql})"
+    live = (
+        f"SELECT f.fact_no, f.fact_id, f.doc_len, f.importance, f.created_at, {ok} AS ok "
+        "FROM facts f WHERE f.tenant = $tenant AND f.user_id = $user "
+        "AND (f.expires_at IS NULL OR f.expires_at > make_timestamp($now))"
+    )
+    if keys:
+        # Term keys are integers computed here, safe to inline; inlining lets DuckDB push
+        # the IN list into the scan of the postings.
+        key_list = ", ".join(str(key) for key in keys)
+        k1, b = recall.K1, recall.B
+        matched = f"""
+            stats AS (SELECT count(*)::DOUBLE AS n, avg(doc_len) AS avgdl FROM live),
+            hits AS (
+                SELECT t.fact_no, t.term_key, t.tf, l.doc_len
+                FROM fact_terms t JOIN live l ON l.fact_no = t.fact_no
+                WHERE t.term_key IN ({key_list})),
+            df AS (SELECT term_key, count(*)::DOUBLE AS df FROM hits GROUP BY term_key),
+            bm AS (
+                SELECT h.fact_no,
+                       sum(ln(1 + (s.n - df.df + 0.5) / (df.df + 0.5)) * h.tf * ({k1} + 1)
+                           / (h.tf + {k1} * (1 - {b} + {b} * h.doc_len / s.avgdl))) AS bm25
+                FROM hits h JOIN df ON df.term_key = h.term_key CROSS JOIN stats s
+                GROUP BY h.fact_no),
+            cand AS (
+                SELECT l.fact_no, l.fact_id, l.importance, l.created_at, bm.bm25
+                FROM bm JOIN live l ON l.fact_no = bm.fact_no WHERE l.ok)"""
+    else:
+        matched = """
+            cand AS (SELECT fact_no, fact_id, importance, created_at, 0.0::DOUBLE AS bm25
+                     FROM live WHERE ok)"""
+    sql = f"""
+        WITH live AS ({live}),
+        {matched},
+        parts AS (
+            SELECT *,
+                   CASE WHEN max(bm25) OVER () > 0 THEN bm25 / max(bm25) OVER () ELSE 0 END
+                       AS bm25_norm,
+                   exp(-ln(2) * greatest($now - epoch_us(created_at), 0) / $half_life)
+                       AS recency
+            FROM cand),
+        top AS (
+            SELECT fact_no, fact_id, bm25, bm25_norm, recency,
+                   $w_bm25 * bm25_norm + $w_rec * recency + $w_imp * importance AS score
+            FROM parts
+            ORDER BY round(score, 12) DESC, fact_id
+            LIMIT $k)
+        SELECT {_FACT_COLUMNS}, top.bm25, top.bm25_norm, top.recency, top.score
+        FROM top JOIN facts f ON f.fact_no = top.fact_no
+        ORDER BY round(top.score, 12) DESC, top.fact_id"""
+    rows = cur.execute(sql, named).fetchall()
+    return [
+        ScoredFact(
+            fact=_fact(r[:9]),
+            bm25=float(r[9]),
+            bm25_normalized=float(r[10]),
+            recency=float(r[11]),
+            importance=float(r[4]),
+            score=float(r[12]),
+        )
+        for r in rows
+    ]
+
+
+def _delete_facts(cur: Cursor, tenant: str, user_id: str, fact_ids: Sequence[str]) -> list[str]:
+    rows = cur.execute(
+        "SELECT fact_no, fact_id FROM facts WHERE tenant = ? AND user_id = ? "
+        "AND list_contains(?, fact_id)",
+        [tenant, user_id, list(fact_ids)],
+    ).fetchall()
+    return _delete_fact_rows(cur, rows)
+
+
+def _delete_fact_rows(cur: Cursor, rows: Sequence[Sequence[Any]]) -> list[str]:
+    if not rows:
+        return []
+    nos = [int(r[0]) for r in rows]
+    cur.execute("DELETE FROM fact_terms WHERE list_contains(?, fact_no)", [nos])
+    cur.execute("DELETE FROM facts WHERE list_contains(?, fact_no)", [nos])
+    return sorted(str(r[1]) for r in rows)
+
+
+def forget_facts(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    fact_ids: Sequence[str],
+    flt: FactFilter | None,
+    forget_all: bool,
+    now_us: int,
+    audit: AuditRecord,
+) -> list[str]:
+    if fact_ids:
+        deleted = _delete_facts(cur, tenant, user_id, fact_ids)
+    else:
+        filter_sql, params = _filter_sql(flt or FactFilter()) if not forget_all else ("", [])
+        rows = cur.execute(
+            f"SELECT f.fact_no, f.fact_id FROM facts f WHERE f.tenant = ? AND f.user_id = ?"
+            f"{filter_sql}",
+            [tenant, user_id, *params],
+        ).fetchall()
+        deleted = _delete_fact_rows(cur, rows)
+    insert_audit(
+        cur, replace(audit, target_ids=tuple(deleted), detail={"deleted": len(deleted)}), now_us
+    )
+    return deleted
+
+
+# -- consent -------------------------------------------------------------------------------
+def get_consent(cur: Cursor, tenant: str, user_id: str) -> Consent:
+    row = cur.execute(
+        "SELECT long_term_memory, epoch_us(updated_at), updated_by FROM consent "
+        "WHERE tenant = ? AND user_id = ?",
+        [tenant, user_id],
+    ).fetchone()
+    return Consent() if row is None else Consent(bool(row[0]), int(row[1]), row[2])
+
+
+def set_consent(
+    cur: Cursor, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+) -> tuple[Consent, int]:
+    cur.execute("DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
+    cur.execute(
+        "INSERT INTO consent VALUES (?, ?, ?, make_timestamp(?), ?)",
+        [tenant, user_id, long_term_memory, now_us, audit.caller],
+    )
+    deleted: list[str] = []
+    if not long_term_memory:
+        rows = cur.execute(
+            "SELECT fact_no, fact_id FROM facts WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+        ).fetchall()
+        deleted = _delete_fact_rows(cur, rows)
+    insert_audit(
+        cur,
+        replace(
+            audit,
+            target_ids=tuple(deleted),
+            detail={"long_term_memory": long_term_memory, "facts_deleted": len(deleted)},
+        ),
+        now_us,
+    )
+    return Consent(long_term_memory, now_us, audit.caller), len(deleted)
+
+
+# -- export --------------------------------------------------------------------------------
+def export_facts(cur: Cursor, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:
+    rows = cur.execute(
+        f"SELECT {_FACT_COLUMNS} FROM facts f WHERE f.tenant = ? AND f.user_id = ? "
+        "AND f.fact_id > ? ORDER BY f.fact_id LIMIT ?",
+        [tenant, user_id, after, limit],
+    ).fetchall()
+    return [_fact(r) for r in rows]
+
+
+def export_messages(
+    cur: Cursor, tenant: str, user_id: str, after: tuple[str, int], limit: int
+) -> list[StoredMessage]:
+    rows = cur.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE tenant = ? AND user_id = ? "
+        "AND (session_id, seq) > (?, ?) ORDER BY session_id, seq LIMIT ?",
+        [tenant, user_id, after[0], after[1], limit],
+    ).fetchall()
+    return [_message(r) for r in rows]
+
+
+def export_audit(
+    cur: Cursor, tenant: str, user_id: str, after: tuple[int, str], limit: int
+) -> list[AuditEntry]:
+    rows = cur.execute(
+        "SELECT audit_id, epoch_us(logged_at), caller, rpc, session_id, target_ids, outcome, detail "
+        "FROM audit_log WHERE tenant = ? AND user_id = ? AND (epoch_us(logged_at), audit_id) > (?, ?) "
+        "ORDER BY logged_at, audit_id LIMIT ?",
+        [tenant, user_id, after[0], after[1], limit],
+    ).fetchall()
+    return [AuditEntry(r[0], int(r[1]), r[2], r[3], r[4], tuple(r[5]), r[6], r[7]) for r in rows]
+
+
+# -- erasure and retention -----------------------------------------------------------------
+def erase_user(
+    cur: Cursor, tenant: str, user_id: str, now_us: int, audit: AuditRecord
+) -> ErasureCounts:
+    sessions = [
+        r[0]
+        for r in cur.execute(
+            "SELECT session_id FROM sessions WHERE tenant = ? AND user_id = ? ORDER BY session_id",
+            [tenant, user_id],
+        ).fetchall()
+    ]
+    messages = _count(
+        cur, "DELETE FROM messages WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+    )
+    n_sessions = _count(
+        cur, "DELETE FROM sessions WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+    )
+    rows = cur.execute(
+        "SELECT fact_no, fact_id FROM facts WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+    ).fetchall()
+    facts = len(_delete_fact_rows(cur, rows))
+    consent = _count(cur, "DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
+    counts = ErasureCounts(messages, n_sessions, facts, consent, tuple(sessions))
+    insert_audit(
+        cur,
+        replace(
+            audit,
+            detail={
+                "messages_deleted": messages,
+                "sessions_deleted": n_sessions,
+                "facts_deleted": facts,
+                "consent_deleted": consent,
+            },
+        ),
+        now_us,
+    )
+    return counts
+
+
+def _count(cur: Cursor, sql: str, params: list[Any]) -> int:
+    row = cur.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
+
+
+def retention_tenants(cur: Cursor) -> list[str]:
+    rows = cur.execute(
+        "SELECT tenant FROM sessions UNION SELECT tenant FROM facts "
+        "UNION SELECT tenant FROM audit_log ORDER BY 1"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def purge(
+    cur: Cursor,
+    tenants: dict[str, tuple[float, float, dict[str, float]]],
+    now_us: int,
+    audit: AuditRecord,
+) -> PurgeCounts:
+    """Delete what retention says must go. `tenants` maps each tenant to
+    (message_days, audit_days, fact_days_by_kind); 0 days = keep forever."""
+    expired = cur.execute(
+        "SELECT fact_no, fact_id FROM facts WHERE expires_at <= make_timestamp(?)", [now_us]
+    ).fetchall()
+    facts = len(_delete_fact_rows(cur, expired))
+    messages = sessions = audits = 0
+    touched: list[tuple[str, str]] = []
+    for tenant, (message_days, audit_days, fact_days) in sorted(tenants.items()):
+        for kind, days in sorted(fact_days.items()):
+            if days <= 0:
+                continue
+            cutoff = now_us - int(days * _US_PER_DAY)
+            kind_sql = "" if kind == "*" else " AND kind = ?"
+            explicit = [k for k, d in fact_days.items() if k != "*"] if kind == "*" else []
+            rows = cur.execute(
+                "SELECT fact_no, fact_id FROM facts WHERE tenant = ? AND created_at < "
+                f"make_timestamp(?){kind_sql} AND NOT list_contains(?, kind)",
+                [tenant, cutoff, *([kind] if kind != "*" else []), explicit],
+            ).fetchall()
+            facts += len(_delete_fact_rows(cur, rows))
+        if message_days > 0:
+            cutoff = now_us - int(message_days * _US_PER_DAY)
+            touched += [
+                (tenant, r[0])
+                for r in cur.execute(
+                    "SELECT DISTINCT session_id FROM messages WHERE tenant = ? "
+                    "AND created_at < make_timestamp(?) ORDER BY 1",
+                    [tenant, cutoff],
+                ).fetchall()
+            ]
+            messages += _count(
+                cur,
+                "DELETE FROM messages WHERE tenant = ? AND created_at < make_timestamp(?)",
+                [tenant, cutoff],
+            )
+            sessions += _count(
+                cur,
+                "DELETE FROM sessions s WHERE tenant = ? AND updated_at < make_timestamp(?) "
+                "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.sess_no = s.sess_no)",
+                [tenant, cutoff],
+            )
+        if audit_days > 0:
+            cutoff = now_us - int(audit_days * _US_PER_DAY)
+            audits += _count(
+                cur,
+                "DELETE FROM audit_log WHERE tenant = ? AND logged_at < make_timestamp(?)",
+                [tenant, cutoff],
+            )
+    counts = PurgeCounts(facts, messages, sessions, audits, tuple(touched))
+    insert_audit(
+        cur,
+        replace(
+            audit,
+            detail={
+                "facts_deleted": facts,
+                "messages_deleted": messages,
+                "sessions_deleted": sessions,
+                "audit_entries_deleted": audits,
+            },
+        ),
+        now_us,
+    )
+    return counts
+
+
+def user_row_counts(cur: Cursor, tenant: str, user_id: str) -> dict[str, int]:
+    """Rows held for a user, per table (tests and operators: 'is anything left?')."""
+    out = {}
+    for table in ("messages", "sessions", "facts", "consent", "audit_log"):
+        out[table] = _count(
+            cur, f"SELECT count(*) FROM {table} WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+        )
+    out["fact_terms"] = _count(
+        cur,
+        "SELECT count(*) FROM fact_terms t JOIN facts f ON f.fact_no = t.fact_no "
+        "WHERE f.tenant = ? AND f.user_id = ?",
+        [tenant, user_id],
+    )
+    return out
+
+
+def orphan_postings(cur: Cursor) -> int:
+    """Postings whose fact is gone (must stay 0: deletes remove both)."""
+    return _count(
+        cur, "SELECT count(*) FROM fact_terms t ANTI JOIN facts f ON f.fact_no = t.fact_no", []
+    )
