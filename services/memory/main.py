@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from finsight.memory.v1 import memory_pb2
 from libs.common import tokens
+from libs.common.admin import register_admin
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
 from libs.common.redis_pool import redis_ready
@@ -48,6 +49,7 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     )
     await db.open()
     host.on_shutdown(db.close)
+    register_admin(host, db)
     hot = HotTier(
         redis,
         prefix=settings.memory_redis_prefix,
