@@ -31,6 +31,7 @@ from libs.common.auth import ANONYMOUS, Identity, KeyStore, bearer_from_metadata
 from libs.common.error_reporting import report_exception
 from libs.common.errors import FinsightError, Internal, Unauthenticated
 from libs.common.ratelimit import TokenBucket
+from libs.common.wire import Undecodable, message_class, tolerant
 
 access_log = logging.getLogger("finsight.access")
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class _Rpc:
     code: grpc.StatusCode = grpc.StatusCode.OK
     error_id: str | None = None
     reason: str | None = None
+    # Read while the call is alive: ctx.peer() after a client cancelled a server stream
+    # touches the freed C-core call and can crash the process (seen with grpcio 1.85).
+    peer: str = ""
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -115,12 +119,17 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             name = "stream_unary" if handler.request_streaming else "unary_unary"
             behavior = getattr(handler, name)
             wrapped = self._wrap_unary(behavior, service, method, kind, policy, exempt)
-        return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
+        replace: dict[str, Any] = {name: wrapped}
+        request_class = message_class(handler.request_deserializer)
+        if request_class is not None:  # unparsable requests become INVALID_ARGUMENT
+            replace["request_deserializer"] = tolerant(request_class)
+        return handler._replace(**replace)  # type: ignore[attr-defined, no-any-return]
 
     # -- admission: auth, scope, rate limit ------------------------------------------------
     async def _admit(
         self, rpc: _Rpc, ctx: grpc.aio.ServicerContext, policy: MethodPolicy, exempt: bool
     ) -> None:
+        rpc.peer = ctx.peer()
         metadata = ctx.invocation_metadata()
         bearer = bearer_from_metadata(metadata)
         identity = ANONYMOUS
@@ -164,6 +173,8 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
                 await self._admit(rpc, ctx, policy, exempt)
                 if kind == "client_stream":
                     request = _count_received(request, rpc)
+                elif isinstance(request, Undecodable):
+                    raise request.error()
                 return await behavior(request, ctx)
             except BaseException as exc:
                 await self._fail(rpc, ctx, exc)
@@ -188,6 +199,8 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
                 await self._admit(rpc, ctx, policy, exempt)
                 if kind == "bidi_stream":
                     request = _count_received(request, rpc)
+                elif isinstance(request, Undecodable):
+                    raise request.error()
                 result = behavior(request, ctx)
                 if inspect.isasyncgen(result):
                     sent = metrics.SERVER_MSG_SENT.labels(*rpc.labels)
@@ -251,7 +264,7 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             "duration_ms": round(elapsed * 1000, 3),
             "caller": rpc.identity.caller,
             "tenant": rpc.identity.tenant,
-            "peer": ctx.peer(),
+            "peer": rpc.peer,
         }
         if rpc.reason and rpc.code != grpc.StatusCode.OK:
             extra["reason"] = rpc.reason
@@ -273,4 +286,6 @@ async def _count_received(requests: AsyncIterator[Any], rpc: _Rpc) -> AsyncItera
     received = metrics.SERVER_MSG_RECEIVED.labels(*rpc.labels)
     async for item in requests:
         received.inc()
+        if isinstance(item, Undecodable):
+            raise item.error()
         yield item

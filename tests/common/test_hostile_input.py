@@ -64,7 +64,7 @@ async def test_malformed_protobuf_is_refused_without_taking_the_server_down(
     check = small_echo.channel.unary_unary("/grpc.health.v1.Health/Check")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await check(b"\xff\xff\xff\xff\x0f garbage", timeout=5)
-    assert err.value.code() != grpc.StatusCode.OK
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await health_of(small_echo.target, "") == SERVING
 
 
@@ -72,3 +72,17 @@ async def test_unknown_method_is_unimplemented(small_echo: Echo, api_keys: Keys)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await small_echo.unary("NoSuchMethod")(b"", metadata=api_keys.metadata(api_keys.alice))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_invalid_utf8_is_invalid_argument_naming_the_field(small_echo: Echo) -> None:
+    from libs.common.errors import status_info
+
+    # HealthCheckRequest.service (field 1, string) holding invalid UTF-8.
+    check = small_echo.channel.unary_unary("/grpc.health.v1.Health/Check")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await check(b"\x0a\x03\xff\xfe\xfd", timeout=5)
+    info = status_info(err.value)
+    assert info.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [(v.field, v.description) for v in info.field_violations] == [
+        ("service", "is not valid UTF-8")
+    ]
