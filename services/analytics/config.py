@@ -26,6 +26,37 @@ class AnalyticsSettings(CommonSettings):
         "dns:///127.0.0.1:50051", description="llm_gateway address"
     )
 
+    analytics_load_sample_data: bool = Field(
+        True, description="Load the bundled sample data into the shared data set when it is empty"
+    )
+    analytics_ingest_max_rows: int = Field(
+        2_000_000,
+        ge=1,
+        le=100_000_000,
+        description="Most rows one IngestBars stream may carry (buffered, ~100 bytes a row)",
+    )
+    analytics_cache_ttl_s: int = Field(
+        3600, ge=0, le=7 * 86400, description="Lifetime of cached metric results (0 = no cache)"
+    )
+    analytics_context_token_budget: int = Field(
+        4096, ge=256, le=131_072, description="Token budget of the memory context in Analyze"
+    )
+    analytics_answer_max_tokens: int = Field(
+        800, ge=16, le=8192, description="Most completion tokens of an Analyze narrative"
+    )
+    analytics_llm_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Longest wait for the LLM gateway in Analyze"
+    )
+    analytics_llm_deadline_share: float = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        description="Share of the caller's remaining deadline the gateway may use in Analyze",
+    )
+    analytics_memory_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="Longest wait for each memory call in Analyze"
+    )
+
     @property
     def grpc_port(self) -> int:
         return self.analytics_grpc_port

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Final
 
 from redis.asyncio import Redis
 
+from finsight.analytics.v1 import analytics_pb2_grpc
+from libs.common.admin import register_admin
+from libs.common.clients import create_channel
 from libs.common.duck import Database
+from libs.common.interceptors import MethodPolicy
 from libs.common.server import ServiceHost, main_entry
+from services.analytics.analyze import Analyzer, AnalyzeSettings
+from services.analytics.cache import ResultCache
 from services.analytics.config import AnalyticsSettings
+from services.analytics.downstream import GrpcCompleter, GrpcMemory
+from services.analytics.market import MarketAnalytics
+from services.analytics.sample_loader import SampleLoader
+from services.analytics.servicer import AnalyticsServicer
+from services.analytics.storage import MarketStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+POLICIES: Final = {"IngestBars": MethodPolicy(scope="analytics.write", method_class="write")}
 
 
 async def setup(host: ServiceHost, redis: Redis) -> None:
@@ -25,15 +39,55 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     )
     await db.open()
     host.on_shutdown(db.close)
+    register_admin(host, db)
 
     async def db_ready() -> bool:
         return db.is_open
 
     host.add_readiness_check("duckdb", db_ready)
 
+    store = MarketStore(db)
+    market = MarketAnalytics(store, max_ingest_rows=settings.analytics_ingest_max_rows)
+    memory_channel = create_channel(settings.analytics_memory_target, settings)
+    gateway_channel = create_channel(settings.analytics_llm_gateway_target, settings)
+
+    async def close_channels() -> None:
+        await memory_channel.close()
+        await gateway_channel.close()
+
+    host.on_shutdown(close_channels)
+    analyzer = Analyzer(
+        market,
+        GrpcMemory(memory_channel),
+        GrpcCompleter(gateway_channel),
+        AnalyzeSettings(
+            context_token_budget=settings.analytics_context_token_budget,
+            max_answer_tokens=settings.analytics_answer_max_tokens,
+            llm_timeout_s=settings.analytics_llm_timeout_s,
+            llm_deadline_share=settings.analytics_llm_deadline_share,
+            memory_timeout_s=settings.analytics_memory_timeout_s,
+        ),
+    )
+    servicer = AnalyticsServicer(
+        market, ResultCache(redis, settings.analytics_cache_ttl_s), analyzer
+    )
+    analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(servicer, host.server)
+
+    if settings.analytics_load_sample_data:
+        # Parsing the sample takes a few seconds: serve health meanwhile, ready once loaded.
+        loader = SampleLoader(store)
+        host.add_readiness_check("sample_data", loader.ready)
+        task = asyncio.create_task(loader.run(), name="analytics-sample-load")
+
+        async def stop_loader() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        host.on_shutdown(stop_loader)
+
 
 def main() -> None:
-    main_entry(AnalyticsSettings, setup)
+    main_entry(AnalyticsSettings, setup, policies=POLICIES)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,403 @@
+"""The analytics use cases behind the RPCs: ingest, read, metrics, rolling, portfolio.
+
+Domain layer: validates requests (field paths are the request's), resolves symbols through
+storage, pivots prices into the matrix the metric engine wants, runs the engine off the
+event loop, and turns engine input errors into INVALID_ARGUMENT. No grpc, no protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from libs.common.errors import FieldViolation, InvalidArgument, NotFound, Violations
+from libs.common.tracing import tracer
+from services.analytics import metrics as engine
+from services.analytics.bars import (
+    MICROS,
+    SYMBOL_RULE,
+    BarColumns,
+    Rejection,
+    SeriesInput,
+    valid_symbol,
+    validate_stream,
+)
+from services.analytics.storage import MarketStore, PricePanel, SymbolSummary
+
+_tracer = tracer(__name__)
+
+MAX_METRIC_SYMBOLS: Final = 500
+MAX_PORTFOLIO_HOLDINGS: Final = 100
+MAX_REJECTIONS_LISTED: Final = 1000
+RETURNS_RULE: Final = (
+    "simple returns of adjusted close between consecutive available prices; "
+    "missing prices are skipped, never filled with zero returns"
+)
+TAIL_RULE: Final = (
+    "historical VaR = (1-c) percentile with linear interpolation (negative = loss); "
+    "historical CVaR = mean of the worst floor((n-1)(1-c))+1 returns; "
+    "parametric VaR = mean + z(1-c)*std(ddof=1)"
+)
+REFERENCE: Final = "empyrical(-reloaded) definitions; docs/analytics.md"
+
+
+@dataclass(frozen=True, slots=True)
+class DateWindow:
+    start: date | None
+    end: date | None
+
+
+@dataclass(frozen=True, slots=True)
+class Conventions:
+    periods_per_year: float
+    ddof: int
+    risk_free_annual: float
+    risk_free_per_period: float
+    returns_rule: str = RETURNS_RULE
+    tail_rule: str = TAIL_RULE
+    reference: str = REFERENCE
+
+
+@dataclass(frozen=True, slots=True)
+class MetricParams:
+    periods_per_year: float
+    risk_free: float
+
+    def conventions(self) -> Conventions:
+        return Conventions(
+            self.periods_per_year,
+            1,
+            self.risk_free,
+            engine.per_period_risk_free(self.risk_free, self.periods_per_year),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsResult:
+    metrics: list[engine.SymbolMetrics]  # request order
+    conventions: Conventions
+    data_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RollingResult:
+    symbol: str
+    metric: engine.RollingMetricName
+    window: int
+    days: list[date]
+    values: list[float]
+    conventions: Conventions
+    data_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PortfolioResult:
+    analysis: engine.PortfolioAnalysis
+    conventions: Conventions
+    data_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSummary:
+    received: int
+    inserted: int
+    updated: int
+    unchanged: int
+    rejected: int
+    rejections: list[Rejection]  # the first MAX_REJECTIONS_LISTED
+    data_version: int
+
+
+# -- request validation helpers --------------------------------------------------------------
+
+
+def check_params(v: Violations, periods_per_year: float, risk_free: float) -> MetricParams:
+    """0 periods per year means the daily default (252)."""
+    ppy = float(periods_per_year) or float(engine.DEFAULT_PERIODS_PER_YEAR)
+    v.check(
+        math.isfinite(ppy) and engine.MIN_PERIODS_PER_YEAR <= ppy <= engine.MAX_PERIODS_PER_YEAR,
+        "periods_per_year",
+        f"must be between {engine.MIN_PERIODS_PER_YEAR:g} and "
+        f"{engine.MAX_PERIODS_PER_YEAR:g} (0 = 252), got {periods_per_year!r}",
+    )
+    rf = float(risk_free)
+    v.check(
+        math.isfinite(rf) and -1.0 < rf < 1.0,
+        "risk_free_rate",
+        f"annual rate as a fraction in (-1, 1), got {risk_free!r}",
+    )
+    return MetricParams(ppy, rf)
+
+
+def check_window(v: Violations, window: DateWindow, field: str = "range") -> None:
+    if window.start is not None and window.end is not None and window.start > window.end:
+        v.add(f"{field}.start", f"start {window.start} is after end {window.end}")
+
+
+def check_symbol(v: Violations, symbol: str, field: str) -> bool:
+    if not symbol:
+        v.add(field, "required")
+        return False
+    return v.check(valid_symbol(symbol), field, f"invalid symbol {symbol[:40]!r}: {SYMBOL_RULE}")
+
+
+def check_symbols(v: Violations, symbols: Sequence[str], field: str, limit: int) -> None:
+    if not symbols:
+        v.add(field, "at least one symbol is required")
+        return
+    v.check(len(symbols) <= limit, field, f"at most {limit} symbols, got {len(symbols)}")
+    seen: set[str] = set()
+    for i, s in enumerate(symbols[:limit]):
+        if check_symbol(v, s, f"{field}[{i}]"):
+            v.check(s not in seen, f"{field}[{i}]", f"duplicate symbol {s!r}")
+            seen.add(s)
+
+
+_ENGINE_FIELDS: Final = {
+    "values": "symbols",
+    "prices": "range",
+    "returns": "range",
+    "dates": "range",
+    "risk_free": "risk_free_rate",
+}
+
+
+def engine_error(
+    exc: engine.MetricsInputError, fields: dict[str, str] | None = None
+) -> InvalidArgument:
+    """An engine input error as INVALID_ARGUMENT on the request's field."""
+    mapping = {**_ENGINE_FIELDS, **(fields or {})}
+    return InvalidArgument.field(mapping.get(exc.field, exc.field), exc.message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Matrix:
+    symbols: list[str]  # column order
+    days: npt.NDArray[np.datetime64]
+    prices: npt.NDArray[np.float64]  # (rows, columns), NaN = no price
+
+
+def pivot(panel: PricePanel, columns: list[str]) -> _Matrix:
+    """Long adjusted closes -> (union of days, columns) matrix of float prices, in O(n).
+
+    micro-units / 1e6 is the correctly rounded double of the stored decimal, the same
+    number `float(Decimal(text))` gives for the file's text.
+    """
+    if panel.days.size == 0:
+        return _Matrix(columns, np.zeros(0, dtype="datetime64[D]"), np.zeros((0, len(columns))))
+    first = int(panel.days.min())
+    offsets = panel.days - first
+    present = np.zeros(int(offsets.max()) + 1, dtype=bool)
+    present[offsets] = True
+    row_of = np.cumsum(present) - 1
+    days = (np.flatnonzero(present) + first).astype("datetime64[D]")
+    matrix = np.full((days.shape[0], len(columns)), np.nan)
+    matrix[row_of[offsets], panel.columns] = panel.adj_close_micros / MICROS
+    return _Matrix(columns, days, matrix)
+
+
+class MarketAnalytics:
+    """The use cases, over one :class:`MarketStore`."""
+
+    def __init__(self, store: MarketStore, *, max_ingest_rows: int = 2_000_000) -> None:
+        self.store = store
+        self.max_ingest_rows = max_ingest_rows
+
+    # -- data ---------------------------------------------------------------------------
+    async def ingest(
+        self, tenant: str, series: Sequence[SeriesInput], reject_all: bool
+    ) -> IngestSummary:
+        with _tracer.start_as_current_span("analytics.validate_bars") as span:
+            checked = await asyncio.to_thread(validate_stream, series)
+            span.set_attribute("bars.received", checked.received)
+            span.set_attribute("bars.rejected", len(checked.rejections))
+        if reject_all and checked.rejections:
+            raise InvalidArgument(
+                f"{len(checked.rejections)} invalid rows; nothing written (REJECT_ALL)",
+                violations=[_violation(r) for r in checked.rejections[:100]],
+            )
+        counts = await self.store.upsert(tenant, checked.bars)
+        return IngestSummary(
+            received=checked.received,
+            inserted=counts.inserted,
+            updated=counts.updated,
+            unchanged=counts.unchanged,
+            rejected=len(checked.rejections),
+            rejections=checked.rejections[:MAX_REJECTIONS_LISTED],
+            data_version=counts.data_version,
+        )
+
+    async def list_symbols(self, tenant: str) -> tuple[list[SymbolSummary], int]:
+        return await self.store.list_symbols(tenant), await self.store.data_version()
+
+    async def bars(self, tenant: str, symbol: str, window: DateWindow) -> BarColumns:
+        v = Violations()
+        check_symbol(v, symbol, "symbol")
+        check_window(v, window)
+        v.raise_if_any()
+        owners = await self._owners(tenant, [symbol])
+        return await self.store.bars(owners[symbol], symbol, window.start, window.end)
+
+    async def _owners(self, tenant: str, symbols: Sequence[str]) -> dict[str, str]:
+        wanted = list(dict.fromkeys(symbols))
+        owners = await self.store.resolve(tenant, wanted)
+        missing = [s for s in wanted if s not in owners]
+        if missing:
+            raise NotFound(
+                f"no data for symbol(s): {', '.join(missing)}",
+                reason="UNKNOWN_SYMBOL",
+                metadata={"symbols": ",".join(missing)},
+            )
+        return {s: owners[s] for s in wanted}
+
+    async def _matrix(
+        self, tenant: str, columns: list[str], window: DateWindow
+    ) -> tuple[_Matrix, int]:
+        owners = await self._owners(tenant, columns)
+        panel = await self.store.adj_closes(owners, window.start, window.end)
+        with _tracer.start_as_current_span("analytics.pivot"):
+            matrix = pivot(panel, list(owners))
+        return matrix, panel.data_version
+
+    # -- metrics ------------------------------------------------------------------------
+    async def compute_metrics(
+        self,
+        tenant: str,
+        symbols: Sequence[str],
+        window: DateWindow,
+        benchmark: str,
+        params: MetricParams,
+    ) -> MetricsResult:
+        columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
+        matrix, version = await self._matrix(tenant, columns, window)
+        values = matrix.prices[:, [columns.index(s) for s in symbols]]
+        bench = matrix.prices[:, columns.index(benchmark)] if benchmark else None
+        with _tracer.start_as_current_span("analytics.compute_metrics") as span:
+            span.set_attribute("analytics.symbols", len(symbols))
+            span.set_attribute("analytics.rows", int(matrix.days.shape[0]))
+            try:
+                result = await asyncio.to_thread(
+                    engine.compute_metrics,
+                    values,
+                    matrix.days,
+                    list(symbols),
+                    kind="prices",
+                    benchmark=bench,
+                    benchmark_symbol=benchmark or "benchmark",
+                    periods_per_year=params.periods_per_year,
+                    risk_free=params.risk_free,
+                )
+            except engine.MetricsInputError as exc:
+                raise engine_error(exc) from exc
+        return MetricsResult([result[s] for s in symbols], params.conventions(), version)
+
+    async def rolling(
+        self,
+        tenant: str,
+        symbol: str,
+        metric: engine.RollingMetricName,
+        window_size: int,
+        window: DateWindow,
+        benchmark: str,
+        params: MetricParams,
+    ) -> RollingResult:
+        columns = list(dict.fromkeys([symbol, *([benchmark] if metric == "beta" else [])]))
+        matrix, version = await self._matrix(tenant, columns, window)
+        returns = engine.simple_returns(matrix.prices)
+        bench = returns[:, columns.index(benchmark)] if metric == "beta" else None
+        with _tracer.start_as_current_span("analytics.rolling_metric"):
+            try:
+                series = await asyncio.to_thread(
+                    engine.rolling_metric,
+                    returns[:, 0],
+                    matrix.days,
+                    metric,
+                    window_size,
+                    benchmark_returns=bench,
+                    periods_per_year=params.periods_per_year,
+                    risk_free=params.risk_free,
+                )
+            except engine.MetricsInputError as exc:
+                raise engine_error(exc) from exc
+        defined = ~np.isnan(series.values)
+        return RollingResult(
+            symbol,
+            metric,
+            series.window,
+            series.dates[defined].tolist(),
+            series.values[defined].tolist(),
+            params.conventions(),
+            version,
+        )
+
+    async def portfolio(
+        self,
+        tenant: str,
+        symbols: Sequence[str],
+        weights: Sequence[float],
+        window: DateWindow,
+        rebalance: engine.Rebalance,
+        benchmark: str,
+        allow_short: bool,
+        params: MetricParams,
+    ) -> PortfolioResult:
+        columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
+        matrix, version = await self._matrix(tenant, columns, window)
+        asset_cols = [columns.index(s) for s in symbols]
+        prices = matrix.prices[:, asset_cols]
+        # Asset rows only (a benchmark-only day is not a portfolio day), from the first day
+        # on which every asset has a price.
+        has_any = ~np.isnan(prices).all(axis=1)
+        prices, days = prices[has_any], matrix.days[has_any]
+        bench = matrix.prices[has_any, columns.index(benchmark)] if benchmark else None
+        first = _first_rows(prices)
+        if window.start is not None and first.max(initial=0) > 0:
+            late = [s for s, row in zip(symbols, first.tolist(), strict=True) if row > 0]
+            raise InvalidArgument.field(
+                "range.start",
+                f"no price on the first day of the range ({days[0] if days.size else 'n/a'}) "
+                f"for: {', '.join(late)}; start later or leave start unset",
+            )
+        start_row = int(first.max(initial=0))
+        prices, days = prices[start_row:], days[start_row:]
+        bench = bench[start_row:] if bench is not None else None
+        with _tracer.start_as_current_span("analytics.analyse_portfolio"):
+            try:
+                analysis = await asyncio.to_thread(
+                    engine.analyse_portfolio,
+                    prices,
+                    days,
+                    list(symbols),
+                    np.asarray(weights, dtype=np.float64),
+                    rebalance,
+                    allow_short=allow_short,
+                    benchmark=bench,
+                    benchmark_symbol=benchmark or "benchmark",
+                    periods_per_year=params.periods_per_year,
+                    risk_free=params.risk_free,
+                )
+            except engine.MetricsInputError as exc:
+                raise engine_error(exc, {"weights": "holdings"}) from exc
+        return PortfolioResult(analysis, params.conventions(), version)
+
+
+def _first_rows(prices: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
+    """Row of each column's first price (rows when a column has none)."""
+    valid = ~np.isnan(prices)
+    first = np.argmax(valid, axis=0).astype(np.intp)
+    first[~valid.any(axis=0)] = prices.shape[0]
+    return first
+
+
+def _violation(r: Rejection) -> FieldViolation:
+    where = f"messages[{r.message_index}].series[{r.series_index}]"
+    if r.row_index >= 0:
+        where += f".rows[{r.row_index}]"
+    return FieldViolation(where, r.reason)

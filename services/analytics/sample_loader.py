@@ -1,0 +1,100 @@
+"""Load the bundled sample data into the shared reference tenant on first start.
+
+Runs as a background task after the server started (readiness stays NOT_SERVING until it
+is done), parses in a worker thread, and writes everything in ONE transaction: a crash
+half-way leaves the database empty and the next start loads again. When the shared data
+already exists nothing is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from services.analytics.bars import SeriesInput, ValidatedStream, validate_stream
+from services.analytics.file_bars import MicrosConverter, group_by_symbol
+from services.analytics.importer import Bar, Layout, iter_batches
+from services.analytics.storage import SHARED_TENANT, MarketStore
+from services.analytics.telemetry import SAMPLE_LOAD_SECONDS
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR: Final = Path(__file__).parent / "sample_data"
+
+
+@dataclass(frozen=True, slots=True)
+class SampleFile:
+    name: str
+    layout: Layout
+    symbol: str | None = None
+
+
+SAMPLE_FILES: Final = (
+    SampleFile("sp500_dataset.csv.gz", "wide"),
+    SampleFile("sp500_index.csv.gz", "wide"),
+    SampleFile("sp500_ohlcv.csv.gz", "long", "^GSPC"),
+    SampleFile("nasdaq_ohlcv.csv.gz", "long", "^IXIC"),
+)
+
+
+def parse_samples(directory: Path = SAMPLE_DIR) -> ValidatedStream:
+    """Every sample file as validated columns (blocking: call in a thread)."""
+    series: list[SeriesInput] = []
+    convert = MicrosConverter()
+    for file_index, spec in enumerate(SAMPLE_FILES):
+        bars: list[Bar] = []
+        for batch in iter_batches(directory / spec.name, layout=spec.layout, symbol=spec.symbol):
+            bars.extend(batch.bars)
+            if batch.rejected:
+                log.warning(
+                    "sample rows rejected by the parser",
+                    extra={"file": spec.name, "rejected": len(batch.rejected)},
+                )
+        groups, too_precise = group_by_symbol(bars, convert)
+        if too_precise:
+            log.warning(
+                "sample rows too precise", extra={"file": spec.name, "rows": len(too_precise)}
+            )
+        series.extend(g.to_series_input(file_index, i) for i, g in enumerate(groups))
+    return validate_stream(series)
+
+
+class SampleLoader:
+    def __init__(self, store: MarketStore, directory: Path = SAMPLE_DIR) -> None:
+        self.store = store
+        self.directory = directory
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+
+    async def ready(self) -> bool:
+        return self.done.is_set() and self.error is None
+
+    async def run(self) -> None:
+        try:
+            if await self.store.bar_count(SHARED_TENANT) > 0:
+                log.info("sample data already loaded")
+                return
+            started = time.perf_counter()
+            checked = await asyncio.to_thread(parse_samples, self.directory)
+            parsed = time.perf_counter()
+            counts = await self.store.upsert(SHARED_TENANT, checked.bars)
+            elapsed = time.perf_counter() - started
+            SAMPLE_LOAD_SECONDS.observe(elapsed)
+            log.info(
+                "sample data loaded",
+                extra={
+                    "bars": counts.inserted,
+                    "rejected": len(checked.rejections),
+                    "parse_s": round(parsed - started, 3),
+                    "total_s": round(elapsed, 3),
+                },
+            )
+        except Exception as exc:
+            self.error = exc
+            log.exception("sample data load failed")
+        finally:
+            self.done.set()
