@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,8 @@ from finsight.common.v1 import admin_pb2, admin_pb2_grpc
 from libs.common.duck import Database
 from libs.common.errors import Unavailable
 from libs.common.interceptors import MethodPolicy
+
+log = logging.getLogger(__name__)
 
 BACKUP_LAST_SUCCESS = Gauge(
     "finsight_backup_last_success_timestamp_seconds",
@@ -67,6 +70,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             elapsed = time.monotonic() - started
             size = dest.stat().st_size
             kept = self._prune()
+            log.info(
+                "backup taken",
+                extra={
+                    "db": self.db.name,
+                    "path": str(dest),
+                    "size_bytes": size,
+                    "duration_s": round(elapsed, 3),
+                },
+            )
             BACKUP_LAST_SUCCESS.labels(self.db.name).set(time.time())
             BACKUP_SECONDS.labels(self.db.name).observe(elapsed)
             BACKUP_BYTES.labels(self.db.name).set(size)
@@ -81,6 +93,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
 
     def _prune(self) -> int:
+        # Partial files of interrupted backups (e.g. a killed pod) are never restorable.
+        for partial in self.backup_dir.glob(f"{self.db.name}-*.duckdb.partial"):
+            partial.unlink(missing_ok=True)
         backups = sorted(self.backup_dir.glob(f"{self.db.name}-*.duckdb"))
         for old in backups[: max(0, len(backups) - self.keep)]:
             old.unlink(missing_ok=True)

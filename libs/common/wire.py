@@ -66,7 +66,7 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
-def find_invalid_utf8(desc: Descriptor, data: bytes, prefix: str = "") -> str | None:
+def find_invalid_utf8(desc: Descriptor | Any, data: bytes, prefix: str = "") -> str | None:
     """Dotted path of the first string field holding invalid UTF-8 (a wire-format walk)."""
     seen: dict[int, int] = {}
     i = 0

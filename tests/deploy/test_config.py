@@ -3,23 +3,31 @@ parses, secrets come from mounted Secrets, and prod refuses the example Secrets.
 
 from __future__ import annotations
 
-import base64
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from libs.common.auth import KeyStore
 from libs.common.config import CommonSettings, ConfigError, _is_secret, load_settings
 from libs.common.envdoc import render_kustomize_env, settings_models
-from tests.deploy.conftest import FINSIGHT, K8S, OVERLAYS, Rendered, app_name, pod_spec
+from tests.deploy.conftest import (
+    BACKUP_JOBS,
+    FINSIGHT,
+    K8S,
+    OVERLAYS,
+    Rendered,
+    app_name,
+    pod_environment,
+    pod_spec,
+    secrets_by_name,
+)
 
 MODELS = {m.service_name: m for m in settings_models()}
 # Env vars a pod may set that are not settings: Downward API helpers and the
 # OpenTelemetry SDK's own variable.
 NOT_SETTINGS = {"POD_NAME", "POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"}
-EXAMPLE_SECRETS = K8S / "examples" / "secrets.example.yaml"
 
 
 def test_base_settings_env_is_generated_from_the_models() -> None:
@@ -53,62 +61,6 @@ def test_every_setting_with_a_value_is_in_the_configmap(
     assert all(v != "" for v in config.values()), "an empty value would set a setting to ''"
     assert config["FINSIGHT_ENV"] == overlay
     assert config["FINSIGHT_BIND_HOST"] == "0.0.0.0"
-
-
-def _secret_files(r: Rendered, overlay: str) -> dict[str, dict[str, str]]:
-    """Secret name -> {key: value}: rendered ones (dev) or the committed example."""
-    if overlay == "dev":
-        docs = r.of_kind("Secret")
-        return {
-            "-".join(d["metadata"]["name"].split("-")[:-1]): {
-                k: base64.b64decode(v).decode() for k, v in d["data"].items()
-            }
-            for d in docs
-        }
-    docs = [d for d in yaml.safe_load_all(EXAMPLE_SECRETS.read_text()) if d]
-    return {d["metadata"]["name"]: dict(d["stringData"]) for d in docs}
-
-
-def pod_environment(
-    r: Rendered,
-    overlay: str,
-    workload: dict[str, Any],
-    tmp_path: Path,
-    secrets: dict[str, dict[str, str]] | None = None,
-) -> dict[str, str]:
-    """The environment the container would see, with Secret mounts materialised in tmp_path."""
-    spec = pod_spec(workload)
-    (c,) = spec["containers"]
-    config = r.config()
-    env: dict[str, str] = {}
-    for source in c.get("envFrom", []):
-        assert source["configMapRef"]["name"].startswith("finsight-config-")
-        env.update(config)
-    for item in c.get("env", []):
-        env[item["name"]] = item.get("value", "from-downward-api")
-    secrets = secrets if secrets is not None else _secret_files(r, overlay)
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    remap: dict[str, Path] = {}
-    for mount in c["volumeMounts"]:
-        volume = volumes.get(mount["name"], {})
-        if "secret" in volume:
-            name = volume["secret"]["secretName"]
-            base = "-".join(name.split("-")[:-1]) if overlay == "dev" else name
-            assert base in secrets, f"{overlay}: Secret {name} has no example"
-            target = tmp_path / mount["name"]
-            target.mkdir(parents=True, exist_ok=True)
-            for key, value in secrets[base].items():
-                (target / key).write_text(value)
-            remap[mount["mountPath"]] = target
-    for key, value in list(env.items()):
-        if key.endswith("_FILE") or key == "FINSIGHT_API_KEYS_FILE":
-            directory, _, filename = value.rpartition("/")
-            assert directory in remap, f"{key}={value} is not inside a mounted Secret"
-            assert (remap[directory] / filename).exists(), (
-                f"{key}: the Secret has no key {filename}"
-            )
-            env[key] = str(remap[directory] / filename)
-    return env
 
 
 def _load(
@@ -146,9 +98,9 @@ def test_each_service_loads_its_settings_from_the_pod_environment(
                 _load(model, env, monkeypatch)
             real = {
                 n: {k: f"fsk_{n}_{k}_9f2c4e7a1b" for k in kv}
-                for n, kv in _secret_files(r, overlay).items()
+                for n, kv in secrets_by_name(r, overlay).items()
             }
-            real["finsight-api-keys"] = _secret_files(r, overlay)["finsight-api-keys"]
+            real["finsight-api-keys"] = secrets_by_name(r, overlay)["finsight-api-keys"]
             env = pod_environment(r, overlay, w, tmp_path / f"{name}-real", real)
         settings = _load(model, env, monkeypatch)
         assert settings.finsight_env == overlay
@@ -158,3 +110,35 @@ def test_each_service_loads_its_settings_from_the_pod_environment(
             assert settings.finsight_service_api_key is not None
         if service == "llm_gateway":
             assert getattr(settings, "deepseek_api_key", None) is not None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_backup_jobs_read_only_their_key_from_a_mounted_secret(
+    overlays: dict[str, Rendered], overlay: str, tmp_path: Path
+) -> None:
+    """The backup client reads FINSIGHT_API_KEY(_FILE) and nothing else: no ConfigMap,
+    and the key is a file in a mounted Secret (never a plain env value)."""
+    r = overlays[overlay]
+    for job in BACKUP_JOBS:
+        cron = r.get("CronJob", job)
+        (c,) = pod_spec(cron)["containers"]
+        assert "envFrom" not in c, f"{job}: the client reads no settings"
+        assert {e["name"] for e in c["env"]} == {"FINSIGHT_API_KEY_FILE"}
+        env = pod_environment(r, overlay, cron, tmp_path / job)
+        assert Path(env["FINSIGHT_API_KEY_FILE"]).read_text().strip()
+
+
+def test_dev_backup_key_grants_backups_and_nothing_else(
+    overlays: dict[str, Rendered], tmp_path: Path
+) -> None:
+    """Least privilege: the key the backup jobs present may call Backup on memory and
+    analytics (`<service>.admin`) but cannot read or write their data."""
+    secrets = secrets_by_name(overlays["dev"], "dev")
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(secrets["finsight-api-keys"]["keys.json"])
+    identity = KeyStore(keys_file).authenticate(secrets["finsight-backup-key"]["backup-api-key"])
+    for service in BACKUP_JOBS.values():
+        assert identity.has_scope(f"{service}.admin")
+        assert not identity.has_scope(service)
+    assert not identity.has_scope("llm_gateway")
+    assert not identity.has_scope("analytics.write")

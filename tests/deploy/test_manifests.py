@@ -1,9 +1,11 @@
 """Every overlay renders, passes strict schema validation for the oldest and newest
-supported Kubernetes, and meets the workload policies (probes, limits, restricted
-security, service accounts, image tags, named ports, drain time, budgets)."""
+supported Kubernetes, and meets the workload policies (tests/deploy/policy.py: probes
+on servers, bounded run time on jobs, limits, restricted security, service accounts,
+image tags), plus named ports, drain time, budgets and the backup volume and schedule."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -13,23 +15,22 @@ import yaml
 
 from libs.common.envdoc import settings_models
 from tests.deploy.conftest import (
+    BACKUP_JOBS,
     FINSIGHT,
     K8S_VERSIONS,
     OVERLAYS,
+    ROOT,
     Rendered,
     app_name,
+    job_spec,
     pod_labels,
     pod_spec,
     run,
     tool,
 )
+from tests.deploy.policy import workload_problems
 
 MODELS = {m.service_name: m for m in settings_models()}
-
-
-def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = pod_spec(workload)
-    return [*spec.get("initContainers", []), *spec["containers"]]
 
 
 def _validate(files: list[Path], version: str, *, check: bool = True) -> Any:
@@ -98,59 +99,44 @@ def test_every_overlay_has_the_finsight_workloads(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_is_a_server_or_a_job(overlays: dict[str, Rendered], overlay: str) -> None:
+    """Pods only through the known kinds, so every pod is checked as one class or the other."""
+    r = overlays[overlay]
+    bare = [
+        d["kind"] for d in r.docs if d["kind"] in ("Pod", "ReplicaSet", "ReplicationController")
+    ]
+    assert not bare, f"{overlay}: pods outside a Deployment/StatefulSet/Job: {bare}"
+    assert len(r.workloads()) == len(r.servers()) + len(r.jobs())
+    assert {app_name(w) for w in r.jobs()} == set(BACKUP_JOBS), "unexpected or missing jobs"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_has_probes_limits_and_restricted_security(
     overlays: dict[str, Rendered], overlay: str
 ) -> None:
-    problems: list[str] = []
-    for w in overlays[overlay].workloads():
-        spec = pod_spec(w)
-        where = f"{w['kind']}/{w['metadata']['name']}"
-        psc = spec.get("securityContext", {})
-        if psc.get("runAsNonRoot") is not True:
-            problems.append(f"{where}: pod runAsNonRoot")
-        if psc.get("runAsUser", 1) == 0:
-            problems.append(f"{where}: runs as uid 0")
-        if spec.get("automountServiceAccountToken") is not False:
-            problems.append(f"{where}: automountServiceAccountToken must be false")
-        if spec.get("serviceAccountName") in (None, "default"):
-            problems.append(f"{where}: needs its own ServiceAccount")
-        if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
-            problems.append(f"{where}: host namespaces")
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        for c in containers(w):
-            at = f"{where}/{c['name']}"
-            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                if probe not in c:
-                    problems.append(f"{at}: no {probe}")
-            res = c.get("resources", {})
-            for kind in ("requests", "limits"):
-                for key in ("cpu", "memory"):
-                    if key not in res.get(kind, {}):
-                        problems.append(f"{at}: no {kind}.{key}")
-            sc = c.get("securityContext", {})
-            if sc.get("allowPrivilegeEscalation") is not False:
-                problems.append(f"{at}: allowPrivilegeEscalation")
-            if sc.get("readOnlyRootFilesystem") is not True:
-                problems.append(f"{at}: readOnlyRootFilesystem")
-            if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get(
-                "add"
-            ):
-                problems.append(f"{at}: capabilities must drop ALL and add none")
-            if sc.get("privileged"):
-                problems.append(f"{at}: privileged")
-            seccomp = sc.get("seccompProfile") or psc.get("seccompProfile") or {}
-            if seccomp.get("type") != "RuntimeDefault":
-                problems.append(f"{at}: seccomp RuntimeDefault")
-            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
-            if not tmp or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
-                problems.append(f"{at}: read-only root needs an emptyDir at /tmp")
-            image = c["image"]
-            tag = image.split("@")[0].rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
-            if "@sha256:" not in image and (not tag or tag == "latest"):
-                problems.append(f"{at}: image {image!r} must carry a version tag or digest")
-            if c.get("imagePullPolicy") == "Always" and tag != "latest":
-                pass
+    problems = [p for w in overlays[overlay].workloads() for p in workload_problems(w)]
     assert not problems, "\n".join(problems)
+
+
+def test_the_policy_check_tells_servers_from_jobs(overlays: dict[str, Rendered]) -> None:
+    """A probe-less server and a job with a probe, a port or no deadline are both caught."""
+    r = overlays["prod"]
+    server = yaml.safe_load(yaml.safe_dump(r.get("StatefulSet", "memory")))
+    del server["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert workload_problems(server) == ["StatefulSet/memory/memory: no readinessProbe"]
+    job = yaml.safe_load(yaml.safe_dump(r.get("CronJob", "memory-backup")))
+    spec = job["spec"]["jobTemplate"]["spec"]
+    c = spec["template"]["spec"]["containers"][0]
+    c["livenessProbe"] = {"grpc": {"port": 50052}}
+    c["ports"] = [{"name": "grpc", "containerPort": 50052}]
+    del spec["activeDeadlineSeconds"]
+    job["spec"]["concurrencyPolicy"] = "Allow"
+    assert sorted(workload_problems(job)) == [
+        "CronJob/memory-backup/backup: a job container has livenessProbe",
+        "CronJob/memory-backup/backup: a job container has ports",
+        "CronJob/memory-backup: concurrencyPolicy must be Forbid",
+        "CronJob/memory-backup: needs activeDeadlineSeconds",
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -280,3 +266,114 @@ def test_no_secret_values_are_committed_outside_dev() -> None:
         text = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
         assert "secretGenerator" not in text
         assert not re.search(r"kind:\s*Secret\b", text)
+
+
+def _quantity(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(value.removesuffix(suffix)) * factor
+    return int(value)
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_stateful_services_back_up_to_a_volume_of_their_own(
+    overlays: dict[str, Rendered], overlay: str
+) -> None:
+    r = overlays[overlay]
+    config = r.config()
+    assert "FINSIGHT_BACKUP_DIR" not in config, "per workload: only memory/analytics have one"
+    for service in BACKUP_JOBS.values():
+        sts = r.get("StatefulSet", service)
+        claims = {c["metadata"]["name"]: c for c in sts["spec"]["volumeClaimTemplates"]}
+        assert set(claims) == {"data", "backups"}, claims
+        (c,) = pod_spec(sts)["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        backup_dir = _env(c)["FINSIGHT_BACKUP_DIR"]
+        assert mounts["backups"] == backup_dir
+        assert not backup_dir.startswith(config["FINSIGHT_DATA_DIR"].rstrip("/") + "/")
+        size = {
+            n: _quantity(c["spec"]["resources"]["requests"]["storage"]) for n, c in claims.items()
+        }
+        # It holds FINSIGHT_BACKUP_KEEP + 1 copies of a file that lives on `data`.
+        assert size["backups"] >= size["data"], f"{overlay}/{service}: backups smaller than data"
+    others = [w for w in r.workloads() if app_name(w) not in BACKUP_JOBS.values()]
+    for w in others:
+        for c in pod_spec(w)["containers"]:
+            assert "FINSIGHT_BACKUP_DIR" not in _env(c), w["metadata"]["name"]
+
+
+def _cron_values(field: str, low: int, high: int) -> set[int]:
+    values: set[int] = set()
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            start, end = low, high
+        elif "-" in base:
+            start, end = map(int, base.split("-"))
+        else:
+            start = end = int(base)
+        values |= set(range(start, end + 1, int(step) if step else 1))
+    return values
+
+
+def cron_interval_s(schedule: str) -> int:
+    """Longest gap between two runs of a minute/hour cron schedule, in seconds."""
+    fields = schedule.split()
+    assert len(fields) == 5 and fields[2:] == ["*", "*", "*"], (
+        f"{schedule!r}: only minute and hour fields are understood here"
+    )
+    minutes, hours = _cron_values(fields[0], 0, 59), _cron_values(fields[1], 0, 23)
+    times = sorted(h * 60 + m for h in hours for m in minutes)
+    gaps = [b - a for a, b in itertools.pairwise(times)] + [times[0] + 1440 - times[-1]]
+    return max(gaps) * 60
+
+
+def _duration_s(text: str) -> int:
+    return sum(
+        int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u]
+        for n, u in re.findall(r"(\d+)([smhd])", text)
+    )
+
+
+def test_cron_interval_reads_schedules_right() -> None:
+    assert cron_interval_s("17 * * * *") == 3600
+    assert cron_interval_s("0,30 * * * *") == 1800
+    assert cron_interval_s("0 */6 * * *") == 6 * 3600
+    assert cron_interval_s("0 3 * * *") == 86400
+    assert cron_interval_s("0 1,2 * * *") == 23 * 3600
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_backup_schedule_fits_its_deadlines_and_the_backup_age_alerts(
+    overlays: dict[str, Rendered], overlay: str
+) -> None:
+    """Two missed runs trip FinsightBackupTooOld, one run fits in the interval, and the
+    client's timeout fits the Job's deadline with every retry."""
+    rules = {
+        r["alert"]: r
+        for g in yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules.yaml").read_text())[
+            "groups"
+        ]
+        for r in g["rules"]
+    }
+    found = re.search(r">\s*(\d+)\s*$", rules["FinsightBackupTooOld"]["expr"])
+    assert found, "FinsightBackupTooOld must compare the age with a number of seconds"
+    threshold = int(found[1])
+    missing_for = _duration_s(rules["FinsightBackupMissing"]["for"])
+    r = overlays[overlay]
+    for job in BACKUP_JOBS:
+        cron = r.get("CronJob", job)
+        interval = cron_interval_s(cron["spec"]["schedule"])
+        spec = job_spec(cron)
+        (c,) = pod_spec(cron)["containers"]
+        timeout = float(c["command"][c["command"].index("--timeout") + 1])
+        assert timeout * (spec["backoffLimit"] + 1) <= spec["activeDeadlineSeconds"], job
+        assert spec["activeDeadlineSeconds"] < interval, f"{job}: a run must end before the next"
+        assert cron["spec"]["startingDeadlineSeconds"] < interval
+        assert 2 * interval <= threshold < 3 * interval, f"{job}: alert after two missed runs"
+        assert missing_for >= interval + spec["activeDeadlineSeconds"], job

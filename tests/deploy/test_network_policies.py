@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import FINSIGHT, OVERLAYS, Rendered, app_name, pod_labels, pod_spec
+from tests.deploy.conftest import (
+    BACKUP_JOBS,
+    FINSIGHT,
+    OVERLAYS,
+    Rendered,
+    app_name,
+    pod_labels,
+    pod_spec,
+)
 
 SERVICES = tuple(FINSIGHT)
 Edge = tuple[str, str, int]  # (from, to, TCP/UDP port)
@@ -27,6 +35,9 @@ BASE_EDGES: set[Edge] = {
         ("clients", s, p)
         for s, p in (("llm-gateway", 50051), ("memory", 50052), ("analytics", 50053))
     },
+    # The backup CronJobs call AdminService/Backup on their own service, and nothing else.
+    ("memory-backup", "memory", 50052),
+    ("analytics-backup", "analytics", 50053),
 }
 DEV_EDGES: set[Edge] = {
     ("otel-collector", "jaeger", 4317),
@@ -185,3 +196,28 @@ def test_client_targets_follow_the_allowed_edges(
         host = value.split("://", 1)[1].split("/")[0]
         assert host.split(":")[0].split(".")[0] == app, key
         assert int(host.rsplit(":", 1)[1]) == expected_port, key
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_backup_jobs_target_their_service_through_an_allowed_edge(
+    overlays: dict[str, Rendered], overlay: str
+) -> None:
+    """The CronJob's --target is its StatefulSet's headless Service and gRPC port, which
+    the policies open for that job only: the other stateful service stays closed to it."""
+    r = overlays[overlay]
+    config = r.config()
+    egress, ingress = edges(r)
+    for job, service in BACKUP_JOBS.items():
+        cron = r.get("CronJob", job)
+        (c,) = pod_spec(cron)["containers"]
+        command = c["command"]
+        target = command[command.index("--target") + 1]
+        assert target.startswith("dns:///"), target
+        host, _, port = target.removeprefix("dns:///").rpartition(":")
+        sts = r.get("StatefulSet", service)
+        assert host == sts["spec"]["serviceName"]
+        assert int(port) == int(config[f"{FINSIGHT[service].upper()}_GRPC_PORT"])
+        assert (job, service, int(port)) in egress
+        assert (job, service, int(port)) in ingress
+        reachable = {dst for src, dst, _ in egress if src == job}
+        assert reachable == {service}, f"{job} may reach {reachable}"

@@ -1,5 +1,6 @@
 """Alert rules and the Grafana dashboard only use metric names that the services
-really export: the three services run as processes and /metrics is scraped."""
+really export: the three services run as processes, the backup CronJobs' command
+runs against memory and analytics, and /metrics is scraped."""
 
 from __future__ import annotations
 
@@ -13,15 +14,25 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import duckdb
 import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from libs.common.server import wait_for_serving
-from tests.conftest import free_port, write_keys
-from tests.deploy.conftest import ROOT
+from tests.conftest import Keys, free_port, write_keys
+from tests.deploy.conftest import (
+    BACKUP_JOBS,
+    ROOT,
+    Rendered,
+    pod_environment,
+    pod_spec,
+    secrets_by_name,
+)
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "finsight-dashboard.json"
@@ -75,13 +86,63 @@ def dashboard_exprs() -> dict[str, str]:
     return {f"{p['title']}/{t['refId']}": t["expr"] for p in panels for t in p.get("targets", [])}
 
 
+@dataclass
+class Observed:
+    """The running services: their scrapes (taken after the backup jobs ran) and ports."""
+
+    metrics: dict[str, str]
+    grpc_ports: dict[str, int]
+    backup_dirs: dict[str, Path]
+    backup_output: dict[str, str]
+    keys: Keys
+    tmp: Path
+
+
+def backup_job_run(
+    dev: Rendered, job: str, grpc_port: int, tmp: Path, key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the dev overlay's backup CronJob container as it is rendered (command, env,
+    mounted Secret), with only its `dns:///service:port` target pointed at 127.0.0.1."""
+    cron = dev.get("CronJob", job)
+    (c,) = pod_spec(cron)["containers"]
+    env = pod_environment(dev, "dev", cron, tmp / job)
+    if key is not None:
+        Path(env["FINSIGHT_API_KEY_FILE"]).write_text(key)
+    command = list(c["command"])
+    at = command.index("--target") + 1
+    host = command[at].removeprefix("dns:///").rpartition(":")[0]
+    assert host == BACKUP_JOBS[job]
+    command[at] = f"127.0.0.1:{grpc_port}"
+    assert command[0] == "python"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FINSIGHT_", "OTEL_"))}
+    return subprocess.run(
+        [sys.executable, *command[1:]],
+        env=base | env | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="module")
-def scraped(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Start each service as `python -m services.X` (its real entry point) and scrape it."""
+def observed(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory, overlays: dict[str, Rendered]
+) -> Iterator[Observed]:
+    """Start each service as `python -m services.X` (its real entry point), run the
+    backup CronJobs' command against memory and analytics (the backup gauges exist
+    only once a backup succeeded), then scrape every service."""
     tmp = tmp_path_factory.mktemp("observability")
+    dev = overlays["dev"]
     keys_file = tmp / "keys.json"
-    write_keys(keys_file)
+    keys = write_keys(keys_file)
+    # The dev overlay's keys too: the backup job presents the dev backup key,
+    # so its keys.json entry must grant exactly what Backup requires.
+    dev_keys = json.loads(secrets_by_name(dev, "dev")["finsight-api-keys"]["keys.json"])
+    test_keys = json.loads(keys_file.read_text())
+    keys_file.write_text(json.dumps({"keys": test_keys["keys"] + dev_keys["keys"]}))
     procs: dict[str, tuple[subprocess.Popen[bytes], int, int]] = {}
+    backup_dirs: dict[str, Path] = {}
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("FINSIGHT_", "OTEL_", "REDIS_"))
     }
@@ -97,6 +158,10 @@ def scraped(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             f"{prefix}_METRICS_PORT": str(metrics_port),
             "PYTHONPATH": str(ROOT),
         }
+        if service in BACKUP_JOBS.values():
+            # As the StatefulSet sets it: its own backups volume, not under the data dir.
+            backup_dirs[service] = tmp / f"{service}-backups"
+            env_s["FINSIGHT_BACKUP_DIR"] = str(backup_dirs[service])
         log = (tmp / f"{service}.log").open("wb")
         # cwd=tmp: the services read `.env` from the working directory.
         procs[service] = (
@@ -111,8 +176,7 @@ def scraped(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             metrics_port,
         )
     try:
-        out = {}
-        for service, (proc, grpc_port, metrics_port) in procs.items():
+        for service, (proc, grpc_port, _) in procs.items():
             deadline = time.monotonic() + 60
             while True:
                 try:
@@ -122,9 +186,23 @@ def scraped(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     if proc.poll() is not None or time.monotonic() > deadline:
                         log_text = (tmp / f"{service}.log").read_text()[-3000:]
                         pytest.fail(f"{service} did not start:\n{log_text}")
+        backup_output = {}
+        for job, service in BACKUP_JOBS.items():
+            done = backup_job_run(dev, job, procs[service][1], tmp)
+            assert done.returncode == 0, f"{job}: {done.stdout}{done.stderr}"
+            backup_output[service] = done.stdout
+        metrics = {}
+        for service, (_, _, metrics_port) in procs.items():
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-                out[service] = r.read().decode()
-        yield out
+                metrics[service] = r.read().decode()
+        yield Observed(
+            metrics=metrics,
+            grpc_ports={s: g for s, (_, g, _) in procs.items()},
+            backup_dirs=backup_dirs,
+            backup_output=backup_output,
+            keys=keys,
+            tmp=tmp,
+        )
     finally:
         for proc, _, _ in procs.values():
             if proc.poll() is None:
@@ -136,8 +214,8 @@ def scraped(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 proc.kill()
 
 
-def test_alert_and_dashboard_metrics_are_exported(scraped: dict[str, str]) -> None:
-    exported = set().union(*(exported_names(text) for text in scraped.values()))
+def test_alert_and_dashboard_metrics_are_exported(observed: Observed) -> None:
+    exported = set().union(*(exported_names(text) for text in observed.metrics.values()))
     assert "grpc_server_handled_total" in exported
     missing = {}
     for where, expr in {**rule_exprs(), **dashboard_exprs()}.items():
@@ -191,3 +269,44 @@ def test_dashboard_is_importable_grafana_json() -> None:
     for where, expr in dashboard_exprs().items():
         for var in re.findall(r"\$(\w+)", expr):
             assert var in names | {"__rate_interval", "__interval", "__range"}, where
+
+
+def test_backup_jobs_leave_a_restorable_backup_and_a_fresh_gauge(observed: Observed) -> None:
+    """What FinsightBackupTooOld watches: each stateful service exports the time of its own
+    last successful backup, and the file the job reports is a complete database."""
+    for service, backup_dir in observed.backup_dirs.items():
+        files = sorted(backup_dir.glob(f"{service}-*.duckdb"))
+        assert len(files) == 1, files
+        assert f"backup written: {files[0]}" in observed.backup_output[service]
+        conn = duckdb.connect(str(files[0]), read_only=True)
+        try:
+            applied = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
+        finally:
+            conn.close()
+        assert applied is not None and applied[0] >= 1
+        samples = {
+            s.labels["db"]: s.value
+            for family in text_string_to_metric_families(observed.metrics[service])
+            for s in family.samples
+            if s.name == "finsight_backup_last_success_timestamp_seconds"
+        }
+        assert set(samples) == {service}, f"{service} exports backup times for {samples}"
+        assert time.time() - 120 < samples[service] <= time.time()
+
+
+def test_backup_job_fails_without_the_admin_scope(
+    observed: Observed, overlays: dict[str, Rendered]
+) -> None:
+    """The Job's success is the client's exit code: a key without `memory.admin`
+    (alice has plain `memory`) is refused, the client exits non-zero, no file is written."""
+    before = sorted(observed.backup_dirs["memory"].iterdir())
+    done = backup_job_run(
+        overlays["dev"],
+        "memory-backup",
+        observed.grpc_ports["memory"],
+        observed.tmp / "denied",
+        key=observed.keys.alice,
+    )
+    assert done.returncode != 0
+    assert "PERMISSION_DENIED" in done.stderr
+    assert sorted(observed.backup_dirs["memory"].iterdir()) == before
