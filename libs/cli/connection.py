@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -59,14 +60,40 @@ class Connection:
         return (("authorization", f"Bearer {self.key}"),) if self.key else ()
 
 
+MAX_SHOWN_VIOLATIONS = 20
+
+
 def describe_error(error: grpc.aio.AioRpcError) -> tuple[StatusInfo, list[str]]:
     """The status of a failed call in plain words, field violations included."""
     info = status_info(error)
     lines = [f"{info.code.name}: {info.message}"]
     if info.reason and info.reason != info.code.name:
         lines[0] += f" (reason {info.reason})"
-    lines += [f"  - {v.field}: {v.description}" for v in info.field_violations]
+    lines += [f"  {key}: {value}" for key, value in sorted(info.metadata.items())]
+    shown = info.field_violations[:MAX_SHOWN_VIOLATIONS]
+    lines += [f"  - {v.field}: {v.description}" for v in shown]
+    if len(info.field_violations) > len(shown):
+        lines.append(f"  … and {len(info.field_violations) - len(shown)} more (see --json)")
     lines += [f"  - quota {q.subject}: {q.description}" for q in info.quota]
     if info.retry_after is not None:
         lines.append(f"  retry after {info.retry_after:.1f}s")
     return info, lines
+
+
+def error_json(info: StatusInfo) -> dict[str, Any]:
+    """The `--json` form of a failed call: every detail, nothing cut."""
+    return {
+        "error": {
+            "code": info.code.name,
+            "message": info.message,
+            "reason": info.reason,
+            "metadata": info.metadata,
+            "field_violations": [
+                {"field": v.field, "description": v.description} for v in info.field_violations
+            ],
+            "quota_violations": [
+                {"subject": q.subject, "description": q.description} for q in info.quota
+            ],
+            "retry_after_s": info.retry_after,
+        }
+    }

@@ -3,6 +3,11 @@
 The CLI is an ordinary gRPC client: it authenticates with `FINSIGHT_API_KEY`
 or the development key file (`var/dev-api-key`), and prints a failed call's
 status and field violations in plain words, never a traceback.
+
+Exit status: 0 success; 1 a call failed (or, for `ingest`, rows were rejected;
+for `health`, something is not serving); 2 a usage error (bad arguments, a
+file that cannot be read); 3 an unexpected error in the CLI itself
+(`FINSIGHT_DEBUG=1` shows its traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -17,10 +23,12 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 
-from libs.cli import commands
-from libs.cli.connection import Connection, describe_error
+from libs.cli import analytics_cmds, analyze_cmds, commands, llm_cmds, memory_cmds
+from libs.cli.connection import Connection, describe_error, error_json
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a closed pipe
 Handler = Callable[[argparse.Namespace, Connection], Coroutine[Any, Any, Any]]
 
 
@@ -32,53 +40,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.register(sub)
+    for module in (commands, analytics_cmds, analyze_cmds, llm_cmds, memory_cmds):
+        module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    conn = Connection.from_env(
-        host=args.host, key_file=args.key_file, ca_file=args.ca_file, timeout=args.timeout
-    )
-    console = Console(stderr=True)
-    handler: Handler = args.handler
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage problem (or --help)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    console = Console(stderr=True, highlight=False)
+    try:
+        conn = Connection.from_env(
+            host=args.host, key_file=args.key_file, ca_file=args.ca_file, timeout=args.timeout
+        )
+        handler: Handler = args.handler
         result: Any = asyncio.run(handler(args, conn))
     except grpc.aio.AioRpcError as err:
         info, lines = describe_error(err)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "error": {
-                            "code": info.code.name,
-                            "message": info.message,
-                            "reason": info.reason,
-                            "field_violations": [
-                                {"field": v.field, "description": v.description}
-                                for v in info.field_violations
-                            ],
-                            "retry_after_s": info.retry_after,
-                        }
-                    }
-                )
-            )
+            print(json.dumps(error_json(info)))
         else:
-            console.print("[bold red]error[/]: " + "\n".join(lines), highlight=False)
+            console.print("[bold red]error[/]: " + escape("\n".join(lines)))
         return 1
-    except commands.CliError as err:
-        console.print(f"[bold red]error[/]: {err}", highlight=False)
+    except BrokenPipeError:  # the reader went away (`finsight memory export u | head`)
+        return EXIT_BROKEN_PIPE
+    except (commands.CliError, OSError) as err:
+        if args.json:
+            print(json.dumps({"error": {"code": "USAGE", "message": str(err)}}))
+        else:
+            console.print(f"[bold red]error[/]: {escape(str(err))}")
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug of the CLI: say so in one line, never a traceback
+        if os.environ.get("FINSIGHT_DEBUG"):
+            raise
+        console.print(
+            f"[bold red]unexpected error[/]: {type(err).__name__}: {escape(str(err))} "
+            "(FINSIGHT_DEBUG=1 shows the traceback)"
+        )
+        return 3
     if isinstance(result, int):
         return result
     return 0
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code == EXIT_BROKEN_PIPE:
+        # Python would complain when it flushes stdout at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(code)
 
 
 if __name__ == "__main__":
