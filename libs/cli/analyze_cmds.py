@@ -1,9 +1,7 @@
 """`finsight analyze` and `finsight chat`: questions about the metrics, answered by Analyze.
 
 Every answer shows where it came from (the LLM, or the rule-based summary when the gateway
-could not answer), the model, the tokens and the cost. AnalyzeResponse carries no cost:
-it is computed here from the tokens with the gateway's published prices (ListModels),
-the same formula the gateway bills with, and labelled an estimate.
+could not answer), the model, the tokens and the cost the gateway billed for the answer.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
 from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection, describe_error, error_json
-from libs.cli.llm_cmds import Prices, price_book, tokens
+from libs.cli.llm_cmds import tokens
 from libs.cli.options import add_conversation, add_range, date_range, rate, session_id, user_id
-from libs.cli.render import day, num, pct, plain, short_enum, usd
+from libs.cli.render import day, money_amount, num, pct, plain, short_enum, usd
 
 err_console = Console(stderr=True, highlight=False)
 HELP = (
@@ -57,33 +55,20 @@ def request_for(
     )
 
 
-class CostEstimator:
-    """Looks the gateway's prices up once, on the first LLM answer."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.book: dict[str, Prices] | None = None
-
-    async def __call__(self, reply: pb.AnalyzeResponse) -> float | None:
-        if reply.commentary_source != pb.COMMENTARY_SOURCE_LLM:
-            return 0.0  # the rule-based summary calls no model
-        if self.book is None:
-            self.book = await price_book(self.conn)
-        prices = self.book.get(reply.model)
-        return None if prices is None else prices.cost(reply.usage)
+def billed_cost(reply: pb.AnalyzeResponse) -> float:
+    """What the gateway billed for the answer (0 for the rule-based summary or a cache hit)."""
+    return money_amount(reply.cost) if reply.HasField("cost") else 0.0
 
 
-def answer_data(
-    reply: pb.AnalyzeResponse, session: str, user: str, cost: float | None
-) -> dict[str, Any]:
+def answer_data(reply: pb.AnalyzeResponse, session: str, user: str, cost: float) -> dict[str, Any]:
     data = plain(reply)
     data["session_id"] = session
     data["user_id"] = user
-    data["estimated_cost_usd"] = cost
+    data["cost_usd"] = cost
     return data
 
 
-def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: float | None) -> None:
+def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: float) -> None:
     source = short_enum(pb.CommentarySource.Name(reply.commentary_source), "COMMENTARY_SOURCE_")
     color = "green" if source == "LLM" else "yellow"
     out.print(
@@ -101,7 +86,7 @@ def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: floa
     llm = reply.commentary_source == pb.COMMENTARY_SOURCE_LLM
     facts.add_row("model", escape(reply.model) if llm else "- (rule-based summary)")
     facts.add_row("tokens", tokens(reply.usage) if llm else "0")
-    facts.add_row("cost (est.)", usd(cost))
+    facts.add_row("cost", usd(cost))
     facts.add_row("session / user", escape(f"{session} / {user}"))
     if reply.trace_id:
         facts.add_row("trace id", reply.trace_id)
@@ -136,7 +121,7 @@ async def analyze(args: argparse.Namespace, conn: Connection) -> int:
         reply = await analytics_pb2_grpc.AnalyticsServiceStub(channel).Analyze(
             request, metadata=conn.metadata, timeout=conn.timeout
         )
-    cost = await CostEstimator(conn)(reply)
+    cost = billed_cost(reply)
     if args.json:
         emit(args, answer_data(reply, session, user, cost), None)
     else:
@@ -192,7 +177,6 @@ class Chat:
         self.session, self.user = session_id(args), user_id(args)
         self.symbols: list[str] = list(args.symbols or [])
         self.benchmark: str | None = args.benchmark
-        self.estimate = CostEstimator(conn)
         self.failures = 0
 
     def command(self, text: str) -> None:
@@ -229,7 +213,7 @@ class Chat:
             else:
                 err_console.print("[bold red]error[/]: " + escape("\n".join(lines)))
             return
-        cost = await self.estimate(reply)
+        cost = billed_cost(reply)
         if self.args.json:
             data = answer_data(reply, self.session, self.user, cost)
             print(json.dumps(data, default=str), flush=True)

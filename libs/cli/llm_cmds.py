@@ -1,15 +1,10 @@
-"""`finsight usage`: tokens and cost by day and model, and the remaining budget.
-
-Also the price book the `analyze` and `chat` commands use to show what an answer cost.
-"""
+"""`finsight usage`: tokens and cost by day and model, and the remaining budget."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from rich.markup import escape
 from rich.table import Table
 
@@ -20,47 +15,6 @@ from libs.cli.commands import emit
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range
 from libs.cli.render import day, money_amount, plain, usd
-
-
-@dataclass(frozen=True)
-class Prices:
-    """USD per million tokens of one model."""
-
-    cache_hit: float
-    cache_miss: float
-    output: float
-
-    def cost(self, usage: common_pb2.TokenUsage) -> float:
-        # The gateway's own formula: cached and uncached prompt tokens and completion
-        # tokens priced separately (it rounds once to nano-USD; the display rounds anyway).
-        uncached = max(usage.prompt_tokens - usage.cached_prompt_tokens, 0)
-        return (
-            usage.cached_prompt_tokens * self.cache_hit
-            + uncached * self.cache_miss
-            + usage.completion_tokens * self.output
-        ) / 1e6
-
-
-async def price_book(conn: Connection) -> dict[str, Prices]:
-    """Prices by model name (and provider model id) from ListModels; empty when unreachable."""
-    book: dict[str, Prices] = {}
-    try:
-        async with conn.channel("llm_gateway") as channel:
-            reply = await llm_gateway_pb2_grpc.LlmGatewayServiceStub(channel).ListModels(
-                pb.ListModelsRequest(), metadata=conn.metadata, timeout=min(conn.timeout, 5.0)
-            )
-    except grpc.aio.AioRpcError:
-        return book
-    for m in reply.models:
-        p = m.pricing
-        prices = Prices(
-            money_amount(p.input_cache_hit_per_million),
-            money_amount(p.input_cache_miss_per_million),
-            money_amount(p.output_per_million),
-        )
-        book.setdefault(m.name, prices)
-        book.setdefault(m.provider_model, prices)
-    return book
 
 
 def tokens(u: common_pb2.TokenUsage) -> str:

@@ -62,6 +62,9 @@ class Usage:
     cached_prompt_tokens: int = 0
     reasoning_tokens: int = 0
     total_tokens: int = 0
+    # What the gateway billed for the call, in nano-units of `currency`.
+    cost_nanos: int = 0
+    currency: str = "USD"
 
 
 @dataclass(frozen=True, slots=True)

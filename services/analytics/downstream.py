@@ -129,5 +129,7 @@ class GrpcCompleter:
                 u.cached_prompt_tokens,
                 u.reasoning_tokens,
                 u.total_tokens,
+                cost_nanos=reply.cost.units * 1_000_000_000 + reply.cost.nanos,
+                currency=reply.cost.currency_code or "USD",
             ),
         )

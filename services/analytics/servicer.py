@@ -16,7 +16,7 @@ from typing import Final, TypeVar
 import grpc
 import numpy as np
 from google.protobuf.message import Message
-from google.type import date_pb2
+from google.type import date_pb2, money_pb2
 
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
@@ -502,4 +502,6 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
                     total_tokens=u.total_tokens,
                 )
             )
+            units, nanos = divmod(u.cost_nanos, 1_000_000_000)
+            out.cost.CopyFrom(money_pb2.Money(currency_code=u.currency, units=units, nanos=nanos))
         return out
