@@ -72,6 +72,10 @@ clean:  ## remove the virtualenv, generated code, caches and local data
 	find protos -name '*_pb2*.py*' -delete
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+.PHONY: chaos
+chaos: $(PROTO_STAMP)  ## fault-injection suite against the running system (slow; figures in .build/chaos-figures.jsonl)
+	SYSTEM_FIGURES_FILE=.build/chaos-figures.jsonl $(PY) -m pytest -m slow -k chaos tests/system/test_faults.py -v $(PYTEST_ARGS)
+
 .PHONY: docs
 docs: $(PROTO_STAMP)  ## regenerate docs/api.md from the proto comments
 	$(PY) -m libs.common.apidoc > docs/api.md

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +94,47 @@ def ensure_dev_key(data_dir: Path) -> tuple[str, Path]:
 
 
 class DevStack:
-    def __init__(self, env: dict[str, str]) -> None:
+    """Spawns, watches and stops the service processes.
+
+    `make run` uses it through `run()` (signal handlers, banner, log streaming). Test
+    harnesses use the pieces: `start_service`, `await_serving`, `stop_service`, `stop`,
+    with `cwd` (a directory without a `.env`) and `log_dir` (each process's stdout and
+    stderr appended to `<log_dir>/<name>.log` instead of streamed); in that mode a
+    process exiting does not stop the others (tests kill services on purpose).
+    """
+
+    def __init__(
+        self, env: dict[str, str], *, cwd: Path | None = None, log_dir: Path | None = None
+    ) -> None:
         self.env = env
+        self.cwd = cwd
+        self.log_dir = log_dir
         self.data_dir = Path(env.get("FINSIGHT_DATA_DIR", "var")).resolve()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
         self.valkey: object | None = None
         self.stopping = asyncio.Event()
+
+    @property
+    def host(self) -> str:
+        return self.env.get("FINSIGHT_BIND_HOST", "127.0.0.1")
+
+    def port(self, spec: ServiceSpec) -> int:
+        return int(self.env.get(spec.port_var, str(spec.default_port)))
+
+    def metrics_port(self, spec: ServiceSpec) -> int:
+        return int(self.env.get(spec.metrics_var, str(spec.default_metrics_port)))
+
+    def target(self, spec: ServiceSpec) -> str:
+        return f"{self.host}:{self.port(spec)}"
+
+    def default_downstream_targets(self) -> None:
+        """Point analytics at the memory and gateway ports in use, unless set explicitly."""
+        by_name = {spec.name: spec for spec in SERVICES}
+        self.env.setdefault("ANALYTICS_MEMORY_TARGET", f"dns:///{self.target(by_name['memory'])}")
+        self.env.setdefault(
+            "ANALYTICS_LLM_GATEWAY_TARGET", f"dns:///{self.target(by_name['llm_gateway'])}"
+        )
 
     def start_redis(self) -> None:
         if self.env.get("REDIS_URL"):
@@ -115,17 +150,39 @@ class DevStack:
         self.env["REDIS_URL"] = server.connection_url
         _say("redis", f"embedded Valkey on {server.connection_url}")
 
-    async def start_service(self, spec: ServiceSpec) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            spec.module,
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+    async def start_service(
+        self, spec: ServiceSpec, extra_env: Mapping[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
+        """Spawn one service (`extra_env` over the stack's environment for this start)."""
+        env = {**self.env, **(extra_env or {})}
+        if self.log_dir is None:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                spec.module,
+                env=env,
+                cwd=self.cwd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            self.pumps.append(asyncio.create_task(self._pump(spec.name, proc)))
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            # The child writes its log file itself: nothing to pump, nothing lost on a kill.
+            with (self.log_dir / f"{spec.name}.log").open("ab") as log:
+                log.write(f"--- devstack: starting {spec.name} at {time.time():.3f}\n".encode())
+                log.flush()
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    spec.module,
+                    env=env,
+                    cwd=self.cwd,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
         self.procs[spec.name] = proc
-        self.pumps.append(asyncio.create_task(self._pump(spec.name, proc)))
+        return proc
 
     async def _pump(self, name: str, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -145,11 +202,12 @@ class DevStack:
             self.env["FINSIGHT_API_KEYS_FILE"] = str(keys_file)
             self.env.setdefault("FINSIGHT_SERVICE_API_KEY", key)
         self.start_redis()
+        self.default_downstream_targets()
         started = time.monotonic()
         for spec in SERVICES:
             await self.start_service(spec)
         try:
-            await self._await_serving(started)
+            await self.await_serving(SERVICES, started=started)
         except (TimeoutError, RuntimeError) as exc:
             _say("devstack", f"start-up failed: {exc}")
             await self.stop()
@@ -162,13 +220,20 @@ class DevStack:
         await self.stop()
         return 0
 
-    async def _await_serving(self, started: float) -> None:
-        host = self.env.get("FINSIGHT_BIND_HOST", "127.0.0.1")
+    async def await_serving(
+        self,
+        specs: Iterable[ServiceSpec] = SERVICES,
+        *,
+        started: float | None = None,
+        timeout: float = 120,
+        announce: bool = True,
+    ) -> None:
+        """Wait until each service reports SERVING; RuntimeError if one exits first."""
+        began = time.monotonic() if started is None else started
 
         async def one(spec: ServiceSpec) -> None:
-            port = self.env.get(spec.port_var, str(spec.default_port))
             waiter = asyncio.create_task(
-                wait_for_serving(f"{host}:{port}", spec.health_name, timeout=120)
+                wait_for_serving(self.target(spec), spec.health_name, timeout=timeout)
             )
             died = asyncio.create_task(self.procs[spec.name].wait())
             done, _ = await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
@@ -177,18 +242,18 @@ class DevStack:
                 raise RuntimeError(f"{spec.name} exited during start-up")
             died.cancel()
             waiter.result()
-            _say("devstack", f"{spec.name} SERVING after {time.monotonic() - started:.2f}s")
+            if announce:
+                _say("devstack", f"{spec.name} SERVING after {time.monotonic() - began:.2f}s")
 
-        await asyncio.gather(*(one(spec) for spec in SERVICES))
+        await asyncio.gather(*(one(spec) for spec in specs))
 
     def _banner(self, key: str | None) -> None:
-        host = self.env.get("FINSIGHT_BIND_HOST", "127.0.0.1")
+        host = self.host
         lines = ["", "Finsight is up:"]
         for spec in SERVICES:
-            port = self.env.get(spec.port_var, str(spec.default_port))
-            mport = self.env.get(spec.metrics_var, str(spec.default_metrics_port))
             lines.append(
-                f"  {spec.name:<12} grpc {host}:{port}   metrics http://{host}:{mport}/metrics"
+                f"  {spec.name:<12} grpc {self.target(spec)}   "
+                f"metrics http://{host}:{self.metrics_port(spec)}/metrics"
             )
         lines.append(f"  redis        {self.env['REDIS_URL']}")
         if key:
@@ -201,19 +266,32 @@ class DevStack:
         for line in lines:
             _say("devstack", line)
 
+    async def stop_service(
+        self, name: str, sig: int | None = signal.SIGTERM, timeout: float = 30
+    ) -> int | None:
+        """Send `sig` (None: none, already sent) to one service and wait up to `timeout` s
+        for it to exit (then SIGKILL it); its exit code, None if it was never started."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.returncode is None and sig is not None:
+            proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=timeout)
+        except TimeoutError:
+            _say("devstack", f"{name} did not stop in time; killing it")
+            proc.kill()
+            await proc.wait()
+        return proc.returncode
+
     async def stop(self) -> None:
         self.stopping.set()
         for proc in self.procs.values():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
-        for name, proc in self.procs.items():
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                _say("devstack", f"{name} did not stop in time; killing it")
-                proc.kill()
-                await proc.wait()
+        for name in self.procs:
+            await self.stop_service(name, None, timeout=max(0.1, deadline - time.monotonic()))
         await asyncio.gather(*self.pumps, return_exceptions=True)
         if self.valkey is not None:
             self.valkey.stop()  # type: ignore[attr-defined]
