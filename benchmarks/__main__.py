@@ -23,8 +23,12 @@ def main(argv: list[str]) -> int:
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{name}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "")
         (OUT / f"{name}.txt").write_text(proc.stdout)

@@ -18,6 +18,15 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "finsight.dev"
 
+# A status travels in trailing metadata, which clients refuse past 16 KiB (and refuse at random
+# past 8 KiB, gRPC's default soft limit): an error listing every violation of a huge request would reach the caller as
+# RESOURCE_EXHAUSTED "received metadata size exceeds limit" instead. So what is sent is
+# bounded: the message, each violation's field and description, and the violations in all
+# (the rest are summarised by one last violation). `InvalidArgument.violations` keeps all.
+MAX_MESSAGE_WIRE_BYTES = 768  # grpc-message is percent-encoded: non-ASCII bytes count 3
+MAX_VIOLATION_TEXT_CHARS = 256
+MAX_VIOLATIONS_BYTES = 5600  # serialized BadRequest (100 typical violations fit)
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -70,7 +79,9 @@ class FinsightError(Exception):
 
     def to_status(self) -> status_pb2.Status:
         return status_pb2.Status(
-            code=self.code.value[0], message=self.message, details=self.details()
+            code=self.code.value[0],
+            message=_clip_wire(self.message, MAX_MESSAGE_WIRE_BYTES),
+            details=self.details(),
         )
 
 
@@ -96,15 +107,7 @@ class InvalidArgument(FinsightError):
         return cls(violations=[FieldViolation(field_path, description)])
 
     def details(self) -> list[any_pb2.Any]:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in self.violations
-            ]
-        )
-        return [*super().details(), _pack(bad)]
+        return [*super().details(), _pack(_bounded_bad_request(self.violations))]
 
 
 class Violations:
@@ -267,6 +270,38 @@ def _status_from_aio(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
             status.ParseFromString(value)
             return status
     return None
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clip_wire(text: str, limit: int) -> str:
+    """`text` cut so that its percent-encoded UTF-8 (as grpc-message is sent) fits `limit`."""
+    size = 0
+    for i, ch in enumerate(text):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if size > limit - 3:  # room for the ellipsis' own encoding
+            return text[:i] + "…"
+    return text
+
+
+def _bounded_bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
+    """The violations that fit MAX_VIOLATIONS_BYTES, in order, then a count of the rest."""
+    out = error_details_pb2.BadRequest()
+    for i, v in enumerate(violations):
+        out.field_violations.add(
+            field=_clip(v.field, MAX_VIOLATION_TEXT_CHARS),
+            description=_clip(v.description, MAX_VIOLATION_TEXT_CHARS),
+        )
+        if out.ByteSize() > MAX_VIOLATIONS_BYTES - 64:  # room for the summary
+            del out.field_violations[-1]
+            out.field_violations.add(
+                field="(request)",
+                description=f"{len(violations) - i} more violations not listed",
+            )
+            break
+    return out
 
 
 def new_error_id() -> str:

@@ -56,6 +56,11 @@ AUTH_FAILURES = Counter(
     "Rejected authentications, by reason.",
     ("grpc_service", "reason"),
 )
+REDIS_SCRIPT_BATCH_SIZE = Histogram(
+    "finsight_redis_script_batch_size",
+    "Lua script calls sent to Redis together in one pipeline (libs.common.ratelimit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 DEPENDENCY_UP = Gauge(
     "finsight_dependency_up",
     "1 when a dependency answered its last readiness check.",

@@ -225,7 +225,7 @@ class Analyzer:
         v: Violations, session_id: str, user_id: str, question: str, model: str
     ) -> None:
         for name, value in (("session_id", session_id), ("user_id", user_id)):
-            v.check(bool(ID_RE.match(value)), name, "1-128 characters of [A-Za-z0-9._:@-]")
+            v.check(bool(ID_RE.fullmatch(value)), name, "1-128 characters of [A-Za-z0-9._:@-]")
         size = len(question.encode("utf-8"))
         v.check(
             0 < size <= MAX_QUESTION_BYTES and bool(question.strip()),

@@ -33,7 +33,7 @@ DayArray = npt.NDArray[np.datetime64]
 
 
 def valid_symbol(symbol: str) -> bool:
-    return bool(SYMBOL_RE.match(symbol))
+    return bool(SYMBOL_RE.fullmatch(symbol))
 
 
 @dataclass(frozen=True, slots=True)

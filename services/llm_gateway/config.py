@@ -21,7 +21,7 @@ import os
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -123,8 +123,15 @@ class GatewaySettings(CommonSettings):
     llm_gateway_max_connections: int = Field(
         100, ge=1, le=10_000, description="Pool size per provider"
     )
+    llm_gateway_http_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp",
+        description="Wire of the httpx clients: aiohttp (fast) or httpx's own httpcore",
+    )
     llm_gateway_client_shards: int = Field(
-        4, ge=1, le=64, description="httpx clients per provider sharing the pool size (CPU)"
+        4,
+        ge=1,
+        le=64,
+        description="httpcore transport only: httpx clients per provider sharing the pool (CPU)",
     )
     llm_gateway_keepalive_expiry_s: float = Field(30.0, gt=0, le=600)
     llm_gateway_connect_timeout_s: float = Field(5.0, gt=0, le=120)

@@ -371,7 +371,7 @@ class Gateway:
             body["stop"] = list(request.stop)
         if request.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
-        metrics.PROMPT_TOKENS.labels(model.name).observe(fit.total_tokens)
+        metrics.child(metrics.PROMPT_TOKENS, model.name).observe(fit.total_tokens)
         if fit.dropped_indices:
             metrics.TRUNCATIONS.labels(model.name).inc()
         provider = self.catalog.providers[model.provider]
@@ -439,7 +439,7 @@ class Gateway:
             provider_request_id=completion.provider_request_id,
         )
         label = "cache_hit" if completion.cached else (metrics_outcome or "ok")
-        metrics.REQUESTS.labels(provider, model_name, label).inc()
+        metrics.child(metrics.REQUESTS, provider, model_name, label).inc()
         if not completion.cached:
             for kind, value in (
                 ("prompt", billed.prompt),
@@ -448,8 +448,8 @@ class Gateway:
                 ("reasoning", billed.reasoning),
             ):
                 if value:
-                    metrics.TOKENS.labels(provider, model_name, kind).inc(value)
-            metrics.COST_USD.labels(provider, model_name).inc(completion.cost_nanos / 1e9)
+                    metrics.child(metrics.TOKENS, provider, model_name, kind).inc(value)
+            metrics.child(metrics.COST_USD, provider, model_name).inc(completion.cost_nanos / 1e9)
         settlement = (
             None
             if reservation is None
@@ -459,7 +459,10 @@ class Gateway:
         if store and not completion.cached and plan.cache_write and plan.cache_key is not None:
             writes.append(self.cache.put(plan.cache_key, completion, plan.cache_ttl_s))
         try:
-            await asyncio.gather(*writes)
+            if len(writes) == 1:
+                await writes[0]
+            else:
+                await asyncio.gather(*writes)
         except (RedisError, OSError) as exc:
             # The answer exists and is returned; losing its accounting is logged loudly.
             log.error(

@@ -1,6 +1,7 @@
 """Per-tenant limits: requests per minute, tokens per minute, daily cost budget (Redis).
 
-One Lua script admits a request atomically, all or nothing, in one round trip:
+One Lua script admits a request atomically, all or nothing, in one round trip (shared, under
+load, with the other requests' scripts: `libs.common.ratelimit.ScriptBatcher`):
 
 * RPM and TPM are token buckets with exactly the algorithm and hash layout of
   `libs.common.ratelimit.TokenBucket` (refill by elapsed Redis server time, burst = the
@@ -32,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from libs.common.errors import QuotaViolation, ResourceExhausted, Unavailable
+from libs.common.ratelimit import script_batcher
 from services.llm_gateway import metrics
 from services.llm_gateway.config import TenantLimitsSpec
 from services.llm_gateway.pricing import nanos_to_units, usd_to_nanos
@@ -186,6 +188,7 @@ class TenantLimiter:
         self.policy = policy
         self.fail_mode = fail_mode
         self._admit = redis.register_script(_ADMIT_LUA)
+        self._batcher = script_batcher(redis)  # shared with the kit's rate limiter
 
     async def admit(self, tenant: str, *, tokens: int, max_cost_nanos: int) -> Reservation:
         """Spend one request of the RPM, `tokens` of the TPM and reserve `max_cost_nanos` of
@@ -200,9 +203,10 @@ class TenantLimiter:
             return reservation
         day_key = budget_key(tenant, utc_day())
         try:
-            code, retry_ms, spent = await self._admit(
-                keys=[rpm_key(tenant), tpm_key(tenant), day_key],
-                args=[
+            code, retry_ms, spent = await self._batcher.run(
+                self._admit,
+                [rpm_key(tenant), tpm_key(tenant), day_key],
+                [
                     limits.rpm / 60.0,
                     limits.rpm,
                     limits.tpm / 60.0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 
 from redis.asyncio import Redis
 
@@ -33,6 +35,7 @@ def build_gateway(settings: GatewaySettings, redis: Redis) -> tuple[Gateway, lis
             write_s=s.llm_gateway_write_timeout_s,
             pool_s=s.llm_gateway_pool_timeout_s,
             keepalive_expiry_s=s.llm_gateway_keepalive_expiry_s,
+            transport=s.llm_gateway_http_transport,
         )
         for name, provider in catalog.providers.items()
         if provider.available
@@ -90,6 +93,7 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     gateway, clients = build_gateway(settings, redis)
     # ~0.4 s, off the event loop and before SERVING, so no request pays for it.
     await asyncio.to_thread(get_tokenizer)
+    release_freed_heap()
     add_to_server(LlmGatewayServicer(gateway), host.server)
 
     async def config_loaded() -> bool:
@@ -100,8 +104,22 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
         host.on_shutdown(client.aclose)
 
 
+def release_freed_heap() -> None:
+    """Give the memory freed while loading the tokenizer back to the OS.
+
+    Parsing tokenizer.json allocates ~20 MiB more than the tokenizer keeps; glibc holds the
+    freed pages in its arenas, where they count in RSS for the life of the process (the
+    gateway's RSS at SERVING drops from ~150 to ~131 MiB). A no-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
-    main_entry(GatewaySettings, setup)
+    main_entry(GatewaySettings, setup, uvloop=True)
 
 
 if __name__ == "__main__":

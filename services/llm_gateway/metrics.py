@@ -6,7 +6,10 @@ from a fixed vocabulary; never a tenant or a request id.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 131072)
@@ -77,3 +80,17 @@ PROMPT_TOKENS = Histogram(
     ("model",),
     buckets=_TOKENS,
 )
+
+
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: `.labels()` takes a lock and builds a key on
+    every call, several times per request on the hot path. Label values are bounded (see
+    above), so is this cache."""
+    key = (id(metric), labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found

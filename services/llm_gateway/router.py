@@ -118,8 +118,8 @@ class Router:
                     _finish_span(span, link, None, None, exc)
                     raise
                 finally:
-                    metrics.ATTEMPT_SECONDS.labels(
-                        link.provider.name, link.model.name, outcome
+                    metrics.child(
+                        metrics.ATTEMPT_SECONDS, link.provider.name, link.model.name, outcome
                     ).observe(time.perf_counter() - started)
                 _finish_span(span, link, answer.model, answer.usage, None)
                 return answer

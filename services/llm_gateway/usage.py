@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from libs.common.ratelimit import script_batcher
 from services.llm_gateway.limits import Settlement
 from services.llm_gateway.pricing import Usage
 
@@ -89,6 +90,7 @@ class UsageLedger:
         self.stream_maxlen = stream_maxlen
         self.retention_s = retention_days * 24 * 3600
         self._record = redis.register_script(_RECORD_LUA)
+        self._batcher = script_batcher(redis)
 
     async def record(self, event: UsageEvent, settlement: Settlement | None = None) -> None:
         """Counters, budget settlement, TPM refund and the stream event: one atomic script."""
@@ -139,7 +141,7 @@ class UsageLedger:
         ]
         for name, value in fields.items():
             args += [name, value]
-        await self._record(keys=keys, args=args)
+        await self._batcher.run(self._record, keys, args)
 
     async def report(
         self, tenant: str, start: date, end: date, model: str | None = None

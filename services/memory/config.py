@@ -102,6 +102,15 @@ class MemorySettings(CommonSettings):
         30.0, gt=0, description="Age at which a fact's recency score halves"
     )
 
+    memory_recall_index_max_entries: int = Field(
+        4_000_000,
+        ge=0,
+        le=1_000_000_000,
+        description="Cap of the in-process recall index, in postings + facts (~16 and ~80 "
+        "bytes each; 4M = 64-100 MB); least recently used users are evicted, a user whose "
+        "index alone exceeds it is served by SQL. 0 = always SQL",
+    )
+
     # BuildContext.
     memory_system_preamble: str = Field(
         DEFAULT_PREAMBLE,

@@ -74,6 +74,7 @@ def encode(m: StoredMessage) -> str:
             "k": m.client_message_id,
             "m": m.metadata,
             "t": m.created_us,
+            "n": m.tokens,
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -93,6 +94,7 @@ def decode(raw: bytes | str) -> StoredMessage:
         client_message_id=d["k"],
         metadata=d["m"],
         created_us=d["t"],
+        tokens=d.get("n"),
     )
 
 

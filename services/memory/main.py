@@ -61,7 +61,7 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     manager = MemoryManager(settings, db, hot)
     manager.start()
     host.on_shutdown(manager.close)  # runs before db.close (reverse order)
-    purger = Purger(settings, db, hot)
+    purger = Purger(settings, db, hot, manager.index)
     purger.start()
     host.on_shutdown(purger.stop)  # runs before db.close (reverse order)
     wire.add_servicer(

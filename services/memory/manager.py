@@ -17,7 +17,7 @@ from libs.common import context, tokens
 from libs.common.duck import Database
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.tracing import tracer
-from services.memory import metrics, pagination, storage
+from services.memory import metrics, pagination, recall, storage
 from services.memory.batcher import Batcher
 from services.memory.config import MemorySettings
 from services.memory.context_builder import BuiltContext, build_context
@@ -42,6 +42,8 @@ from services.memory.models import (
     StoredMessage,
     now_us,
 )
+from services.memory.recall_index import RecallIndex, UserIndex
+from services.memory.token_counter import TokenCounter
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -58,13 +60,23 @@ class HistoryPage:
 
 
 class MemoryManager:
-    def __init__(self, settings: MemorySettings, db: Database, hot: HotTier) -> None:
+    def __init__(
+        self,
+        settings: MemorySettings,
+        db: Database,
+        hot: HotTier,
+        index: RecallIndex | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.hot = hot
+        self.index = (
+            index if index is not None else RecallIndex(settings.memory_recall_index_max_entries)
+        )
         self.appends: Batcher[AppendRequest, AppendResult] = Batcher(
             db, "append_batch", storage.append_batch, after_commit=self._write_through
         )
+        self.token_counter = TokenCounter()
         self.audits: Batcher[tuple[AuditRecord, int], None] = Batcher(
             db, "audit_batch", storage.write_audit_batch
         )
@@ -76,12 +88,14 @@ class MemoryManager:
         )
 
     def start(self) -> None:
+        self.token_counter.start()
         self.appends.start()
         self.audits.start()
 
     async def close(self) -> None:
         await self.appends.close()
         await self.audits.close()
+        await self.token_counter.close()
 
     # -- audit -------------------------------------------------------------------------------
     @staticmethod
@@ -104,11 +118,13 @@ class MemoryManager:
     async def append(
         self, session_id: str, user_id: str, messages: list[NewMessage]
     ) -> list[Appended]:
+        with _tracer.start_as_current_span("memory.append.count_tokens"):
+            costs = await self.token_counter.costs([(m.role, m.content) for m in messages])
         request = AppendRequest(
             tenant=context.current_tenant(),
             session_id=session_id,
             user_id=user_id,
-            messages=messages,
+            messages=[replace(m, tokens=c) for m, c in zip(messages, costs, strict=True)],
             audit=self._audit("AppendMessages", user_id, session_id),
             now_us=now_us(),
         )
@@ -207,14 +223,13 @@ class MemoryManager:
             if window.lo == 1 or len(window.messages) >= limit:
                 metrics.HOT_TIER_READS.labels("hit").inc()
                 return window.messages[-limit:]
-        session = await self.db.read("get_session", storage.get_session, tenant, session_id)
+        session, rows = await self.db.read(
+            "recent_of_session", storage.recent_of_session, tenant, session_id, limit
+        )
         if session is None:
             return []
         if session.user_id != user_id:
             raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
-        rows = await self.db.read(
-            "recent_messages", storage.recent_messages, tenant, session_id, limit
-        )
         if window is None and self.hot.trusted:
             if limit >= self.hot.window or len(rows) < limit:
                 await self.hot.fill(tenant, session_id, rows, generation)
@@ -244,20 +259,26 @@ class MemoryManager:
             )
             for f in facts
         ]
-        out = await self.db.write(
-            "remember_facts",
-            storage.remember_facts,
-            tenant,
-            user_id,
-            facts,
-            now,
-            self._audit("Remember", user_id),
-        )
-        if out is None:
+        try:
+            done = await self.db.write(
+                "remember_facts",
+                storage.remember_facts,
+                tenant,
+                user_id,
+                facts,
+                now,
+                self._audit("Remember", user_id),
+            )
+        except BaseException:
+            self.index.invalidate((tenant, user_id))  # committed or not: do not guess
+            raise
+        if done is None:
             raise FailedPrecondition(
                 "the user has not consented to long-term memory (SetConsent)",
                 reason="CONSENT_REQUIRED",
             )
+        out, inserted = done
+        self.index.add((tenant, user_id), inserted.facts, inserted.postings)
         stored = sum(1 for r in out if not r.deduplicated)
         metrics.FACTS_REMEMBERED.labels("stored").inc(stored)
         metrics.FACTS_REMEMBERED.labels("deduplicated").inc(len(out) - stored)
@@ -267,20 +288,46 @@ class MemoryManager:
         self, tenant: str, user_id: str, query: str, flt: FactFilter, k: int
     ) -> list[ScoredFact]:
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
-            found = await self.db.read(
-                "recall_facts",
-                storage.recall_facts,
-                tenant,
-                user_id,
-                query,
-                flt,
-                k,
-                now_us(),
-                self.weights,
-            )
+            key = (tenant, user_id)
+            index = await self.index.get(key, lambda: self._load_index(tenant, user_id))
+            if index is None:
+                path = "sql"
+                found = await self.db.read(
+                    "recall_facts",
+                    storage.recall_facts,
+                    tenant,
+                    user_id,
+                    query,
+                    flt,
+                    k,
+                    now_us(),
+                    self.weights,
+                )
+            else:
+                path = "index"
+                found = await self.db.read(
+                    "recall_indexed",
+                    _search_indexed,
+                    index,
+                    tenant,
+                    user_id,
+                    query,
+                    flt,
+                    k,
+                    now_us(),
+                    self.weights,
+                )
+            span.set_attribute("memory.recall.path", path)
             span.set_attribute("memory.recall.results", len(found))
+        metrics.RECALL_SERVED.labels(path).inc()
         metrics.RECALL_RESULTS.observe(len(found))
+        metrics.RECALL_INDEX_ENTRIES.set(self.index.size)
         return found
+
+    async def _load_index(self, tenant: str, user_id: str) -> UserIndex:
+        with _tracer.start_as_current_span("memory.recall.index_load"):
+            metrics.RECALL_INDEX_LOADS.inc()
+            return await self.db.read("recall_index_load", _load_user_index, tenant, user_id)
 
     async def recall(self, user_id: str, query: str, k: int, flt: FactFilter) -> list[ScoredFact]:
         tenant = context.current_tenant()
@@ -294,17 +341,20 @@ class MemoryManager:
         self, user_id: str, fact_ids: list[str], flt: FactFilter | None, forget_all: bool
     ) -> list[str]:
         tenant = context.current_tenant()
-        return await self.db.write(
-            "forget_facts",
-            storage.forget_facts,
-            tenant,
-            user_id,
-            fact_ids,
-            flt,
-            forget_all,
-            now_us(),
-            self._audit("Forget", user_id),
-        )
+        try:
+            return await self.db.write(
+                "forget_facts",
+                storage.forget_facts,
+                tenant,
+                user_id,
+                fact_ids,
+                flt,
+                forget_all,
+                now_us(),
+                self._audit("Forget", user_id),
+            )
+        finally:  # after COMMIT, before the answer: no later Recall sees a forgotten fact
+            self.index.invalidate((tenant, user_id))
 
     # -- context -----------------------------------------------------------------------------
     async def build_context(
@@ -360,15 +410,19 @@ class MemoryManager:
     # -- consent -----------------------------------------------------------------------------
     async def set_consent(self, user_id: str, long_term_memory: bool) -> tuple[Consent, int]:
         tenant = context.current_tenant()
-        return await self.db.write(
-            "set_consent",
-            storage.set_consent,
-            tenant,
-            user_id,
-            long_term_memory,
-            now_us(),
-            self._audit("SetConsent", user_id),
-        )
+        try:
+            return await self.db.write(
+                "set_consent",
+                storage.set_consent,
+                tenant,
+                user_id,
+                long_term_memory,
+                now_us(),
+                self._audit("SetConsent", user_id),
+            )
+        finally:
+            if not long_term_memory:  # withdrawal deletes the user's facts
+                self.index.invalidate((tenant, user_id))
 
     async def get_consent(self, user_id: str) -> Consent:
         tenant = context.current_tenant()
@@ -416,14 +470,17 @@ class MemoryManager:
 
     async def erase(self, user_id: str) -> tuple[ErasureCounts, int]:
         tenant = context.current_tenant()
-        counts = await self.db.write(
-            "erase_user",
-            storage.erase_user,
-            tenant,
-            user_id,
-            now_us(),
-            self._audit("DeleteUserData", user_id),
-        )
+        try:
+            counts = await self.db.write(
+                "erase_user",
+                storage.erase_user,
+                tenant,
+                user_id,
+                now_us(),
+                self._audit("DeleteUserData", user_id),
+            )
+        finally:
+            self.index.invalidate((tenant, user_id))
         cached = await self.hot.invalidate((tenant, s) for s in counts.session_ids)
         metrics.ERASURES.inc()
         log.info(
@@ -437,3 +494,31 @@ class MemoryManager:
             },
         )
         return counts, cached
+
+
+# -- helpers run on reader threads / off the event loop --------------------------------------
+def _load_user_index(cur: storage.Cursor, tenant: str, user_id: str) -> UserIndex:
+    facts, postings = storage.load_recall_index(cur, tenant, user_id)
+    return UserIndex.build(facts, postings)
+
+
+def _search_indexed(
+    cur: storage.Cursor,
+    index: UserIndex,
+    tenant: str,
+    user_id: str,
+    query: str,
+    flt: FactFilter,
+    k: int,
+    now: int,
+    weights: RecallWeights,
+) -> list[ScoredFact]:
+    keys = [recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)]
+    hits = index.search(keys, flt, k, now, weights)
+    found = storage.facts_by_no(cur, tenant, user_id, [h.fact_no for h in hits])
+    # A fact deleted since the index snapshot is gone from `found` and simply left out.
+    return [
+        ScoredFact(found[h.fact_no], h.bm25, h.bm25_normalized, h.recency, h.importance, h.score)
+        for h in hits
+        if h.fact_no in found
+    ]

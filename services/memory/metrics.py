@@ -35,6 +35,22 @@ RECALL_RESULTS = Histogram(
     "Facts returned per Recall.",
     buckets=(0, 1, 2, 5, 10, 20, 50, 100),
 )
+RECALL_SERVED = Counter(
+    "finsight_memory_recall_served_total",
+    "Recalls (incl. those of BuildContext) by how they were scored: index (in-process "
+    "per-user index) or sql (index disabled, or the user's index over the cap).",
+    ("path",),
+)
+RECALL_INDEX_LOADS = Counter(
+    "finsight_memory_recall_index_loads_total",
+    "Per-user recall indexes loaded from DuckDB (a miss: first use, eviction, or a "
+    "Forget/consent withdrawal/erasure/purge since the last load).",
+)
+RECALL_INDEX_ENTRIES = Gauge(
+    "finsight_memory_recall_index_entries",
+    "Postings + facts held by the in-process recall index (bounded by "
+    "MEMORY_RECALL_INDEX_MAX_ENTRIES).",
+)
 CONTEXT_TOKENS = Histogram(
     "finsight_memory_context_tokens",
     "Prompt tokens of built contexts.",

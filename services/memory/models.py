@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+import pyarrow as pa
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -25,6 +27,8 @@ class NewMessage:
     content: str
     client_message_id: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Token cost (see `StoredMessage.tokens`), counted by the manager before the write.
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class StoredMessage:
     client_message_id: str | None
     metadata: dict[str, str]
     created_us: int
+    # What the message costs in a DeepSeek prompt when it is not the first system message
+    # of the prompt: `libs.common.tokens.message_costs` of it alone, plus
+    # EXTRA_SYSTEM_OVERHEAD for a system message (BuildContext always puts the preamble
+    # first). Counted once at append time; None for rows written before migration 003
+    # (counted when read).
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,33 @@ class Fact:
     source_session_id: str | None
     created_us: int
     expires_us: int | None
+
+
+# Facts and postings as the in-process recall index takes them (services/memory/
+# recall_index.py): loaded from DuckDB, or just inserted by Remember.
+INDEX_FACTS_SCHEMA = pa.schema(
+    [
+        ("fact_no", pa.int64()),
+        ("fact_id", pa.string()),
+        ("doc_len", pa.int32()),
+        ("importance", pa.float64()),
+        ("created_us", pa.int64()),
+        ("expires_us", pa.int64()),
+        ("kind", pa.string()),
+        ("tags", pa.list_(pa.string())),
+    ]
+)
+INDEX_POSTINGS_SCHEMA = pa.schema(
+    [("term_key", pa.int64()), ("fact_no", pa.int64()), ("tf", pa.int32())]
+)
+
+
+@dataclass(frozen=True)
+class InsertedFacts:
+    """What a fact write inserted (`INDEX_FACTS_SCHEMA`, `INDEX_POSTINGS_SCHEMA` tables)."""
+
+    facts: pa.Table
+    postings: pa.Table
 
 
 @dataclass(frozen=True)
@@ -195,3 +232,6 @@ class PurgeCounts:
     audit_entries: int = 0
     # (tenant, session_id) whose cached window must be dropped.
     touched_sessions: tuple[tuple[str, str], ...] = ()
+    # Of `facts`, those deleted by a kind's max age before their expiry (the others had
+    # expired, so recall already ignored them).
+    facts_by_age: int = 0

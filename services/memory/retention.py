@@ -23,16 +23,24 @@ from services.memory import metrics, storage
 from services.memory.config import MemorySettings
 from services.memory.hot_tier import HotTier
 from services.memory.models import AuditRecord, PurgeCounts, now_us
+from services.memory.recall_index import RecallIndex
 
 log = logging.getLogger(__name__)
 SYSTEM_CALLER = "memory-retention"
 
 
 class Purger:
-    def __init__(self, settings: MemorySettings, db: Database, hot: HotTier) -> None:
+    def __init__(
+        self,
+        settings: MemorySettings,
+        db: Database,
+        hot: HotTier,
+        index: RecallIndex | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.hot = hot
+        self.index = index
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -47,7 +55,16 @@ class Purger:
             for tenant in {*tenants, *self.settings.memory_tenant_retention}:
                 p = self.settings.retention_for(tenant)
                 policies[tenant] = (p.message_days, p.audit_days, p.fact_days)
-            counts = await self.db.write("purge", storage.purge, policies, now_us(), audit)
+            try:
+                counts = await self.db.write("purge", storage.purge, policies, now_us(), audit)
+            except BaseException:
+                if self.index is not None:
+                    self.index.clear()
+                raise
+            if self.index is not None and counts.facts_by_age:
+                # Any user's, and rare (a retention policy got stricter): drop every cached
+                # recall index. Facts that merely expired were ignored by recall already.
+                self.index.clear()
             await self.hot.invalidate(counts.touched_sessions)
         for kind, n in (
             ("facts", counts.facts),

@@ -18,10 +18,13 @@ from dataclasses import replace
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from services.memory import recall
 from services.memory.models import (
+    INDEX_FACTS_SCHEMA,
+    INDEX_POSTINGS_SCHEMA,
     Appended,
     AppendRequest,
     AppendResult,
@@ -31,6 +34,7 @@ from services.memory.models import (
     ErasureCounts,
     Fact,
     FactFilter,
+    InsertedFacts,
     NewFact,
     Order,
     PurgeCounts,
@@ -75,7 +79,7 @@ def insert_audit(cur: Cursor, record: AuditRecord, at_us: int) -> str:
 # -- sessions and messages -----------------------------------------------------------------
 _MESSAGE_COLUMNS = (
     "message_id, session_id, user_id, seq, role, content, client_message_id, "
-    "metadata, epoch_us(created_at)"
+    "metadata, epoch_us(created_at), tokens"
 )
 
 
@@ -90,6 +94,7 @@ def _message(row: Sequence[Any]) -> StoredMessage:
         client_message_id=row[6],
         metadata=json.loads(row[7]),
         created_us=int(row[8]),
+        tokens=None if row[9] is None else int(row[9]),
     )
 
 
@@ -105,14 +110,21 @@ def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def insert_audit_rows(cur: Cursor, rows: Sequence[tuple[AuditRecord, int]]) -> None:
-    """Insert many audit rows in one statement (Arrow)."""
-    if not rows:
-        return
-    table = pa.table(
+# Set-based writes pass their rows as Arrow tables that DuckDB reads by *name* through its
+# replacement scans (a local variable of the frame that calls `execute`): no register /
+# unregister round trips (~0.3-0.5 ms each), any number of rows in one statement. Measured
+# against the alternatives in DuckDB 2.0 (one INSERT of 1-640 rows, ms; noisy 2-core box):
+#     VALUES (?, ...) list: 1.1 / 3.2 / 10.8 / 145      executemany: 1.7 / 15 / 68 / -
+#     unnest(?) lists:      1.6 / 1.9 / 3.3 / 20        register + INSERT: 2.5 / 2.7 / 3.9 / 12
+#     replacement scan:     1.7 / 1.8 / 2.3 / 5.7       (for 1 / 16 / 64 / 640 rows)
+# Several statements then run in ONE `execute` (a ";"-separated script without
+# parameters), so a whole append batch costs two calls into DuckDB plus BEGIN/COMMIT.
+# The names below must never be those of real tables (the catalog would win).
+def _audit_table(rows: Sequence[tuple[AuditRecord, int]]) -> pa.Table:
+    return pa.table(
         {
             "audit_id": pa.array([new_id("aud") for _ in rows], pa.string()),
-            "at_us": pa.array([at for _, at in rows], pa.int64()),
+            "logged_at": pa.array([at for _, at in rows], pa.timestamp("us")),
             "tenant": pa.array([r.tenant for r, _ in rows], pa.string()),
             "caller": pa.array([r.caller for r, _ in rows], pa.string()),
             "key_id": pa.array([r.key_id for r, _ in rows], pa.string()),
@@ -126,14 +138,37 @@ def insert_audit_rows(cur: Cursor, rows: Sequence[tuple[AuditRecord, int]]) -> N
             "detail": pa.array([_json(r.detail) for r, _ in rows], pa.string()),
         }
     )
-    cur.register("new_audit", table)
-    try:
-        cur.execute(
-            "INSERT INTO audit_log SELECT audit_id, make_timestamp(at_us), tenant, caller, "
-            "key_id, rpc, user_id, session_id, target_ids, outcome, detail FROM new_audit"
-        )
-    finally:
-        cur.unregister("new_audit")
+
+
+_INSERT_AUDIT = "INSERT INTO audit_log BY NAME SELECT * FROM arrow_new_audit"
+
+
+def _run_script(
+    cur: Cursor,
+    sql: str,
+    *,
+    arrow_new_audit: pa.Table | None = None,
+    arrow_new_messages: pa.Table | None = None,
+    arrow_new_sessions: pa.Table | None = None,
+    arrow_session_updates: pa.Table | None = None,
+    arrow_lookup: pa.Table | None = None,
+    arrow_lookup_ids: pa.Table | None = None,
+) -> None:
+    """Run `sql` (statements separated by ";"). The keyword arguments are locals of this
+    frame, which is where DuckDB's replacement scan finds the tables the SQL names."""
+    cur.execute(sql)
+
+
+def _query(cur: Cursor, sql: str, **tables: pa.Table | None) -> list[tuple[Any, ...]]:
+    """`_run_script` for one SELECT; returns its rows."""
+    _run_script(cur, sql, **tables)
+    return cur.fetchall()
+
+
+def insert_audit_rows(cur: Cursor, rows: Sequence[tuple[AuditRecord, int]]) -> None:
+    """Insert many audit rows in one statement."""
+    if rows:
+        _run_script(cur, _INSERT_AUDIT, arrow_new_audit=_audit_table(rows))
 
 
 def write_audit_batch(cur: Cursor, rows: list[tuple[AuditRecord, int]]) -> list[None]:
@@ -142,84 +177,99 @@ def write_audit_batch(cur: Cursor, rows: list[tuple[AuditRecord, int]]) -> list[
     return [None] * len(rows)
 
 
+def _lookup_sessions(
+    cur: Cursor, keys: list[tuple[str, str]], wanted: list[tuple[int, str]]
+) -> tuple[dict[int, tuple[int, str, int]], dict[tuple[int, str], tuple[str, int]]]:
+    """ONE query for what a batch of appends needs to know: the state of its sessions and
+    the client message ids already stored in them.
+
+    `keys[i]` is (tenant, session_id); `wanted` holds (i, client_message_id). Returns
+    ({i: (sess_no, owner, last_seq)}, {(i, cid): (message_id, seq)})."""
+    found = (
+        "SELECT r.i, s.sess_no, s.user_id, s.last_seq FROM sessions s JOIN arrow_lookup r "
+        "ON s.tenant = r.tenant AND s.session_id = r.session_id"
+    )
+    if wanted:
+        sql = f"""
+            WITH found AS MATERIALIZED ({found})
+            SELECT 0 AS part, i, sess_no, user_id, last_seq, NULL::VARCHAR AS cid FROM found
+            UNION ALL
+            SELECT 1, f.i, m.seq, m.message_id, NULL, m.client_message_id
+            FROM messages m JOIN found f ON m.sess_no = f.sess_no
+            JOIN arrow_lookup_ids w ON w.i = f.i AND w.cid = m.client_message_id"""
+    else:  # the common case: no client ids, no CTE
+        sql = f"SELECT 0, *, NULL::VARCHAR FROM ({found})"
+    rows = _query(
+        cur,
+        sql,
+        arrow_lookup=pa.table(
+            {
+                "i": pa.array(range(len(keys)), pa.int64()),
+                "tenant": pa.array([k[0] for k in keys], pa.string()),
+                "session_id": pa.array([k[1] for k in keys], pa.string()),
+            }
+        ),
+        arrow_lookup_ids=pa.table(
+            {
+                "i": pa.array([w[0] for w in wanted], pa.int64()),
+                "cid": pa.array([w[1] for w in wanted], pa.string()),
+            }
+        )
+        if wanted
+        else None,
+    )
+    state: dict[int, tuple[int, str, int]] = {}
+    known: dict[tuple[int, str], tuple[str, int]] = {}
+    for part, i, number, text, last_seq, cid in rows:
+        if part == 0:
+            state[int(i)] = (int(number), text, int(last_seq))
+        else:
+            known[(int(i), cid)] = (text, int(number))
+    return state, known
+
+
 def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResult]:
-    """Many AppendMessages requests in one set-based job (see services/memory/batcher.py).
+    """Many AppendMessages requests in one set-based job (see services/memory/batcher.py):
+    two calls into DuckDB whatever the number of requests (a lookup query, then one script
+    inserting messages, new sessions, session updates and audit rows), plus one to number
+    the new sessions when there are any.
 
     Requests are applied in order, exactly as if each ran alone: sequence numbers continue
     per session across the batch, and a client message id stored earlier in the batch (or
     before) deduplicates a later one.
     """
-    keys = sorted({(r.tenant, r.session_id) for r in requests})
-    cur.register(
-        "req_sessions",
-        pa.table(
-            {
-                "tenant": pa.array([k[0] for k in keys], pa.string()),
-                "session_id": pa.array([k[1] for k in keys], pa.string()),
-            }
-        ),
+    index: dict[tuple[str, str], int] = {}
+    for r in requests:
+        index.setdefault((r.tenant, r.session_id), len(index))
+    keys = list(index)
+    wanted = sorted(
+        {
+            (index[(r.tenant, r.session_id)], m.client_message_id)
+            for r in requests
+            for m in r.messages
+            if m.client_message_id
+        }
     )
-    try:
-        found = cur.execute(
-            "SELECT s.tenant, s.session_id, s.sess_no, s.user_id, s.last_seq FROM sessions s "
-            "JOIN req_sessions r ON s.tenant = r.tenant AND s.session_id = r.session_id"
+    found, known = _lookup_sessions(cur, keys, wanted)
+    # i -> [sess_no, owner, last_seq]
+    state: dict[int, list[Any]] = {i: list(v) for i, v in found.items()}
+    fresh = [i for i in range(len(keys)) if i not in found]
+    if fresh:  # a third call, only for batches that open sessions (nextval is slow in a join)
+        numbers = cur.execute(
+            f"SELECT nextval('session_no_seq') FROM range({len(fresh)})"
         ).fetchall()
-    finally:
-        cur.unregister("req_sessions")
-    # (tenant, session_id) -> [sess_no, owner, last_seq]
-    state: dict[tuple[str, str], list[Any]] = {
-        (t, sid): [int(no), owner, int(last)] for t, sid, no, owner, last in found
-    }
-    existing_nos = {v[0] for v in state.values()}
-
-    wanted = [
-        (state[(r.tenant, r.session_id)][0], m.client_message_id)
-        for r in requests
-        if (r.tenant, r.session_id) in state
-        for m in r.messages
-        if m.client_message_id
-    ]
-    known: dict[tuple[int, str], tuple[str, int]] = {}
-    if wanted:
-        cur.register(
-            "req_ids",
-            pa.table(
-                {
-                    "sess_no": pa.array([w[0] for w in wanted], pa.int64()),
-                    "cid": pa.array([w[1] for w in wanted], pa.string()),
-                }
-            ),
-        )
-        try:
-            for no, cid, mid, seq in cur.execute(
-                "SELECT m.sess_no, m.client_message_id, m.message_id, m.seq FROM messages m "
-                "JOIN (SELECT DISTINCT sess_no, cid FROM req_ids) r "
-                "ON m.sess_no = r.sess_no AND m.client_message_id = r.cid"
-            ).fetchall():
-                known[(int(no), cid)] = (mid, int(seq))
-        finally:
-            cur.unregister("req_ids")
-
-    fresh = [k for k in dict.fromkeys((r.tenant, r.session_id) for r in requests) if k not in state]
-    if fresh:
-        numbers = [
-            int(row[0])
-            for row in cur.execute(
-                f"SELECT nextval('session_no_seq') FROM range({len(fresh)})"
-            ).fetchall()
-        ]
-        owners: dict[tuple[str, str], str] = {}
         for r in requests:
-            owners.setdefault((r.tenant, r.session_id), r.user_id)
-        for key, no in zip(fresh, numbers, strict=True):
-            state[key] = [no, owners[key], 0]
+            i = index[(r.tenant, r.session_id)]
+            if i not in state:
+                state[i] = [int(numbers.pop()[0]), r.user_id, 0]
 
     results: list[AppendResult] = []
-    msg_rows: list[tuple[int, str, StoredMessage]] = []
+    rows: list[tuple[int, str, StoredMessage]] = []
     audits: list[tuple[AuditRecord, int]] = []
-    touched: dict[int, tuple[int, int]] = {}  # sess_no -> (last_seq, updated_us)
+    touched: dict[int, int] = {}  # i -> updated_us
     for r in requests:
-        sess_no, owner, last_seq = state[(r.tenant, r.session_id)]
+        i = index[(r.tenant, r.session_id)]
+        sess_no, owner, last_seq = state[i]
         if owner != r.user_id:
             audits.append((replace(r.audit, outcome="SESSION_USER_MISMATCH"), r.now_us))
             results.append(AppendResult([], [], owner_mismatch=True))
@@ -228,8 +278,8 @@ def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResul
         new: list[StoredMessage] = []
         for m in r.messages:
             cid = m.client_message_id
-            if cid and (sess_no, cid) in known:
-                mid, old_seq = known[(sess_no, cid)]
+            if cid and (i, cid) in known:
+                mid, old_seq = known[(i, cid)]
                 appended.append(Appended(mid, old_seq, cid, True))
                 continue
             last_seq += 1
@@ -243,15 +293,16 @@ def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResul
                 cid,
                 dict(m.metadata),
                 r.now_us,
+                m.tokens,
             )
             if cid:
-                known[(sess_no, cid)] = (stored.message_id, last_seq)
+                known[(i, cid)] = (stored.message_id, last_seq)
             new.append(stored)
-            msg_rows.append((sess_no, r.tenant, stored))
+            rows.append((sess_no, r.tenant, stored))
             appended.append(Appended(stored.message_id, last_seq, cid, False))
-        state[(r.tenant, r.session_id)][2] = last_seq
+        state[i][2] = last_seq
         if new:
-            touched[sess_no] = (last_seq, r.now_us)
+            touched[i] = r.now_us
         audits.append(
             (
                 replace(
@@ -264,85 +315,59 @@ def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResul
         )
         results.append(AppendResult(appended, new))
 
-    _insert_messages(cur, msg_rows)
-    new_sessions = [(k, v) for k, v in state.items() if v[0] not in existing_nos]
-    if new_sessions:
-        cur.register(
-            "new_sessions",
-            pa.table(
-                {
-                    "sess_no": pa.array([v[0] for _, v in new_sessions], pa.int64()),
-                    "tenant": pa.array([k[0] for k, _ in new_sessions], pa.string()),
-                    "session_id": pa.array([k[1] for k, _ in new_sessions], pa.string()),
-                    "user_id": pa.array([v[1] for _, v in new_sessions], pa.string()),
-                    "last_seq": pa.array([v[2] for _, v in new_sessions], pa.int64()),
-                    "at_us": pa.array(
-                        [touched.get(v[0], (0, requests[0].now_us))[1] for _, v in new_sessions],
-                        pa.int64(),
-                    ),
-                }
-            ),
+    script = [_INSERT_AUDIT]
+    tables: dict[str, pa.Table | None] = {"arrow_new_audit": _audit_table(audits)}
+    if rows:
+        script.append("INSERT INTO messages BY NAME SELECT * FROM arrow_new_messages")
+        tables["arrow_new_messages"] = _messages_table(rows)
+    created = [i for i in touched if i not in found]
+    if created:
+        script.append("INSERT INTO sessions BY NAME SELECT * FROM arrow_new_sessions")
+        tables["arrow_new_sessions"] = pa.table(
+            {
+                "sess_no": pa.array([state[i][0] for i in created], pa.int64()),
+                "tenant": pa.array([keys[i][0] for i in created], pa.string()),
+                "session_id": pa.array([keys[i][1] for i in created], pa.string()),
+                "user_id": pa.array([state[i][1] for i in created], pa.string()),
+                "last_seq": pa.array([state[i][2] for i in created], pa.int64()),
+                "created_at": pa.array([touched[i] for i in created], pa.timestamp("us")),
+                "updated_at": pa.array([touched[i] for i in created], pa.timestamp("us")),
+            }
         )
-        try:
-            cur.execute(
-                "INSERT INTO sessions SELECT sess_no, tenant, session_id, user_id, "
-                "last_seq, make_timestamp(at_us), make_timestamp(at_us) FROM new_sessions"
-            )
-        finally:
-            cur.unregister("new_sessions")
-    updates = [(no, seq, at) for no, (seq, at) in touched.items() if no in existing_nos]
-    if updates:
-        cur.register(
-            "upd_sessions",
-            pa.table(
-                {
-                    "sess_no": pa.array([u[0] for u in updates], pa.int64()),
-                    "last_seq": pa.array([u[1] for u in updates], pa.int64()),
-                    "at_us": pa.array([u[2] for u in updates], pa.int64()),
-                }
-            ),
+    updated = [i for i in touched if i in found]
+    if updated:
+        script.append(
+            "UPDATE sessions SET last_seq = u.last_seq, updated_at = u.updated_at "
+            "FROM arrow_session_updates u WHERE sessions.sess_no = u.sess_no"
         )
-        try:
-            cur.execute(
-                "UPDATE sessions SET last_seq = u.last_seq, "
-                "updated_at = make_timestamp(u.at_us) FROM upd_sessions u "
-                "WHERE sessions.sess_no = u.sess_no"
-            )
-        finally:
-            cur.unregister("upd_sessions")
-    insert_audit_rows(cur, audits)
+        tables["arrow_session_updates"] = pa.table(
+            {
+                "sess_no": pa.array([state[i][0] for i in updated], pa.int64()),
+                "last_seq": pa.array([state[i][2] for i in updated], pa.int64()),
+                "updated_at": pa.array([touched[i] for i in updated], pa.timestamp("us")),
+            }
+        )
+    _run_script(cur, ";\n".join(script), **tables)
     return results
 
 
-def _insert_messages(cur: Cursor, rows: Sequence[tuple[int, str, StoredMessage]]) -> None:
-    if not rows:
-        return
-    cur.register(
-        "new_messages",
-        pa.table(
-            {
-                "sess_no": pa.array([r[0] for r in rows], pa.int64()),
-                "seq": pa.array([r[2].sequence for r in rows], pa.int64()),
-                "tenant": pa.array([r[1] for r in rows], pa.string()),
-                "session_id": pa.array([r[2].session_id for r in rows], pa.string()),
-                "user_id": pa.array([r[2].user_id for r in rows], pa.string()),
-                "message_id": pa.array([r[2].message_id for r in rows], pa.string()),
-                "role": pa.array([r[2].role for r in rows], pa.string()),
-                "content": pa.array([r[2].content for r in rows], pa.string()),
-                "client_message_id": pa.array([r[2].client_message_id for r in rows], pa.string()),
-                "metadata": pa.array([_json(r[2].metadata) for r in rows], pa.string()),
-                "at_us": pa.array([r[2].created_us for r in rows], pa.int64()),
-            }
-        ),
+def _messages_table(rows: Sequence[tuple[int, str, StoredMessage]]) -> pa.Table:
+    return pa.table(
+        {
+            "sess_no": pa.array([r[0] for r in rows], pa.int64()),
+            "seq": pa.array([r[2].sequence for r in rows], pa.int64()),
+            "tenant": pa.array([r[1] for r in rows], pa.string()),
+            "session_id": pa.array([r[2].session_id for r in rows], pa.string()),
+            "user_id": pa.array([r[2].user_id for r in rows], pa.string()),
+            "message_id": pa.array([r[2].message_id for r in rows], pa.string()),
+            "role": pa.array([r[2].role for r in rows], pa.string()),
+            "content": pa.array([r[2].content for r in rows], pa.string()),
+            "client_message_id": pa.array([r[2].client_message_id for r in rows], pa.string()),
+            "metadata": pa.array([_json(r[2].metadata) for r in rows], pa.string()),
+            "created_at": pa.array([r[2].created_us for r in rows], pa.timestamp("us")),
+            "tokens": pa.array([r[2].tokens for r in rows], pa.int32()),
+        }
     )
-    try:
-        cur.execute(
-            "INSERT INTO messages SELECT sess_no, seq, tenant, session_id, user_id, "
-            "message_id, role, content, client_message_id, metadata, "
-            "make_timestamp(at_us) FROM new_messages"
-        )
-    finally:
-        cur.unregister("new_messages")
 
 
 def history_page(
@@ -365,12 +390,27 @@ def history_page(
 
 def recent_messages(cur: Cursor, tenant: str, session_id: str, limit: int) -> list[StoredMessage]:
     """The last `limit` messages of a session, oldest first."""
+    return recent_of_session(cur, tenant, session_id, limit)[1]
+
+
+def recent_of_session(
+    cur: Cursor, tenant: str, session_id: str, limit: int
+) -> tuple[Session | None, list[StoredMessage]]:
+    """The session and its last `limit` messages (oldest first), in one read: the messages
+    are found by the internal session number (an integer filter scans ~35 % faster than
+    the (tenant, session_id) strings on a large messages table)."""
+    row = cur.execute(
+        "SELECT sess_no, session_id, user_id, last_seq FROM sessions "
+        "WHERE tenant = ? AND session_id = ?",
+        [tenant, session_id],
+    ).fetchone()
+    if row is None:
+        return None, []
     rows = cur.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE tenant = ? AND session_id = ? "
-        "ORDER BY seq DESC LIMIT ?",
-        [tenant, session_id, limit],
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sess_no = ? ORDER BY seq DESC LIMIT ?",
+        [row[0], limit],
     ).fetchall()
-    return [_message(r) for r in reversed(rows)]
+    return Session(row[1], row[2], int(row[3])), [_message(r) for r in reversed(rows)]
 
 
 # -- facts ---------------------------------------------------------------------------------
@@ -408,7 +448,7 @@ def remember_facts(
     facts: Sequence[NewFact],
     now_us: int,
     audit: AuditRecord,
-) -> list[Remembered] | None:
+) -> tuple[list[Remembered], InsertedFacts] | None:
     """Store facts (deduplicated per user). None, with an audit row, when consent is missing:
     consent is checked inside the write transaction so it cannot race a withdrawal."""
     if not has_consent(cur, tenant, user_id):
@@ -439,7 +479,7 @@ def remember_facts(
         live[text_hash] = fact_id  # a duplicate later in the same request dedups to this one
         rows.append((fact_id, fact, text_hash))
         out.append(Remembered(fact_id, False))
-    insert_facts(cur, tenant, user_id, rows, now_us)
+    inserted = insert_facts(cur, tenant, user_id, rows, now_us)
     insert_audit(
         cur,
         replace(
@@ -449,7 +489,7 @@ def remember_facts(
         ),
         now_us,
     )
-    return out
+    return out, inserted
 
 
 def insert_facts(
@@ -459,65 +499,161 @@ def insert_facts(
     rows: Sequence[tuple[str, NewFact, str]],
     now_us: int,
     created_us: Sequence[int] | None = None,
-) -> None:
-    """Insert facts and their postings (Arrow tables: one statement each, any batch size).
+) -> InsertedFacts:
+    """Insert facts (fact_id, fact, text_hash) of one user and their postings.
 
-    `created_us` overrides the creation times (bulk loads in benchmarks and tests)."""
-    if not rows:
-        return
-    fact_nos = [
-        int(r[0])
-        for r in cur.execute(f"SELECT nextval('fact_no_seq') FROM range({len(rows)})").fetchall()
-    ]
+    `created_us` overrides the creation times (tests)."""
     doc_lens: list[int] = []
     p_key: list[int] = []
-    p_no: list[int] = []
+    p_row: list[int] = []
     p_tf: list[int] = []
-    for fact_no, (_, fact, _) in zip(fact_nos, rows, strict=True):
+    for row, (_, fact, _) in enumerate(rows):
         tfs, length = recall.term_frequencies(fact.text)
         doc_lens.append(length)
         for term, tf in tfs.items():
             p_key.append(recall.term_key(tenant, user_id, term))
-            p_no.append(fact_no)
+            p_row.append(row)
             p_tf.append(tf)
     n = len(rows)
     created = list(created_us) if created_us is not None else [now_us] * n
-    facts_tbl = pa.table(
+    return insert_fact_tables(
+        cur,
+        pa.table(
+            {
+                "row": pa.array(range(n), pa.int64()),
+                "tenant": pa.array([tenant] * n, pa.string()),
+                "user_id": pa.array([user_id] * n, pa.string()),
+                "fact_id": pa.array([r[0] for r in rows], pa.string()),
+                "text": pa.array([r[1].text for r in rows], pa.string()),
+                "text_hash": pa.array([r[2] for r in rows], pa.string()),
+                "kind": pa.array([r[1].kind for r in rows], pa.string()),
+                "importance": pa.array([r[1].importance for r in rows], pa.float64()),
+                "tags": pa.array([list(r[1].tags) for r in rows], pa.list_(pa.string())),
+                "source_session_id": pa.array([r[1].source_session_id for r in rows], pa.string()),
+                "doc_len": pa.array(doc_lens, pa.int32()),
+                "created_us": pa.array(created, pa.int64()),
+                "expires_us": pa.array([r[1].expires_us for r in rows], pa.int64()),
+            }
+        ),
+        pa.table(
+            {
+                "term_key": pa.array(p_key, pa.int64()),
+                "row": pa.array(p_row, pa.int64()),
+                "tf": pa.array(p_tf, pa.int32()),
+            }
+        ),
+    )
+
+
+def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> InsertedFacts:
+    """Insert facts and postings given as Arrow tables, whatever their number, in one
+    statement each (the bulk path; `insert_facts` is built on it).
+
+    `facts` has the columns of `insert_facts`' table: row (0..n-1), tenant, user_id,
+    fact_id, text, text_hash, kind, importance, tags, source_session_id, doc_len,
+    created_us, expires_us; `postings` has term_key, row, tf. Term keys must be
+    `recall.term_key(tenant, user_id, term)` of the fact's own user. Internal fact numbers
+    come from `fact_no_seq` here."""
+    n = facts.num_rows
+    if n == 0:
+        return InsertedFacts(INDEX_FACTS_SCHEMA.empty_table(), INDEX_POSTINGS_SCHEMA.empty_table())
+    numbers = cur.execute(f"SELECT nextval('fact_no_seq') AS n FROM range({n})").fetchnumpy()
+    fact_no = np.sort(np.asarray(numbers["n"], dtype=np.int64))
+    by_row = fact_no[facts["row"].to_numpy()]
+    arrow_facts = pa.table(
         {
-            "fact_no": pa.array(fact_nos, pa.int64()),
-            "tenant": pa.array([tenant] * n, pa.string()),
-            "user_id": pa.array([user_id] * n, pa.string()),
-            "fact_id": pa.array([r[0] for r in rows], pa.string()),
-            "text": pa.array([r[1].text for r in rows], pa.string()),
-            "text_hash": pa.array([r[2] for r in rows], pa.string()),
-            "kind": pa.array([r[1].kind for r in rows], pa.string()),
-            "importance": pa.array([r[1].importance for r in rows], pa.float64()),
-            "tags": pa.array([list(r[1].tags) for r in rows], pa.list_(pa.string())),
-            "source_session_id": pa.array([r[1].source_session_id for r in rows], pa.string()),
-            "doc_len": pa.array(doc_lens, pa.int32()),
-            "created_us": pa.array(created, pa.int64()),
-            "expires_us": pa.array([r[1].expires_us for r in rows], pa.int64()),
+            "fact_no": by_row,
+            **{
+                c: facts[c]
+                for c in (
+                    "tenant",
+                    "user_id",
+                    "fact_id",
+                    "text",
+                    "text_hash",
+                    "kind",
+                    "importance",
+                    "tags",
+                    "source_session_id",
+                    "doc_len",
+                )
+            },
+            "created_at": facts["created_us"].cast(pa.timestamp("us")),
+            "expires_at": facts["expires_us"].cast(pa.timestamp("us")),
         }
     )
-    terms_tbl = pa.table(
+    arrow_postings = pa.table(
         {
-            "term_key": pa.array(p_key, pa.int64()),
-            "fact_no": pa.array(p_no, pa.int64()),
-            "tf": pa.array(p_tf, pa.int32()),
+            "term_key": postings["term_key"],
+            "fact_no": fact_no[postings["row"].to_numpy()],
+            "tf": postings["tf"],
         }
     )
-    cur.register("new_facts", facts_tbl)
-    cur.register("new_terms", terms_tbl)
+    _insert_facts_script(cur, arrow_facts, arrow_postings)
+    return InsertedFacts(
+        facts=pa.table(
+            {
+                "fact_no": by_row,
+                "fact_id": facts["fact_id"],
+                "doc_len": facts["doc_len"],
+                "importance": facts["importance"],
+                "created_us": facts["created_us"],
+                "expires_us": facts["expires_us"],
+                "kind": facts["kind"],
+                "tags": facts["tags"],
+            },
+            schema=INDEX_FACTS_SCHEMA,
+        ),
+        postings=arrow_postings.cast(INDEX_POSTINGS_SCHEMA),
+    )
+
+
+def _insert_facts_script(cur: Cursor, arrow_facts: pa.Table, arrow_postings: pa.Table) -> None:
+    """Both inserts in one call; the tables are found by name in this frame (see
+    `_run_script`)."""
+    cur.execute(
+        "INSERT INTO facts BY NAME SELECT * FROM arrow_facts;\n"
+        "INSERT INTO fact_terms BY NAME SELECT * FROM arrow_postings"
+    )
+
+
+# -- recall --------------------------------------------------------------------------------
+def load_recall_index(cur: Cursor, tenant: str, user_id: str) -> tuple[pa.Table, pa.Table]:
+    """A user's facts and postings for `recall_index.UserIndex`, from one snapshot (one
+    read-only transaction), so every posting refers to a fact of the same state."""
+    cur.execute("BEGIN TRANSACTION")
     try:
-        cur.execute(
-            "INSERT INTO facts SELECT fact_no, tenant, user_id, fact_id, text, text_hash, kind, "
-            "importance, tags, source_session_id, doc_len, make_timestamp(created_us), "
-            "make_timestamp(expires_us) FROM new_facts"
-        )
-        cur.execute("INSERT INTO fact_terms SELECT term_key, fact_no, tf FROM new_terms")
+        facts = cur.sql(
+            "SELECT fact_no, fact_id, doc_len, importance, epoch_us(created_at) AS created_us, "
+            "epoch_us(expires_at) AS expires_us, kind, tags "
+            "FROM facts WHERE tenant = ? AND user_id = ?",
+            params=[tenant, user_id],
+        ).to_arrow_table()
+        postings = cur.sql(
+            "SELECT t.term_key, t.fact_no, t.tf FROM fact_terms t SEMI JOIN "
+            "(SELECT fact_no FROM facts WHERE tenant = ? AND user_id = ?) f "
+            "ON t.fact_no = f.fact_no ORDER BY t.term_key",  # DuckDB sorts in parallel
+            params=[tenant, user_id],
+        ).to_arrow_table()
     finally:
-        cur.unregister("new_facts")
-        cur.unregister("new_terms")
+        cur.execute("ROLLBACK")
+    return facts.cast(INDEX_FACTS_SCHEMA), postings.cast(INDEX_POSTINGS_SCHEMA)
+
+
+def facts_by_no(cur: Cursor, tenant: str, user_id: str, fact_nos: Sequence[int]) -> dict[int, Fact]:
+    """The facts with these internal numbers that (still) belong to the user.
+
+    Only the IN list filters in SQL, so DuckDB answers it from the `facts_fact_no` ART
+    index (migration 003), ~2 ms at 1M facts; with the tenant/user predicates added it
+    plans a hash join over the user's rows instead (~13-30 ms). Ownership is checked here.
+    """
+    if not fact_nos:
+        return {}
+    numbers = ", ".join(str(int(n)) for n in fact_nos)  # integers: safe to inline
+    rows = cur.execute(
+        f"SELECT f.fact_no, f.tenant, {_FACT_COLUMNS} FROM facts f WHERE f.fact_no IN ({numbers})"
+    ).fetchall()
+    return {int(r[0]): _fact(r[2:]) for r in rows if r[1] == tenant and r[3] == user_id}
 
 
 def _filter_sql(flt: FactFilter, alias: str = "f") -> tuple[str, list[Any]]:
@@ -552,7 +688,11 @@ def recall_facts(
 
     Ranking is by the score rounded to 1e-12 (so float summation order cannot reorder
     equal scores), then by fact id. Only narrow columns travel through the scoring; text and
-    tags are fetched for the k winners only.
+    tags are fetched for the k winners only (`facts_by_no`).
+
+    The SQL path: used when the in-process index is disabled or the user's index is too
+    big for it (services/memory/recall_index.py ranks identically), and as the baseline
+    of the benchmark.
     """
     keys = sorted({recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)})
     filter_sql, filter_params = _filter_sql(flt)
@@ -611,25 +751,25 @@ def recall_facts(
                        AS recency
             FROM cand),
         top AS (
-            SELECT fact_no, fact_id, bm25, bm25_norm, recency,
+            SELECT fact_no, fact_id, bm25, bm25_norm, recency, importance,
                    $w_bm25 * bm25_norm + $w_rec * recency + $w_imp * importance AS score
-            FROM parts
-            ORDER BY round(score, 12) DESC, fact_id
-            LIMIT $k)
-        SELECT {_FACT_COLUMNS}, top.bm25, top.bm25_norm, top.recency, top.score
-        FROM top JOIN facts f ON f.fact_no = top.fact_no
-        ORDER BY round(top.score, 12) DESC, top.fact_id"""
-    rows = cur.execute(sql, named).fetchall()
+            FROM parts)
+        SELECT fact_no, bm25, bm25_norm, recency, importance, score FROM top
+        ORDER BY round(score, 12) DESC, fact_id
+        LIMIT $k"""
+    ranked = cur.execute(sql, named).fetchall()
+    found = facts_by_no(cur, tenant, user_id, [r[0] for r in ranked])
     return [
         ScoredFact(
-            fact=_fact(r[:9]),
-            bm25=float(r[9]),
-            bm25_normalized=float(r[10]),
-            recency=float(r[11]),
+            fact=found[r[0]],
+            bm25=float(r[1]),
+            bm25_normalized=float(r[2]),
+            recency=float(r[3]),
             importance=float(r[4]),
-            score=float(r[12]),
+            score=float(r[5]),
         )
-        for r in rows
+        for r in ranked
+        if r[0] in found
     ]
 
 
@@ -810,6 +950,7 @@ def purge(
         "SELECT fact_no, fact_id FROM facts WHERE expires_at <= make_timestamp(?)", [now_us]
     ).fetchall()
     facts = len(_delete_fact_rows(cur, expired))
+    by_age = 0  # facts deleted by a kind's max age (they had not expired)
     messages = sessions = audits = 0
     touched: list[tuple[str, str]] = []
     for tenant, (message_days, audit_days, fact_days) in sorted(tenants.items()):
@@ -824,7 +965,7 @@ def purge(
                 f"make_timestamp(?){kind_sql} AND NOT list_contains(?, kind)",
                 [tenant, cutoff, *([kind] if kind != "*" else []), explicit],
             ).fetchall()
-            facts += len(_delete_fact_rows(cur, rows))
+            by_age += len(_delete_fact_rows(cur, rows))
         if message_days > 0:
             cutoff = now_us - int(message_days * _US_PER_DAY)
             touched += [
@@ -853,7 +994,8 @@ def purge(
                 "DELETE FROM audit_log WHERE tenant = ? AND logged_at < make_timestamp(?)",
                 [tenant, cutoff],
             )
-    counts = PurgeCounts(facts, messages, sessions, audits, tuple(touched))
+    facts += by_age
+    counts = PurgeCounts(facts, messages, sessions, audits, tuple(touched), by_age)
     insert_audit(
         cur,
         replace(

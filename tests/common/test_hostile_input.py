@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -30,9 +31,9 @@ async def _raw(port: int, payload: bytes) -> bytes:
 
 
 @pytest.fixture
-async def small_echo(tmp_path: Path, redis_url: str, api_keys: Keys) -> Echo:
+async def small_echo(tmp_path: Path, redis_url: str, api_keys: Keys) -> AsyncIterator[Echo]:
     server = await start_echo(tmp_path, redis_url, api_keys, finsight_max_message_bytes=64 * 1024)
-    yield server  # type: ignore[misc]
+    yield server
     await server.close()
 
 

@@ -2,79 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from libs.common.clients import create_channel
 from libs.common.logging import JsonFormatter, redact
 from tests.common.conftest import SERVICE, EchoSettings, start_echo
 from tests.conftest import Keys, make_settings
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _issue(
-    subject: str,
-    issuer_key: ec.EllipticCurvePrivateKey | None,
-    issuer: x509.Name | None,
-    *,
-    ca: bool,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer or _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert
-
-
-def _write(
-    path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
-) -> tuple[Path, Path]:
-    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".pem")
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
+from tests.pki import make_pki
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Path]:
-    ca_key, ca_cert = _issue("finsight-test-ca", None, None, ca=True)
-    _, ca_pem = _write(tmp_path / "ca", ca_key, ca_cert)
-    out = {"ca": ca_pem}
-    for who in ("server", "client"):
-        key, cert = _issue("localhost", ca_key, ca_cert.subject, ca=False)
-        out[f"{who}_key"], out[f"{who}_cert"] = _write(tmp_path / who, key, cert)
-    return out
+    return make_pki(tmp_path)
 
 
 async def _echo_via(channel: grpc.aio.Channel, keys: Keys) -> bytes:

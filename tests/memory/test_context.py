@@ -116,3 +116,88 @@ async def test_context_fits_the_budget_and_reports_what_was_left_out(memory: Mem
     assert no_query.included_fact_ids[0] == facts.facts[0].fact_id
     assert len(no_query.included_fact_ids) == 3
     assert as_pairs(no_query)[-1][0] == "assistant"  # no query message appended
+
+
+def gateway_cost(role: str, content: str) -> int:
+    """A turn's cost written out from the DeepSeek template rules (libs/common/tokens.py
+    docstring), not through the memory service's helper: content tokens (an assistant's
+    reasoning before </think> is not sent) + role markers + the "\\n\\n" joiner a system
+    message pays when it is not the prompt's first (BuildContext's preamble always is)."""
+    if role == "assistant" and "</think>" in content:
+        content = content.rsplit("</think>", 1)[1]
+    overhead = {"system": tokens.EXTRA_SYSTEM_OVERHEAD, "user": 1, "assistant": 2}[role]
+    return tokens.count_text(content) + overhead
+
+
+TURNS = [
+    (2, "user", "Wie hat sich mein Portfolio entwickelt? 📈 Zeig mir die Zahlen."),
+    (3, "assistant", "<think>Check the ledger first.</think>It rose 2.4% this week."),
+    (1, "system", "The user switched to the EUR account."),
+    (2, "user", "And in EUR?"),
+    (3, "assistant", "About 2.1% — the dollar weakened. " * 20),
+]
+
+
+async def test_token_costs_are_counted_once_and_stored(memory: Memory) -> None:
+    md = memory.md()
+    await memory.stub.AppendMessages(
+        pb.AppendMessagesRequest(
+            session_id="tok",
+            user_id="u1",
+            messages=[msg(content, role=role) for role, _, content in TURNS],
+        ),
+        metadata=md,
+    )
+    stored = await memory.app.db.read(
+        "t",
+        lambda cur: cur.execute(
+            "SELECT role, content, tokens FROM messages WHERE session_id = 'tok' ORDER BY seq"
+        ).fetchall(),
+    )
+    assert [(r, c) for r, c, _ in stored] == [(r, c) for _, r, c in TURNS]
+    assert [n for _, _, n in stored] == [gateway_cost(r, c) for _, r, c in TURNS]
+    window = await memory.app.hot.window_of("acme", "tok")  # the Redis copy carries them too
+    assert window is not None
+    assert [m.tokens for m in window.messages] == [n for _, _, n in stored]
+
+
+async def test_fitting_with_stored_and_legacy_counts_is_exact(memory: Memory) -> None:
+    """`total_tokens` equals what the gateway counts for the returned messages, whether the
+    turns carry stored counts or were written before migration 003 (NULL: counted when
+    read), and both give the same context."""
+    md = memory.md()
+    for _ in range(6):
+        await memory.stub.AppendMessages(
+            pb.AppendMessagesRequest(
+                session_id="fit",
+                user_id="u1",
+                messages=[msg(content, role=role) for role, _, content in TURNS],
+            ),
+            metadata=md,
+        )
+    query = "Summarise my EUR performance"
+
+    async def build(budget: int) -> pb.BuildContextResponse:
+        return await memory.stub.BuildContext(
+            pb.BuildContextRequest(
+                session_id="fit", user_id="u1", query=query, token_budget=budget
+            ),
+            metadata=md,
+        )
+
+    budgets = (300, 700, 1500, 5000)
+    stored = {b: await build(b) for b in budgets}
+    for budget, reply in stored.items():
+        pairs = as_pairs(reply)
+        assert reply.total_tokens == tokens.count_messages(pairs) <= budget
+        assert reply.omitted_message_count + len(reply.included_sequences) == 30
+    assert stored[5000].omitted_message_count == 0 and stored[300].omitted_message_count > 0
+
+    await memory.app.db.write(
+        "t", lambda cur: cur.execute("UPDATE messages SET tokens = NULL WHERE seq % 2 = 0")
+    )
+    await memory.app.hot.invalidate([("acme", "fit")])  # read the legacy rows from DuckDB
+    for budget in budgets:
+        legacy = await build(budget)
+        assert legacy.total_tokens == stored[budget].total_tokens
+        assert as_pairs(legacy) == as_pairs(stored[budget])

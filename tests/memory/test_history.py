@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from finsight.memory.v1 import memory_pb2 as pb
 from tests.memory.conftest import Memory, counts, msg, rpc_error
@@ -173,3 +174,90 @@ async def test_unknown_session_and_other_users_session(memory: Memory) -> None:
     assert taken.code == grpc.StatusCode.FAILED_PRECONDITION
     assert taken.reason == "SESSION_USER_MISMATCH"
     assert (await counts(memory, "u2"))["messages"] == 0
+
+
+async def test_a_batch_is_applied_as_if_each_request_ran_alone(
+    memory: Memory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One group-committed job with many requests (what the Batcher builds under load):
+    new and existing sessions, retries inside the batch and across batches, an owner
+    mismatch; and a constant number of calls into DuckDB, whatever the batch size."""
+    from services.memory import storage
+    from services.memory.models import AppendRequest, AuditRecord, NewMessage
+
+    calls = []
+    run_script = storage._run_script
+
+    def counting(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        run_script(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_run_script", counting)
+    await memory.stub.AppendMessages(append("old", msg("first", cid="c1")), metadata=memory.md())
+
+    def request(session: str, user: str, *cids: str) -> AppendRequest:
+        audit = AuditRecord("acme", "alice", "k", "AppendMessages", user, session)
+        messages = [NewMessage("user", f"text {c}", c or None, {}, 3) for c in cids]
+        return AppendRequest("acme", session, user, messages, audit, 1_750_000_000_000_000)
+
+    batch = [
+        request("old", "u1", "c1", "c2"),  # c1 stored before the batch
+        request("new", "u1", "n1", ""),
+        request("new", "u1", "n1", "n2"),  # a retry racing the first, in the same batch
+        request("old", "intruder", "x"),
+        request("old", "u1", ""),
+    ]
+    calls.clear()
+    results = await memory.app.db.write("t", storage.append_batch, batch)
+    assert len(calls) == 2  # the lookup and one write script (+1 nextval: a new session)
+    seqs = [[(a.sequence, a.deduplicated) for a in r.appended] for r in results]
+    assert seqs == [
+        [(1, True), (2, False)],
+        [(1, False), (2, False)],
+        [(1, True), (3, False)],
+        [],
+        [(3, False)],
+    ]
+    assert results[2].appended[0].message_id == results[1].appended[0].message_id
+    assert results[3].owner_mismatch
+    history = await memory.stub.GetHistory(
+        pb.GetHistoryRequest(session_id="new"), metadata=memory.md()
+    )
+    assert [m.message.content for m in history.messages] == ["text n1", "text ", "text n2"]
+    stored = await memory.app.db.read(
+        "t",
+        lambda cur: cur.execute(
+            "SELECT session_id, seq, tokens FROM messages ORDER BY session_id, seq"
+        ).fetchall(),
+    )
+    assert [(s, q) for s, q, _ in stored] == [
+        ("new", 1),
+        ("new", 2),
+        ("new", 3),
+        ("old", 1),
+        ("old", 2),
+        ("old", 3),
+    ]
+    assert all(n == 3 for s, _, n in stored if s == "new")  # the counts given are stored
+    sessions = await memory.app.db.read(
+        "t",
+        lambda cur: cur.execute(
+            "SELECT session_id, user_id, last_seq FROM sessions ORDER BY 1"
+        ).fetchall(),
+    )
+    assert sessions == [("new", "u1", 3), ("old", "u1", 3)]
+    audit = await memory.app.db.read(
+        "t",
+        lambda cur: cur.execute(
+            "SELECT outcome, count(*) FROM audit_log WHERE rpc = 'AppendMessages' "
+            "AND caller = 'alice' AND key_id = 'k' GROUP BY 1 ORDER BY 1"
+        ).fetchall(),
+    )
+    assert audit == [("SESSION_USER_MISMATCH", 1), ("ok", 4)]
+
+    # A bigger batch, existing sessions only: still two calls.
+    calls.clear()
+    await memory.app.db.write(
+        "t", storage.append_batch, [request(s, "u1", "") for s in ("old", "new") * 40]
+    )
+    assert len(calls) == 2

@@ -126,7 +126,7 @@ async def test_startup_flushes_what_a_previous_process_left(
             "t",
             lambda cur: cur.execute(
                 "INSERT INTO messages SELECT sess_no, 2, tenant, session_id, user_id, "
-                "'msg_' || repeat('0', 32), 'user', 'two', NULL, '{}', created_at FROM messages"
+                "'msg_' || repeat('0', 32), 'user', 'two', NULL, '{}', created_at, NULL FROM messages"
             ),
         )
         await memory.app.db.write("t", lambda cur: cur.execute("UPDATE sessions SET last_seq = 2"))

@@ -1,0 +1,505 @@
+"""In-process recall index: each recently used user's postings as numpy arrays.
+
+Why: scoring a query in SQL scans the postings table (DuckDB's planner uses no ART index
+for these lookups, and common terms match a large share of a user's facts): 50-130 ms p50
+at 100k facts per user on the shared 2-core box; docs/memory.md "Recall performance" lists
+the alternatives measured. Here a user's postings are sorted by term key, so a query term
+is two binary searches and a slice, and BM25 + recency + importance are computed with numpy
+over the matching facts only (~2-3 ms p50 at 100k facts, ~36k candidates per query). DuckDB
+is then asked for the k winners by `fact_no` (`storage.facts_by_no`, an ART index scan).
+
+The ranking is exactly `storage.recall_facts`' (same statistics over the user's live facts,
+same formula, same `round(score, 12) DESC, fact_id ASC` order); `tests/memory/
+test_recall_index.py` compares the two on random corpora with filters and expiry.
+
+Consistency (DuckDB stays the system of record; an index is only ever a copy):
+- `UserIndex` is immutable. Searches run on reader threads over a snapshot; all changes
+  happen on the event loop by replacing the snapshot.
+- A load reads facts and postings in one DuckDB transaction (one snapshot).
+- Writes that delete a user's facts (Forget, consent withdrawal, DeleteUserData) call
+  `invalidate` after their COMMIT and before their RPC answers; a retention purge that
+  deleted facts by age calls `clear`. Remember calls `add` with the rows it inserted (after
+  COMMIT, before answering), so remembering costs no reload. Expiry needs nothing: expiry
+  times are part of the index and checked against the clock on every search.
+- A load that overlaps such a call is *stale*: it still answers the requests that joined
+  it (they are concurrent with the write), but it is not kept, and no later request joins
+  it.
+- Bounded: an LRU over users, capped by `max_entries` (postings + facts, ~16 and ~60-80
+  bytes each). A user whose index alone exceeds the cap is served by SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from services.memory import recall
+from services.memory.models import FactFilter, RecallWeights
+
+Key = tuple[str, str]  # (tenant, user_id)
+_NEVER = np.iinfo(np.int64).max  # expiry of a fact that does not expire
+_LN2 = math.log(2)
+_US_PER_DAY = 86_400 * 1_000_000
+_TOO_BIG_MEMORY = 4096  # users remembered as "too big to cache" (LRU)
+# Added postings wait in an unsorted tail (scanned linearly) until it holds more than
+# max(TAIL_MIN, sorted postings / 8); then one O(n) merge.
+TAIL_MIN = 4096
+
+
+PRUNE_MIN = 2048  # below this many candidates, score them all
+
+
+@dataclass(frozen=True)
+class _Live:
+    """Which facts are live for `since_us <= now < until_us`, and what depends on it."""
+
+    since_us: int
+    until_us: int
+    mask: np.ndarray | None  # None: all
+    count: int
+    length_norm: np.ndarray  # K1 * (1 - B + B * doc_len / avgdl), per fact
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A ranked fact: its internal number and the score parts (as in `ScoredFact`)."""
+
+    fact_no: int
+    bm25: float
+    bm25_normalized: float
+    recency: float
+    importance: float
+    score: float
+
+
+def _ids(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Fact ids as fixed-width bytes, which sort as DuckDB sorts VARCHAR (byte order).
+    Ids of one length (all generated ones) are viewed straight from the Arrow buffer."""
+    arr = pc.cast(column, pa.string())
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype="S1")
+    if arr.null_count == 0:
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
+        width = int(offsets[1] - offsets[0])
+        if width > 0 and bool(np.all(np.diff(offsets) == width)):
+            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+            return data[offsets[0] : offsets[-1]].view(f"S{width}").copy()
+    return np.array([v.encode() for v in arr.to_pylist()], dtype=bytes)
+
+
+@dataclass(frozen=True)
+class UserIndex:
+    """One user's facts (by position) and postings (sorted by term key, plus an unsorted
+    tail of recent additions that is merged in once it grows)."""
+
+    fact_no: np.ndarray  # int64, position -> fact_no
+    fact_id: np.ndarray  # bytes
+    doc_len: np.ndarray  # float64
+    importance: np.ndarray  # float64
+    created_us: np.ndarray  # int64
+    expires_us: np.ndarray  # int64 (_NEVER when none)
+    kind_code: np.ndarray  # int32 index into `kinds`
+    kinds: tuple[str, ...]
+    tags: dict[str, np.ndarray]  # tag -> sorted positions
+    keys: np.ndarray  # int64, sorted
+    post_pos: np.ndarray  # int32 positions
+    post_tf: np.ndarray  # int32
+    tail_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tail_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    tail_tf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    _live_cache: list[_Live | None] = field(
+        default_factory=lambda: [None], compare=False, repr=False
+    )
+
+    @property
+    def size(self) -> int:
+        """What the cache budget counts: postings + facts."""
+        return len(self.keys) + len(self.tail_keys) + len(self.fact_no)
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, facts: pa.Table, postings: pa.Table) -> UserIndex:
+        """From a user's facts and their postings (any order; the loader sorts postings
+        by term key in SQL, which saves the sort here)."""
+        facts = facts.sort_by("fact_no")
+        fact_no = facts["fact_no"].to_numpy()
+        kinds_enc = pc.dictionary_encode(facts["kind"]).combine_chunks()
+        keys, pos, tf = _postings_arrays(postings, fact_no)
+        if len(keys) > 1 and not bool(np.all(keys[1:] >= keys[:-1])):
+            order = np.argsort(keys, kind="stable")
+            keys, pos, tf = keys[order], pos[order], tf[order]
+        return cls(
+            fact_no=fact_no,
+            fact_id=_ids(facts["fact_id"]),
+            doc_len=facts["doc_len"].to_numpy().astype(np.float64),
+            importance=facts["importance"].to_numpy().astype(np.float64),
+            created_us=facts["created_us"].to_numpy(),
+            expires_us=facts["expires_us"].fill_null(_NEVER).to_numpy(),
+            kind_code=kinds_enc.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+            kinds=tuple(kinds_enc.dictionary.to_pylist()),
+            tags=_tag_positions(facts["tags"], 0),
+            keys=keys,
+            post_pos=pos,
+            post_tf=tf,
+        )
+
+    def contains(self, fact_nos: np.ndarray) -> np.ndarray:
+        return np.isin(fact_nos, self.fact_no)
+
+    def with_added(self, facts: pa.Table, postings: pa.Table) -> UserIndex:
+        """This index plus newly inserted facts (all absent from it) and their postings."""
+        facts = facts.sort_by("fact_no")
+        base = len(self.fact_no)
+        added_no = facts["fact_no"].to_numpy()
+        all_no = np.concatenate([self.fact_no, added_no])
+        # Positions are append order; fact_no order is not needed for lookups.
+        keys, pos, tf = _postings_arrays(postings, added_no, offset=base)
+        kinds = list(self.kinds)
+        code_of = {k: i for i, k in enumerate(kinds)}
+        codes = []
+        for kind in facts["kind"].to_pylist():
+            if kind not in code_of:
+                code_of[kind] = len(kinds)
+                kinds.append(kind)
+            codes.append(code_of[kind])
+        tags = dict(self.tags)
+        for tag, positions in _tag_positions(facts["tags"], base).items():
+            old = tags.get(tag)
+            tags[tag] = positions if old is None else np.concatenate([old, positions])
+        merged = UserIndex(
+            fact_no=all_no,
+            fact_id=np.concatenate([self.fact_id, _ids(facts["fact_id"])]),
+            doc_len=np.concatenate([self.doc_len, facts["doc_len"].to_numpy().astype(float)]),
+            importance=np.concatenate([self.importance, facts["importance"].to_numpy()]),
+            created_us=np.concatenate([self.created_us, facts["created_us"].to_numpy()]),
+            expires_us=np.concatenate(
+                [self.expires_us, facts["expires_us"].fill_null(_NEVER).to_numpy()]
+            ),
+            kind_code=np.concatenate([self.kind_code, np.array(codes, np.int32)]),
+            kinds=tuple(kinds),
+            tags=tags,
+            keys=self.keys,
+            post_pos=self.post_pos,
+            post_tf=self.post_tf,
+            tail_keys=np.concatenate([self.tail_keys, keys]),
+            tail_pos=np.concatenate([self.tail_pos, pos]),
+            tail_tf=np.concatenate([self.tail_tf, tf]),
+        )
+        if len(merged.tail_keys) > max(TAIL_MIN, len(merged.keys) // 8):
+            return merged._merged_tail()
+        return merged
+
+    def _merged_tail(self) -> UserIndex:
+        """The tail merged into the sorted postings (O(n): one insert per array)."""
+        order = np.argsort(self.tail_keys, kind="stable")
+        tail_keys = self.tail_keys[order]
+        at = np.searchsorted(self.keys, tail_keys, side="right")
+        return UserIndex(
+            fact_no=self.fact_no,
+            fact_id=self.fact_id,
+            doc_len=self.doc_len,
+            importance=self.importance,
+            created_us=self.created_us,
+            expires_us=self.expires_us,
+            kind_code=self.kind_code,
+            kinds=self.kinds,
+            tags=self.tags,
+            keys=np.insert(self.keys, at, tail_keys),
+            post_pos=np.insert(self.post_pos, at, self.tail_pos[order]),
+            post_tf=np.insert(self.post_tf, at, self.tail_tf[order]),
+        )
+
+    # -- searching ---------------------------------------------------------------------------
+    def _postings(self, key: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = int(np.searchsorted(self.keys, key, side="left"))
+        hi = int(np.searchsorted(self.keys, key, side="right"))
+        pos, tf = self.post_pos[lo:hi], self.post_tf[lo:hi]
+        if len(self.tail_keys):
+            more = self.tail_keys == key
+            if more.any():
+                pos = np.concatenate([pos, self.tail_pos[more]])
+                tf = np.concatenate([tf, self.tail_tf[more]])
+        return pos, tf
+
+    def _filter(self, cand: np.ndarray, flt: FactFilter) -> np.ndarray:
+        """Which of the candidate positions pass the filter (a boolean mask)."""
+        keep = np.ones(len(cand), dtype=bool)
+        if flt.kinds:
+            wanted = set(flt.kinds)
+            codes = [i for i, kind in enumerate(self.kinds) if kind in wanted]
+            keep &= np.isin(self.kind_code[cand], codes)
+        if flt.tags:
+            tagged = [self.tags[t] for t in set(flt.tags) if t in self.tags]
+            if not tagged:
+                return np.zeros(len(cand), dtype=bool)
+            keep &= np.isin(cand, np.concatenate(tagged))
+        if flt.created_after_us is not None:
+            keep &= self.created_us[cand] >= flt.created_after_us
+        if flt.created_before_us is not None:
+            keep &= self.created_us[cand] < flt.created_before_us
+        return keep
+
+    def _live_at(self, now_us: int) -> _Live:
+        """The live set at `now_us`, reused until the next fact expires (or the clock moves
+        back past the last expiry)."""
+        cached = self._live_cache[0]
+        if cached is not None and cached.since_us <= now_us < cached.until_us:
+            return cached
+        live = self.expires_us > now_us
+        count = int(np.count_nonzero(live))
+        mask = None if count == len(live) else live
+        gone = self.expires_us[~live] if mask is not None else self.expires_us[:0]
+        avgdl = float(self.doc_len[live].sum()) / count if count else 1.0
+        k1, b = recall.K1, recall.B
+        entry = _Live(
+            since_us=int(gone.max()) if len(gone) else -_NEVER,
+            until_us=int(self.expires_us[live].min()) if count else _NEVER,
+            mask=mask,
+            count=count,
+            # The BM25 length normalisation, written as storage.recall_facts writes it
+            # (same operations in the same order: same floating-point result).
+            length_norm=k1 * (1 - b + b * self.doc_len / avgdl),
+        )
+        self._live_cache[0] = entry  # a racing thread computes the same value
+        return entry
+
+    def search(
+        self,
+        term_keys: Sequence[int],
+        flt: FactFilter,
+        k: int,
+        now_us: int,
+        weights: RecallWeights,
+    ) -> list[Hit]:
+        """The top `k` live facts, ranked as `storage.recall_facts` ranks them."""
+        if len(self.fact_no) == 0:
+            return []
+        live = self._live_at(now_us)
+        if live.count == 0:
+            return []
+        if term_keys:
+            bm = np.zeros(len(self.fact_no))
+            k1 = recall.K1
+            for key in sorted(set(term_keys)):
+                pos, tf = self._postings(key)
+                if live.mask is not None:
+                    alive = live.mask[pos]
+                    pos, tf = pos[alive], tf[alive]
+                df = len(pos)
+                if df == 0:
+                    continue
+                idf = math.log(1 + (live.count - df + 0.5) / (df + 0.5))
+                bm[pos] += idf * tf * (k1 + 1) / (tf + live.length_norm[pos])
+            cand = np.flatnonzero(bm > 0)  # every matching term adds > 0 (idf > 0, tf >= 1)
+            raw = bm[cand]
+        else:
+            cand = np.flatnonzero(live.mask) if live.mask is not None else np.arange(live.count)
+            raw = np.zeros(len(cand))
+        if not flt.is_empty:
+            keep = self._filter(cand, flt)
+            cand, raw = cand[keep], raw[keep]
+        if len(cand) == 0:
+            return []
+        top = float(raw.max())
+        norm = raw / top if top > 0 else np.zeros(len(cand))
+        importance = self.importance[cand]
+        half_life_us = weights.half_life_days * _US_PER_DAY
+
+        def scores(at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(recency, score) of the candidates at positions `at`, as SQL computes them."""
+            age = np.maximum(now_us - self.created_us[cand[at]], 0)
+            recency = np.exp(-_LN2 * age / half_life_us)
+            score = (
+                weights.bm25 * norm[at]
+                + weights.recency * recency
+                + weights.importance * importance[at]
+            )
+            return recency, score
+
+        sel = np.arange(len(cand))
+        if len(cand) > max(PRUNE_MIN, 8 * k):
+            # Only candidates that could reach the k-th best score need it computed:
+            # recency <= 1, so w_bm25*norm + w_rec + w_imp*importance bounds a score from
+            # above (floating-point rounding is monotonic, so the bound holds exactly).
+            bound = np.round(
+                weights.bm25 * norm + weights.recency * 1.0 + weights.importance * importance,
+                12,
+            )
+            first = np.argpartition(-bound, 8 * k - 1)[: 8 * k]
+            exact = np.round(scores(first)[1], 12)
+            kth = np.partition(exact, len(first) - k)[len(first) - k]
+            sel = np.flatnonzero(bound >= kth)  # the rest score < kth: never chosen
+        recency, score = scores(sel)
+        rounded = np.round(score, 12)
+        if len(sel) > k:  # only the k best and whatever ties the k-th need ordering
+            kth = np.partition(rounded, len(sel) - k)[len(sel) - k]
+            chosen = np.flatnonzero(rounded >= kth)
+        else:
+            chosen = np.arange(len(sel))
+        order = chosen[np.lexsort((self.fact_id[cand[sel[chosen]]], -rounded[chosen]))][:k]
+        return [
+            Hit(
+                fact_no=int(self.fact_no[cand[sel[j]]]),
+                bm25=float(raw[sel[j]]),
+                bm25_normalized=float(norm[sel[j]]),
+                recency=float(recency[j]),
+                importance=float(importance[sel[j]]),
+                score=float(score[j]),
+            )
+            for j in order
+        ]
+
+
+def _postings_arrays(
+    postings: pa.Table, fact_no: np.ndarray, offset: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(term keys, fact positions + offset, tf) of the postings whose fact is in `fact_no`
+    (sorted ascending)."""
+    keys = postings["term_key"].to_numpy()
+    nos = postings["fact_no"].to_numpy()
+    tf = postings["tf"].to_numpy().astype(np.int32)
+    if len(fact_no) == 0:
+        return keys[:0], np.zeros(0, np.int32), tf[:0]
+    at = np.minimum(np.searchsorted(fact_no, nos), len(fact_no) - 1)
+    known = fact_no[at] == nos  # a posting of a fact outside the snapshot is dropped
+    pos = (at[known] + offset).astype(np.int32)
+    return keys[known], pos, tf[known]
+
+
+def _tag_positions(column: pa.ChunkedArray, offset: int) -> dict[str, np.ndarray]:
+    tags = column.combine_chunks()
+    if len(tags) == 0:
+        return {}
+    flat = pc.list_flatten(tags).to_pylist()
+    parents = pc.list_parent_indices(tags).to_numpy() + offset
+    out: dict[str, list[int]] = {}
+    for tag, parent in zip(flat, parents.tolist(), strict=True):
+        out.setdefault(tag, []).append(parent)
+    return {t: np.unique(np.array(p, np.int32)) for t, p in out.items()}
+
+
+@dataclass
+class _Load:
+    task: asyncio.Task[UserIndex] | None = None
+    stale: bool = False
+
+
+def _retrieve(task: asyncio.Task[UserIndex]) -> None:
+    if not task.cancelled():
+        task.exception()  # a load nobody awaits any more must not log "never retrieved"
+
+
+class RecallIndex:
+    """LRU of `UserIndex` per (tenant, user), bounded by `max_entries` (0 = disabled)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Key, UserIndex] = OrderedDict()
+        self._loading: dict[Key, _Load] = {}
+        self._too_big: OrderedDict[Key, int] = OrderedDict()
+        self.size = 0
+        self.loads = 0  # loads started (tests, metrics)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: Key) -> UserIndex | None:
+        return self._entries.get(key)
+
+    async def get(self, key: Key, load: Callable[[], Awaitable[UserIndex]]) -> UserIndex | None:
+        """The user's index (loaded with `load` on a miss), or None: serve from SQL.
+
+        A load runs as its own task, shared by the requests that arrive while it runs, so
+        a caller that gives up cancels only its own wait."""
+        if not self.enabled or key in self._too_big:
+            return None
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        pending = self._loading.get(key)
+        if pending is None or pending.stale:
+            pending = _Load()
+            self._loading[key] = pending
+            pending.task = asyncio.create_task(self._load(key, pending, load))
+            pending.task.add_done_callback(_retrieve)
+        assert pending.task is not None
+        # A stale load still answers whoever joined it before it went stale: they all
+        # started before the write that made it stale finished (they are concurrent).
+        return await asyncio.shield(pending.task)
+
+    async def _load(
+        self, key: Key, mine: _Load, load: Callable[[], Awaitable[UserIndex]]
+    ) -> UserIndex:
+        self.loads += 1
+        try:
+            index = await load()
+        finally:
+            if self._loading.get(key) is mine:
+                del self._loading[key]
+        if index.size > self.max_entries:  # answers these requests; later ones use SQL
+            self._too_big[key] = index.size
+            while len(self._too_big) > _TOO_BIG_MEMORY:
+                self._too_big.popitem(last=False)
+        elif not mine.stale:
+            self._install(key, index)
+        return index
+
+    def _install(self, key: Key, index: UserIndex) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= old.size
+        if index.size > self.max_entries:
+            return
+        self._entries[key] = index
+        self.size += index.size
+        while self.size > self.max_entries:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= evicted.size
+
+    def _mark_stale(self, key: Key) -> None:
+        pending = self._loading.get(key)
+        if pending is not None:
+            pending.stale = True
+
+    def add(self, key: Key, facts: pa.Table, postings: pa.Table) -> None:
+        """Facts a committed Remember inserted: extend the cached index, if any."""
+        self._mark_stale(key)
+        entry = self._entries.get(key)
+        if entry is None or facts.num_rows == 0:
+            return
+        present = entry.contains(facts["fact_no"].to_numpy())
+        if present.all():  # a load that began after the COMMIT already has them
+            return
+        if present.any():  # cannot happen (one transaction); never guess
+            self.invalidate(key)
+            return
+        self._install(key, entry.with_added(facts, postings))
+
+    def invalidate(self, key: Key) -> None:
+        """The user's facts changed in a way only a reload reflects (deletions)."""
+        self._mark_stale(key)
+        self._too_big.pop(key, None)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= old.size
+
+    def clear(self) -> None:
+        for pending in self._loading.values():
+            pending.stale = True
+        self._entries.clear()
+        self._too_big.clear()
+        self.size = 0

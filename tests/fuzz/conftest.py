@@ -1,0 +1,77 @@
+"""One in-process stack (gateway, memory, analytics, dev provider, private Redis) for the
+fuzz suites, seeded with data the generated requests can reach (a consenting user with
+facts and a session, ingested symbols of tenant acme)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from finsight.common.v1 import common_pb2
+from finsight.memory.v1 import memory_pb2 as mpb
+from finsight.memory.v1 import memory_pb2_grpc
+from tests.security.stack import Stack, ingest, start_stack
+
+FUZZ_USERS = ("u-fuzz", "u-fuzz2")
+FUZZ_SESSIONS = ("s-fuzz", "s-fuzz2")
+FUZZ_SYMBOLS = ("FZA", "FZB", "^FZI")
+
+
+@dataclass
+class Seeded:
+    stack: Stack
+    fact_ids: list[str]
+
+
+@pytest.fixture(scope="package")  # torn down when the last fuzz module is done
+async def seeded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Seeded]:
+    stack = await start_stack(
+        tmp_path_factory.mktemp("fuzzstack"),
+        # A stream is buffered whole before it is validated; keep the fuzz's bounded.
+        analytics={"analytics_ingest_max_rows": 200_000},
+    )
+    try:
+        yield await seed(stack)
+    finally:
+        await stack.close()
+
+
+async def seed(stack: Stack) -> Seeded:
+    """Data the generated requests can reach: symbols of acme, users with facts and sessions."""
+    await ingest(stack, "alice_writer", FUZZ_SYMBOLS, days=120)
+    mem = memory_pb2_grpc.MemoryServiceStub(stack.channel("memory"))
+    md = stack.keys.md("alice")
+    fact_ids: list[str] = []
+    for user in FUZZ_USERS:
+        await mem.SetConsent(
+            mpb.SetConsentRequest(user_id=user, long_term_memory=True), metadata=md
+        )
+        reply = await mem.Remember(
+            mpb.RememberRequest(
+                user_id=user,
+                facts=[
+                    mpb.NewFact(text="prefers low volatility", kind="pref", tags=["risk"]),
+                    mpb.NewFact(text="holds FZA since 2023", tags=["holdings"]),
+                ],
+            ),
+            metadata=md,
+        )
+        fact_ids += [f.fact_id for f in reply.facts]
+    for session, user in zip(FUZZ_SESSIONS, FUZZ_USERS, strict=True):
+        await mem.AppendMessages(
+            mpb.AppendMessagesRequest(
+                session_id=session,
+                user_id=user,
+                messages=[
+                    mpb.NewMessage(
+                        message=common_pb2.ChatMessage(
+                            role=common_pb2.ROLE_USER, content="how risky is FZA?"
+                        )
+                    )
+                ],
+            ),
+            metadata=md,
+        )
+    return Seeded(stack, fact_ids)
