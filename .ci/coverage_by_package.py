@@ -37,7 +37,9 @@ def main() -> int:
     total_branch = 100.0 * float(root.get("branch-rate", "0"))
     print(f"{'TOTAL':<32} {'':>14} {total_line:>6.1f}% {'':>12} {total_branch:>7.1f}%")
     if total_line + 1e-9 < args.fail_under:
-        print(f"coverage {total_line:.1f}% is below the floor of {args.fail_under}%", file=sys.stderr)
+        print(
+            f"coverage {total_line:.1f}% is below the floor of {args.fail_under}%", file=sys.stderr
+        )
         return 1
     return 0
 
