@@ -88,11 +88,6 @@ async def _stall_while(stack: Any, process: str, make_call: Any) -> tuple[float,
     return took, worst
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory: validation walks every item of a batch far over the 100-item limit on "
-    "the event loop (100,000 messages: ~5 s during which every other RPC waits)",
-)
 async def test_an_oversize_memory_batch_does_not_stall_other_callers(seeded: Seeded) -> None:
     stack = seeded.stack
     huge = mpb.AppendMessagesRequest(
