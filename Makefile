@@ -76,6 +76,14 @@ clean:  ## remove the virtualenv, generated code, caches and local data
 chaos: $(PROTO_STAMP)  ## fault-injection suite against the running system (slow; figures in .build/chaos-figures.jsonl)
 	SYSTEM_FIGURES_FILE=.build/chaos-figures.jsonl $(PY) -m pytest -m slow -k chaos tests/system/test_faults.py -v $(PYTEST_ARGS)
 
+.PHONY: fuzz
+fuzz: $(PROTO_STAMP)  ## the full property-based fuzzing and security suites (slow)
+	$(PY) -m pytest -m slow -s tests/fuzz tests/security $(PYTEST_ARGS)
+
+.PHONY: soak
+soak: $(PROTO_STAMP)  ## mixed-workload soak and capacity probe (SOAK_DURATION_S, default 600 s)
+	$(PY) -m benchmarks.soak
+
 .PHONY: docs
 docs: $(PROTO_STAMP)  ## regenerate docs/api.md from the proto comments
 	$(PY) -m libs.common.apidoc > docs/api.md
