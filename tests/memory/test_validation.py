@@ -6,8 +6,8 @@ import grpc
 
 from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2 as pb
+from libs.common.wire import find_invalid_utf8
 from services.memory import limits
-from services.memory.wire import find_invalid_utf8
 from tests.memory.conftest import Memory, counts, msg, rpc_error
 
 
