@@ -8,6 +8,7 @@ import ctypes.util
 
 from redis.asyncio import Redis
 
+from finsight.llm.v1 import llm_gateway_pb2_grpc
 from libs.common.server import ServiceHost, main_entry
 from libs.common.tokens import get_tokenizer
 from services.llm_gateway.breaker import ProviderBreaker
@@ -19,7 +20,7 @@ from services.llm_gateway.limits import LimitPolicy, TenantLimiter
 from services.llm_gateway.providers import ProviderClient
 from services.llm_gateway.retry import RetryPolicy
 from services.llm_gateway.router import Router
-from services.llm_gateway.servicer import LlmGatewayServicer, add_to_server
+from services.llm_gateway.servicer import LlmGatewayServicer
 from services.llm_gateway.usage import UsageLedger
 
 
@@ -94,7 +95,9 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     # ~0.4 s, off the event loop and before SERVING, so no request pays for it.
     await asyncio.to_thread(get_tokenizer)
     release_freed_heap()
-    add_to_server(LlmGatewayServicer(gateway), host.server)
+    llm_gateway_pb2_grpc.add_LlmGatewayServiceServicer_to_server(
+        LlmGatewayServicer(gateway), host.server
+    )
 
     async def config_loaded() -> bool:
         return True  # setup only gets here with a valid catalog and a loaded tokenizer

@@ -1,35 +1,27 @@
 """gRPC servicer: protobuf ↔ domain translation for LlmGatewayService, nothing else.
 
-Undecodable requests: protobuf refuses to parse a `string` field holding invalid UTF-8, and
-grpcio.aio answers a request it cannot deserialize with UNKNOWN and the exception's text,
-which blames the server and leaks internals. The handlers are therefore registered with a
-deserializer that returns an `Undecodable` marker instead of raising; the servicer answers
-it with INVALID_ARGUMENT, naming the offending field (e.g. `messages[1].content`) found by
-walking the wire format.
+Requests protobuf cannot parse (e.g. invalid UTF-8 in a string field) never reach it: the
+kit's interceptor answers them with INVALID_ARGUMENT naming the field (libs/common/wire.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import date
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf.message import DecodeError, Message
 from google.type import date_pb2, money_pb2
 
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
-from libs.common.errors import InvalidArgument, Violations
+from libs.common.errors import Violations
 from services.llm_gateway.domain import Completion, CompletionRequest, Delta
 from services.llm_gateway.domain import Message as ChatMessage
 from services.llm_gateway.gateway import CatalogView, Gateway
 from services.llm_gateway.pricing import Pricing, Usage, nanos_to_units, usd_to_nanos
 
 SERVICE = "finsight.llm.v1.LlmGatewayService"
-M = TypeVar("M", bound=Message)
 
 _ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -61,22 +53,14 @@ _CIRCUIT = {
 }
 
 
-@dataclass(frozen=True)
-class Undecodable:
-    """A request body protobuf refused to parse."""
-
-    field: str
-    description: str
-
-
 class LlmGatewayServicer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
     async def Complete(
-        self, request: pb.CompleteRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.CompleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteResponse:
-        completion = await self.gateway.complete(_completion_request(_decoded(request)))
+        completion = await self.gateway.complete(_completion_request(request))
         return pb.CompleteResponse(
             content=completion.content,
             reasoning_content=completion.reasoning,
@@ -94,9 +78,9 @@ class LlmGatewayServicer:
         )
 
     async def StreamComplete(
-        self, request: pb.StreamCompleteRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.StreamCompleteRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
-        async for item in self.gateway.stream(_completion_request(_decoded(request))):
+        async for item in self.gateway.stream(_completion_request(request)):
             if isinstance(item, Delta):
                 yield pb.StreamCompleteResponse(
                     delta=pb.CompletionDelta(content=item.content, reasoning_content=item.reasoning)
@@ -105,9 +89,9 @@ class LlmGatewayServicer:
                 yield pb.StreamCompleteResponse(end=_end(item))
 
     async def CountTokens(
-        self, request: pb.CountTokensRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb.CountTokensResponse:
-        req = _decoded(request)
+        req = request
         count = await self.gateway.count_tokens(req.model, _messages(req.messages))
         return pb.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,
@@ -118,15 +102,14 @@ class LlmGatewayServicer:
         )
 
     async def ListModels(
-        self, request: pb.ListModelsRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        _decoded(request)
         return _list_models(self.gateway.list_models())
 
     async def GetUsage(
-        self, request: pb.GetUsageRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUsageResponse:
-        req = _decoded(request)
+        req = request
         v = Violations()
         start = _date(req.range.start, "range.start", v) if req.range.HasField("start") else None
         end = _date(req.range.end, "range.end", v) if req.range.HasField("end") else None
@@ -157,98 +140,6 @@ class LlmGatewayServicer:
             out.daily_budget.CopyFrom(_money(report.daily_budget_nanos))
             out.remaining_budget_today.CopyFrom(_money(report.remaining_today_nanos or 0))
         return out
-
-
-# -- registration with tolerant deserializers ------------------------------------------------
-def add_to_server(servicer: LlmGatewayServicer, server: grpc.aio.Server) -> None:
-    def unary(fn: Callable[..., Any], req: type[Message], resp: type[Message]) -> Any:
-        return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=tolerant(req), response_serializer=resp.SerializeToString
-        )
-
-    handlers = {
-        "Complete": unary(servicer.Complete, pb.CompleteRequest, pb.CompleteResponse),
-        "StreamComplete": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamComplete,
-            request_deserializer=tolerant(pb.StreamCompleteRequest),
-            response_serializer=pb.StreamCompleteResponse.SerializeToString,
-        ),
-        "CountTokens": unary(servicer.CountTokens, pb.CountTokensRequest, pb.CountTokensResponse),
-        "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
-        "GetUsage": unary(servicer.GetUsage, pb.GetUsageRequest, pb.GetUsageResponse),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-
-
-def tolerant(cls: type[M]) -> Callable[[bytes], M | Undecodable]:
-    def parse(raw: bytes) -> M | Undecodable:
-        try:
-            return cls.FromString(raw)
-        except DecodeError:
-            path = find_invalid_utf8(raw, cls.DESCRIPTOR)
-            if path:
-                return Undecodable(path, "string fields must be valid UTF-8")
-            return Undecodable("request", "not a valid protobuf message")
-
-    return parse
-
-
-def _decoded(request: M | Undecodable) -> M:
-    if isinstance(request, Undecodable):
-        raise InvalidArgument.field(request.field, request.description)
-    return request
-
-
-def find_invalid_utf8(raw: bytes, desc: Any, prefix: str = "") -> str | None:
-    """Path of the first string field holding invalid UTF-8 (wire-format walk), or None."""
-    counts: dict[int, int] = {}
-    pos = 0
-    try:
-        while pos < len(raw):
-            key, pos = _varint(raw, pos)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                _, pos = _varint(raw, pos)
-                continue
-            if wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-                continue
-            if wire != 2:
-                return None
-            size, pos = _varint(raw, pos)
-            chunk, pos = raw[pos : pos + size], pos + size
-            fd = desc.fields_by_number.get(number)
-            if fd is None:
-                continue
-            index = counts.get(number, 0)
-            counts[number] = index + 1
-            repeated = bool(getattr(fd, "is_repeated", False))
-            name = f"{prefix}{fd.name}" + (f"[{index}]" if repeated else "")
-            if fd.type == _descriptor.FieldDescriptor.TYPE_STRING:
-                try:
-                    chunk.decode("utf-8")
-                except UnicodeDecodeError:
-                    return name
-            elif fd.type == _descriptor.FieldDescriptor.TYPE_MESSAGE:
-                found = find_invalid_utf8(chunk, fd.message_type, name + ".")
-                if found:
-                    return found
-    except IndexError:
-        return None
-    return None
-
-
-def _varint(raw: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise IndexError("varint too long")
 
 
 # -- translation helpers ---------------------------------------------------------------------
