@@ -88,6 +88,7 @@ async def _stall_while(stack: Any, process: str, make_call: Any) -> tuple[float,
     return took, worst
 
 
+@pytest.mark.slow  # a timing measurement: runs in `make fuzz`, never in `make test`
 async def test_an_oversize_memory_batch_does_not_stall_other_callers(seeded: Seeded) -> None:
     stack = seeded.stack
     huge = mpb.AppendMessagesRequest(
