@@ -62,8 +62,6 @@ from services.memory.main import POLICIES, MemoryApp, build
 from services.memory.manager import _search_indexed
 from services.memory.models import FactFilter, RecallWeights
 
-ROOT = Path(__file__).resolve().parents[1]
-
 KEY = "bench-key-0000000000"
 TENANT = "bench"
 MD = (("authorization", f"Bearer {KEY}"),)

@@ -3,7 +3,10 @@ counted as the gateway counts them (libs.common.tokens)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+import pytest
 
 from finsight.memory.v1 import memory_pb2 as pb
 from libs.common import tokens
@@ -201,3 +204,33 @@ async def test_fitting_with_stored_and_legacy_counts_is_exact(memory: Memory) ->
         legacy = await build(budget)
         assert legacy.total_tokens == stored[budget].total_tokens
         assert as_pairs(legacy) == as_pairs(stored[budget])
+
+
+async def test_concurrent_appends_share_tokenizer_calls_and_get_their_own_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.memory import token_counter
+    from services.memory.context_builder import turn_costs
+    from services.memory.token_counter import INLINE_CHARS, TokenCounter
+
+    calls: list[int] = []
+
+    def counting(turns: list[tuple[str, str]]) -> list[int]:
+        calls.append(len(turns))
+        return turn_costs(turns)
+
+    monkeypatch.setattr(token_counter, "turn_costs", counting)
+    counter = TokenCounter()
+    counter.start()
+    try:
+        groups = [
+            [(role, f"{content} #{i}" * (1 + i % 3)) for _, role, content in TURNS[: 1 + i % 5]]
+            for i in range(24)
+        ]
+        groups.append([("user", "x" * (INLINE_CHARS + 1))])  # a big one: counted on a thread
+        got = await asyncio.gather(*(counter.costs(g) for g in groups))
+        assert got == [turn_costs(g) for g in groups]
+        assert len(calls) < len(groups) and sum(calls) == sum(len(g) for g in groups)
+    finally:
+        await counter.close()
+    assert await counter.costs([("user", "after close")]) == turn_costs([("user", "after close")])
