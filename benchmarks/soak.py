@@ -9,22 +9,30 @@ services as `python -m services.X`, the sample data loaded, auth on, INFO logs t
 
 Soak: an open-loop mixed workload at a steady total rate (requests are sent on schedule,
 whatever the answers do): Analyze, Recall, AppendMessages, ComputeMetrics and Complete
-(against the dev provider, with a fixed delay of --provider-latency-ms), over 64 users of two
-tenants. For each RPC: throughput, p50/p95/p99 latency, errors by status. For each service
-process: RSS and open file descriptors sampled every 5 s; the figures compared are those at
-the end of the warm-up and at the end. Targets: zero errors, RSS growth under 10% after the
-warm-up, no growth of open descriptors (within 4). At the end the log files of every process
-are scanned for API keys, bearer tokens and the provider key (target: none).
+(against the dev provider, with a fixed delay of --provider-latency-ms), over 64 users of
+two tenants. For each RPC: throughput, p50/p95/p99 latency, errors by status. For each
+service process: RSS, open file descriptors and sockets, sampled every 5 s; the figures
+compared are those at the end of the warm-up and 5 s after the load stopped. Targets: zero
+errors, RSS growth under 10% after the warm-up, no growth of the descriptors other than
+sockets, sockets within 16 of their number after the warm-up (connection pools follow the
+load; a leak would add thousands). At the end the log files of every process are scanned
+for API keys, bearer tokens and the provider key (target: none).
 
-Capacity (--capacity, on by default): per service, increasing steady rates of its own
-requests (gateway: Complete; memory: Recall and AppendMessages; analytics: ComputeMetrics
-over varying ranges), --step-s seconds each, until p99 exceeds 100 ms (for the gateway: p99
-minus the provider's fixed delay, i.e. the gateway's own overhead), an error occurs, or the
-achieved rate falls 5% short of the target; then one bisection step. The load generator runs
-in this process on the same 2 cores, so the figures are a lower bound for the services.
+Capacity (--capacity, on by default): per service, steady rates of its own requests
+(gateway: Complete; memory: Recall and AppendMessages; analytics: ComputeMetrics over
+varying ranges), doubled from --capacity-start while p99 stays under 100 ms (for the
+gateway: p99 minus the provider's fixed delay, i.e. its own share), no error occurs and the
+achieved rate is within 5% of the target (halved instead while the first rate does not
+hold); then one bisection step. A step lasts --step-s seconds, longer at low rates so that
+it has 400 answers (at most 40 s), after one second of ramp-up. Each step also reports the
+service's own CPU time per request (from /proc): latency on a shared machine moves with
+everything else running there, CPU per request barely does; 1000 / that is the rate one
+fully used core would serve. The load generator runs in this process on the same 2 cores,
+so the figures are a lower bound for the services.
 
-Duration: --duration or SOAK_DURATION_S (default 600 s; 0 runs the capacity probe only). Results: printed, and written to
---out (default .build/reliability/soak.json). Exit status 1 when a soak target is missed.
+Duration: --duration or SOAK_DURATION_S (default 600 s; 0: the capacity probe only).
+Results: printed, and written to --out (default .build/reliability/soak.json). Exit status
+1 when a soak target is missed.
 """
 
 from __future__ import annotations
@@ -61,10 +69,16 @@ from tests.system.harness import SERVICE_NAMES, Suite  # noqa: E402
 DEADLINE_S = 5.0
 P99_TARGET_S = 0.100
 RSS_GROWTH_LIMIT = 0.10
-FD_GROWTH_LIMIT = 4
+FD_GROWTH_LIMIT = 0  # descriptors other than sockets
+# Connection pools (provider, Redis, downstream channels) may open a few more sockets under
+# load; a per-request leak would add thousands over a soak.
+SOCKET_GROWTH_LIMIT = 16
+IDLE_BEFORE_END_SAMPLE_S = 5.0
 SAMPLE_EVERY_S = 5.0
 MAX_IN_FLIGHT = 2000
 CAPACITY_MIN_SAMPLES = 400  # answers per capacity step (p99 = the 4th worst)
+CAPACITY_MIN_RATE = 3.0
+CAPACITY_MAX_STEP_S = 40.0
 USERS = 64
 MIX = {  # share of the soak's requests
     "Complete": 0.25,
@@ -103,21 +117,40 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_fds(pid: int) -> tuple[int, int]:
+    """(open descriptors, of which sockets). Sockets follow the load (connection pools grow
+    with concurrency and shrink with keep-alive expiry); files, pipes and the rest must not
+    grow at all."""
+    total = sockets = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        total += 1
+        try:
+            sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:  # closed meanwhile
+            total -= 1
+    return total, sockets
 
 
 @dataclass
 class ProcessSamples:
-    samples: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
+    # per service: (t, rss bytes, open fds, of which sockets)
+    samples: dict[str, list[tuple[float, int, int, int]]] = field(default_factory=dict)
 
     def take(self, suite: Suite, t: float) -> None:
         for name in SERVICE_NAMES:
             pid = suite.pid(name)
             if pid is not None:
-                self.samples.setdefault(name, []).append((t, rss_bytes(pid), open_fds(pid)))
+                fds, sockets = open_fds(pid)
+                self.samples.setdefault(name, []).append((t, rss_bytes(pid), fds, sockets))
 
-    def at(self, name: str, t: float) -> tuple[float, int, int]:
+    def at(self, name: str, t: float) -> tuple[float, int, int, int]:
         """The first sample at or after t (the last one if none)."""
         rows = self.samples[name]
         return next((r for r in rows if r[0] >= t), rows[-1])
@@ -313,13 +346,14 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
     samples.take(suite, warm_end)
     rec = Recorder()
     elapsed = await drive(args.rate, args.duration, pick, rec, tick)
+    await asyncio.sleep(IDLE_BEFORE_END_SAMPLE_S)  # let in-flight work and pools settle
     end = time.perf_counter() - t0
     samples.take(suite, end)
 
     processes: dict[str, Any] = {}
     for name in SERVICE_NAMES:
-        _, rss0, fd0 = samples.at(name, warm_end)
-        _, rss1, fd1 = samples.samples[name][-1]
+        _, rss0, fd0, sock0 = samples.at(name, warm_end)
+        _, rss1, fd1, sock1 = samples.samples[name][-1]
         peak = max(r[1] for r in samples.samples[name])
         processes[name] = {
             "rss_start_mib": round(rss0 / 2**20, 1),
@@ -328,6 +362,9 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
             "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
             "fds_start": fd0,
             "fds_end": fd1,
+            "sockets_start": sock0,
+            "sockets_end": sock1,
+            "sockets_peak": max(r[3] for r in samples.samples[name]),
         }
     per_rpc = rec.summary(elapsed)
     errors = sum(rec.errors.values())
@@ -338,7 +375,10 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
             p["rss_growth_pct"] < 100 * RSS_GROWTH_LIMIT for p in processes.values()
         ),
         "no_fd_growth": all(
-            p["fds_end"] - p["fds_start"] <= FD_GROWTH_LIMIT for p in processes.values()
+            (p["fds_end"] - p["sockets_end"]) - (p["fds_start"] - p["sockets_start"])
+            <= FD_GROWTH_LIMIT
+            and p["sockets_end"] - p["sockets_start"] <= SOCKET_GROWTH_LIMIT
+            for p in processes.values()
         ),
         "no_secrets_in_logs": not leaks["found"],
     }
@@ -354,8 +394,8 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
         "late_starts": rec.late_starts,
         "rpcs": per_rpc,
         "processes": processes,
-        "timeline": {
-            name: [(round(t, 1), round(r / 2**20, 1), f) for t, r, f in rows]
+        "timeline": {  # (s, RSS MiB, fds, sockets)
+            name: [(round(t, 1), round(r / 2**20, 1), f, k) for t, r, f, k in rows]
             for name, rows in samples.samples.items()
         },
         "log_scan": leaks,
@@ -415,10 +455,15 @@ async def capacity(suite: Suite, workload: Workload, args: argparse.Namespace) -
 
     async def step(service: str, rate: float) -> dict[str, Any]:
         # Enough answers for a p99 that is not one outlier, after a second of ramp-up.
-        seconds = max(args.step_s, CAPACITY_MIN_SAMPLES / rate) + 1.0
+        seconds = min(max(args.step_s, CAPACITY_MIN_SAMPLES / rate), CAPACITY_MAX_STEP_S) + 1.0
         rec = Recorder()
+        pid = suite.pid(service)
+        assert pid is not None
+        cpu0 = cpu_seconds(pid)
         await drive(rate, seconds, picker(service), rec, record_after=1.0)
+        cpu = cpu_seconds(pid) - cpu0
         lat = [x for v in rec.latencies.values() for x in v]
+        sent = sum(rec.sent.values()) + round(rate)  # + the ramp-up second's requests
         p99 = pct(lat, 0.99)
         own = p99 - (provider_s if service == "llm_gateway" else 0.0)
         achieved = len(lat) / (seconds - 1.0)
@@ -432,30 +477,52 @@ async def capacity(suite: Suite, workload: Workload, args: argparse.Namespace) -
             "p99_ms": round(p99 * 1000, 1),
             "p99_own_ms": round(own * 1000, 1),
             "errors": sum(rec.errors.values()),
+            # The service's own CPU per request: unlike latency, other processes on the
+            # machine barely change it. 1000 / cpu_ms is the rate one fully used core serves.
+            "cpu_ms_per_request": round(1000 * cpu / max(1, sent), 2),
             "held": ok,
+        }
+
+    async def search(service: str) -> dict[str, Any]:
+        """Double while the rate holds; halve while it does not; then one bisection step."""
+        steps: list[dict[str, Any]] = []
+
+        async def tried(rate: float) -> bool:
+            result = await step(service, rate)
+            steps.append(result)
+            print(f"  capacity {service}: {result}", flush=True)
+            return bool(result["held"])
+
+        rate, good, bad = args.capacity_start, 0.0, None
+        if await tried(rate):
+            good = rate
+            while rate * 2 <= args.capacity_max:
+                rate *= 2
+                if not await tried(rate):
+                    bad = rate
+                    break
+                good = rate
+        else:
+            bad = rate
+            while rate / 2 >= CAPACITY_MIN_RATE:
+                rate /= 2
+                if await tried(rate):
+                    good = rate
+                    break
+                bad = rate
+        if bad is not None and good > 0 and await tried((good + bad) / 2):
+            good = (good + bad) / 2
+        cpu_ms = min(x["cpu_ms_per_request"] for x in steps)
+        return {
+            "held_rps": good,
+            "cpu_ms_per_request": cpu_ms,
+            "one_core_rps": round(1000 / cpu_ms) if cpu_ms else None,
+            "steps": steps,
         }
 
     out: dict[str, Any] = {}
     for service in ("llm_gateway", "memory", "analytics"):
-        steps = []
-        rate, good, bad = args.capacity_start, 0.0, None
-        while rate <= args.capacity_max:
-            result = await step(service, rate)
-            steps.append(result)
-            print(f"  capacity {service}: {result}", flush=True)
-            if not result["held"]:
-                bad = rate
-                break
-            good = rate
-            rate *= 2
-        if bad is not None and good > 0:
-            mid = (good + bad) / 2
-            result = await step(service, mid)
-            steps.append(result)
-            print(f"  capacity {service}: {result}", flush=True)
-            if result["held"]:
-                good = mid
-        out[service] = {"held_rps": good, "steps": steps}
+        out[service] = await search(service)
         await asyncio.sleep(2)  # let queues drain before the next service
     return out
 
@@ -493,6 +560,12 @@ async def main_async(args: argparse.Namespace) -> int:
         if args.capacity:
             print("capacity probe:", flush=True)
             result["capacity"] = await capacity(suite, workload, args)
+            held = ", ".join(
+                f"{k} {v['held_rps']:g} rps ({v['cpu_ms_per_request']} ms CPU/request, "
+                f"~{v['one_core_rps']} rps per core)"
+                for k, v in result["capacity"].items()
+            )
+            print(f"capacity (p99 < 100 ms; gateway: its own share of the p99): {held}")
     finally:
         await suite.down()
     result["machine"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
@@ -522,11 +595,15 @@ def print_soak(r: dict[str, Any]) -> None:
             f"{rpc:<16} {x['sent']:>6} {x['ok']:>6} {x['errors']:>4} {x['throughput_rps']:>7} "
             f"{x['p50_ms']:>8} {x['p95_ms']:>8} {x['p99_ms']:>8}"
         )
-    print(f"{'process':<12} {'RSS start':>10} {'RSS end':>9} {'peak':>7} {'growth':>7} {'fds':>9}")
+    print(
+        f"{'process':<12} {'RSS start':>10} {'RSS end':>9} {'peak':>7} {'growth':>7} "
+        f"{'fds':>9} {'sockets':>9} {'peak':>5}"
+    )
     for name, p in r["processes"].items():
         print(
             f"{name:<12} {p['rss_start_mib']:>9}M {p['rss_end_mib']:>8}M {p['rss_peak_mib']:>6}M "
-            f"{p['rss_growth_pct']:>6}% {p['fds_start']:>4}->{p['fds_end']:<4}"
+            f"{p['rss_growth_pct']:>6}% {p['fds_start']:>4}->{p['fds_end']:<4} "
+            f"{p['sockets_start']:>4}->{p['sockets_end']:<4} {p['sockets_peak']:>5}"
         )
     scan = r["log_scan"]
     print(

@@ -48,19 +48,17 @@ def _future_ts() -> st.SearchStrategy[Timestamp]:
     return st.integers(now + 3600, now + 10**8).map(lambda s: Timestamp(seconds=s))
 
 
-def _chat(roles: bool = True) -> st.SearchStrategy[common_pb2.ChatMessage]:
+ROLES = st.sampled_from([common_pb2.ROLE_USER, common_pb2.ROLE_SYSTEM, common_pb2.ROLE_ASSISTANT])
+
+
+def _chat() -> st.SearchStrategy[common_pb2.ChatMessage]:
     return st.builds(
         common_pb2.ChatMessage,
-        role=st.sampled_from(
-            [common_pb2.ROLE_USER, common_pb2.ROLE_SYSTEM, common_pb2.ROLE_ASSISTANT]
-        )
-        if roles
-        else st.just(common_pb2.ROLE_USER),
+        role=ROLES,
         content=st.text(min_size=1, max_size=60).filter(lambda s: s.strip() != ""),
     )
 
 
-ROLES = st.sampled_from([common_pb2.ROLE_USER, common_pb2.ROLE_SYSTEM, common_pb2.ROLE_ASSISTANT])
 WORDS = st.lists(
     st.sampled_from(["risk", "FZA", "volatility", "low", "holds", "2023"]), max_size=5
 ).map(" ".join)
