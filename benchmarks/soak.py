@@ -52,19 +52,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.type import date_pb2
+
+from finsight.analytics.v1 import analytics_pb2 as apb
+from finsight.common.v1 import common_pb2
+from finsight.llm.v1 import llm_gateway_pb2 as gpb
+from finsight.memory.v1 import memory_pb2 as mpb
+from services.llm_gateway.devprovider import DEFAULT_API_KEY
+from tests.system.harness import SERVICE_NAMES, Suite
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow running as a plain file
-    sys.path.insert(0, str(ROOT))
-
-import grpc  # noqa: E402
-from google.type import date_pb2  # noqa: E402
-
-from finsight.analytics.v1 import analytics_pb2 as apb  # noqa: E402
-from finsight.common.v1 import common_pb2  # noqa: E402
-from finsight.llm.v1 import llm_gateway_pb2 as gpb  # noqa: E402
-from finsight.memory.v1 import memory_pb2 as mpb  # noqa: E402
-from services.llm_gateway.devprovider import DEFAULT_API_KEY  # noqa: E402
-from tests.system.harness import SERVICE_NAMES, Suite  # noqa: E402
 
 DEADLINE_S = 5.0
 P99_TARGET_S = 0.100
