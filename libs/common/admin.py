@@ -150,3 +150,28 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+async def open_service_database(host: object, path: Path, migrations_dir: Path) -> Database:
+    """The owning service's DuckDB: opened with its migrations, closed on shutdown, backed
+    up through AdminService, and part of readiness (`duckdb`)."""
+    from libs.common.server import ServiceHost
+
+    assert isinstance(host, ServiceHost)
+    settings = host.settings
+    db = Database(
+        path,
+        name=settings.service_name,
+        migrations_dir=migrations_dir,
+        workers=settings.finsight_db_workers,
+        slow_query_ms=settings.finsight_db_slow_query_ms,
+    )
+    await db.open()
+    host.on_shutdown(db.close)
+    register_admin(host, db)
+
+    async def db_ready() -> bool:
+        return db.is_open
+
+    host.add_readiness_check("duckdb", db_ready)
+    return db

@@ -9,9 +9,8 @@ from typing import Final
 from redis.asyncio import Redis
 
 from finsight.analytics.v1 import analytics_pb2_grpc
-from libs.common.admin import register_admin
+from libs.common.admin import open_service_database
 from libs.common.clients import create_channel
-from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
 from libs.common.server import ServiceHost, main_entry
 from services.analytics.analyze import Analyzer, AnalyzeSettings
@@ -30,21 +29,7 @@ POLICIES: Final = {"IngestBars": MethodPolicy(scope="analytics.write", method_cl
 async def setup(host: ServiceHost, redis: Redis) -> None:
     settings = host.settings
     assert isinstance(settings, AnalyticsSettings)
-    db = Database(
-        settings.db_path,
-        name="analytics",
-        migrations_dir=MIGRATIONS,
-        workers=settings.finsight_db_workers,
-        slow_query_ms=settings.finsight_db_slow_query_ms,
-    )
-    await db.open()
-    host.on_shutdown(db.close)
-    register_admin(host, db)
-
-    async def db_ready() -> bool:
-        return db.is_open
-
-    host.add_readiness_check("duckdb", db_ready)
+    db = await open_service_database(host, settings.db_path, MIGRATIONS)
 
     store = MarketStore(db)
     market = MarketAnalytics(store, max_ingest_rows=settings.analytics_ingest_max_rows)

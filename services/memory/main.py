@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common import tokens
-from libs.common.admin import register_admin
+from libs.common.admin import open_service_database
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
 from libs.common.redis_pool import redis_ready
@@ -40,16 +40,7 @@ class MemoryApp:
 async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     settings = host.settings
     assert isinstance(settings, MemorySettings)
-    db = Database(
-        settings.db_path,
-        name="memory",
-        migrations_dir=MIGRATIONS,
-        workers=settings.finsight_db_workers,
-        slow_query_ms=settings.finsight_db_slow_query_ms,
-    )
-    await db.open()
-    host.on_shutdown(db.close)
-    register_admin(host, db)
+    db = await open_service_database(host, settings.db_path, MIGRATIONS)
     hot = HotTier(
         redis,
         prefix=settings.memory_redis_prefix,
@@ -69,9 +60,6 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     )
     await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
 
-    async def db_ready() -> bool:
-        return db.is_open
-
     async def redis_observed() -> bool:
         # Redis is a cache here: when it is down every RPC is served from DuckDB, so it
         # must not take the service out of rotation. Replaces the kit's "redis" check;
@@ -79,7 +67,6 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
         metrics.REDIS_UP.set(1 if await redis_ready(redis) else 0)
         return True
 
-    host.add_readiness_check("duckdb", db_ready)
     host.add_readiness_check("redis", redis_observed)
     return MemoryApp(db, hot, manager, purger)
 
