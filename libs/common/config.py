@@ -117,7 +117,11 @@ class CommonSettings(BaseSettings):
         200.0, gt=0, description="Sustained requests/s per caller and method class"
     )
     finsight_rate_limit_burst: int = Field(400, ge=1)
-    finsight_rate_limit_fail_mode: Literal["open", "closed"] = "open"
+    finsight_rate_limit_fail_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="Redis unreachable: admit calls unlimited (open) or refuse them and "
+        "let readiness follow Redis (closed)",
+    )
 
     finsight_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     finsight_keepalive_time_s: float = Field(30.0, gt=0)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "finsight.dev"
@@ -26,6 +26,11 @@ ERROR_DOMAIN = "finsight.dev"
 MAX_MESSAGE_WIRE_BYTES = 768  # grpc-message is percent-encoded: non-ASCII bytes count 3
 MAX_VIOLATION_TEXT_CHARS = 256
 MAX_VIOLATIONS_BYTES = 5600  # serialized BadRequest (100 typical violations fit)
+
+# google.protobuf.Timestamp's documented range, 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
+# Outside it, seconds * 10**6 no longer fits the int64 microseconds our stores keep.
+TIMESTAMP_MIN_SECONDS = -62_135_596_800
+TIMESTAMP_MAX_SECONDS = 253_402_300_799
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,18 @@ class Violations:
         if not ok:
             self.add(field_path, description)
         return ok
+
+    def timestamp_us(self, field_path: str, ts: timestamp_pb2.Timestamp) -> int | None:
+        """`ts` in microseconds since the epoch; None, with a violation, when it lies outside
+        the range google.protobuf.Timestamp defines (years 1 to 9999) or its nanos are invalid."""
+        ok = TIMESTAMP_MIN_SECONDS <= ts.seconds <= TIMESTAMP_MAX_SECONDS
+        if not self.check(
+            ok and 0 <= ts.nanos <= 999_999_999,
+            field_path,
+            "must be a valid timestamp between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z",
+        ):
+            return None
+        return ts.seconds * 1_000_000 + ts.nanos // 1000
 
     def raise_if_any(self) -> None:
         if self.items:

@@ -7,7 +7,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import trace
@@ -102,3 +102,35 @@ def configure_logging(service: str, level: str = "INFO", secrets: Iterable[str] 
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "grpc._cython"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ThrottledLog:
+    """A warning that every request would repeat while a dependency is down (Redis away:
+    every rate-limit check, cache read, budget check fails): logged the first time, then
+    at most once per `interval_s` per message, with `suppressed` = how many occurrences
+    since the last line. The metrics count every occurrence; the log tells when and why."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, msg: str, *, extra: dict[str, Any] | None = None) -> None:
+        self.log(logging.WARNING, msg, extra=extra)
+
+    def log(self, level: int, msg: str, *, extra: dict[str, Any] | None = None) -> None:
+        now = self.clock()
+        last = self._last.get(msg)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[msg] = self._suppressed.get(msg, 0) + 1
+            return
+        self._last[msg] = now
+        suppressed = self._suppressed.pop(msg, 0)
+        self.logger.log(level, msg, extra={**(extra or {}), "suppressed": suppressed})

@@ -29,8 +29,10 @@ from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 
 from libs.common import metrics
 from libs.common.errors import ResourceExhausted, Unavailable
+from libs.common.logging import ThrottledLog
 
 log = logging.getLogger(__name__)
+redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
 
 # KEYS[1]=bucket; ARGV: rate per second, burst, cost. Returns {allowed, retry_ms, tokens}.
 _BUCKET_LUA = """
@@ -239,7 +241,7 @@ class TokenBucket:
             )
         except (RedisError, OSError) as exc:
             metrics.RATELIMIT_REDIS_ERRORS.labels(fail_mode=self.fail_mode).inc()
-            log.warning(
+            redis_down_log.warning(
                 "rate limiter: redis unavailable",
                 extra={"fail_mode": self.fail_mode, "error": type(exc).__name__},
             )

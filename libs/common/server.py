@@ -2,14 +2,15 @@
 
     host = ServiceHost(settings, policies=POLICIES)
     add_MemoryServiceServicer_to_server(servicer, host.server)
-    host.add_readiness_check("redis", lambda: redis_ready(redis))
+    host.add_readiness_check("duckdb", db_ready)
     host.on_shutdown(db.close)
     await host.run()          # until SIGTERM/SIGINT
 
 Health (`grpc.health.v1`, the standard servicer): `""` is the whole server,
 `liveness` answers while the process and its event loop do (it never depends
 on another system), and the service's full name is readiness: SERVING only
-while every readiness check passes. On SIGTERM/SIGINT every name goes
+while every gating readiness check passes (a watched one, such as Redis with the
+rate limiter failing open, is only exported as `finsight_dependency_up`). On SIGTERM/SIGINT every name goes
 NOT_SERVING, the server keeps serving for `FINSIGHT_DRAIN_DELAY_S` so load
 balancers notice, then `stop(grace)` lets in-flight RPCs finish.
 """
@@ -136,7 +137,7 @@ class ServiceHost:
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self._checks: dict[str, ReadinessCheck] = {}
+        self._checks: dict[str, tuple[ReadinessCheck, bool]] = {}
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stop = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
@@ -159,8 +160,11 @@ class ServiceHost:
         """Scope and rate-limit class of a method added after construction."""
         self.interceptor.policies[method] = policy
 
-    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
-        self._checks[name] = check
+    def add_readiness_check(self, name: str, check: ReadinessCheck, *, gates: bool = True) -> None:
+        """Run `check` every readiness round and export it as `finsight_dependency_up{name}`.
+        With `gates=False` the dependency is only watched: the service keeps serving without
+        it (a cache), so its loss must not take the pod out of rotation."""
+        self._checks[name] = (check, gates)
 
     def on_shutdown(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Run after the server stopped, in reverse order of registration."""
@@ -208,13 +212,13 @@ class ServiceHost:
 
     async def _check_readiness(self) -> bool:
         ready = True
-        for name, check in self._checks.items():
+        for name, (check, gates) in self._checks.items():
             try:
                 ok = await asyncio.wait_for(check(), timeout=2.0)
             except Exception:
                 ok = False
             metrics.DEPENDENCY_UP.labels(name).set(1 if ok else 0)
-            ready = ready and ok
+            ready = ready and (ok or not gates)
         if not self._draining:
             status = SERVING if ready else NOT_SERVING
             for name in self.service_names:
@@ -280,7 +284,15 @@ async def start_service(
     redis = create_redis(settings)
     limiter = TokenBucket(redis, fail_mode=settings.finsight_rate_limit_fail_mode)
     host = ServiceHost(settings, policies=policies, rate_limits=rate_limits, limiter=limiter)
-    host.add_readiness_check("redis", lambda: redis_ready(redis))
+    # Every service answers without Redis (caches miss, memory reads DuckDB, limits fail
+    # open), and every replica shares the one Redis: gating readiness on it would take all
+    # of them out of rotation at once. It gates only when the limiter fails closed, since
+    # then no call can be answered anyway.
+    host.add_readiness_check(
+        "redis",
+        lambda: redis_ready(redis),
+        gates=settings.finsight_rate_limit_fail_mode == "closed",
+    )
     host.on_shutdown(redis.aclose)
     await setup(host, redis)
     await host.start()

@@ -14,9 +14,11 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.logging import ThrottledLog
 from services.analytics.telemetry import RESULT_CACHE
 
 log = logging.getLogger(__name__)
+redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
 
 
 class ResultCache:
@@ -41,7 +43,7 @@ class ResultCache:
             value = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             RESULT_CACHE.labels("error").inc()
-            log.warning("result cache read failed", extra={"error": type(exc).__name__})
+            redis_down_log.warning("result cache read failed", extra={"error": type(exc).__name__})
             return None
         RESULT_CACHE.labels("hit" if value is not None else "miss").inc()
         return value if isinstance(value, bytes) else None
@@ -54,4 +56,4 @@ class ResultCache:
             await self.redis.set(key, value, ex=self.ttl_s)
         except (RedisError, OSError) as exc:
             RESULT_CACHE.labels("error").inc()
-            log.warning("result cache write failed", extra={"error": type(exc).__name__})
+            redis_down_log.warning("result cache write failed", extra={"error": type(exc).__name__})

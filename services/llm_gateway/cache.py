@@ -15,11 +15,13 @@ from dataclasses import asdict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.logging import ThrottledLog
 from services.llm_gateway import metrics
 from services.llm_gateway.domain import Completion
 from services.llm_gateway.pricing import Usage
 
 log = logging.getLogger(__name__)
+redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
 
 
 def cache_key(tenant: str, fingerprint: dict[str, object]) -> str:
@@ -40,7 +42,7 @@ class ResponseCache:
             raw = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             metrics.CACHE.labels("error").inc()
-            log.warning("cache read failed", extra={"error": type(exc).__name__})
+            redis_down_log.warning("cache read failed", extra={"error": type(exc).__name__})
             return None
         if raw is None:
             metrics.CACHE.labels("miss").inc()

@@ -33,12 +33,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from libs.common.errors import QuotaViolation, ResourceExhausted, Unavailable
+from libs.common.logging import ThrottledLog
 from libs.common.ratelimit import script_batcher
 from services.llm_gateway import metrics
 from services.llm_gateway.config import TenantLimitsSpec
 from services.llm_gateway.pricing import nanos_to_units, usd_to_nanos
 
 log = logging.getLogger(__name__)
+redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
 
 # KEYS: rpm bucket, tpm bucket, budget key.
 # ARGV: rpm rate/s, rpm burst, tpm rate/s, tpm burst, tpm cost, budget nanos (-1 = none),
@@ -218,7 +220,7 @@ class TenantLimiter:
                 ],
             )
         except (RedisError, OSError) as exc:
-            log.warning(
+            redis_down_log.warning(
                 "tenant limits: redis unavailable",
                 extra={"fail_mode": self.fail_mode, "error": type(exc).__name__},
             )
@@ -288,7 +290,7 @@ class TenantLimiter:
                     pipe.hincrbyfloat(tpm_key(reservation.tenant), "tokens", reservation.tokens)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("limit release failed", extra={"error": type(exc).__name__})
+            redis_down_log.warning("limit release failed", extra={"error": type(exc).__name__})
 
     async def spent_today(self, tenant: str) -> int:
         value = await self.redis.get(budget_key(tenant, utc_day()))

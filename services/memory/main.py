@@ -14,9 +14,7 @@ from libs.common import tokens
 from libs.common.admin import open_service_database
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
-from libs.common.redis_pool import redis_ready
 from libs.common.server import ServiceHost, main_entry
-from services.memory import metrics
 from services.memory.config import MemorySettings
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
@@ -59,15 +57,6 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
         MemoryServicer(manager, purger), host.server
     )
     await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
-
-    async def redis_observed() -> bool:
-        # Redis is a cache here: when it is down every RPC is served from DuckDB, so it
-        # must not take the service out of rotation. Replaces the kit's "redis" check;
-        # its state is exported as finsight_memory_redis_up instead.
-        metrics.REDIS_UP.set(1 if await redis_ready(redis) else 0)
-        return True
-
-    host.add_readiness_check("redis", redis_observed)
     return MemoryApp(db, hot, manager, purger)
 
 

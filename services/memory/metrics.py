@@ -58,8 +58,3 @@ CONTEXT_TOKENS = Histogram(
 )
 PURGED = Counter("finsight_memory_purged_total", "Rows deleted by retention, by kind.", ("kind",))
 ERASURES = Counter("finsight_memory_erasures_total", "DeleteUserData calls completed.")
-REDIS_UP = Gauge(
-    "finsight_memory_redis_up",
-    "1 when Redis answered the last readiness probe. Informational: memory stays ready "
-    "without Redis (it serves from DuckDB).",
-)

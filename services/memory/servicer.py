@@ -44,10 +44,6 @@ _ORDER = {
 
 
 # -- time ----------------------------------------------------------------------------------
-def _us(ts: Timestamp) -> int:
-    return ts.seconds * 1_000_000 + ts.nanos // 1000
-
-
 def _ts(us: int) -> Timestamp:
     return Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
@@ -129,11 +125,23 @@ def _filter(v: Violations, field: str, msg: pb.FactFilter) -> FactFilter:
         v.add(f"{field}.tags", f"at most {lim.MAX_FILTER_VALUES} tags")
     for i, tag in enumerate(msg.tags):
         lim.check_tag(v, f"{field}.tags[{i}]", tag)
-    after = _us(msg.created_after) if msg.HasField("created_after") else None
-    before = _us(msg.created_before) if msg.HasField("created_before") else None
+    after = (
+        v.timestamp_us(f"{field}.created_after", msg.created_after)
+        if msg.HasField("created_after")
+        else None
+    )
+    before = (
+        v.timestamp_us(f"{field}.created_before", msg.created_before)
+        if msg.HasField("created_before")
+        else None
+    )
     if after is not None and before is not None and after >= before:
         v.add(f"{field}.created_before", "must be after created_after")
     return FactFilter(tuple(msg.kinds), tuple(msg.tags), after, before)
+
+
+def _has_time(msg: pb.FactFilter) -> bool:  # set, if not valid: then it is reported as such
+    return msg.HasField("created_after") or msg.HasField("created_before")
 
 
 def _new_messages(v: Violations, request: pb.AppendMessagesRequest) -> list[NewMessage]:
@@ -185,7 +193,11 @@ def _new_facts(v: Violations, request: pb.RememberRequest) -> list[NewFact]:
         for j, tag in enumerate(f.tags):
             lim.check_tag(v, f"{field}.tags[{j}]", tag)
         lim.check_id(v, f"{field}.source_session_id", f.source_session_id, required=False)
-        expires = _us(f.expire_time) if f.HasField("expire_time") else None
+        expires = (
+            v.timestamp_us(f"{field}.expire_time", f.expire_time)
+            if f.HasField("expire_time")
+            else None
+        )
         if expires is not None and expires <= now:
             v.add(f"{field}.expire_time", "must be in the future")
         out.append(
@@ -279,7 +291,7 @@ class MemoryServicer:
         chosen = sum([bool(request.fact_ids), flt is not None, request.all])
         if chosen != 1:
             v.add("fact_ids", "give exactly one of fact_ids, filter or all")
-        elif flt is not None and flt.is_empty:
+        elif flt is not None and flt.is_empty and not _has_time(request.filter):
             v.add("filter", "must set at least one criterion (use all=true to forget everything)")
         v.raise_if_any()
         deleted = await self.manager.forget(

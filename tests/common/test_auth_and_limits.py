@@ -8,10 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.common.auth import key_entry
 from libs.common.errors import status_info
-from tests.common.conftest import Echo, start_echo
+from tests.common.conftest import SERVICE, Echo, start_echo
+from tests.common.test_server import NOT_SERVING, SERVING, health_of
 from tests.conftest import Keys, RedisProcess
 
 
@@ -132,8 +134,22 @@ async def test_rate_limiter_follows_fail_mode_when_redis_is_down(
         assert (info.code if info else None) == expected
         if info is not None:
             assert info.retry_after is not None
+        # Readiness: Redis is watched (the gauge drops) but gates only when failing closed.
+        for _ in range(100):
+            if REGISTRY.get_sample_value("finsight_dependency_up", {"dependency": "redis"}) == 0:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # the round that saw it has set the health status
+        assert REGISTRY.get_sample_value("finsight_dependency_up", {"dependency": "redis"}) == 0
+        assert await health_of(echo.target, SERVICE) == (SERVING if mode == "open" else NOT_SERVING)
+        assert await health_of(echo.target, "liveness") == SERVING
         private_redis.start()
         await asyncio.sleep(0.3)
         assert await call_status(echo, "Echo", md) is None  # recovers without a restart
+        for _ in range(100):
+            if await health_of(echo.target, SERVICE) == SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert await health_of(echo.target, SERVICE) == SERVING
     finally:
         await echo.close()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from libs.common.clients import create_channel
-from libs.common.logging import JsonFormatter, redact
+from libs.common.logging import JsonFormatter, ThrottledLog, redact
 from tests.common.conftest import SERVICE, EchoSettings, start_echo
 from tests.conftest import Keys, make_settings
 from tests.pki import make_pki
@@ -90,3 +90,22 @@ def test_log_lines_redact_keys_and_known_secrets() -> None:
     ):
         assert secret not in line
     assert entry["msg"].count("[REDACTED]") == 4
+
+
+def test_a_recurring_warning_is_logged_once_per_interval_with_the_count_it_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    throttled = ThrottledLog(
+        logging.getLogger("throttle-test"), interval_s=10, clock=lambda: now[0]
+    )
+    with caplog.at_level(logging.WARNING, logger="throttle-test"):
+        for _ in range(500):  # a burst of requests while Redis is away
+            throttled.warning("redis unavailable", extra={"error": "ConnectionError"})
+            throttled.warning("cache read failed")
+            now[0] += 0.01  # 5 s in all
+        now[0] += 5.0
+        throttled.warning("redis unavailable", extra={"error": "ConnectionError"})
+    lines = [(r.getMessage(), r.__dict__["suppressed"]) for r in caplog.records]
+    assert lines == [("redis unavailable", 0), ("cache read failed", 0), ("redis unavailable", 499)]
+    assert caplog.records[-1].__dict__["error"] == "ConnectionError"

@@ -1,7 +1,7 @@
 """Defects the fuzz and bad-input suites found in the services, each pinned by a test.
 
-Each test states the contract; those marked `xfail(strict=True)` fail today and will turn
-into an XPASS (which fails the run) once the owning service is fixed: then drop the mark.
+Each test states the contract. A defect not yet fixed is marked `xfail(strict=True)`, so
+that the fix turns it into an XPASS (which fails the run) and the mark is dropped with it.
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ async def test_analytics_refuses_a_symbol_with_a_trailing_newline(seeded: Seeded
     assert reply.inserted == 0 and reply.rejected >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory: an expire_time past year ~2262 overflows int64 microseconds and answers "
-    "INTERNAL instead of INVALID_ARGUMENT (servicer/storage)",
-)
 async def test_memory_refuses_an_expiry_beyond_the_representable_range(seeded: Seeded) -> None:
     mem = memory_pb2_grpc.MemoryServiceStub(seeded.stack.channel("memory"))
     far = Timestamp(seconds=10**13)  # year ~318,857
@@ -104,11 +99,6 @@ async def test_an_oversize_memory_batch_does_not_stall_other_callers(seeded: See
     assert worst < STALL_LIMIT_S, f"refusing took {took:.2f}s; others waited {worst:.2f}s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory: a FactFilter time past year ~2262 overflows int64 microseconds; Forget "
-    "answers INTERNAL (DuckDB: make_timestamp(HUGEINT)) instead of INVALID_ARGUMENT",
-)
 async def test_memory_forget_refuses_a_filter_time_beyond_the_representable_range(
     seeded: Seeded,
 ) -> None:

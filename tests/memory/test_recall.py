@@ -234,3 +234,17 @@ async def test_expiry_hides_before_purge_and_purge_deletes(memory: Memory) -> No
     assert (await counts(memory, "u1"))["facts"] == 1
     assert await memory.app.db.read("t", storage.orphan_postings) == 0
     assert await recalled() == [kept]
+
+
+async def test_the_last_representable_expiry_is_accepted(memory: Memory) -> None:
+    await consent(memory, "u1")
+    last = {"seconds": 253_402_300_799, "nanos": 999_999_999}  # 9999-12-31T23:59:59.999999999Z
+    reply = await memory.stub.Remember(
+        pb.RememberRequest(user_id="u1", facts=[pb.NewFact(text="far", expire_time=last)]),
+        metadata=memory.md(),
+    )
+    recalled = await memory.stub.Recall(
+        pb.RecallRequest(user_id="u1", query="far"), metadata=memory.md()
+    )
+    assert [f.fact.fact_id for f in recalled.facts] == [reply.facts[0].fact_id]
+    assert recalled.facts[0].fact.expire_time.seconds == 253_402_300_799

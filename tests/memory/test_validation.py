@@ -124,6 +124,41 @@ async def test_limits_on_batches_ranges_and_ids(memory: Memory) -> None:
             ],
         ),
         (memory.stub.GetConsent(pb.GetConsentRequest(user_id="x" * 129), metadata=md), ["user_id"]),
+        (
+            memory.stub.Remember(
+                pb.RememberRequest(
+                    user_id="u1",
+                    facts=[
+                        pb.NewFact(text="a", expire_time={"seconds": 253_402_300_800}),
+                        pb.NewFact(text="b", expire_time={"seconds": 4_000_000_000, "nanos": -1}),
+                    ],
+                ),
+                metadata=md,
+            ),
+            ["facts[0].expire_time", "facts[1].expire_time"],
+        ),
+        (
+            memory.stub.Forget(
+                pb.ForgetRequest(
+                    user_id="u1",
+                    filter=pb.FactFilter(
+                        created_after={"seconds": -62_135_596_801},
+                        created_before={"seconds": 2**55},
+                    ),
+                ),
+                metadata=md,
+            ),
+            ["filter.created_after", "filter.created_before"],
+        ),
+        (
+            memory.stub.Recall(
+                pb.RecallRequest(
+                    user_id="u1", query="q", filter=pb.FactFilter(created_after={"seconds": 2**55})
+                ),
+                metadata=md,
+            ),
+            ["filter.created_after"],
+        ),
     ]
     for call, fields in cases:
         info = await rpc_error(call)
