@@ -8,8 +8,9 @@ wraps the await itself in `calling()`, pybreaker's context manager:
         answer = await client.complete(...)
 
 Exceptions raised inside the block are counted unless excluded: client errors (4xx other
-than 429: the request or the account is at fault, not the provider) and cancellations
-(the caller went away; that says nothing about the provider). pybreaker treats an excluded
+than 429: the request or the account is at fault, not the provider), cancellations and
+attempts ended by the caller's own deadline (the caller went away or could not wait; that
+says nothing about the provider). pybreaker treats an excluded
 exception like a success (the consecutive-failure counter resets), which is right for a
 4xx: the provider did answer.
 """
@@ -25,7 +26,7 @@ from typing import Literal
 import pybreaker
 
 from services.llm_gateway import metrics
-from services.llm_gateway.providers import ProviderError
+from services.llm_gateway.providers import DeadlineSpent, ProviderError
 
 State = Literal["closed", "open", "half-open"]
 _STATE_VALUE = {"closed": 0, "open": 1, "half-open": 2}
@@ -41,7 +42,7 @@ class CircuitOpen(Exception):
 
 
 def _not_a_provider_fault(exc: BaseException) -> bool:
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit | DeadlineSpent):
         return True
     return isinstance(exc, ProviderError) and exc.client_error
 

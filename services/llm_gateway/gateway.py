@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from libs.common.context import current_identity, remaining_time
-from libs.common.errors import FinsightError, Unavailable, Violations
+from libs.common.errors import DeadlineExceeded, FinsightError, Unavailable, Violations
 from libs.common.tokens import (
     CONVERSATION_OVERHEAD,
     ContextOverflowError,
@@ -49,7 +49,7 @@ from services.llm_gateway.domain import (
 )
 from services.llm_gateway.limits import Reservation, TenantLimiter
 from services.llm_gateway.pricing import Usage
-from services.llm_gateway.providers import ProviderError
+from services.llm_gateway.providers import DeadlineSpent, ProviderError
 from services.llm_gateway.router import Link, OpenStream, Router
 from services.llm_gateway.usage import UsageEvent, UsageLedger, UsageRowData
 from services.llm_gateway.validation import check_completion, check_messages, check_model
@@ -220,6 +220,7 @@ class Gateway:
         link = opened.link
         labels = (link.provider.name, link.model.name)
         stream_deadline = time.monotonic() + self.stream_max_s
+        caller_bound = deadline is not None and deadline < stream_deadline
         if deadline is not None:
             stream_deadline = min(stream_deadline, deadline)
         outcome = "cancelled"
@@ -234,10 +235,19 @@ class Gateway:
                     async with asyncio.timeout_at(stream_deadline):
                         delta = await opened.stream.next_delta()
                 except TimeoutError:
+                    if caller_bound:
+                        raise DeadlineSpent from None
                     raise ProviderError(
                         link.provider.name, "stream deadline reached", kind="timeout"
                     ) from None
             outcome = "ok"
+        except DeadlineSpent:
+            outcome = "deadline"
+            raise DeadlineExceeded(
+                "the deadline expired while the answer was streaming",
+                reason="DEADLINE_EXCEEDED",
+                metadata={"provider": link.provider.name},
+            ) from None
         except ProviderError as exc:
             outcome, error = "interrupted", exc
             raise Unavailable(

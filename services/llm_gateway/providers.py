@@ -43,6 +43,12 @@ RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MAX_ERROR_MESSAGE = 300
 
 
+class DeadlineSpent(Exception):
+    """The caller's deadline, not the provider, ended the attempt (or leaves no time for
+    another): the caller gets DEADLINE_EXCEEDED, and the breaker does not count it (like a
+    cancellation, it says nothing about the provider)."""
+
+
 class ProviderError(Exception):
     """One failed attempt. `status` is the HTTP status, or None for transport failures."""
 

@@ -34,6 +34,7 @@ from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
 from services.llm_gateway.catalog import Model, Provider
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import (
+    DeadlineSpent,
     ProviderAnswer,
     ProviderClient,
     ProviderError,
@@ -44,10 +45,6 @@ from services.llm_gateway.retry import MIN_ATTEMPT_S, RetryPolicy
 
 T = TypeVar("T")
 _tracer = tracer(__name__)
-
-
-class DeadlineSpent(Exception):
-    """The caller's deadline leaves no time for another attempt."""
 
 
 @dataclass(frozen=True)
@@ -104,15 +101,22 @@ class Router:
 
     # -- unary ------------------------------------------------------------------------------
     async def complete(self, route: str, links: Sequence[Link], deadline: float | None) -> Routed:
-        async def run(link: Link, attempt_no: int, timeout: float) -> ProviderAnswer:
+        async def run(
+            link: Link, attempt_no: int, timeout: float, caller_bound: bool
+        ) -> ProviderAnswer:
             with self._attempt_span(link, attempt_no) as span:
                 started = time.perf_counter()
                 outcome = "ok"
                 try:
                     with self.breakers[link.provider.name].calling():
-                        answer = await self.clients[link.provider.name].complete(
-                            link.body, timeout_s=timeout
-                        )
+                        try:
+                            answer = await self.clients[link.provider.name].complete(
+                                link.body, timeout_s=timeout
+                            )
+                        except ProviderError as exc:
+                            if caller_bound and exc.kind == "timeout":
+                                raise DeadlineSpent from exc
+                            raise
                 except BaseException as exc:
                     outcome = _outcome(exc)
                     _finish_span(span, link, None, None, exc)
@@ -134,7 +138,9 @@ class Router:
         """Open a stream and read its first delta, with retries and fallback; nothing has
         been sent to the caller yet, so every failure here may still be retried."""
 
-        async def run(link: Link, attempt_no: int, timeout: float) -> OpenStream:
+        async def run(
+            link: Link, attempt_no: int, timeout: float, caller_bound: bool
+        ) -> OpenStream:
             span = _tracer.start_span(
                 f"chat {link.model.provider_model}",
                 kind=trace.SpanKind.CLIENT,
@@ -150,6 +156,8 @@ class Router:
                             await stream.__aenter__()
                             first = await stream.next_delta()
                     except TimeoutError:
+                        if caller_bound:
+                            raise DeadlineSpent from None
                         raise self.clients[link.provider.name]._timeout(timeout) from None
             except BaseException as exc:
                 outcome = _outcome(exc)
@@ -172,7 +180,7 @@ class Router:
         route: str,
         links: Sequence[Link],
         deadline: float | None,
-        run: Callable[[Link, int, float], Awaitable[T]],
+        run: Callable[[Link, int, float, bool], Awaitable[T]],
     ) -> tuple[T, Link, int]:
         usable = [link for link in links if link.provider.available]
         if not usable:
@@ -197,7 +205,7 @@ class Router:
         self,
         link: Link,
         deadline: float | None,
-        run: Callable[[Link, int, float], Awaitable[T]],
+        run: Callable[[Link, int, float, bool], Awaitable[T]],
         attempts_before: int,
     ) -> tuple[T, int]:
         made = 0
@@ -205,13 +213,15 @@ class Router:
         async def attempt() -> T:
             nonlocal made
             timeout = link.provider.attempt_timeout_s
+            caller_bound = False  # the caller's deadline, not the provider's timeout, ends it
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left < MIN_ATTEMPT_S:
                     raise DeadlineSpent
+                caller_bound = left < timeout
                 timeout = min(timeout, left)
             made += 1
-            return await run(link, attempts_before + made, timeout)
+            return await run(link, attempts_before + made, timeout, caller_bound)
 
         def on_retry(error: BaseException, sleep_s: float) -> None:
             metrics.RETRIES.labels(link.provider.name, link.model.name, _outcome(error)).inc()

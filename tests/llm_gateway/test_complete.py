@@ -77,6 +77,37 @@ async def test_never_retries_past_the_callers_deadline(gw: Gw, control: DevProvi
     assert len(await control.requests()) == 1
 
 
+async def test_a_provider_slower_than_the_callers_deadline_is_deadline_exceeded_not_a_fault(
+    tmp_path: Path,
+    redis_url: str,
+    api_keys: Keys,
+    provider: DevProvider,
+    control: DevProviderControl,
+) -> None:
+    # The caller's deadline ends the attempt: DEADLINE_EXCEEDED (not UNAVAILABLE, which
+    # invites a retry), and the breaker does not count it against the provider.
+    gw = await start_gateway(
+        tmp_path, redis_url, api_keys, provider, llm_gateway_breaker_fail_max=2
+    )
+    try:
+        await control.script(default={"delay_ms": 3000})
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await gw.complete("slow", timeout=0.6)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+            assert time.monotonic() - started < 1.2
+        assert len(await control.requests()) == 3  # one attempt each: nothing left to retry
+        models = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=gw.md())
+        assert {p.name: p.circuit_state for p in models.providers}["deepseek"] == (
+            pb.CIRCUIT_STATE_CLOSED
+        )
+        await control.script(default={})
+        assert (await gw.complete("fast again")).content == "echo: fast again"
+    finally:
+        await gw.close()
+
+
 async def test_retry_after_above_the_cap_is_returned_not_waited(
     gw: Gw, control: DevProviderControl
 ) -> None:

@@ -112,6 +112,22 @@ async def test_cut_mid_stream_ends_unavailable_and_records_partial_usage(
     assert after.total_usage.prompt_tokens > before.total_usage.prompt_tokens
 
 
+async def test_a_stream_slower_than_the_callers_deadline_is_deadline_exceeded(
+    gw: Gw, control: DevProviderControl
+) -> None:
+    await control.script({"content": LONG, "chunk_delay_ms": 300}, {"delay_ms": 3000})
+    received = ""
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # after the first tokens
+        async for msg in stream(gw, "slow tokens", timeout=1.2):
+            received += msg.delta.content
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    assert received
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # before the first token
+        await collect(stream(gw, "slow start", timeout=0.6))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+    assert len(await control.requests()) == 2
+
+
 async def test_client_cancel_cancels_the_provider_request(
     gw: Gw, control: DevProviderControl, provider: DevProvider
 ) -> None:
