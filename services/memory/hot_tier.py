@@ -15,7 +15,9 @@ is not fully covered. Anything that could break the invariant makes the whole ca
 
 While untrusted, reads and writes bypass Redis (served from DuckDB, same answers), and a
 background task deletes every key under the prefix (SCAN + UNLINK) until it succeeds; then
-the cache is trusted again and fills from new appends and read misses. Redis errors are
+the cache is trusted again and fills from new appends and read misses (a read that a
+window too short to prove goes to DuckDB and refills it, so an active session re-warms
+on its next read, not only after a window's worth of new appends). Redis errors are
 counted (`finsight_memory_redis_errors_total`) and never fail an RPC.
 
 Read-through fills race with erasure: a fill that read DuckDB before an erasure committed

@@ -154,6 +154,15 @@ class MemoryManager:
         with _tracer.start_as_current_span("memory.hot_tier.read"):
             return await self.hot.window_of(tenant, session_id)
 
+    def _refillable(self, window: Window | None) -> bool:
+        """A read that went to DuckDB may (re)fill the window: none is cached, or only a short
+        one (the messages appended since a flush, fewer than the window and not from the
+        session's start), which would send every longer read to DuckDB until enough new
+        appends arrived."""
+        if not self.hot.trusted:
+            return False
+        return window is None or (window.lo > 1 and len(window.messages) < self.hot.window)
+
     async def _fill(self, tenant: str, session_id: str, generation: int) -> None:
         recent = await self.db.read(
             "recent_messages", storage.recent_messages, tenant, session_id, self.hot.window
@@ -199,7 +208,7 @@ class MemoryManager:
             more = len(rows) > page_size
             rows = rows[:page_size]
             page = Page(rows, rows[-1].sequence if more and rows else None)
-            if window is None and self.hot.trusted:
+            if self._refillable(window):
                 await self._fill(tenant, session_id, generation)
         await self._audit_read(
             replace(audit, user_id=owner, target_ids=tuple(m.message_id for m in page.messages))
@@ -230,7 +239,7 @@ class MemoryManager:
             return []
         if session.user_id != user_id:
             raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
-        if window is None and self.hot.trusted:
+        if self._refillable(window):
             if limit >= self.hot.window or len(rows) < limit:
                 await self.hot.fill(tenant, session_id, rows, generation)
             else:
