@@ -35,6 +35,13 @@ class AnalyticsSettings(CommonSettings):
         le=100_000_000,
         description="Most rows one IngestBars stream may carry (buffered, ~100 bytes a row)",
     )
+    analytics_series_cache_max_rows: int = Field(
+        5_000_000,
+        ge=0,
+        le=500_000_000,
+        description="Adjusted-close rows kept in process for metric requests (12 bytes a "
+        "row; dropped when data changes; 0 = read DuckDB every time)",
+    )
     analytics_cache_ttl_s: int = Field(
         3600, ge=0, le=7 * 86400, description="Lifetime of cached metric results (0 = no cache)"
     )

@@ -31,7 +31,7 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     assert isinstance(settings, AnalyticsSettings)
     db = await open_service_database(host, settings.db_path, MIGRATIONS)
 
-    store = MarketStore(db)
+    store = MarketStore(db, cache_max_rows=settings.analytics_series_cache_max_rows)
     market = MarketAnalytics(store, max_ingest_rows=settings.analytics_ingest_max_rows)
     memory_channel = create_channel(settings.analytics_memory_target, settings)
     gateway_channel = create_channel(settings.analytics_llm_gateway_target, settings)

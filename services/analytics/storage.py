@@ -6,10 +6,20 @@ group committer), never imports grpc. Prices cross this boundary as int64 micro-
 
 Tenancy: every row carries its tenant. A tenant reads its own bars of a symbol if it has
 any, else the shared reference data (:data:`SHARED_TENANT`), never another tenant's.
+
+Read cache: this process is the only writer of its database file (DuckDB locks it), so it
+knows the data version without asking, and keeps, at that version, each tenant's symbol
+owners and the adjusted-close series read so far (bounded by rows, least recently used
+first). Every metric request then slices in-process arrays instead of scanning `bars`
+(7-11 ms of DuckDB CPU a query on the sample data). A commit that changes data moves the
+version and drops both; a result read at another version than the current one is never
+kept.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -158,17 +168,6 @@ def _list_symbols(conn: Cursor, tenant: str) -> list[SymbolSummary]:
     ]
 
 
-def _resolve(conn: Cursor, tenant: str, symbols: list[str]) -> dict[str, str]:
-    rows = conn.execute(
-        f"""
-        WITH resolved AS ({_RESOLVED})
-        SELECT symbol, owner FROM resolved WHERE list_contains($symbols, symbol)
-        """,
-        {"tenant": tenant, "shared": SHARED_TENANT, "symbols": symbols},
-    ).fetchall()
-    return {s: o for s, o in rows}
-
-
 def _bars(
     conn: Cursor, owner: str, symbol: str, start: date | None, end: date | None
 ) -> BarColumns:
@@ -205,10 +204,22 @@ def _decimal_words(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def _adj_closes(
-    conn: Cursor, owners: dict[str, str], start: date | None, end: date | None
-) -> PricePanel:
-    # One transaction: the version reported is the one the prices were read at.
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """One stored series' adjusted closes, by day (ascending)."""
+
+    days: npt.NDArray[np.int32]  # days since 1970-01-01
+    adj_close_micros: npt.NDArray[np.int64]
+
+    def between(self, start: int | None, end: int | None) -> slice:
+        lo = 0 if start is None else int(np.searchsorted(self.days, start, "left"))
+        hi = len(self.days) if end is None else int(np.searchsorted(self.days, end, "right"))
+        return slice(lo, hi)
+
+
+def _series(conn: Cursor, keys: list[tuple[str, str]]) -> tuple[list[_Series], int]:
+    """Whole adjusted-close series of (owner, symbol) pairs and the version they were read
+    at (one transaction)."""
     conn.execute("BEGIN TRANSACTION")
     try:
         version = _version(conn)
@@ -220,40 +231,83 @@ def _adj_closes(
             SELECT w.col::INTEGER AS col, (b.ts - DATE '1970-01-01')::INTEGER AS day,
                    b.adj_close
             FROM bars b JOIN wanted w ON b.tenant = w.tenant AND b.symbol = w.symbol
-            WHERE ($start IS NULL OR b.ts >= $start) AND ($end IS NULL OR b.ts <= $end)
+            ORDER BY col, day
             """,
-            params={
-                "owners": list(owners.values()),
-                "symbols": list(owners.keys()),
-                "start": start,
-                "end": end,
-            },
+            params={"owners": [o for o, _ in keys], "symbols": [s for _, s in keys]},
         ).to_arrow_table()
     finally:
         conn.execute("COMMIT")
-    return PricePanel(
-        table.column("col").to_numpy().astype(np.int32, copy=False),
-        table.column("day").to_numpy().astype(np.int32, copy=False),
-        _decimal_words(table.column("adj_close")),
-        version,
-    )
+    cols = table.column("col").to_numpy()
+    days = table.column("day").to_numpy().astype(np.int32, copy=False)
+    prices = _decimal_words(table.column("adj_close"))
+    bounds = np.searchsorted(cols, np.arange(len(keys) + 1), "left")
+    return [
+        _Series(days[a:b].copy(), prices[a:b].copy()) for a, b in itertools.pairwise(bounds)
+    ], version
+
+
+def _owners_of(conn: Cursor, tenant: str) -> tuple[dict[str, str], int]:
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        version = _version(conn)
+        rows = conn.execute(_RESOLVED, {"tenant": tenant, "shared": SHARED_TENANT}).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return {s: o for s, o in rows}, version
+
+
+_EPOCH: Final = date(1970, 1, 1)
+
+
+def _day(d: date | None) -> int | None:
+    return None if d is None else (d - _EPOCH).days
 
 
 class MarketStore:
-    """Bars of every tenant in the service's DuckDB database."""
+    """Bars of every tenant in the service's DuckDB database (see the module's "Read cache").
 
-    def __init__(self, db: Database) -> None:
+    `cache_max_rows` bounds the cached series (12 bytes a row); 0 keeps none (every metric
+    request reads its series from DuckDB); `cache_max_tenants` bounds the owner maps.
+    """
+
+    def __init__(
+        self, db: Database, *, cache_max_rows: int = 5_000_000, cache_max_tenants: int = 1024
+    ) -> None:
         self.db = db
+        self.cache_max_rows = cache_max_rows
+        self.cache_max_tenants = cache_max_tenants
+        self._version: int | None = None  # None: unknown, read it from the database
+        self._owners: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._series: OrderedDict[tuple[str, str], _Series] = OrderedDict()
+        self._rows = 0
+
+    def _reset(self, version: int | None) -> None:
+        self._version = version
+        self._owners.clear()
+        self._series.clear()
+        self._rows = 0
 
     async def upsert(self, tenant: str, bars: BarColumns) -> UpsertCounts:
         """Insert new keys, replace changed bars, leave identical ones; one transaction."""
         if len(bars) == 0:
             return UpsertCounts(0, 0, 0, await self.data_version())
         table = _arrow_table(bars)
-        return await self.db.write("upsert_bars", _upsert, tenant, table)
+        try:
+            counts = await self.db.write("upsert_bars", _upsert, tenant, table)
+        except BaseException:
+            self._reset(None)  # cancelled or failed: it may have committed all the same
+            raise
+        if counts.data_version != self._version:
+            self._reset(counts.data_version)
+        return counts
 
     async def data_version(self) -> int:
-        return await self.db.read("data_version", _version)
+        if self._version is None:
+            version = await self.db.read("data_version", _version)
+            if self._version is None:  # no write finished meanwhile
+                self._version = version
+            return version
+        return self._version
 
     async def bar_count(self, tenant: str) -> int:
         return await self.db.read("count_bars", _count, tenant)
@@ -263,7 +317,17 @@ class MarketStore:
 
     async def resolve(self, tenant: str, symbols: Sequence[str]) -> dict[str, str]:
         """Owner tenant of each symbol the caller can read; unknown symbols are absent."""
-        return await self.db.read("resolve_symbols", _resolve, tenant, list(symbols))
+        cached = self._owners.get(tenant)
+        if cached is not None:
+            self._owners.move_to_end(tenant)
+            owners = cached
+        else:
+            owners, version = await self.db.read("resolve_symbols", _owners_of, tenant)
+            if version == await self.data_version():
+                self._owners[tenant] = owners
+                if len(self._owners) > self.cache_max_tenants:
+                    self._owners.popitem(last=False)
+        return {s: owners[s] for s in symbols if s in owners}
 
     async def bars(
         self, owner: str, symbol: str, start: date | None, end: date | None
@@ -273,7 +337,47 @@ class MarketStore:
     async def adj_closes(
         self, owners: dict[str, str], start: date | None, end: date | None
     ) -> PricePanel:
-        return await self.db.read("read_adj_close", _adj_closes, owners, start, end)
+        """Adjusted closes of `owners`' series (symbol -> owner, in column order) within
+        [start, end], and the data version they are all from."""
+        keys = [(owner, symbol) for symbol, owner in owners.items()]
+        version = await self.data_version()
+        found = {key: self._series.get(key) for key in keys}
+        missing = [key for key, series in found.items() if series is None]
+        if missing:
+            loaded, read_at = await self.db.read("read_adj_close", _series, missing)
+            if read_at == await self.data_version():
+                found.update(zip(missing, loaded, strict=True))
+                self._keep(missing, loaded)
+            else:  # a commit landed meanwhile: read everything at one version, keep nothing
+                loaded, version = await self.db.read("read_adj_close", _series, keys)
+                found = dict(zip(keys, loaded, strict=True))
+        for key in keys:
+            if key in self._series:
+                self._series.move_to_end(key)
+        first, last = _day(start), _day(end)
+        columns = [np.zeros(0, np.int32)]
+        days = [np.zeros(0, np.int32)]
+        prices = [np.zeros(0, np.int64)]
+        for col, key in enumerate(keys):
+            series = found[key]
+            assert series is not None
+            part = series.between(first, last)
+            days.append(series.days[part])
+            prices.append(series.adj_close_micros[part])
+            columns.append(np.full(len(days[-1]), col, dtype=np.int32))
+        return PricePanel(
+            np.concatenate(columns), np.concatenate(days), np.concatenate(prices), version
+        )
+
+    def _keep(self, keys: list[tuple[str, str]], loaded: list[_Series]) -> None:
+        for key, series in zip(keys, loaded, strict=True):
+            if key in self._series or len(series.days) > self.cache_max_rows:
+                continue
+            self._series[key] = series
+            self._rows += len(series.days)
+        while self._rows > self.cache_max_rows:
+            _, evicted = self._series.popitem(last=False)
+            self._rows -= len(evicted.days)
 
 
 __all__ = [
