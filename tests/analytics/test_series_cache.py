@@ -31,7 +31,9 @@ def prices(seed: int) -> list[float]:
 
 
 def bars(symbol: str, closes: list[float]) -> pb.BarSeries:
-    return series(symbol, [(d.isoformat(), c, c, c, c, c, 1000) for d, c in zip(DAYS, closes)])
+    return series(
+        symbol, [(d.isoformat(), c, c, c, c, c, 1000) for d, c in zip(DAYS, closes, strict=True)]
+    )
 
 
 def series_reads() -> float:

@@ -1186,9 +1186,16 @@ async def test_chaos_redis_outage_and_fail_closed_mode(suite: Suite, figures: Fi
             assert await metrics() is None
             last = tally.calls[-1]
             assert last.outcome == "UNAVAILABLE/RATE_LIMITER_UNAVAILABLE" and last.retry_after, last
+
+        async def analytics_health_is(status: int) -> bool:
+            return await suite.health("analytics") == status
+
+        # Failing closed, no call can be answered: readiness follows Redis.
+        await wait_until(lambda: analytics_health_is(NOT_SERVING), timeout=10)
         await asyncio.to_thread(suite.redis_start)
         tally.tag = "closed, redis back"
         recovery_s = await wait_until(lambda: _ok(metrics()), timeout=15)
+        await wait_until(lambda: analytics_health_is(SERVING), timeout=10)
         assert suite.pid("analytics") == pid
         assert not tally.late()
     finally:
