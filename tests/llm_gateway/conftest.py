@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,27 @@ async def control(provider: DevProvider) -> AsyncIterator[DevProviderControl]:
     async with DevProviderControl(provider.base_url) as c:
         yield c
     provider.state.reset()
+
+
+GatewayFactory = Callable[..., Awaitable[Gw]]
+
+
+@pytest.fixture
+async def gateway_with(
+    tmp_path: Path, redis_url: str, api_keys: Keys, provider: DevProvider
+) -> AsyncIterator[GatewayFactory]:
+    """`await gateway_with(**settings)`: a gateway on the dev provider with those settings
+    overridden, closed after the test."""
+    started: list[Gw] = []
+
+    async def start(**overrides: Any) -> Gw:
+        running = await start_gateway(tmp_path, redis_url, api_keys, provider, **overrides)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.close()
 
 
 @pytest.fixture

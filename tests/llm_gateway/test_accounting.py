@@ -14,7 +14,7 @@ from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from services.llm_gateway.devprovider import DevProvider, DevProviderControl
 from tests.conftest import Keys, RedisProcess
-from tests.llm_gateway.conftest import Gw, start_gateway, system, user
+from tests.llm_gateway.conftest import GatewayFactory, Gw, start_gateway, system, user
 
 
 def nanos(m: object) -> int:
@@ -206,17 +206,9 @@ async def test_daily_budget_is_never_exceeded_under_concurrency(
 
 
 async def test_context_is_fitted_by_dropping_the_oldest_turns(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
-    gw = await start_gateway(
-        tmp_path,
-        redis_url,
-        api_keys,
-        provider,
+    gw = await gateway_with(
         llm_gateway_models={
             "deepseek-chat": {
                 "context_window": 300,
@@ -235,30 +227,27 @@ async def test_context_is_fitted_by_dropping_the_oldest_turns(
         },
         llm_gateway_routes={"roomy": {"models": ["deepseek-chat"], "context_fallback": "big-chat"}},
     )
-    try:
-        filler = "lorem ipsum dolor sit amet " * 20  # ~100 tokens per turn
-        messages = [
-            system("Be brief."),
-            user(filler),
-            user(filler),
-            user(filler),
-            user("the question"),
-        ]
-        reply = await gw.complete(messages=messages)
-        assert reply.truncated and list(reply.dropped_message_indices) == [1, 2]
-        sent = (await control.requests())[-1]["body"]["messages"]
-        assert [m["content"] for m in sent] == ["Be brief.", filler, "the question"]
-        # The route with a larger-context fallback sends the whole conversation there.
-        roomy = await gw.complete(messages=messages, model="roomy")
-        assert not roomy.truncated
-        assert len((await control.requests())[-1]["body"]["messages"]) == 5
-        # Even system + last user message do not fit: INVALID_ARGUMENT before any call.
-        calls = len(await control.requests())
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await gw.complete(messages=[system(filler * 3), user("q")])
-        info = status_info(err.value)
-        assert info.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert [v.field for v in info.field_violations] == ["messages"]
-        assert len(await control.requests()) == calls
-    finally:
-        await gw.close()
+    filler = "lorem ipsum dolor sit amet " * 20  # ~100 tokens per turn
+    messages = [
+        system("Be brief."),
+        user(filler),
+        user(filler),
+        user(filler),
+        user("the question"),
+    ]
+    reply = await gw.complete(messages=messages)
+    assert reply.truncated and list(reply.dropped_message_indices) == [1, 2]
+    sent = (await control.requests())[-1]["body"]["messages"]
+    assert [m["content"] for m in sent] == ["Be brief.", filler, "the question"]
+    # The route with a larger-context fallback sends the whole conversation there.
+    roomy = await gw.complete(messages=messages, model="roomy")
+    assert not roomy.truncated
+    assert len((await control.requests())[-1]["body"]["messages"]) == 5
+    # Even system + last user message do not fit: INVALID_ARGUMENT before any call.
+    calls = len(await control.requests())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.complete(messages=[system(filler * 3), user("q")])
+    info = status_info(err.value)
+    assert info.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in info.field_violations] == ["messages"]
+    assert len(await control.requests()) == calls

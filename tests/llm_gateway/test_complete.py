@@ -17,7 +17,7 @@ from libs.common.tokens import count_messages
 from services.llm_gateway.devprovider import DevProvider, DevProviderControl
 from services.llm_gateway.pricing import Pricing, Usage
 from tests.conftest import Keys, free_port
-from tests.llm_gateway.conftest import Gw, start_gateway, system, user
+from tests.llm_gateway.conftest import GatewayFactory, Gw, start_gateway, system, user
 
 DEEPSEEK = Pricing(Decimal("0.028"), Decimal("0.28"), Decimal("0.42"))
 
@@ -78,34 +78,25 @@ async def test_never_retries_past_the_callers_deadline(gw: Gw, control: DevProvi
 
 
 async def test_a_provider_slower_than_the_callers_deadline_is_deadline_exceeded_not_a_fault(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
     # The caller's deadline ends the attempt: DEADLINE_EXCEEDED (not UNAVAILABLE, which
     # invites a retry), and the breaker does not count it against the provider.
-    gw = await start_gateway(
-        tmp_path, redis_url, api_keys, provider, llm_gateway_breaker_fail_max=2
+    gw = await gateway_with(llm_gateway_breaker_fail_max=2)
+    await control.script(default={"delay_ms": 3000})
+    for _ in range(3):
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gw.complete("slow", timeout=0.6)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+        assert time.monotonic() - started < 1.2
+    assert len(await control.requests()) == 3  # one attempt each: nothing left to retry
+    models = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=gw.md())
+    assert {p.name: p.circuit_state for p in models.providers}["deepseek"] == (
+        pb.CIRCUIT_STATE_CLOSED
     )
-    try:
-        await control.script(default={"delay_ms": 3000})
-        for _ in range(3):
-            started = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await gw.complete("slow", timeout=0.6)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
-            assert time.monotonic() - started < 1.2
-        assert len(await control.requests()) == 3  # one attempt each: nothing left to retry
-        models = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=gw.md())
-        assert {p.name: p.circuit_state for p in models.providers}["deepseek"] == (
-            pb.CIRCUIT_STATE_CLOSED
-        )
-        await control.script(default={})
-        assert (await gw.complete("fast again")).content == "echo: fast again"
-    finally:
-        await gw.close()
+    await control.script(default={})
+    assert (await gw.complete("fast again")).content == "echo: fast again"
 
 
 async def test_retry_after_above_the_cap_is_returned_not_waited(
@@ -150,36 +141,23 @@ async def test_provider_errors_map_to_stable_reasons(
 
 
 async def test_hang_and_keepalive_lines_hit_the_absolute_attempt_deadline(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
-    gw = await start_gateway(
-        tmp_path,
-        redis_url,
-        api_keys,
-        provider,
-        llm_gateway_attempt_timeout_s=0.4,
-        llm_gateway_max_retries=0,
-        llm_gateway_read_timeout_s=60,
+    gw = await gateway_with(
+        llm_gateway_attempt_timeout_s=0.4, llm_gateway_max_retries=0, llm_gateway_read_timeout_s=60
     )
-    try:
-        # Blank lines every 50 ms would keep an idle read timeout alive for ~8 minutes.
-        await control.script({"keepalive_lines": 10_000, "keepalive_interval_ms": 50})
-        started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await gw.complete("queued")
-        assert time.monotonic() - started < 2
-        assert status_info(err.value).reason == "PROVIDER_UNAVAILABLE"
-        await control.script({"hang": True})
-        with pytest.raises(grpc.aio.AioRpcError):
-            await gw.complete("hang")
-        entries = await control.requests()
-        assert len(entries) == 2
-    finally:
-        await gw.close()
+    # Blank lines every 50 ms would keep an idle read timeout alive for ~8 minutes.
+    await control.script({"keepalive_lines": 10_000, "keepalive_interval_ms": 50})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.complete("queued")
+    assert time.monotonic() - started < 2
+    assert status_info(err.value).reason == "PROVIDER_UNAVAILABLE"
+    await control.script({"hang": True})
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gw.complete("hang")
+    entries = await control.requests()
+    assert len(entries) == 2
 
 
 async def test_keepalive_lines_before_a_real_answer_are_tolerated(
@@ -196,43 +174,30 @@ async def test_dropped_connection_is_retried(gw: Gw, control: DevProviderControl
 
 
 async def test_breaker_opens_and_short_circuits_with_retry_info(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
-    gw = await start_gateway(
-        tmp_path,
-        redis_url,
-        api_keys,
-        provider,
-        llm_gateway_breaker_fail_max=3,
-        llm_gateway_breaker_reset_s=30,
-        llm_gateway_max_retries=0,
+    gw = await gateway_with(
+        llm_gateway_breaker_fail_max=3, llm_gateway_breaker_reset_s=30, llm_gateway_max_retries=0
     )
-    try:
-        await control.script(default={"status": 500})
-        for _ in range(3):
-            with pytest.raises(grpc.aio.AioRpcError):
-                await gw.complete("down")
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await gw.complete("still down")
-        info = status_info(err.value)
-        assert (info.code, info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_CIRCUIT_OPEN")
-        assert info.retry_after is not None and 25 < info.retry_after <= 30
-        assert len(await control.requests()) == 3  # the 4th never reached the provider
-        models = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=gw.md())
-        state = {p.name: p.circuit_state for p in models.providers}
-        assert state["deepseek"] == pb.CIRCUIT_STATE_OPEN
-        # A provider outage is not a readiness failure: the pod keeps serving.
-        async with grpc.aio.insecure_channel(gw.target) as channel:
-            health = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="finsight.llm.v1.LlmGatewayService")
-            )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        await gw.close()
+    await control.script(default={"status": 500})
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.complete("down")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.complete("still down")
+    info = status_info(err.value)
+    assert (info.code, info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_CIRCUIT_OPEN")
+    assert info.retry_after is not None and 25 < info.retry_after <= 30
+    assert len(await control.requests()) == 3  # the 4th never reached the provider
+    models = await gw.stub.ListModels(pb.ListModelsRequest(), metadata=gw.md())
+    state = {p.name: p.circuit_state for p in models.providers}
+    assert state["deepseek"] == pb.CIRCUIT_STATE_OPEN
+    # A provider outage is not a readiness failure: the pod keeps serving.
+    async with grpc.aio.insecure_channel(gw.target) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="finsight.llm.v1.LlmGatewayService")
+        )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_fallback_to_the_next_link_when_retries_are_spent(

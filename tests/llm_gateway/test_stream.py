@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,8 +12,7 @@ import pytest
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from services.llm_gateway.devprovider import DevProvider, DevProviderControl
-from tests.conftest import Keys
-from tests.llm_gateway.conftest import Gw, start_gateway, user
+from tests.llm_gateway.conftest import GatewayFactory, Gw, user
 
 LONG = " ".join(f"w{i}" for i in range(40))
 
@@ -67,29 +65,15 @@ async def test_keepalive_comments_before_the_first_token_are_skipped(
 
 
 async def test_endless_keepalive_comments_hit_the_first_token_deadline(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
-    gw = await start_gateway(
-        tmp_path,
-        redis_url,
-        api_keys,
-        provider,
-        llm_gateway_attempt_timeout_s=0.4,
-        llm_gateway_max_retries=0,
-    )
-    try:
-        await control.script({"keepalive_lines": 10_000, "keepalive_interval_ms": 50})
-        started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await collect(stream(gw, "never"))
-        assert time.monotonic() - started < 2
-        assert status_info(err.value).reason == "PROVIDER_UNAVAILABLE"
-    finally:
-        await gw.close()
+    gw = await gateway_with(llm_gateway_attempt_timeout_s=0.4, llm_gateway_max_retries=0)
+    await control.script({"keepalive_lines": 10_000, "keepalive_interval_ms": 50})
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(stream(gw, "never"))
+    assert time.monotonic() - started < 2
+    assert status_info(err.value).reason == "PROVIDER_UNAVAILABLE"
 
 
 async def test_cut_mid_stream_ends_unavailable_and_records_partial_usage(

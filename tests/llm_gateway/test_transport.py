@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,8 +14,8 @@ from services.llm_gateway.catalog import Provider
 from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.providers import ProviderClient, ProviderError
 from services.llm_gateway.transport import AiohttpTransport, env_proxy
-from tests.conftest import Keys, free_port
-from tests.llm_gateway.conftest import start_gateway
+from tests.conftest import free_port
+from tests.llm_gateway.conftest import GatewayFactory
 
 TRANSPORTS = ["aiohttp", "httpcore"]
 BODY = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi there"}]}
@@ -223,22 +222,13 @@ async def test_requests_go_through_the_environments_proxy(
 
 
 async def test_gateway_on_the_httpcore_transport(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
+    gateway_with: GatewayFactory, control: DevProviderControl
 ) -> None:
     """The httpcore transport stays a working option (and the benchmark's comparison)."""
-    gw = await start_gateway(
-        tmp_path, redis_url, api_keys, provider, llm_gateway_http_transport="httpcore"
-    )
-    try:
-        await control.script({"status": 503})
-        reply = await gw.complete("over httpcore")
-        assert reply.content == "echo: over httpcore" and reply.attempts == 2
-    finally:
-        await gw.close()
+    gw = await gateway_with(llm_gateway_http_transport="httpcore")
+    await control.script({"status": 503})
+    reply = await gw.complete("over httpcore")
+    assert reply.content == "echo: over httpcore" and reply.attempts == 2
 
 
 def test_transport_is_an_httpx_transport() -> None:

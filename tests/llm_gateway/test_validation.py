@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,9 +10,8 @@ import pytest
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
-from services.llm_gateway.devprovider import DevProvider, DevProviderControl
-from tests.conftest import Keys
-from tests.llm_gateway.conftest import Gw, start_gateway, user
+from services.llm_gateway.devprovider import DevProviderControl
+from tests.llm_gateway.conftest import GatewayFactory, Gw, user
 
 CASES: list[tuple[dict[str, Any], list[str]]] = [
     ({"messages": []}, ["messages"]),
@@ -36,18 +34,8 @@ CASES: list[tuple[dict[str, Any], list[str]]] = [
 
 
 @pytest.fixture
-async def small(
-    tmp_path: Path,
-    redis_url: str,
-    api_keys: Keys,
-    provider: DevProvider,
-    control: DevProviderControl,
-) -> Any:
-    gw = await start_gateway(
-        tmp_path, redis_url, api_keys, provider, llm_gateway_max_prompt_bytes=4096
-    )
-    yield gw
-    await gw.close()
+async def small(gateway_with: GatewayFactory) -> Gw:
+    return await gateway_with(llm_gateway_max_prompt_bytes=4096)
 
 
 async def test_each_bad_field_is_named_and_no_provider_is_called(
