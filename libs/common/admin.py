@@ -165,6 +165,8 @@ async def open_service_database(host: object, path: Path, migrations_dir: Path) 
         migrations_dir=migrations_dir,
         workers=settings.finsight_db_workers,
         slow_query_ms=settings.finsight_db_slow_query_ms,
+        memory_limit=settings.finsight_db_memory_limit,
+        threads=settings.finsight_db_threads,
     )
     await db.open()
     host.on_shutdown(db.close)

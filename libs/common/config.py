@@ -135,6 +135,15 @@ class CommonSettings(BaseSettings):
     finsight_readiness_interval_s: float = Field(2.0, gt=0, le=60)
     finsight_db_workers: int = Field(4, ge=1, le=64, description="Threads for blocking DuckDB work")
     finsight_db_slow_query_ms: float = Field(200.0, ge=0)
+    finsight_db_memory_limit: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory limit (e.g. 1GiB; unset = DuckDB's default, 80% of the "
+        "RAM it sees, which in a container may be the node's)",
+    )
+    finsight_db_threads: int = Field(
+        0, ge=0, le=256, description="DuckDB's worker threads (0 = one per CPU it sees)"
+    )
     finsight_backup_dir: Path | None = Field(
         None, description="Where the Backup RPC writes; default <data dir>/backups"
     )

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,8 +123,17 @@ class Database:
         workers: int = 4,
         max_batch: int = 256,
         slow_query_ms: float = 200.0,
+        memory_limit: str | None = None,
+        threads: int = 0,
     ) -> None:
         self.path = Path(path)
+        # DuckDB's own defaults (80% of the RAM and one thread per CPU it sees) are the
+        # node's in a container; the pod's limits belong here.
+        self.config: dict[str, str | bool | int | float | list[str]] = {}
+        if memory_limit:
+            self.config["memory_limit"] = memory_limit
+        if threads:
+            self.config["threads"] = threads
         self.name = name
         self.migrations_dir = migrations_dir
         self.max_batch = max_batch
@@ -141,7 +151,9 @@ class Database:
         """Open the file and apply pending migrations; return the versions applied."""
         loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = await loop.run_in_executor(self._writer, duckdb.connect, str(self.path))
+        self._conn = await loop.run_in_executor(
+            self._writer, partial(duckdb.connect, str(self.path), config=self.config)
+        )
         applied: list[int] = []
         if self.migrations_dir is not None:
             migrations = load_migrations(self.migrations_dir)

@@ -109,3 +109,18 @@ async def test_backup_while_serving_then_restore_gives_identical_data(tmp_path: 
     assert await db.read("rows", rows) == before
     assert await db.write("insert", insert, "next", "1") == 21  # sequences restored
     await db.close()
+
+
+async def test_memory_limit_and_threads_reach_duckdb(tmp_path: Path) -> None:
+    db = Database(tmp_path / "limited.duckdb", name="t", memory_limit="256MiB", threads=1)
+    await db.open()
+    try:
+        settings = await db.read(
+            "t",
+            lambda cur: cur.execute(
+                "SELECT current_setting('memory_limit'), current_setting('threads')"
+            ).fetchone(),
+        )
+        assert settings == ("256.0 MiB", 1)
+    finally:
+        await db.close()
