@@ -342,11 +342,13 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
     await drive(args.rate, args.warmup, pick, warm, tick)
     warm_end = time.perf_counter() - t0
     samples.take(suite, warm_end)
+    duck_start = await duckdb_memory(suite)
     rec = Recorder()
     elapsed = await drive(args.rate, args.duration, pick, rec, tick)
     await asyncio.sleep(IDLE_BEFORE_END_SAMPLE_S)  # let in-flight work and pools settle
     end = time.perf_counter() - t0
     samples.take(suite, end)
+    duck_end = await duckdb_memory(suite)
 
     processes: dict[str, Any] = {}
     for name in SERVICE_NAMES:
@@ -364,6 +366,9 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
             "sockets_end": sock1,
             "sockets_peak": max(r[3] for r in samples.samples[name]),
         }
+        if name in duck_start and name in duck_end:  # how much of the RSS is DuckDB's
+            processes[name]["duckdb_start_mib"] = round(duck_start[name] / 2**20, 1)
+            processes[name]["duckdb_end_mib"] = round(duck_end[name] / 2**20, 1)
     per_rpc = rec.summary(elapsed)
     errors = sum(rec.errors.values())
     leaks = scan_logs(suite)
@@ -399,6 +404,16 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
         "log_scan": leaks,
         "targets": targets,
     }
+
+
+async def duckdb_memory(suite: Suite) -> dict[str, float]:
+    """DuckDB's buffer memory of the stateful services (`finsight_db_memory_bytes`, set by
+    their readiness rounds), to tell its growth from the rest of the RSS."""
+    out: dict[str, float] = {}
+    for name in ("memory", "analytics"):
+        with contextlib.suppress(Exception):
+            out[name] = await suite.metric(name, "finsight_db_memory_bytes")
+    return out
 
 
 def scan_logs(suite: Suite) -> dict[str, Any]:
@@ -602,6 +617,11 @@ def print_soak(r: dict[str, Any]) -> None:
             f"{name:<12} {p['rss_start_mib']:>9}M {p['rss_end_mib']:>8}M {p['rss_peak_mib']:>6}M "
             f"{p['rss_growth_pct']:>6}% {p['fds_start']:>4}->{p['fds_end']:<4} "
             f"{p['sockets_start']:>4}->{p['sockets_end']:<4} {p['sockets_peak']:>5}"
+            + (
+                f"  duckdb {p['duckdb_start_mib']}M->{p['duckdb_end_mib']}M"
+                if "duckdb_start_mib" in p
+                else ""
+            )
         )
     scan = r["log_scan"]
     print(

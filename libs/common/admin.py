@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import Gauge, Histogram
 
 from finsight.common.v1 import admin_pb2, admin_pb2_grpc
+from libs.common import metrics
 from libs.common.duck import Database
 from libs.common.errors import Unavailable
 from libs.common.interceptors import MethodPolicy
@@ -173,6 +175,10 @@ async def open_service_database(host: object, path: Path, migrations_dir: Path) 
     register_admin(host, db)
 
     async def db_ready() -> bool:
+        if db.is_open:  # the readiness round also exports DuckDB's memory, best effort:
+            with contextlib.suppress(Exception):  # busy readers must not fail readiness
+                used = await asyncio.wait_for(db.memory_bytes(), timeout=0.5)
+                metrics.DB_MEMORY_BYTES.labels(db.name).set(used)
         return db.is_open
 
     host.add_readiness_check("duckdb", db_ready)

@@ -57,6 +57,11 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
+def _memory_usage(cur: Cursor) -> int:
+    row = cur.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
+    return int(row[0] or 0) if row else 0
+
+
 def _warm_arrow_scans(conn: duckdb.DuckDBPyConnection) -> None:
     """DuckDB imports pandas on its first scan of an Arrow table (~0.4-0.6 s): take that
     here, before the service reports SERVING, not on the first write a caller makes."""
@@ -176,6 +181,10 @@ class Database:
         self._wake = asyncio.Event()
         self._writer_task = asyncio.create_task(self._write_loop(), name=f"{self.name}-committer")
         return applied
+
+    async def memory_bytes(self) -> int:
+        """What DuckDB's buffer manager holds now (its own accounting, in bytes)."""
+        return await self.read("memory_usage", _memory_usage)
 
     async def close(self) -> None:
         """Finish queued writes, then close the file."""

@@ -73,6 +73,12 @@ DB_QUERY_SECONDS = Histogram(
     ("db", "statement"),
     buckets=_LATENCY_BUCKETS,
 )
+DB_MEMORY_BYTES = Gauge(
+    "finsight_db_memory_bytes",
+    "Memory DuckDB's buffer manager holds (duckdb_memory()), read every readiness round; "
+    "bounded by FINSIGHT_DB_MEMORY_LIMIT.",
+    ("db",),
+)
 DB_BATCH_SIZE = Histogram(
     "finsight_db_commit_batch_size",
     "Jobs committed together by the group committer.",

@@ -122,5 +122,13 @@ async def test_memory_limit_and_threads_reach_duckdb(tmp_path: Path) -> None:
             ).fetchone(),
         )
         assert settings == ("256.0 MiB", 1)
+        before = await db.memory_bytes()
+        await db.write(
+            "t",
+            lambda cur: cur.execute(
+                "CREATE TABLE big AS SELECT range AS i, repeat('x', 100) AS s FROM range(200000)"
+            ),
+        )
+        assert await db.memory_bytes() > before  # DuckDB's own accounting of its buffers
     finally:
         await db.close()
