@@ -345,7 +345,7 @@ class MarketStore:
         missing = [key for key, series in found.items() if series is None]
         if missing:
             loaded, read_at = await self.db.read("read_adj_close", _series, missing)
-            if read_at == await self.data_version():
+            if read_at == version == self._version:  # the cached ones are from it too
                 found.update(zip(missing, loaded, strict=True))
                 self._keep(missing, loaded)
             else:  # a commit landed meanwhile: read everything at one version, keep nothing

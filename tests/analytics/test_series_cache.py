@@ -4,7 +4,9 @@ replaced, and the same with a cache too small to hold everything."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +15,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from finsight.analytics.v1 import analytics_pb2 as pb
+from libs.common.duck import Database
+from services.analytics.bars import BarColumns
+from services.analytics.main import MIGRATIONS
+from services.analytics.storage import MarketStore, _arrow_table, _upsert
 from tests.analytics.conftest import (
     Running,
     date_pb,
@@ -100,3 +106,69 @@ async def test_a_tenants_own_series_replaces_the_shared_one_at_once(small: Runni
         pb.ComputeMetricsRequest(symbols=["PFE"]), metadata=small.keys.md(small.keys.writer_b)
     )
     assert [m.total_return for m in other.metrics] == shared
+
+
+def columns(symbol: str, closes: list[float]) -> BarColumns:
+    micros = np.array([round(c * 1_000_000) for c in closes], dtype=np.int64)
+    return BarColumns(
+        np.array([symbol] * len(closes), dtype=object),
+        np.array(DAYS[: len(closes)], dtype="datetime64[D]"),
+        micros,
+        micros,
+        micros,
+        micros,
+        micros,
+        np.full(len(closes), 1000, dtype=np.int64),
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[MarketStore]:
+    db = Database(tmp_path / "a.duckdb", name="series-cache", migrations_dir=MIGRATIONS)
+    await db.open()
+    yield MarketStore(db)
+    await db.close()
+
+
+async def test_a_commit_the_store_did_not_see_is_never_mixed_in_or_cached(
+    store: MarketStore,
+) -> None:
+    await store.upsert("t", columns("AAA", prices(4)))
+    owners = {"AAA": "t", "BBB": "t"}
+    await store.upsert("t", columns("BBB", prices(5)))
+    version = await store.data_version()
+    first = await store.adj_closes({"AAA": "t"}, None, None)  # AAA cached at `version`
+    assert first.data_version == version
+    # A commit that lands while the store still believes in `version` (as if its upsert
+    # were still on its way back): BBB is read at the new version, so AAA is re-read
+    # with it rather than served from the cache, and nothing is kept.
+    changed = [*prices(4)[:-1], 1.0]
+    counts = await store.db.write(
+        "upsert_bars", _upsert, "t", _arrow_table(columns("AAA", changed))
+    )
+    panel = await store.adj_closes(owners, None, None)
+    assert panel.data_version == counts.data_version > version
+    aaa = panel.adj_close_micros[panel.columns == 0]
+    assert aaa[-1] == 1_000_000  # the new close, not the cached one
+    assert await store.data_version() == version  # the store has not seen the commit...
+    again = await store.adj_closes(owners, None, None)
+    assert again.data_version == counts.data_version  # ... and did not cache a mixture
+
+
+async def test_a_write_that_fails_or_is_cancelled_drops_the_cache(store: MarketStore) -> None:
+    await store.upsert("t", columns("AAA", prices(6)))
+    await store.adj_closes({"AAA": "t"}, None, None)
+    # The writer takes a slow job and the upsert in one batch; the upsert's caller gives up
+    # while the batch runs, so the write commits but the store never hears of it.
+    slow = asyncio.create_task(store.db.write("slow", lambda cur: time.sleep(0.5)))
+    task = asyncio.create_task(store.upsert("t", columns("AAA", prices(7))))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await slow
+    panel = await store.adj_closes({"AAA": "t"}, None, None)
+    stored = await store.db.read(
+        "v", lambda cur: cur.execute("SELECT version FROM data_version").fetchone()[0]
+    )
+    assert panel.data_version == stored  # re-read, at the version the file holds
