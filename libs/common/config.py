@@ -125,6 +125,20 @@ class CommonSettings(BaseSettings):
 
     finsight_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     finsight_keepalive_time_s: float = Field(30.0, gt=0)
+    finsight_max_connection_age_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Client connections are recycled after this long, so clients re-resolve "
+        "and spread over new pods",
+    )
+    finsight_max_connection_age_grace_s: float = Field(
+        900.0,
+        ge=0,
+        le=86_400,
+        description="RPCs in flight on a recycled connection get this long to finish: longer "
+        "than the longest stream (LLM_GATEWAY_STREAM_MAX_S) or ingest, or they are cut",
+    )
     finsight_shutdown_grace_s: float = Field(10.0, ge=0, le=300)
     finsight_drain_delay_s: float = Field(
         2.0, ge=0, le=60, description="NOT_SERVING before the listener closes"

@@ -61,9 +61,14 @@ def server_options(settings: CommonSettings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", min(keepalive_ms, 10_000)),
         ("grpc.http2.max_pings_without_data", 0),
-        # Recycle connections so clients re-resolve DNS and spread over new pods.
-        ("grpc.max_connection_age_ms", 5 * 60 * 1000),
-        ("grpc.max_connection_age_grace_ms", int(settings.finsight_shutdown_grace_s * 1000)),
+        # Recycle connections so clients re-resolve DNS and spread over new pods; what is in
+        # flight then gets the grace to finish (an LLM stream or a big ingest may last
+        # minutes: a short grace cut them with UNAVAILABLE "max connection age").
+        ("grpc.max_connection_age_ms", int(settings.finsight_max_connection_age_s * 1000)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            int(settings.finsight_max_connection_age_grace_s * 1000),
+        ),
         ("grpc.so_reuseport", 0),
     ]
 

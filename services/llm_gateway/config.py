@@ -210,4 +210,9 @@ class GatewaySettings(CommonSettings):
             build_catalog(self)
         except CatalogError as exc:
             raise ValueError(str(exc)) from None
+        if self.llm_gateway_stream_max_s > self.finsight_max_connection_age_grace_s:
+            raise ValueError(
+                "LLM_GATEWAY_STREAM_MAX_S must not exceed FINSIGHT_MAX_CONNECTION_AGE_GRACE_S: "
+                "a stream still running when its connection is recycled would be cut"
+            )
         return self

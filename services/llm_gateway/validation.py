@@ -33,6 +33,7 @@ def check_messages(
         return
     if len(messages) > max_messages:
         violations.add("messages", f"at most {max_messages} messages are accepted")
+        return  # refused whole, without checking each entry
     total = 0
     for i, message in enumerate(messages):
         if message.role not in ROLES:
@@ -75,7 +76,7 @@ def check_completion(
         v.add("top_p", "must be greater than 0 and at most 1")
     if len(request.stop) > MAX_STOP_SEQUENCES:
         v.add("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-    for i, seq in enumerate(request.stop):
+    for i, seq in enumerate(request.stop[:MAX_STOP_SEQUENCES]):
         if not seq:
             v.add(f"stop[{i}]", "must not be empty")
     if request.response_format not in ("text", "json_object"):

@@ -41,6 +41,25 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
     assert "Traceback" not in text
 
 
+def test_a_stream_longer_than_the_connection_grace_is_refused() -> None:
+    from services.llm_gateway.config import GatewaySettings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            GatewaySettings,
+            _env_file=None,
+            finsight_auth_enabled=False,
+            llm_gateway_stream_max_s=1200,
+            finsight_max_connection_age_grace_s=900,
+        )
+    assert "LLM_GATEWAY_STREAM_MAX_S must not exceed FINSIGHT_MAX_CONNECTION_AGE_GRACE_S" in str(
+        err.value
+    )
+    ok = load_settings(GatewaySettings, _env_file=None, finsight_auth_enabled=False,
+                       llm_gateway_stream_max_s=1200, finsight_max_connection_age_grace_s=1800)  # fmt: skip
+    assert ok.llm_gateway_stream_max_s == 1200
+
+
 def test_prod_refuses_insecure_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(

@@ -184,3 +184,27 @@ async def test_two_echo_servers_start_on_ephemeral_ports(
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.parametrize(("grace_s", "outcome"), [(30.0, "done"), (0.3, "UNAVAILABLE")])
+async def test_a_recycled_connection_lets_what_is_in_flight_finish_within_the_grace(
+    tmp_path: Path, redis_url: str, api_keys: Keys, grace_s: float, outcome: str
+) -> None:
+    # Connections are recycled after 1 s; a 3 s call on one survives only with the grace.
+    echo = await start_echo(
+        tmp_path,
+        redis_url,
+        api_keys,
+        finsight_max_connection_age_s=1.0,
+        finsight_max_connection_age_grace_s=grace_s,
+    )
+    try:
+        md = api_keys.metadata(api_keys.alice)
+        try:
+            got = (await echo.unary("Slow")(b"3.0", metadata=md, timeout=10)).decode()
+        except grpc.aio.AioRpcError as err:
+            got = err.code().name
+        assert got == outcome
+        assert await echo.unary("Echo")(b"x", metadata=md, timeout=5) == b"x"  # reconnects
+    finally:
+        await echo.close()
