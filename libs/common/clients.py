@@ -135,6 +135,11 @@ def channel_options(settings: CommonSettings) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.max_receive_message_length", settings.finsight_max_message_bytes),
         ("grpc.max_send_message_length", settings.finsight_max_message_bytes),
+        # Reconnect quickly once a peer is back: gRPC's default backoff grows to 120 s, so
+        # after a 30 s outage the channel could wait ~10 s more before trying again.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", int(settings.finsight_max_reconnect_backoff_s * 1000)),
     ]
 
 

@@ -125,6 +125,13 @@ class CommonSettings(BaseSettings):
 
     finsight_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     finsight_keepalive_time_s: float = Field(30.0, gt=0)
+    finsight_max_reconnect_backoff_s: float = Field(
+        2.0,
+        gt=0,
+        le=120,
+        description="Longest wait between reconnection attempts to a service that is gone "
+        "(gRPC's default grows to 120 s; recovery waits for it)",
+    )
     finsight_max_connection_age_s: float = Field(
         300.0,
         gt=0,
