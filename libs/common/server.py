@@ -143,6 +143,8 @@ class ServiceHost:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._checks: dict[str, tuple[ReadinessCheck, bool]] = {}
+        # The last answer of each check, this host's (the gauge is per process).
+        self.check_results: dict[str, bool] = {}
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._stop = asyncio.Event()
         self._ready_task: asyncio.Task[None] | None = None
@@ -223,6 +225,7 @@ class ServiceHost:
             except Exception:
                 ok = False
             metrics.DEPENDENCY_UP.labels(name).set(1 if ok else 0)
+            self.check_results[name] = ok
             ready = ready and (ok or not gates)
         if not self._draining:
             status = SERVING if ready else NOT_SERVING

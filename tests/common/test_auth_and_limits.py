@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 
 from libs.common.auth import key_entry
 from libs.common.errors import status_info
@@ -136,11 +135,11 @@ async def test_rate_limiter_follows_fail_mode_when_redis_is_down(
             assert info.retry_after is not None
         # Readiness: Redis is watched (the gauge drops) but gates only when failing closed.
         for _ in range(100):
-            if REGISTRY.get_sample_value("finsight_dependency_up", {"dependency": "redis"}) == 0:
+            if echo.host.check_results.get("redis") is False:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.3)  # the round that saw it has set the health status
-        assert REGISTRY.get_sample_value("finsight_dependency_up", {"dependency": "redis"}) == 0
+        assert echo.host.check_results["redis"] is False
         assert await health_of(echo.target, SERVICE) == (SERVING if mode == "open" else NOT_SERVING)
         assert await health_of(echo.target, "liveness") == SERVING
         private_redis.start()
