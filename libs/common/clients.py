@@ -180,3 +180,13 @@ def create_channel(
     if creds is not None:
         return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def known_unreachable(channel: grpc.aio.Channel) -> bool:
+    """True while the channel's last connection attempts failed (TRANSIENT_FAILURE: every
+    address refused or timed out). A caller with a fallback can degrade at once instead of
+    paying the retry policy's backoff on a peer that is gone; the channel keeps reconnecting
+    in the background (backoff capped by FINSIGHT_MAX_RECONNECT_BACKOFF_S), so this turns
+    false within that cap of the peer's return."""
+    state = channel.get_state(try_to_connect=True)
+    return state == grpc.ChannelConnectivity.TRANSIENT_FAILURE

@@ -16,6 +16,7 @@ import grpc
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2, llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
+from libs.common.clients import known_unreachable
 from libs.common.errors import FinsightError, InvalidArgument, NotFound, status_info
 from services.analytics.analyze import ChatTurn, Completion, DownstreamFailed, Role, Usage
 
@@ -33,12 +34,20 @@ def _describe(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name} {reason}: {info.message[:200]}"
 
 
+def _fail_fast(channel: grpc.aio.Channel, service: str) -> None:
+    """Analyze degrades without this service: when its channel already knows it is
+    unreachable, degrade now rather than after the retries' backoff (~0.3 s a call)."""
+    if known_unreachable(channel):
+        raise DownstreamFailed(f"UNAVAILABLE UNREACHABLE: {service} is not reachable")
+
+
 def _chat(turns: list[ChatTurn]) -> list[common_pb2.ChatMessage]:
     return [common_pb2.ChatMessage(role=_ROLE_PB[t.role], content=t.content) for t in turns]
 
 
 class GrpcMemory:
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.stub = memory_pb2_grpc.MemoryServiceStub(channel)
 
     async def build_context(
@@ -57,6 +66,7 @@ class GrpcMemory:
             token_budget=token_budget,
             system_preamble=system_preamble,
         )
+        _fail_fast(self.channel, "memory")
         try:
             reply = await self.stub.BuildContext(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -91,6 +101,7 @@ class GrpcMemory:
                 for m, cid in zip(_chat(turns), client_ids, strict=True)
             ],
         )
+        _fail_fast(self.channel, "memory")
         try:
             await self.stub.AppendMessages(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
@@ -101,6 +112,7 @@ class GrpcMemory:
 
 class GrpcCompleter:
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.stub = llm_gateway_pb2_grpc.LlmGatewayServiceStub(channel)
 
     async def complete(
@@ -109,6 +121,7 @@ class GrpcCompleter:
         request = llm_gateway_pb2.CompleteRequest(
             model=model, messages=_chat(messages), max_tokens=max_tokens, temperature=0.0
         )
+        _fail_fast(self.channel, "the LLM gateway")
         try:
             reply = await self.stub.Complete(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:

@@ -263,6 +263,15 @@ async def test_analyze_without_memory_and_gateway_still_answers(analytics: Runni
         "memory_store_failed",
     ]
     assert np.isfinite(reply.metrics[0].sharpe)
+    # The channels now know both are unreachable: the next Analyze degrades without
+    # calling (and waiting out the retry policy's backoff), with the same answer.
+    again = await analytics.stub.Analyze(
+        request("sess-dark"), metadata=analytics.keys.md(analytics.keys.reader_a), timeout=20
+    )
+    assert again.narrative == reply.narrative
+    assert [w.split(": ", 1)[1].split(":")[0] for w in again.warnings] == [
+        "UNAVAILABLE UNREACHABLE"
+    ] * 3
 
 
 async def test_bad_analyze_requests_name_the_field(analytics: Running) -> None:
