@@ -142,32 +142,24 @@ async def test_startup_flushes_what_a_previous_process_left(
 
 
 async def test_a_short_window_left_by_a_flush_is_refilled_by_the_next_read(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    memory: Memory,
 ) -> None:
-    prefix = f"t-{tmp_path.name}"
-    memory = await start_memory(
-        tmp_path, redis_url, api_keys, memory_redis_prefix=prefix, memory_purge_interval_s=0
-    )
-    try:
+    async def append(text: str) -> None:
+        await memory.stub.AppendMessages(
+            pb.AppendMessagesRequest(session_id="s", user_id="u1", messages=[msg(text)]),
+            metadata=memory.md(),
+        )
 
-        async def append(text: str) -> None:
-            await memory.stub.AppendMessages(
-                pb.AppendMessagesRequest(session_id="s", user_id="u1", messages=[msg(text)]),
-                metadata=memory.md(),
-            )
-
-        for i in range(10):
-            await append(f"m{i}")
-        key = memory.app.hot.key("acme", "s")
-        await memory.app.hot.redis.unlink(key)  # what a flush does
-        await append("m10")  # the window restarts with this message alone
-        assert await memory.app.hot.redis.zcard(key) == 1
-        expected = [f"m{i}" for i in range(11)]
-        hits = sample("finsight_memory_hot_tier_reads_total", outcome="hit")
-        assert await contents(memory, "s") == expected  # not provable from {11}: DuckDB
-        assert sample("finsight_memory_hot_tier_reads_total", outcome="hit") == hits
-        assert await memory.app.hot.redis.zcard(key) == 11  # ... and refilled
-        assert await contents(memory, "s") == expected
-        assert sample("finsight_memory_hot_tier_reads_total", outcome="hit") == hits + 1
-    finally:
-        await memory.close()
+    for i in range(10):
+        await append(f"m{i}")
+    key = memory.app.hot.key("acme", "s")
+    await memory.app.hot.redis.unlink(key)  # what a flush does
+    await append("m10")  # the window restarts with this message alone
+    assert await memory.app.hot.redis.zcard(key) == 1
+    expected = [f"m{i}" for i in range(11)]
+    hits = sample("finsight_memory_hot_tier_reads_total", outcome="hit")
+    assert await contents(memory, "s") == expected  # not provable from {11}: DuckDB
+    assert sample("finsight_memory_hot_tier_reads_total", outcome="hit") == hits
+    assert await memory.app.hot.redis.zcard(key) == 11  # ... and refilled
+    assert await contents(memory, "s") == expected
+    assert sample("finsight_memory_hot_tier_reads_total", outcome="hit") == hits + 1
