@@ -10,9 +10,10 @@ Health (`grpc.health.v1`, the standard servicer): `""` is the whole server,
 `liveness` answers while the process and its event loop do (it never depends
 on another system), and the service's full name is readiness: SERVING only
 while every gating readiness check passes (a watched one, such as Redis with the
-rate limiter failing open, is only exported as `finsight_dependency_up`). On SIGTERM/SIGINT every name goes
-NOT_SERVING, the server keeps serving for `FINSIGHT_DRAIN_DELAY_S` so load
-balancers notice, then `stop(grace)` lets in-flight RPCs finish.
+rate limiter failing open, is only exported as `finsight_dependency_up`). On
+SIGTERM/SIGINT every name goes NOT_SERVING, the server keeps serving for
+`FINSIGHT_DRAIN_DELAY_S` so load balancers notice, then `stop(grace)` lets
+in-flight RPCs finish.
 """
 
 from __future__ import annotations
