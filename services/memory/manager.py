@@ -299,33 +299,13 @@ class MemoryManager:
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
             key = (tenant, user_id)
             index = await self.index.get(key, lambda: self._load_index(tenant, user_id))
+            args = (tenant, user_id, query, flt, k, now_us(), self.weights)
             if index is None:
                 path = "sql"
-                found = await self.db.read(
-                    "recall_facts",
-                    storage.recall_facts,
-                    tenant,
-                    user_id,
-                    query,
-                    flt,
-                    k,
-                    now_us(),
-                    self.weights,
-                )
+                found = await self.db.read("recall_facts", storage.recall_facts, *args)
             else:
                 path = "index"
-                found = await self.db.read(
-                    "recall_indexed",
-                    _search_indexed,
-                    index,
-                    tenant,
-                    user_id,
-                    query,
-                    flt,
-                    k,
-                    now_us(),
-                    self.weights,
-                )
+                found = await self.db.read("recall_indexed", _search_indexed, index, *args)
             span.set_attribute("memory.recall.path", path)
             span.set_attribute("memory.recall.results", len(found))
         metrics.RECALL_SERVED.labels(path).inc()

@@ -12,7 +12,7 @@ import pytest
 from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
-from tests.security.stack import Stack, ingest, start_stack
+from tests.security.stack import Stack, consent_and_remember, ingest, start_stack
 
 FUZZ_USERS = ("u-fuzz", "u-fuzz2")
 FUZZ_SESSIONS = ("s-fuzz", "s-fuzz2")
@@ -38,27 +38,28 @@ async def seeded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Seed
         await stack.close()
 
 
+async def remember_fuzz_facts(stack: Stack) -> list[str]:
+    """Consent and two facts for every fuzz user (again after a target erased them)."""
+    ids: list[str] = []
+    for user in FUZZ_USERS:
+        ids += await consent_and_remember(
+            stack,
+            "alice",
+            user,
+            [
+                mpb.NewFact(text="prefers low volatility", kind="pref", tags=["risk"]),
+                mpb.NewFact(text="holds FZA since 2023", tags=["holdings"]),
+            ],
+        )
+    return ids
+
+
 async def seed(stack: Stack) -> Seeded:
     """Data the generated requests can reach: symbols of acme, users with facts and sessions."""
     await ingest(stack, "alice_writer", FUZZ_SYMBOLS, days=120)
     mem = memory_pb2_grpc.MemoryServiceStub(stack.channel("memory"))
     md = stack.keys.md("alice")
-    fact_ids: list[str] = []
-    for user in FUZZ_USERS:
-        await mem.SetConsent(
-            mpb.SetConsentRequest(user_id=user, long_term_memory=True), metadata=md
-        )
-        reply = await mem.Remember(
-            mpb.RememberRequest(
-                user_id=user,
-                facts=[
-                    mpb.NewFact(text="prefers low volatility", kind="pref", tags=["risk"]),
-                    mpb.NewFact(text="holds FZA since 2023", tags=["holdings"]),
-                ],
-            ),
-            metadata=md,
-        )
-        fact_ids += [f.fact_id for f in reply.facts]
+    fact_ids = await remember_fuzz_facts(stack)
     for session, user in zip(FUZZ_SESSIONS, FUZZ_USERS, strict=True):
         await mem.AppendMessages(
             mpb.AppendMessagesRequest(

@@ -15,9 +15,7 @@ from typing import Any
 
 import pytest
 
-from finsight.memory.v1 import memory_pb2 as mpb
-from finsight.memory.v1 import memory_pb2_grpc
-from tests.fuzz.conftest import FUZZ_USERS, Seeded
+from tests.fuzz.conftest import Seeded, remember_fuzz_facts
 from tests.fuzz.runner import Tally, fuzz_rpc, print_table, record
 from tests.fuzz.targets import all_targets, target_names
 
@@ -38,25 +36,7 @@ def results() -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
 @pytest.fixture
 async def reseeded(seeded: Seeded) -> AsyncIterator[Seeded]:
     """Give consent back and re-add facts a previous target may have erased."""
-    mem = memory_pb2_grpc.MemoryServiceStub(seeded.stack.channel("memory"))
-    md = seeded.stack.keys.md("alice")
-    ids: list[str] = []
-    for user in FUZZ_USERS:
-        await mem.SetConsent(
-            mpb.SetConsentRequest(user_id=user, long_term_memory=True), metadata=md
-        )
-        reply = await mem.Remember(
-            mpb.RememberRequest(
-                user_id=user,
-                facts=[
-                    mpb.NewFact(text="prefers low volatility", kind="pref", tags=["risk"]),
-                    mpb.NewFact(text="holds FZA since 2023", tags=["holdings"]),
-                ],
-            ),
-            metadata=md,
-        )
-        ids += [f.fact_id for f in reply.facts]
-    seeded.fact_ids[:] = ids
+    seeded.fact_ids[:] = await remember_fuzz_facts(seeded.stack)
     yield seeded
 
 

@@ -16,7 +16,7 @@ from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
 from services.memory import storage
 from tests.security.requests import user_message
-from tests.security.stack import Stack, ingest, start_stack
+from tests.security.stack import Stack, consent_and_remember, ingest, start_stack
 
 VICTIM_USER = "victim"
 VICTIM_SESSION = "victim-s"
@@ -37,18 +37,14 @@ async def seed_victim(stack: Stack, who: str = "alice") -> None:
     """Tenant acme (alice): a consenting user with facts and a session, three symbols."""
     mem = memory_pb2_grpc.MemoryServiceStub(stack.channel("memory"))
     md = stack.keys.md(who)
-    await mem.SetConsent(
-        mpb.SetConsentRequest(user_id=VICTIM_USER, long_term_memory=True), metadata=md
-    )
-    await mem.Remember(
-        mpb.RememberRequest(
-            user_id=VICTIM_USER,
-            facts=[
-                mpb.NewFact(text="victim holds VICTA", kind="pref", tags=["risk"]),
-                mpb.NewFact(text="victim is saving for a house", tags=["goal"]),
-            ],
-        ),
-        metadata=md,
+    await consent_and_remember(
+        stack,
+        who,
+        VICTIM_USER,
+        [
+            mpb.NewFact(text="victim holds VICTA", kind="pref", tags=["risk"]),
+            mpb.NewFact(text="victim is saving for a house", tags=["goal"]),
+        ],
     )
     await mem.AppendMessages(
         mpb.AppendMessagesRequest(

@@ -297,6 +297,23 @@ async def ingest(
     return await stub.IngestBars(requests(), metadata=stack.keys.md(who), timeout=30)
 
 
+async def consent_and_remember(
+    stack: Stack, who: str, user: str, facts: Sequence[memory_pb2.NewFact]
+) -> list[str]:
+    """Give `user` long-term-memory consent and store `facts`; the stored fact ids."""
+    from finsight.memory.v1 import memory_pb2_grpc
+
+    mem = memory_pb2_grpc.MemoryServiceStub(stack.channel("memory"))
+    md = stack.keys.md(who)
+    await mem.SetConsent(
+        memory_pb2.SetConsentRequest(user_id=user, long_term_memory=True), metadata=md
+    )
+    reply = await mem.Remember(
+        memory_pb2.RememberRequest(user_id=user, facts=list(facts)), metadata=md
+    )
+    return [f.fact_id for f in reply.facts]
+
+
 # -- generic calls by descriptor ------------------------------------------------------------
 def method_path(service: ServiceDescriptor, method: MethodDescriptor) -> str:
     return f"/{service.full_name}/{method.name}"

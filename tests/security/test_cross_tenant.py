@@ -37,7 +37,7 @@ from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
 from services.memory import storage
 from tests.security.requests import user_message
-from tests.security.stack import RESULTS_DIR, Stack, ingest, start_stack
+from tests.security.stack import RESULTS_DIR, Stack, consent_and_remember, ingest, start_stack
 
 MARKER = "ACME-SECRET"
 A_USERS = ("acme-u1", "acme-u2", "acme-u3")
@@ -66,20 +66,15 @@ async def seed_tenant_a(stack: Stack) -> TenantA:
     md = stack.keys.md("alice")
     a = TenantA()
     for n, user in enumerate(A_USERS):
-        await mem.SetConsent(
-            mpb.SetConsentRequest(user_id=user, long_term_memory=True), metadata=md
+        a.fact_ids += await consent_and_remember(
+            stack,
+            "alice",
+            user,
+            [
+                mpb.NewFact(text=f"{MARKER} {user} holds ACMEA and risk", tags=["risk"]),
+                mpb.NewFact(text=f"{MARKER} {user} goal number {n}", kind="goal"),
+            ],
         )
-        reply = await mem.Remember(
-            mpb.RememberRequest(
-                user_id=user,
-                facts=[
-                    mpb.NewFact(text=f"{MARKER} {user} holds ACMEA and risk", tags=["risk"]),
-                    mpb.NewFact(text=f"{MARKER} {user} goal number {n}", kind="goal"),
-                ],
-            ),
-            metadata=md,
-        )
-        a.fact_ids += [f.fact_id for f in reply.facts]
     for session, user in A_SESSIONS.items():
         reply = await mem.AppendMessages(
             mpb.AppendMessagesRequest(
