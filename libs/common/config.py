@@ -165,6 +165,38 @@ class CommonSettings(BaseSettings):
     finsight_db_threads: int = Field(
         0, ge=0, le=256, description="DuckDB's worker threads (0 = one per CPU it sees)"
     )
+    finsight_pg_pool_min: int = Field(
+        2, ge=0, le=1000, description="PostgreSQL connections each process keeps open"
+    )
+    finsight_pg_pool_max: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Most PostgreSQL connections per process (replicas x this must stay "
+        "under the server's max_connections)",
+    )
+    finsight_pg_pool_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Longest wait for a free pooled connection before UNAVAILABLE",
+    )
+    finsight_pg_connect_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Longest wait for a new PostgreSQL connection"
+    )
+    finsight_pg_statement_timeout_ms: int = Field(
+        30_000,
+        ge=100,
+        le=3_600_000,
+        description="Server-side cap of one statement (statement_timeout)",
+    )
+    finsight_pg_prepare_threshold: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Executions after which a query is prepared server-side on a connection "
+        "(0 = never, for transaction-mode poolers)",
+    )
     finsight_backup_dir: Path | None = Field(
         None, description="Where the Backup RPC writes; default <data dir>/backups"
     )
@@ -200,6 +232,15 @@ class CommonSettings(BaseSettings):
         raise NotImplementedError
 
     @property
+    def database_url(self) -> str | None:
+        """PostgreSQL URL of the service's durable store; None = its embedded DuckDB file."""
+        return None
+
+    @property
+    def database_url_setting(self) -> str:
+        return f"{self.service_name.upper()}_DATABASE_URL"
+
+    @property
     def tls_enabled(self) -> bool:
         return self.finsight_tls_cert_file is not None
 
@@ -223,6 +264,12 @@ class CommonSettings(BaseSettings):
             )
         if self.finsight_auth_enabled and self.finsight_api_keys_file is None:
             problems.append("FINSIGHT_API_KEYS_FILE is required when FINSIGHT_AUTH_ENABLED=true")
+        if self.database_url is not None:
+            problem = database_url_problem(self.database_url)
+            if problem:
+                problems.append(f"{self.database_url_setting}: {problem}")
+        if self.finsight_pg_pool_min > self.finsight_pg_pool_max:
+            problems.append("FINSIGHT_PG_POOL_MIN must not exceed FINSIGHT_PG_POOL_MAX")
         if self.finsight_env == "prod":
             problems.extend(self._prod_problems())
         if problems:
@@ -243,6 +290,23 @@ class CommonSettings(BaseSettings):
             if isinstance(value, SecretStr) and _is_placeholder(value.get_secret_value()):
                 problems.append(f"prod refuses a placeholder value for {name.upper()}")
         return problems
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why `url` is not a usable libpq connection URI (None when it is). Any libpq URI is
+    accepted: TCP hosts, several hosts, or a Unix socket as `?host=/path`."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return "must be a postgresql:// URI (unset it to use the embedded DuckDB file)"
+    import psycopg.conninfo
+
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except Exception:  # psycopg's message may echo the password: say only what is wrong
+        return "is not a valid libpq connection URI"
+    ports = str(params.get("port") or "")
+    if ports and not all(p.isdigit() for p in ports.split(",")):
+        return "has a port that is not a number"
+    return None
 
 
 def _is_placeholder(value: str) -> bool:

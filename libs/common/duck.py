@@ -19,10 +19,8 @@ stable statement name (never SQL text), and slow ones are logged.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -35,26 +33,11 @@ from typing import Any, TypeVar
 import duckdb
 
 from libs.common import metrics
+from libs.common.migrations import Migration, MigrationError, load_migrations, pending
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Cursor = duckdb.DuckDBPyConnection
-_MIGRATION_FILE = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
-
-
-class MigrationError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
 def _memory_usage(cur: Cursor) -> int:
@@ -74,18 +57,6 @@ def _warm_arrow_scans(conn: duckdb.DuckDBPyConnection) -> None:
         conn.unregister("finsight_warm_up")
 
 
-def load_migrations(directory: Path) -> list[Migration]:
-    found = []
-    for path in sorted(directory.iterdir()):
-        match = _MIGRATION_FILE.match(path.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
-    versions = [m.version for m in found]
-    if len(set(versions)) != len(versions):
-        raise MigrationError(f"duplicate migration versions in {directory}")
-    return found
-
-
 def apply_migrations(conn: Cursor, migrations: list[Migration]) -> list[int]:
     """Apply what is pending; return the versions applied now."""
     conn.execute("""
@@ -96,14 +67,7 @@ def apply_migrations(conn: Cursor, migrations: list[Migration]) -> list[int]:
         v: c for v, c in conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
     }
     done = []
-    for m in migrations:
-        if m.version in applied:
-            if applied[m.version] != m.checksum:
-                raise MigrationError(
-                    f"migration {m.version}_{m.name} changed after it was applied; "
-                    "add a new migration instead of editing an applied one"
-                )
-            continue
+    for m in pending(applied, migrations, "DuckDB"):
         conn.execute("BEGIN TRANSACTION")
         try:
             conn.execute(m.sql)
@@ -349,3 +313,14 @@ def restore(backup: Path, target: Path) -> None:
 
 def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
+
+
+__all__ = [
+    "Cursor",
+    "Database",
+    "Migration",
+    "MigrationError",
+    "apply_migrations",
+    "load_migrations",
+    "restore",
+]

@@ -69,7 +69,7 @@ DEPENDENCY_UP = Gauge(
 SERVICE_READY = Gauge("finsight_service_ready", "1 while the service reports SERVING.")
 DB_QUERY_SECONDS = Histogram(
     "finsight_db_query_seconds",
-    "DuckDB statement time, by stable statement name.",
+    "Database statement time (DuckDB or PostgreSQL), by stable statement name.",
     ("db", "statement"),
     buckets=_LATENCY_BUCKETS,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from libs.common.config import CommonSettings
 
@@ -18,6 +18,11 @@ class AnalyticsSettings(CommonSettings):
     analytics_metrics_port: int = Field(9103, ge=0, le=65535)
     analytics_db_path: Path | None = Field(
         None, description="DuckDB file; default <data dir>/analytics.duckdb"
+    )
+    analytics_database_url: SecretStr | None = Field(
+        None,
+        description="postgresql:// URI of the production store (or ANALYTICS_DATABASE_URL_FILE); "
+        "unset = the DuckDB file",
     )
     analytics_memory_target: str = Field(
         "dns:///127.0.0.1:50052", description="memory service address"
@@ -71,6 +76,11 @@ class AnalyticsSettings(CommonSettings):
     @property
     def metrics_port(self) -> int:
         return self.analytics_metrics_port
+
+    @property
+    def database_url(self) -> str | None:
+        url = self.analytics_database_url
+        return url.get_secret_value() if url is not None and url.get_secret_value() else None
 
     @property
     def db_path(self) -> Path:

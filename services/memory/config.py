@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from libs.common.config import CommonSettings
 
@@ -55,6 +55,11 @@ class MemorySettings(CommonSettings):
     memory_metrics_port: int = Field(9102, ge=0, le=65535)
     memory_db_path: Path | None = Field(
         None, description="DuckDB file; default <data dir>/memory.duckdb"
+    )
+    memory_database_url: SecretStr | None = Field(
+        None,
+        description="postgresql:// URI of the production store (or MEMORY_DATABASE_URL_FILE); "
+        "unset = the DuckDB file",
     )
 
     # Hot tier (Redis): the recent window of each session.
@@ -149,6 +154,11 @@ class MemorySettings(CommonSettings):
     @property
     def metrics_port(self) -> int:
         return self.memory_metrics_port
+
+    @property
+    def database_url(self) -> str | None:
+        url = self.memory_database_url
+        return url.get_secret_value() if url is not None and url.get_secret_value() else None
 
     @property
     def db_path(self) -> Path:
