@@ -41,8 +41,12 @@ $(PROTO_STAMP): $(INSTALLED) $(PROTOS) buf.yaml
 
 proto: $(PROTO_STAMP)  ## generate Python code (+ .pyi stubs) from protos/
 
-run: $(PROTO_STAMP)  ## run the whole suite locally (embedded Redis unless REDIS_URL is set)
-	$(PY) -m libs.common.devstack
+# STORE=postgres: the production topology (a local PostgreSQL, two memory and two
+# analytics replicas); the default is the embedded one (DuckDB files).
+STORE ?= duckdb
+
+run: $(PROTO_STAMP)  ## run the whole suite locally (embedded Redis unless REDIS_URL is set; STORE=postgres for the production topology)
+	$(PY) -m libs.common.devstack --store $(STORE)
 
 # Line coverage may not fall below this (raise it as the suite grows).
 COVERAGE_FLOOR ?= 92

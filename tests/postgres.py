@@ -12,10 +12,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-
-def with_database(url: str, dbname: str) -> str:
-    """`url` pointing at database `dbname` (host, port, user and query kept)."""
-    return urlsplit(url)._replace(path=f"/{dbname}").geturl()
+from libs.common.pg import with_database
 
 
 class PostgresServer:

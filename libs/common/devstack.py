@@ -7,11 +7,21 @@ process, waits until every one reports SERVING on its readiness health name,
 prints the endpoints and the key, streams the logs with a service prefix, and
 on Ctrl-C or SIGTERM drains the services and stops the Redis server.
 Works without a terminal (logs go to stdout).
+
+`make run STORE=postgres` (`--store postgres`) runs the production topology instead:
+a real PostgreSQL 16 server (the `pgserver` wheel, data in `<data dir>/postgres`, kept
+across runs) unless `MEMORY_DATABASE_URL` / `ANALYTICS_DATABASE_URL` are set, one
+database per service, and two replicas each of memory and analytics on their own ports
+(the second on the first's port + 10). Callers round-robin over the replicas: analytics
+reaches memory through an `ipv4:` target naming both, and the banner prints the same
+kind of target for clients.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +34,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from libs.common.auth import key_entry, new_key
+from libs.common.pg import describe_url, with_database
 from libs.common.server import wait_for_serving
 
 
@@ -36,6 +47,7 @@ class ServiceSpec:
     default_port: int
     metrics_var: str
     default_metrics_port: int
+    port_offset: int = 0  # replicas after the first listen on their own ports
 
 
 SERVICES = (
@@ -67,7 +79,42 @@ SERVICES = (
         9103,
     ),
 )
-_COLORS = {"llm_gateway": "35", "memory": "36", "analytics": "33", "redis": "32", "devstack": "1"}
+_COLORS = {
+    "llm_gateway": "35",
+    "memory": "36",
+    "analytics": "33",
+    "redis": "32",
+    "postgres": "34",
+    "devstack": "1",
+}
+STORES = ("duckdb", "postgres")
+REPLICATED = ("memory", "analytics")  # stateless over PostgreSQL: two replicas each
+REPLICA_PORT_STEP = 10
+PG_DATABASES = {"memory": "finsight_memory", "analytics": "finsight_analytics"}
+
+
+def topology(store: str, replicas: int = 2) -> tuple[ServiceSpec, ...]:
+    """The processes to run: one of each service on DuckDB; on PostgreSQL, `replicas` of
+    memory and analytics (named `memory-1`, `memory-2`, ...)."""
+    if store == "duckdb":
+        return SERVICES
+    out: list[ServiceSpec] = []
+    for spec in SERVICES:
+        if spec.name not in REPLICATED:
+            out.append(spec)
+            continue
+        for i in range(replicas):
+            out.append(
+                dataclasses.replace(
+                    spec, name=f"{spec.name}-{i + 1}", port_offset=i * REPLICA_PORT_STEP
+                )
+            )
+    return tuple(out)
+
+
+def service_of(spec: ServiceSpec) -> str:
+    """`memory` for `memory-2`."""
+    return spec.module.rsplit(".", 1)[-1]
 
 
 def _say(source: str, line: str) -> None:
@@ -104,11 +151,22 @@ class DevStack:
     """
 
     def __init__(
-        self, env: dict[str, str], *, cwd: Path | None = None, log_dir: Path | None = None
+        self,
+        env: dict[str, str],
+        *,
+        cwd: Path | None = None,
+        log_dir: Path | None = None,
+        store: str = "duckdb",
+        replicas: int = 2,
     ) -> None:
+        if store not in STORES:
+            raise ValueError(f"store must be one of {STORES}, got {store!r}")
         self.env = env
         self.cwd = cwd
         self.log_dir = log_dir
+        self.store = store
+        self.specs = topology(store, replicas)
+        self.postgres: object | None = None
         self.data_dir = Path(env.get("FINSIGHT_DATA_DIR", "var")).resolve()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
@@ -120,20 +178,56 @@ class DevStack:
         return self.env.get("FINSIGHT_BIND_HOST", "127.0.0.1")
 
     def port(self, spec: ServiceSpec) -> int:
-        return int(self.env.get(spec.port_var, str(spec.default_port)))
+        return int(self.env.get(spec.port_var, str(spec.default_port))) + spec.port_offset
 
     def metrics_port(self, spec: ServiceSpec) -> int:
-        return int(self.env.get(spec.metrics_var, str(spec.default_metrics_port)))
+        base = int(self.env.get(spec.metrics_var, str(spec.default_metrics_port)))
+        return base + spec.port_offset
 
     def target(self, spec: ServiceSpec) -> str:
         return f"{self.host}:{self.port(spec)}"
 
+    def service_target(self, service: str) -> str:
+        """A gRPC target for every replica of `service`: `dns:///host:port` for one,
+        `ipv4:host:p1,host:p2` (round-robin, as over a headless Service) for several."""
+        replicas = [spec for spec in self.specs if service_of(spec) == service]
+        if len(replicas) == 1:
+            return f"dns:///{self.target(replicas[0])}"
+        return "ipv4:" + ",".join(self.target(spec) for spec in replicas)
+
     def default_downstream_targets(self) -> None:
         """Point analytics at the memory and gateway ports in use, unless set explicitly."""
-        by_name = {spec.name: spec for spec in SERVICES}
-        self.env.setdefault("ANALYTICS_MEMORY_TARGET", f"dns:///{self.target(by_name['memory'])}")
-        self.env.setdefault(
-            "ANALYTICS_LLM_GATEWAY_TARGET", f"dns:///{self.target(by_name['llm_gateway'])}"
+        self.env.setdefault("ANALYTICS_MEMORY_TARGET", self.service_target("memory"))
+        self.env.setdefault("ANALYTICS_LLM_GATEWAY_TARGET", self.service_target("llm_gateway"))
+
+    def start_postgres(self) -> None:
+        """PostgreSQL mode: the databases named by `*_DATABASE_URL`, else a local server."""
+        if self.store != "postgres":
+            return
+        wanted = [s for s in REPLICATED if not self.env.get(f"{s.upper()}_DATABASE_URL")]
+        for service in REPLICATED:
+            if service not in wanted:
+                _say("postgres", f"{service} uses {service.upper()}_DATABASE_URL")
+        if not wanted:
+            return
+        import pgserver
+        import psycopg
+
+        started = time.monotonic()
+        server = pgserver.get_server(str(self.data_dir / "postgres"), cleanup_mode="stop")
+        self.postgres = server
+        admin = server.get_uri()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            have = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
+            for service in wanted:
+                name = PG_DATABASES[service]
+                if name not in have:
+                    conn.execute(f'CREATE DATABASE "{name}"'.encode())
+                self.env[f"{service.upper()}_DATABASE_URL"] = with_database(admin, name)
+        _say(
+            "postgres",
+            f"PostgreSQL 16 (pgserver) in {self.data_dir / 'postgres'} after "
+            f"{time.monotonic() - started:.2f}s: {admin}",
         )
 
     def start_redis(self) -> None:
@@ -155,6 +249,9 @@ class DevStack:
     ) -> asyncio.subprocess.Process:
         """Spawn one service (`extra_env` over the stack's environment for this start)."""
         env = {**self.env, **(extra_env or {})}
+        if spec.port_offset:
+            env[spec.port_var] = str(self.port(spec))
+            env[spec.metrics_var] = str(self.metrics_port(spec))
         if self.log_dir is None:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -202,12 +299,18 @@ class DevStack:
             self.env["FINSIGHT_API_KEYS_FILE"] = str(keys_file)
             self.env.setdefault("FINSIGHT_SERVICE_API_KEY", key)
         self.start_redis()
+        try:
+            self.start_postgres()
+        except Exception as exc:
+            _say("devstack", f"PostgreSQL did not start: {exc}")
+            await self.stop()
+            return 1
         self.default_downstream_targets()
         started = time.monotonic()
-        for spec in SERVICES:
+        for spec in self.specs:
             await self.start_service(spec)
         try:
-            await self.await_serving(SERVICES, started=started)
+            await self.await_serving(self.specs, started=started)
         except (TimeoutError, RuntimeError) as exc:
             _say("devstack", f"start-up failed: {exc}")
             await self.stop()
@@ -249,13 +352,18 @@ class DevStack:
 
     def _banner(self, key: str | None) -> None:
         host = self.host
-        lines = ["", "Finsight is up:"]
-        for spec in SERVICES:
+        lines = ["", f"Finsight is up ({self.store}):"]
+        for spec in self.specs:
             lines.append(
                 f"  {spec.name:<12} grpc {self.target(spec)}   "
                 f"metrics http://{host}:{self.metrics_port(spec)}/metrics"
             )
         lines.append(f"  redis        {self.env['REDIS_URL']}")
+        if self.store == "postgres":
+            for service in REPLICATED:
+                url = self.env[f"{service.upper()}_DATABASE_URL"]
+                lines.append(f"  {service + ' db':<12} {describe_url(url)}")
+                lines.append(f"  {service + ' all':<12} {self.service_target(service)}")
         if key:
             lines.append(f"  dev API key  {key}   (also in {self.data_dir / 'dev-api-key'})")
         lines.append(
@@ -296,14 +404,28 @@ class DevStack:
         if self.valkey is not None:
             self.valkey.stop()  # type: ignore[attr-defined]
             _say("redis", "stopped")
+        if self.postgres is not None:
+            self.postgres.cleanup()  # type: ignore[attr-defined]
+            self.postgres = None
+            _say("postgres", "stopped")
         _say("devstack", "all stopped")
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m libs.common.devstack")
+    parser.add_argument(
+        "--store",
+        choices=STORES,
+        default=os.environ.get("STORE") or "duckdb",
+        help="durable store of memory and analytics: duckdb (one process each, embedded) "
+        "or postgres (a PostgreSQL server and two replicas each)",
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="replicas in postgres mode")
+    args = parser.parse_args()
     env = {k: v for k, v in dotenv_values(".env").items() if v is not None}
     env.update(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(asyncio.run(DevStack(env).run()))
+    sys.exit(asyncio.run(DevStack(env, store=args.store, replicas=args.replicas).run()))
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ def describe_url(url: str) -> str:
     return parts._replace(netloc=netloc, query="", fragment="").geturl()
 
 
+def with_database(url: str, dbname: str) -> str:
+    """`url` naming database `dbname` instead (host, port, user and query kept)."""
+    return urlsplit(url)._replace(path=f"/{dbname}").geturl()
+
+
 class _PoolCollector:
     """Pool gauges read at scrape time (psycopg_pool's own counters), for every open pool."""
 
@@ -412,4 +417,4 @@ class PgDatabase:
                 self._observe(statement, time.perf_counter() - started)
 
 
-__all__ = ["RETRYABLE", "Conn", "PgDatabase", "describe_url", "is_postgres_url"]
+__all__ = ["RETRYABLE", "Conn", "PgDatabase", "describe_url", "is_postgres_url", "with_database"]
