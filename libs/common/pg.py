@@ -23,8 +23,12 @@ Every statement is timed into `finsight_db_query_seconds{db,statement}` under th
 stable names as the DuckDB path, with a `db.system=postgresql` client span of that name;
 the pool's size, connections in use, waiting requests and wait time are exported.
 Server-side prepared statements: psycopg prepares a query after it ran
-`prepare_threshold` times on a connection (0 = never; use 0 behind a transaction-mode
-pooler such as PgBouncer < 1.21).
+`prepare_threshold` times on a connection (0 = never).
+
+Poolers: the session settings (statement_timeout, idle_in_transaction_session_timeout,
+the UTC time zone) are set once per connection and the migration lock is a session-level
+advisory lock, so a PgBouncer in front must run in *session* mode; transaction pooling
+would move later transactions to server connections without those settings.
 """
 
 from __future__ import annotations
@@ -235,14 +239,22 @@ class PgDatabase:
                 "SELECT pg_advisory_lock(hashtextextended(%s, 0))",
                 [f"finsight-migrations:{self.name}"],
             )
-            await conn.execute(f"""
-                CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
-                    service    TEXT        NOT NULL,
-                    version    INTEGER     NOT NULL,
-                    name       TEXT        NOT NULL,
-                    checksum   TEXT        NOT NULL,
-                    applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                    PRIMARY KEY (service, version))""")
+            # The bookkeeping table is shared by the services of a database, which migrate
+            # under locks of their own, and CREATE TABLE IF NOT EXISTS fails against a
+            # concurrent twin: its creation takes one lock common to all services.
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    [f"finsight-migrations:{MIGRATIONS_TABLE}"],
+                )
+                await conn.execute(f"""
+                    CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (
+                        service    TEXT        NOT NULL,
+                        version    INTEGER     NOT NULL,
+                        name       TEXT        NOT NULL,
+                        checksum   TEXT        NOT NULL,
+                        applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                        PRIMARY KEY (service, version))""")
             rows = await (
                 await conn.execute(
                     f"SELECT version, checksum FROM {MIGRATIONS_TABLE} WHERE service = %s",

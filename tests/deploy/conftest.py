@@ -26,6 +26,13 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 FINSIGHT = {"llm-gateway": "llm_gateway", "memory": "memory", "analytics": "analytics"}
 # Backup CronJobs: Kubernetes name -> the StatefulSet whose database they back up.
 BACKUP_JOBS = {"memory-backup": "memory", "analytics-backup": "analytics"}
+# The services with a durable store, and where it is per overlay: DuckDB mode (one
+# StatefulSet pod per file, the base) or PostgreSQL mode (replicated Deployments,
+# components/postgres-store). dev stays on DuckDB like `make run`.
+STORES = ("memory", "analytics")
+POSTGRES_OVERLAYS = ("prod",)
+DUCKDB_OVERLAYS = tuple(o for o in OVERLAYS if o not in POSTGRES_OVERLAYS)
+POSTGRES_EXAMPLES = K8S / "examples" / "postgresql"
 # Two classes of workload, told apart by kind, never by name: long-running
 # servers (probes, ports) and run-to-completion jobs (no probes, no ports,
 # bounded run time). Every pod-creating object rendered must be one of them.

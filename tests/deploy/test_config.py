@@ -4,6 +4,7 @@ parses, secrets come from mounted Secrets, and prod refuses the example Secrets.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ from libs.common.config import CommonSettings, ConfigError, _is_secret, load_set
 from libs.common.envdoc import render_kustomize_env, settings_models
 from tests.deploy.conftest import (
     BACKUP_JOBS,
+    DUCKDB_OVERLAYS,
     FINSIGHT,
     K8S,
     OVERLAYS,
+    POSTGRES_OVERLAYS,
+    STORES,
     Rendered,
     app_name,
     pod_environment,
@@ -63,6 +67,14 @@ def test_every_setting_with_a_value_is_in_the_configmap(
     assert config["FINSIGHT_BIND_HOST"] == "0.0.0.0"
 
 
+def real_value(secret: str, key: str, value: str) -> str:
+    """A non-placeholder stand-in for an example Secret value, of the same shape: a DSN
+    stays a DSN (only its placeholder password changes), a key becomes a key."""
+    if value.startswith("postgresql://"):
+        return re.sub(r"replace-me[\w-]*", "9f2c4e7a1b3d5f60", value)
+    return f"fsk_{secret}_{key}_9f2c4e7a1b"
+
+
 def _load(
     model: type[CommonSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> CommonSettings:
@@ -97,7 +109,7 @@ def test_each_service_loads_its_settings_from_the_pod_environment(
             with pytest.raises(ConfigError, match="placeholder value"):
                 _load(model, env, monkeypatch)
             real = {
-                n: {k: f"fsk_{n}_{k}_9f2c4e7a1b" for k in kv}
+                n: {k: real_value(n, k, v) for k, v in kv.items()}
                 for n, kv in secrets_by_name(r, overlay).items()
             }
             real["finsight-api-keys"] = secrets_by_name(r, overlay)["finsight-api-keys"]
@@ -110,9 +122,15 @@ def test_each_service_loads_its_settings_from_the_pod_environment(
             assert settings.finsight_service_api_key is not None
         if service == "llm_gateway":
             assert getattr(settings, "deepseek_api_key", None) is not None
+        # The store follows the overlay's mode: a postgresql:// DSN, or the DuckDB file.
+        if name in STORES and overlay in POSTGRES_OVERLAYS:
+            assert settings.database_url is not None
+            assert settings.database_url.startswith("postgresql://")
+        else:
+            assert settings.database_url is None, f"{overlay}/{name} must stay on DuckDB"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DUCKDB_OVERLAYS)
 def test_backup_jobs_read_only_their_key_from_a_mounted_secret(
     overlays: dict[str, Rendered], overlay: str, tmp_path: Path
 ) -> None:

@@ -1,7 +1,8 @@
 """Every overlay renders, passes strict schema validation for the oldest and newest
 supported Kubernetes, and meets the workload policies (tests/deploy/policy.py: probes
 on servers, bounded run time on jobs, limits, restricted security, service accounts,
-image tags), plus named ports, drain time, budgets and the backup volume and schedule."""
+image tags), plus named ports, drain time, budgets and, in DuckDB mode, the backup
+volume and schedule (PostgreSQL mode: tests/deploy/test_postgres.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ import yaml
 from libs.common.envdoc import settings_models
 from tests.deploy.conftest import (
     BACKUP_JOBS,
+    DUCKDB_OVERLAYS,
     FINSIGHT,
     K8S_VERSIONS,
     OVERLAYS,
+    POSTGRES_OVERLAYS,
     ROOT,
+    STORES,
     Rendered,
     app_name,
     job_spec,
@@ -77,12 +81,20 @@ def test_every_overlay_has_the_finsight_workloads(
     r = overlays[overlay]
     r.get("Deployment", "llm-gateway")
     r.get("HorizontalPodAutoscaler", "llm-gateway")
-    for name in ("memory", "analytics"):
-        sts = r.get("StatefulSet", name)
-        assert sts["spec"]["replicas"] == 1, "one process per DuckDB file"
-        assert sts["spec"]["volumeClaimTemplates"], f"{name}: no PVC for the DuckDB file"
-        svc = r.get("Service", sts["spec"]["serviceName"])
-        assert svc["spec"].get("clusterIP") == "None", f"{name}: governing Service must be headless"
+    for name in STORES:
+        if overlay in DUCKDB_OVERLAYS:
+            sts = r.get("StatefulSet", name)
+            assert sts["spec"]["replicas"] == 1, "one process per DuckDB file"
+            assert sts["spec"]["volumeClaimTemplates"], f"{name}: no PVC for the DuckDB file"
+            svc = r.get("Service", sts["spec"]["serviceName"])
+            assert svc["spec"].get("clusterIP") == "None", (
+                f"{name}: governing Service must be headless"
+            )
+        else:
+            assert overlay in POSTGRES_OVERLAYS
+            r.get("Deployment", name)
+            r.get("HorizontalPodAutoscaler", name)
+            assert not [s for s in r.of_kind("StatefulSet") if s["metadata"]["name"] == name]
     for name in FINSIGHT:
         r.get("PodDisruptionBudget", name)
         svc = r.get("Service", name)
@@ -107,7 +119,9 @@ def test_every_workload_is_a_server_or_a_job(overlays: dict[str, Rendered], over
     ]
     assert not bare, f"{overlay}: pods outside a Deployment/StatefulSet/Job: {bare}"
     assert len(r.workloads()) == len(r.servers()) + len(r.jobs())
-    assert {app_name(w) for w in r.jobs()} == set(BACKUP_JOBS), "unexpected or missing jobs"
+    # The only jobs are DuckDB mode's backups (PostgreSQL's are the database operator's).
+    expected = set(BACKUP_JOBS) if overlay in DUCKDB_OVERLAYS else set()
+    assert {app_name(w) for w in r.jobs()} == expected, "unexpected or missing jobs"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -120,7 +134,7 @@ def test_every_container_has_probes_limits_and_restricted_security(
 
 def test_the_policy_check_tells_servers_from_jobs(overlays: dict[str, Rendered]) -> None:
     """A probe-less server and a job with a probe, a port or no deadline are both caught."""
-    r = overlays["prod"]
+    r = overlays["dev"]
     server = yaml.safe_load(yaml.safe_dump(r.get("StatefulSet", "memory")))
     del server["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     assert workload_problems(server) == ["StatefulSet/memory/memory: no readinessProbe"]
@@ -181,14 +195,16 @@ def test_finsight_containers_probe_the_documented_health_names(
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == str(metrics_port)
         assert annotations["prometheus.io/path"] == "/metrics"
-        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert config["FINSIGHT_DATA_DIR"] in mounts, f"{name}: data dir is not a volume"
         if w["kind"] == "StatefulSet":
             claim = w["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
-            assert any(
-                m["name"] == claim and m["mountPath"] == config["FINSIGHT_DATA_DIR"]
-                for m in c["volumeMounts"]
-            ), f"{name}: DuckDB dir must be on the PVC"
+            assert mounts[config["FINSIGHT_DATA_DIR"]] == claim, (
+                f"{name}: DuckDB dir must be on the PVC"
+            )
+        else:  # nothing durable in a Deployment's pod: the data dir is scratch space
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert "emptyDir" in volumes[mounts[config["FINSIGHT_DATA_DIR"]]], name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -280,7 +296,7 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DUCKDB_OVERLAYS)
 def test_stateful_services_back_up_to_a_volume_of_their_own(
     overlays: dict[str, Rendered], overlay: str
 ) -> None:
@@ -348,7 +364,7 @@ def test_cron_interval_reads_schedules_right() -> None:
     assert cron_interval_s("0 1,2 * * *") == 23 * 3600
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DUCKDB_OVERLAYS)
 def test_backup_schedule_fits_its_deadlines_and_the_backup_age_alerts(
     overlays: dict[str, Rendered], overlay: str
 ) -> None:

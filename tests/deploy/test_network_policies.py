@@ -8,8 +8,11 @@ import pytest
 
 from tests.deploy.conftest import (
     BACKUP_JOBS,
+    DUCKDB_OVERLAYS,
     FINSIGHT,
     OVERLAYS,
+    POSTGRES_OVERLAYS,
+    STORES,
     Rendered,
     app_name,
     pod_labels,
@@ -35,10 +38,17 @@ BASE_EDGES: set[Edge] = {
         ("clients", s, p)
         for s, p in (("llm-gateway", 50051), ("memory", 50052), ("analytics", 50053))
     },
-    # The backup CronJobs call AdminService/Backup on their own service, and nothing else.
+}
+# DuckDB mode: the backup CronJobs call AdminService/Backup on their own service, and
+# nothing else.
+DUCKDB_EDGES: set[Edge] = {
     ("memory-backup", "memory", 50052),
     ("analytics-backup", "analytics", 50053),
 }
+# PostgreSQL mode: the stores reach their database (the pods labelled
+# finsight.io/store=postgresql in the database's namespace), nothing else does.
+POSTGRES_PORT = 5432
+POSTGRES_EDGES: set[Edge] = {(s, "postgresql", POSTGRES_PORT) for s in STORES}
 DEV_EDGES: set[Edge] = {
     ("otel-collector", "jaeger", 4317),
     ("llm-gateway", "dev-llm", 8089),
@@ -66,8 +76,8 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 def _peer_names(peer: dict[str, Any], local: list[dict[str, Any]]) -> set[str]:
     """Name a policy peer: a local workload, a labelled app elsewhere, DNS, clients, internet."""
     if "ipBlock" in peer:
-        assert peer["ipBlock"]["cidr"] == "0.0.0.0/0", peer
-        return {"internet"}
+        cidr = peer["ipBlock"]["cidr"]
+        return {"internet"} if cidr == "0.0.0.0/0" else {f"cidr {cidr}"}
     pods, nss = peer.get("podSelector"), peer.get("namespaceSelector")
     if (
         nss is not None
@@ -82,6 +92,9 @@ def _peer_names(peer: dict[str, Any], local: list[dict[str, Any]]) -> set[str]:
         names = {app_name(w) for w in local if _matches(pods, pod_labels(w))}
         assert names, f"peer selects no workload: {peer}"
         return names
+    # The database of PostgreSQL mode, in its own namespace (not a Finsight app).
+    if pods.get("matchLabels", {}).get("finsight.io/store") == "postgresql":
+        return {"postgresql"}
     # Any namespace: the app named by the selector (e.g. a shared Redis or Prometheus).
     expr = pods.get("matchExpressions")
     return set(expr[0]["values"]) if expr else {pods["matchLabels"]["app.kubernetes.io/name"]}
@@ -154,7 +167,8 @@ def test_policy_edges_are_exactly_the_call_graph(
     overlays: dict[str, Rendered], overlay: str
 ) -> None:
     r = overlays[overlay]
-    expected = BASE_EDGES | (DEV_EDGES if overlay == "dev" else set())
+    expected = BASE_EDGES | (DUCKDB_EDGES if overlay in DUCKDB_OVERLAYS else POSTGRES_EDGES)
+    expected |= DEV_EDGES if overlay == "dev" else set()
     egress, ingress = edges(r)
     local = {app_name(w) for w in r.workloads()}
     # Each allowed connection = the caller's egress (if the caller is ours) and the
@@ -198,7 +212,7 @@ def test_client_targets_follow_the_allowed_edges(
         assert int(host.rsplit(":", 1)[1]) == expected_port, key
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DUCKDB_OVERLAYS)
 def test_backup_jobs_target_their_service_through_an_allowed_edge(
     overlays: dict[str, Rendered], overlay: str
 ) -> None:
@@ -221,3 +235,30 @@ def test_backup_jobs_target_their_service_through_an_allowed_edge(
         assert (job, service, int(port)) in ingress
         reachable = {dst for src, dst, _ in egress if src == job}
         assert reachable == {service}, f"{job} may reach {reachable}"
+
+
+@pytest.mark.parametrize("overlay", POSTGRES_OVERLAYS)
+def test_only_the_stores_reach_postgresql_and_only_on_its_port(
+    overlays: dict[str, Rendered], overlay: str
+) -> None:
+    """The new edge is egress only (the database is not a pod of this namespace), from
+    memory and analytics, to 5432 in the database's namespace; deny-all still covers
+    everything else (the gateway, for one, cannot reach the database)."""
+    r = overlays[overlay]
+    egress, ingress = edges(r)
+    assert {e for e in egress if e[1] == "postgresql"} == POSTGRES_EDGES
+    assert not {e for e in ingress if "postgresql" in e[:2]}
+    (pol,) = [
+        p
+        for p in r.of_kind("NetworkPolicy")
+        if any(
+            _peer_names(peer, r.workloads()) == {"postgresql"}
+            for rule in p["spec"].get("egress", [])
+            for peer in rule["to"]
+        )
+    ]
+    (rule,) = pol["spec"]["egress"]
+    (peer,) = rule["to"]
+    # Named, not any namespace: a pod elsewhere that copies the label gets nothing.
+    assert set(peer["namespaceSelector"]["matchLabels"]) == {"kubernetes.io/metadata.name"}
+    assert rule["ports"] == [{"protocol": "TCP", "port": POSTGRES_PORT}]

@@ -1,6 +1,8 @@
-"""The documented restore: the example restore Jobs are valid, meet the workload
-policies, mount the StatefulSets' own claims, and their script really restores a
-backup taken by `Database.backup` (real DuckDB files), refusing while the file is in use."""
+"""The documented DuckDB restore: the example restore Jobs are valid, meet the workload
+policies, mount the StatefulSets' own claims (in every DuckDB-mode overlay), and their
+script really restores a backup taken by `Database.backup` (real DuckDB files), refusing
+while the file is in use. PostgreSQL mode restores through the database operator
+(tests/deploy/test_postgres.py checks its example)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from libs.common.duck import Database
 from libs.common.envdoc import settings_models
 from tests.deploy.conftest import (
     BACKUP_JOBS,
+    DUCKDB_OVERLAYS,
     K8S,
     K8S_VERSIONS,
     ROOT,
@@ -65,13 +68,14 @@ def test_restore_jobs_meet_the_workload_policies(service: str) -> None:
     assert sa["automountServiceAccountToken"] is False
 
 
+@pytest.mark.parametrize("overlay", DUCKDB_OVERLAYS)
 @pytest.mark.parametrize("service", BACKUP_JOBS.values())
 def test_restore_jobs_mount_the_statefulsets_claims_where_the_service_does(
-    overlays: dict[str, Rendered], service: str
+    overlays: dict[str, Rendered], service: str, overlay: str
 ) -> None:
     """Claim names are <template>-<statefulset>-0 and the paths are the pod's, so the
     file the Job replaces is the one the service opens."""
-    r = overlays["prod"]
+    r = overlays[overlay]
     sts = r.get("StatefulSet", service)
     (server,) = pod_spec(sts)["containers"]
     server_mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
