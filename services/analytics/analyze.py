@@ -239,7 +239,11 @@ class Analyzer:
         trace_id = current_trace_id()
         warnings: list[str] = []
         result = await self.market.compute_metrics(
-            request.tenant, request.symbols, request.window, request.benchmark, request.params
+            await self.market.view(request.tenant),
+            request.symbols,
+            request.window,
+            request.benchmark,
+            request.params,
         )
         block = metrics_block(result)
         context = await self._context(request, warnings)

@@ -45,7 +45,7 @@ class AnalyticsSettings(CommonSettings):
         ge=0,
         le=500_000_000,
         description="Adjusted-close rows kept in process for metric requests (12 bytes a "
-        "row; dropped when data changes; 0 = read the series from DuckDB every time)",
+        "row; dropped when data changes; 0 = read the series from the database every time)",
     )
     analytics_cache_ttl_s: int = Field(
         3600, ge=0, le=7 * 86400, description="Lifetime of cached metric results (0 = no cache)"

@@ -1,4 +1,9 @@
-"""Wiring of the analytics service: storage, servicers, readiness. No logic lives here."""
+"""Wiring of the analytics service: storage, servicers, readiness. No logic lives here.
+
+The store is chosen by configuration only: ANALYTICS_DATABASE_URL set -> PostgreSQL
+(migrations under migrations/postgresql/, several replicas may share it), unset -> the
+DuckDB file (migrations/*.sql). Everything above the store is the same code.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ from typing import Final
 from redis.asyncio import Redis
 
 from finsight.analytics.v1 import analytics_pb2_grpc
-from libs.common.admin import open_service_database
+from libs.common.admin import open_service_store
 from libs.common.clients import create_channel
+from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
+from libs.common.pg import PgDatabase
 from libs.common.server import ServiceHost, main_entry
 from services.analytics.analyze import Analyzer, AnalyzeSettings
 from services.analytics.cache import ResultCache
@@ -20,18 +27,26 @@ from services.analytics.downstream import GrpcCompleter, GrpcMemory
 from services.analytics.market import MarketAnalytics
 from services.analytics.sample_loader import SampleLoader
 from services.analytics.servicer import AnalyticsServicer
-from services.analytics.storage import MarketStore
+from services.analytics.storage import MarketBackend, MarketStore
+from services.analytics.storage_duckdb import DuckMarketBackend
+from services.analytics.storage_pg import PgMarketBackend
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+PG_MIGRATIONS = MIGRATIONS / "postgresql"
 POLICIES: Final = {"IngestBars": MethodPolicy(scope="analytics.write", method_class="write")}
+
+
+def market_backend(db: Database | PgDatabase) -> MarketBackend:
+    """The storage backend of an opened database."""
+    return DuckMarketBackend(db) if isinstance(db, Database) else PgMarketBackend(db)
 
 
 async def setup(host: ServiceHost, redis: Redis) -> None:
     settings = host.settings
     assert isinstance(settings, AnalyticsSettings)
-    db = await open_service_database(host, settings.db_path, MIGRATIONS)
+    db = await open_service_store(host, settings.db_path, MIGRATIONS, PG_MIGRATIONS)
 
-    store = MarketStore(db, cache_max_rows=settings.analytics_series_cache_max_rows)
+    store = MarketStore(market_backend(db), cache_max_rows=settings.analytics_series_cache_max_rows)
     market = MarketAnalytics(store, max_ingest_rows=settings.analytics_ingest_max_rows)
     memory_channel = create_channel(settings.analytics_memory_target, settings)
     gateway_channel = create_channel(settings.analytics_llm_gateway_target, settings)

@@ -3,6 +3,10 @@
 Domain layer: validates requests (field paths are the request's), resolves symbols through
 storage, pivots prices into the matrix the metric engine wants, runs the engine off the
 event loop, and turns engine input errors into INVALID_ARGUMENT. No grpc, no protobuf.
+
+Reads take a :class:`~services.analytics.storage.TenantView` (`view(tenant)`, once per
+request): the data versions the request reads at, checked against the database once, so a
+result and the version it reports (and is cached under) always belong together.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from services.analytics.bars import (
     valid_symbol,
     validate_stream,
 )
-from services.analytics.storage import MarketStore, PricePanel, SymbolSummary
+from services.analytics.storage import MarketStore, PricePanel, SymbolSummary, TenantView
 
 _tracer = tracer(__name__)
 
@@ -234,49 +238,44 @@ class MarketAnalytics:
             data_version=counts.data_version,
         )
 
-    async def list_symbols(self, tenant: str) -> tuple[list[SymbolSummary], int]:
-        return await self.store.list_symbols(tenant), await self.store.data_version()
+    async def view(self, tenant: str) -> TenantView:
+        """What one request of `tenant` reads (one version check)."""
+        return await self.store.view(tenant)
 
-    async def bars(self, tenant: str, symbol: str, window: DateWindow) -> BarColumns:
+    async def list_symbols(self, view: TenantView) -> tuple[list[SymbolSummary], int]:
+        return await self.store.list_symbols(view)
+
+    async def bars(self, view: TenantView, symbol: str, window: DateWindow) -> BarColumns:
         v = Violations()
         check_symbol(v, symbol, "symbol")
         check_window(v, window)
         v.raise_if_any()
-        owners = await self._owners(tenant, [symbol])
-        return await self.store.bars(owners[symbol], symbol, window.start, window.end)
-
-    async def _owners(self, tenant: str, symbols: Sequence[str]) -> dict[str, str]:
-        wanted = list(dict.fromkeys(symbols))
-        owners = await self.store.resolve(tenant, wanted)
-        missing = [s for s in wanted if s not in owners]
-        if missing:
-            raise NotFound(
-                f"no data for symbol(s): {', '.join(missing)}",
-                reason="UNKNOWN_SYMBOL",
-                metadata={"symbols": ",".join(missing)},
-            )
-        return {s: owners[s] for s in wanted}
+        bars = await self.store.bars(view, symbol, window.start, window.end)
+        if bars is None:
+            raise _unknown([symbol])
+        return bars
 
     async def _matrix(
-        self, tenant: str, columns: list[str], window: DateWindow
+        self, view: TenantView, columns: list[str], window: DateWindow
     ) -> tuple[_Matrix, int]:
-        owners = await self._owners(tenant, columns)
-        panel = await self.store.adj_closes(owners, window.start, window.end)
+        panel = await self.store.adj_closes(view, columns, window.start, window.end)
+        if panel.missing:
+            raise _unknown(panel.missing)
         with _tracer.start_as_current_span("analytics.pivot"):
-            matrix = pivot(panel, list(owners))
+            matrix = pivot(panel, panel.symbols)
         return matrix, panel.data_version
 
     # -- metrics ------------------------------------------------------------------------
     async def compute_metrics(
         self,
-        tenant: str,
+        view: TenantView,
         symbols: Sequence[str],
         window: DateWindow,
         benchmark: str,
         params: MetricParams,
     ) -> MetricsResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
-        matrix, version = await self._matrix(tenant, columns, window)
+        matrix, version = await self._matrix(view, columns, window)
         values = matrix.prices[:, [columns.index(s) for s in symbols]]
         bench = matrix.prices[:, columns.index(benchmark)] if benchmark else None
         with _tracer.start_as_current_span("analytics.compute_metrics") as span:
@@ -300,7 +299,7 @@ class MarketAnalytics:
 
     async def rolling(
         self,
-        tenant: str,
+        view: TenantView,
         symbol: str,
         metric: engine.RollingMetricName,
         window_size: int,
@@ -309,7 +308,7 @@ class MarketAnalytics:
         params: MetricParams,
     ) -> RollingResult:
         columns = list(dict.fromkeys([symbol, *([benchmark] if metric == "beta" else [])]))
-        matrix, version = await self._matrix(tenant, columns, window)
+        matrix, version = await self._matrix(view, columns, window)
         returns = engine.simple_returns(matrix.prices)
         bench = returns[:, columns.index(benchmark)] if metric == "beta" else None
         with _tracer.start_as_current_span("analytics.rolling_metric"):
@@ -339,7 +338,7 @@ class MarketAnalytics:
 
     async def portfolio(
         self,
-        tenant: str,
+        view: TenantView,
         symbols: Sequence[str],
         weights: Sequence[float],
         window: DateWindow,
@@ -349,7 +348,7 @@ class MarketAnalytics:
         params: MetricParams,
     ) -> PortfolioResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
-        matrix, version = await self._matrix(tenant, columns, window)
+        matrix, version = await self._matrix(view, columns, window)
         asset_cols = [columns.index(s) for s in symbols]
         prices = matrix.prices[:, asset_cols]
         # Asset rows only (a benchmark-only day is not a portfolio day), from the first day
@@ -394,6 +393,14 @@ def _first_rows(prices: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:
     first = np.argmax(valid, axis=0).astype(np.intp)
     first[~valid.any(axis=0)] = prices.shape[0]
     return first
+
+
+def _unknown(symbols: Sequence[str]) -> NotFound:
+    return NotFound(
+        f"no data for symbol(s): {', '.join(symbols)}",
+        reason="UNKNOWN_SYMBOL",
+        metadata={"symbols": ",".join(symbols)},
+    )
 
 
 def _violation(r: Rejection) -> FieldViolation:

@@ -3,7 +3,11 @@
 Runs as a background task after the server started (readiness stays NOT_SERVING until it
 is done), parses in a worker thread, and writes everything in ONE transaction: a crash
 half-way leaves the database empty and the next start loads again. When the shared data
-already exists nothing is read.
+already exists nothing is read. Several replicas starting at once on one PostgreSQL
+database load it exactly once: the store decides who loads inside the writing
+transaction (`MarketStore.load_shared`); the others find the data and become ready. A
+database that is unavailable meanwhile (a PostgreSQL failover) delays the load, it does
+not fail it: the replica stays not-ready and tries again.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
-from services.analytics.bars import SeriesInput, ValidatedStream, validate_stream
+from libs.common.errors import Unavailable
+from services.analytics.bars import BarColumns, SeriesInput, ValidatedStream, validate_stream
 from services.analytics.file_bars import MicrosConverter, group_by_symbol
 from services.analytics.importer import Bar, Layout, iter_batches
 from services.analytics.storage import SHARED_TENANT, MarketStore
-from services.analytics.telemetry import SAMPLE_LOAD_SECONDS
+from services.analytics.telemetry import SAMPLE_LOAD_SECONDS, SAMPLE_LOADS
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +74,62 @@ class SampleLoader:
         self.directory = directory
         self.done = asyncio.Event()
         self.error: BaseException | None = None
+        # "loaded": this process wrote the sample; "present": it was there already.
+        self.outcome: Literal["loaded", "present"] | None = None
 
     async def ready(self) -> bool:
         return self.done.is_set() and self.error is None
 
     async def run(self) -> None:
         try:
-            if await self.store.bar_count(SHARED_TENANT) > 0:
-                log.info("sample data already loaded")
-                return
-            started = time.perf_counter()
-            checked = await asyncio.to_thread(parse_samples, self.directory)
-            parsed = time.perf_counter()
-            counts = await self.store.upsert(SHARED_TENANT, checked.bars)
-            elapsed = time.perf_counter() - started
-            SAMPLE_LOAD_SECONDS.observe(elapsed)
-            log.info(
-                "sample data loaded",
-                extra={
-                    "bars": counts.inserted,
-                    "rejected": len(checked.rejections),
-                    "parse_s": round(parsed - started, 3),
-                    "total_s": round(elapsed, 3),
-                },
-            )
+            while True:
+                try:
+                    await self._load()
+                    return
+                except Unavailable as exc:  # e.g. PostgreSQL restarting: not ready yet
+                    log.warning(
+                        "sample data: the database is unavailable; retrying",
+                        extra={"retry_s": exc.retry_after or 1.0},
+                    )
+                    await asyncio.sleep(exc.retry_after or 1.0)
         except Exception as exc:
             self.error = exc
             log.exception("sample data load failed")
         finally:
             self.done.set()
+
+    async def _load(self) -> None:
+        if await self.store.bar_count(SHARED_TENANT) > 0:
+            self._present()
+            return
+        started = time.perf_counter()
+        parsed: list[tuple[float, int]] = []
+
+        def parse() -> BarColumns:
+            checked = parse_samples(self.directory)
+            parsed.append((time.perf_counter(), len(checked.rejections)))
+            return checked.bars
+
+        counts = await self.store.load_shared(parse)
+        if counts is None:  # another replica loaded it meanwhile
+            self._present()
+            return
+        elapsed = time.perf_counter() - started
+        SAMPLE_LOAD_SECONDS.observe(elapsed)
+        SAMPLE_LOADS.labels("loaded").inc()
+        self.outcome = "loaded"
+        parsed_at, rejected = parsed[-1]
+        log.info(
+            "sample data loaded",
+            extra={
+                "bars": counts.inserted,
+                "rejected": rejected,
+                "parse_s": round(parsed_at - started, 3),
+                "total_s": round(elapsed, 3),
+            },
+        )
+
+    def _present(self) -> None:
+        SAMPLE_LOADS.labels("present").inc()
+        self.outcome = "present"
+        log.info("sample data already loaded")

@@ -40,7 +40,7 @@ from services.analytics.market import (
     check_symbols,
     check_window,
 )
-from services.analytics.storage import SHARED_TENANT
+from services.analytics.storage import SHARED_TENANT, TenantView
 from services.analytics.telemetry import BARS_INGESTED
 
 DEFAULT_PAGE_SIZE: Final = 10_000
@@ -223,18 +223,24 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         self.analyzer = analyzer
 
     async def _cached(
-        self, method: str, request: Message, cls: type[M], compute: Callable[[], Awaitable[M]]
+        self,
+        method: str,
+        request: Message,
+        cls: type[M],
+        compute: Callable[[TenantView], Awaitable[M]],
     ) -> M:
+        # One version check per request; the computation reads at (or past) this view.
+        view = await self.market.view(current_tenant())
         if not self.cache.enabled:
-            return await compute()
-        version = await self.market.store.data_version()
+            return await compute(view)
+        version = view.data_version
         key = ResultCache.key(
-            current_tenant(), version, method, request.SerializeToString(deterministic=True)
+            view.tenant, version, method, request.SerializeToString(deterministic=True)
         )
         hit = await self.cache.get(key)
         if hit is not None:
             return cls.FromString(hit)
-        response = await compute()
+        response = await compute(view)
         # Only a result computed at the version in the key may be stored under it.
         if getattr(response, "data_version", None) == version:
             await self.cache.put(key, response.SerializeToString())
@@ -281,7 +287,7 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def ListSymbols(
         self, request: pb.ListSymbolsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSymbolsResponse:
-        symbols, version = await self.market.list_symbols(current_tenant())
+        symbols, version = await self.market.list_symbols(await self.market.view(current_tenant()))
         return pb.ListSymbolsResponse(
             symbols=[
                 pb.SymbolInfo(
@@ -304,7 +310,8 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         page = request.page_size or DEFAULT_PAGE_SIZE
         v.check(1 <= page <= MAX_PAGE_SIZE, "page_size", f"must be 0-{MAX_PAGE_SIZE} (0 = 10,000)")
         v.raise_if_any()
-        bars = await self.market.bars(current_tenant(), request.symbol, window)
+        view = await self.market.view(current_tenant())
+        bars = await self.market.bars(view, request.symbol, window)
         for start in range(0, max(len(bars), 1), page):
             chunk = bars.take(np.arange(start, min(start + page, len(bars))))
             yield pb.GetBarsResponse(
@@ -324,9 +331,9 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         params = params_from(v, request)
         v.raise_if_any()
 
-        async def compute() -> pb.ComputeMetricsResponse:
+        async def compute(view: TenantView) -> pb.ComputeMetricsResponse:
             result = await self.market.compute_metrics(
-                current_tenant(), symbols, window, request.benchmark, params
+                view, symbols, window, request.benchmark, params
             )
             return pb.ComputeMetricsResponse(
                 metrics=[series_metrics_pb(m) for m in result.metrics],
@@ -351,9 +358,9 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         v.raise_if_any()
         assert metric is not None
 
-        async def compute() -> pb.RollingMetricsResponse:
+        async def compute(view: TenantView) -> pb.RollingMetricsResponse:
             result = await self.market.rolling(
-                current_tenant(),
+                view,
                 request.symbol,
                 metric,
                 request.window,
@@ -403,9 +410,9 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
         v.raise_if_any()
         assert rebalance is not None
 
-        async def compute() -> pb.ComputePortfolioResponse:
+        async def compute(view: TenantView) -> pb.ComputePortfolioResponse:
             result = await self.market.portfolio(
-                current_tenant(),
+                view,
                 symbols,
                 weights,
                 window,

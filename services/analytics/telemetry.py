@@ -27,3 +27,9 @@ SAMPLE_LOAD_SECONDS = Histogram(
     "Time to load the sample data on first start.",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120),
 )
+SAMPLE_LOADS = Counter(
+    "finsight_analytics_sample_loads_total",
+    "Sample data checks at start-up, by outcome (loaded: this replica wrote it; present: "
+    "it was there, loaded before or by another replica).",
+    ("outcome",),
+)

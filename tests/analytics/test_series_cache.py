@@ -1,6 +1,9 @@
-"""The in-process series cache (services/analytics/storage.py, "Read cache"): metric requests
-are answered from cached series while the data version holds, never from data a commit
-replaced, and the same with a cache too small to hold everything."""
+"""The in-process series cache (services/analytics/storage.py, "Read cache") in DuckDB's
+sole-writer mode: metric requests are answered from cached series while the data version
+holds, never from data a commit replaced (not even one the store did not see: a commit in
+flight, a cancelled write that committed all the same), and the same with a cache too small
+to hold everything. The same cache over PostgreSQL with several writers:
+test_store_replicas.py."""
 
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from finsight.analytics.v1 import analytics_pb2 as pb
-from libs.common.duck import Database
+from libs.common.duck import Cursor, Database
 from services.analytics.bars import BarColumns
 from services.analytics.main import MIGRATIONS
-from services.analytics.storage import MarketStore, _arrow_table, _upsert
+from services.analytics.storage import MarketStore
+from services.analytics.storage_duckdb import DuckMarketBackend, arrow_table, upsert
 from tests.analytics.conftest import (
     Running,
     date_pb,
@@ -126,49 +130,83 @@ def columns(symbol: str, closes: list[float]) -> BarColumns:
 async def store(tmp_path: Path) -> AsyncIterator[MarketStore]:
     db = Database(tmp_path / "a.duckdb", name="series-cache", migrations_dir=MIGRATIONS)
     await db.open()
-    yield MarketStore(db)
+    yield MarketStore(DuckMarketBackend(db))
     await db.close()
+
+
+def duck(store: MarketStore) -> Database:
+    assert isinstance(store.backend, DuckMarketBackend)
+    return store.backend.db
+
+
+def stored_version(cur: Cursor, tenant: str) -> int:
+    row = cur.execute(
+        "SELECT sum(version) FROM data_versions WHERE tenant IN (?, '__shared__')", [tenant]
+    ).fetchone()
+    return int(row[0] or 0) if row else 0
 
 
 async def test_a_commit_the_store_did_not_see_is_never_mixed_in_or_cached(
     store: MarketStore,
 ) -> None:
     await store.upsert("t", columns("AAA", prices(4)))
-    owners = {"AAA": "t", "BBB": "t"}
     await store.upsert("t", columns("BBB", prices(5)))
-    version = await store.data_version()
-    first = await store.adj_closes({"AAA": "t"}, None, None)  # AAA cached at `version`
-    assert first.data_version == version
+    view = await store.view("t")
+    first = await store.adj_closes(view, ["AAA"], None, None)  # AAA cached at `version`
+    version = first.data_version
     # A commit that lands while the store still believes in `version` (as if its upsert
     # were still on its way back): BBB is read at the new version, so AAA is re-read
-    # with it rather than served from the cache, and nothing is kept.
+    # with it rather than served from the cache, and the answer is from one state.
     changed = [*prices(4)[:-1], 1.0]
-    counts = await store.db.write(
-        "upsert_bars", _upsert, "t", _arrow_table(columns("AAA", changed))
-    )
-    panel = await store.adj_closes(owners, None, None)
-    assert panel.data_version == counts.data_version > version
+    done = await duck(store).write("upsert_bars", upsert, "t", arrow_table(columns("AAA", changed)))
+    assert (await store.view("t")).data_version == version  # not seen yet...
+    panel = await store.adj_closes(await store.view("t"), ["AAA", "BBB"], None, None)
+    new_version = sum(done.versions.values())
+    assert panel.data_version == new_version > version
     aaa = panel.adj_close_micros[panel.columns == 0]
     assert aaa[-1] == 1_000_000  # the new close, not the cached one
-    assert await store.data_version() == version  # the store has not seen the commit...
-    again = await store.adj_closes(owners, None, None)
-    assert again.data_version == counts.data_version  # ... and did not cache a mixture
+    # ... and what was cached meanwhile is tagged with the state it was read at.
+    again = await store.adj_closes(await store.view("t"), ["AAA", "BBB"], None, None)
+    assert again.data_version == new_version
+    assert np.array_equal(again.adj_close_micros, panel.adj_close_micros)
 
 
-async def test_a_write_that_fails_or_is_cancelled_drops_the_cache(store: MarketStore) -> None:
+async def test_a_cancelled_write_that_commits_later_is_never_hidden(store: MarketStore) -> None:
     await store.upsert("t", columns("AAA", prices(6)))
-    await store.adj_closes({"AAA": "t"}, None, None)
-    # The writer takes a slow job and the upsert in one batch; the upsert's caller gives up
-    # while the batch runs, so the write commits but the store never hears of it.
-    slow = asyncio.create_task(store.db.write("slow", lambda cur: time.sleep(0.5)))
+    view = await store.view("t")
+    await store.adj_closes(view, ["AAA"], None, None)  # cached at the known version
+    # The writer takes a slow job and the upsert in ONE batch; the upsert's caller gives
+    # up while the batch runs, so the write commits but the store never hears of it.
+    db = duck(store)
+    slow = asyncio.create_task(db.write("slow", lambda cur: time.sleep(0.5)))
     task = asyncio.create_task(store.upsert("t", columns("AAA", prices(7))))
     await asyncio.sleep(0.2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await slow
-    panel = await store.adj_closes({"AAA": "t"}, None, None)
-    stored = await store.db.read(
-        "v", lambda cur: cur.execute("SELECT version FROM data_version").fetchone()[0]
+    await slow  # the batch has committed, the cancelled upsert with it
+    stored = await db.read("v", stored_version, "t")
+    assert stored == view.data_version + 1
+    now = await store.view("t")
+    assert now.data_version == stored  # read from the file, not the stale knowledge
+    panel = await store.adj_closes(now, ["AAA"], None, None)
+    assert panel.data_version == stored
+    assert panel.adj_close_micros[-1] == round(prices(7)[-1] * 1_000_000)
+    # Once a no-op write has passed the single writer, the store trusts what it learns
+    # again: a warm view costs no database read.
+    for _ in range(100):
+        if store._unsettled == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert store._unsettled == 0
+    await store.view("t")  # learns the versions once
+    reads = version_reads("series-cache")
+    assert (await store.view("t")).data_version == stored
+    assert version_reads("series-cache") == reads
+
+
+def version_reads(db: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "finsight_db_query_seconds_count", {"db": db, "statement": "data_version"}
     )
-    assert panel.data_version == stored  # re-read, at the version the file holds
+    return value or 0.0

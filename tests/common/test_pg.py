@@ -75,6 +75,34 @@ async def test_two_services_in_one_database_keep_their_own_bookkeeping(
     await second.close()
 
 
+async def test_two_services_starting_together_in_a_new_database_both_migrate(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Their migration locks differ, but the bookkeeping table they create is one. Holding
+    # their locks and letting go of all at once makes them reach it together.
+    names = [f"svc{i}" for i in range(4)]
+    services = [
+        PgDatabase(
+            pg_url,
+            name=name,
+            migrations_dir=_migrations(tmp_path / name, f"CREATE TABLE {name} (tenant TEXT);"),
+        )
+        for name in names
+    ]
+    gate = await psycopg.AsyncConnection.connect(pg_url, autocommit=True)
+    for name in names:
+        await gate.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", [f"finsight-migrations:{name}"]
+        )
+    opening = asyncio.gather(*(db.open() for db in services))
+    try:
+        await asyncio.sleep(0.5)  # every service is connected and waiting for its lock
+        await gate.close()
+        assert await opening == [[1]] * 4
+    finally:
+        await asyncio.gather(*(db.close() for db in services))
+
+
 async def test_an_edited_or_unknown_migration_stops_start_up(tmp_path: Path, pg_url: str) -> None:
     folder = _migrations(tmp_path / "v2", *_SCHEMA)
     db = PgDatabase(pg_url, name="svc", migrations_dir=folder)
