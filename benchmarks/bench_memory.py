@@ -1,7 +1,13 @@
-"""Benchmark the memory service end to end over gRPC (real DuckDB file, real Redis-protocol
-server, auth on, audit on, rate limiting off so the service itself is measured).
+"""Benchmark the memory service end to end over gRPC (a real DuckDB file, or PostgreSQL with
+`--store postgres`; a real Redis-protocol server, auth on, audit on, rate limiting off so the
+service itself is measured).
 
-    .venv/bin/python -m benchmarks.bench_memory [--quick] [--million]
+    .venv/bin/python -m benchmarks.bench_memory [--quick] [--million] [--store postgres]
+
+`--store postgres` runs the same steps on PostgreSQL (`MEMORY_DATABASE_URL`: a server
+started here from the `pgserver` wheel, or `FINSIGHT_BENCH_DATABASE_URL`); the store is
+then shared, so every Recall also pays the facts-version check and every window read the
+session-tail check (services/memory/manager.py), reported on their own in step 4.
 
 1. Durable AppendMessages throughput at concurrency 1 / 16 / 64, one message per request
    (the worst case: every message is its own RPC) and 10 per request. An RPC is answered
@@ -13,9 +19,9 @@ server, auth on, audit on, rate limiting off so the service itself is measured).
    concurrency (a trivial RPC: no RPC of the service can be faster).
 2. Recall p50/p95/p99 (k=10) with 10k and 100k facts for one user, then (--million) with
    1M facts in total (100k of them the user's), 3-word queries over a Zipf vocabulary. Facts are
-   bulk-loaded through `storage.insert_fact_tables` (Arrow, the path Remember uses, minus
+   bulk-loaded through `MemoryStore.insert_fact_tables` (Arrow, the path Remember uses, minus
    tokenization: postings are generated with numpy). Baseline, same run: the same queries
-   scored in SQL (`storage.recall_facts`, what Recall did before the in-process index, and
+   scored in SQL (`MemoryStore.recall_facts`, what Recall did before the in-process index, and
    what it still does when the index is off or a user is over its cap); the two rankings
    are compared query by query. Also reported: the cold index load after an invalidation.
 3. BuildContext p50/p95 for a 200-turn (400-message) session, 8k-token budget, 8 facts
@@ -35,6 +41,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import random
 import tempfile
 import time
@@ -56,10 +63,10 @@ from finsight.memory.v1 import memory_pb2_grpc
 from libs.common import tokens
 from libs.common.auth import key_entry
 from libs.common.server import ServiceHost, start_service
-from services.memory import recall, storage
+from services.memory import recall
 from services.memory.config import MemorySettings
 from services.memory.main import POLICIES, MemoryApp, build
-from services.memory.manager import _search_indexed
+from services.memory.manager import search_indexed
 from services.memory.models import FactFilter, RecallWeights
 
 KEY = "bench-key-0000000000"
@@ -266,7 +273,8 @@ async def bulk_load(app: MemoryApp, user: str, n: int, words: list[str], seed: i
     now = time.time_ns() // 1000
     for first in range(0, n, 50_000):
         facts, postings = synth_facts(user, min(50_000, n - first), words, rng, now)
-        await app.db.write("bench_load", storage.insert_fact_tables, facts, postings)
+        await app.store.insert_fact_tables(facts, postings)
+    await app.store.analyze()  # what autovacuum would do within a minute on PostgreSQL
     app.manager.index.invalidate((TENANT, user))  # written behind the manager's back
     return time.perf_counter() - started
 
@@ -301,10 +309,10 @@ async def recall_latency(
         now = time.time_ns() // 1000
         args = (TENANT, user, q, FactFilter(), 10, now, weights)
         t0 = time.perf_counter()
-        mine = await app.db.read("bench_recall_index", _search_indexed, index, *args)
+        mine = await search_indexed(app.store, index, *args)
         idx_ms.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        sql = await app.db.read("bench_recall_sql", storage.recall_facts, *args)
+        sql = await app.store.recall_facts(*args)
         sql_ms.append((time.perf_counter() - t0) * 1000)
         mismatches += [s.fact.fact_id for s in mine] != [s.fact.fact_id for s in sql]
     return {
@@ -357,7 +365,7 @@ async def bench_recall(
         )
     print(
         "   (ms. p50/p95/p99: gRPC Recall. index: the numpy search + fetch of the k rows, "
-        "no gRPC/audit.\n    SQL: the same query scored in DuckDB. cold: first Recall after "
+        "no gRPC/audit.\n    SQL: the same query scored in the store's SQL. cold: first Recall after "
         "an invalidation (index load).\n    same: queries whose top 10 equal the SQL top 10.)"
     )
     return out
@@ -412,8 +420,26 @@ async def build_context_latency(
     }
 
 
+# -- 4. the per-request checks of a shared store ---------------------------------------------
+async def shared_checks(app: MemoryApp, user: str, session: str, calls: int) -> dict[str, float]:
+    """What a replica pays per request so that another replica's writes are seen: the
+    facts-version read (every Recall) and the session-tail read (every window read)."""
+    out: dict[str, float] = {}
+    for name, check in (
+        ("facts_version", lambda: app.store.facts_version(TENANT, user)),
+        ("session_tail", lambda: app.store.session_tail(TENANT, session)),
+    ):
+        ms: list[float] = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            await check()
+            ms.append((time.perf_counter() - t0) * 1000)
+        out[f"{name}_p50"], out[f"{name}_p95"] = pct(ms, 50), pct(ms, 95)
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"store": args.store}
     secs = 2.0 if args.quick else 4.0
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmpdir:
         tmp = Path(tmpdir)
@@ -421,7 +447,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             data_dir=tmp / "valkey", persist=False, config={"save": "", "appendonly": "no"}
         )
         valkey.start()
-        host, app = await start(tmp, valkey.connection_url, memory_context_max_messages=400)
+        pg: Any = None
+        overrides: dict[str, Any] = {"memory_context_max_messages": 400}
+        if args.store == "postgres":
+            from tests.postgres import PostgresServer
+
+            given = os.environ.get("FINSIGHT_BENCH_DATABASE_URL")
+            pg = PostgresServer(given) if given else PostgresServer.start(tmp / "pg")
+            overrides["memory_database_url"] = pg.create_database("bench")
+        host, app = await start(tmp, valkey.connection_url, **overrides)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.bound_port}")
         stub = memory_pb2_grpc.MemoryServiceStub(channel)
         try:
@@ -441,10 +475,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"   result: {c['tokens']} tokens, {c['turn_messages']} messages kept, "
                 f"{c['omitted']} left out, {c['facts']} facts"
             )
+            if app.store.shared:
+                k = await shared_checks(app, "recall-user", "ctx-200", 200 if args.quick else 500)
+                out["shared_checks"] = k
+                print("\n4. Per-request checks of the shared store (one primary-key read each)")
+                print(
+                    f"   facts version (every Recall): p50 {k['facts_version_p50']:.2f} ms, "
+                    f"p95 {k['facts_version_p95']:.2f} ms; session tail (every window read): "
+                    f"p50 {k['session_tail_p50']:.2f} ms, p95 {k['session_tail_p95']:.2f} ms"
+                )
         finally:
             await channel.close()
             await host.drain_and_stop()
             valkey.stop()
+            if pg is not None:
+                pg.stop()
     return out
 
 
@@ -454,9 +499,13 @@ def main() -> None:
     parser.add_argument(
         "--million", action="store_true", help="also 1M facts in total (30-60 s of loading)"
     )
+    parser.add_argument(
+        "--store", choices=("duckdb", "postgres"), default="duckdb", help="the memory store"
+    )
     args = parser.parse_args()
     # "slow statement" warnings of the kit are expected under load; the figures say it all.
     logging.getLogger("libs.common.duck").setLevel(logging.ERROR)
+    logging.getLogger("libs.common.pg").setLevel(logging.ERROR)
     started = time.perf_counter()
     results = asyncio.run(run(args))
     print(f"\nsummary: {json.dumps(results)}")

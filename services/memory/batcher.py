@@ -2,11 +2,13 @@
 
 `libs.common.duck.Database.write` already puts concurrent jobs in one transaction, but each
 job still runs its own statements, and a DuckDB statement costs ~0.4-1 ms from Python
-whatever its size. A `Batcher` gathers the requests that arrive while the previous batch
-commits and hands them to ONE set-based job (`fn(cursor, items) -> results`), so the cost
-per request falls with load instead of staying per statement. Every caller's future
-resolves only after the batch COMMITs (and after `after_commit`, e.g. the Redis
-write-through, which therefore cannot be skipped by a client that gives up).
+whatever its size; on PostgreSQL every transaction pays its round trips and a commit. A
+`Batcher` gathers the requests that arrive while the previous batch commits and hands
+them to ONE set-based store call (`run(items) -> results`, e.g. `MemoryStore.append_batch`:
+one transaction), so the cost per request falls with load instead of staying per
+statement. Every caller's future resolves only after the batch COMMITs (and after
+`after_commit`, e.g. the Redis write-through, which therefore cannot be skipped by a
+client that gives up).
 
 If a batch fails, its items are retried one by one so one bad request cannot fail its
 neighbours (the same rule as the group committer below it).
@@ -19,8 +21,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from libs.common.duck import Database
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -29,16 +29,14 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     def __init__(
         self,
-        db: Database,
         name: str,
-        fn: Callable[[Any, list[T]], list[R]],
+        run: Callable[[list[T]], Awaitable[list[R]]],
         *,
         after_commit: Callable[[list[T], list[R]], Awaitable[None]] | None = None,
         max_batch: int = 512,
     ) -> None:
-        self.db = db
         self.name = name
-        self.fn = fn
+        self.run = run
         self.after_commit = after_commit
         self.max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
@@ -78,7 +76,7 @@ class Batcher(Generic[T, R]):
     async def _commit(self, batch: Sequence[tuple[T, asyncio.Future[R]]]) -> None:
         items = [item for item, _ in batch]
         try:
-            results = await self.db.write(self.name, self.fn, items)
+            results = await self.run(items)
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0][1], exc=exc)

@@ -67,7 +67,8 @@ class MemorySettings(CommonSettings):
         "finsight:memory",
         min_length=1,
         max_length=64,
-        description="Prefix of every Redis key this service writes (flushed at start-up)",
+        description="Prefix of every Redis key this service writes (on a DuckDB file flushed at "
+        "start-up; replicas on PostgreSQL share it and never flush it)",
     )
     memory_hot_window: int = Field(
         100, ge=1, le=1000, description="Most recent messages of a session kept in Redis"

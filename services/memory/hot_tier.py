@@ -1,28 +1,36 @@
 """Redis hot tier: the recent window of each session, for GetHistory and BuildContext.
 
 Key: `<prefix>:<tenant>:<session_id>` (both percent-encoded, so no two pairs collide), a
-sorted set scored by sequence number holding up to `window` JSON-encoded messages, with a
-TTL refreshed on every append.
+sorted set scored by sequence number holding up to `window` JSON-encoded messages (each
+tagged with its session's incarnation), with a TTL refreshed on every append.
 
 The cache is only ever a copy. Its invariant: a key that exists holds a *contiguous* run of
 sequence numbers ending at the session's latest committed message. Appends keep it by
-writing through after COMMIT; readers verify contiguity and fall back to DuckDB when a read
-is not fully covered. Anything that could break the invariant makes the whole cache
-*untrusted*:
+writing through after COMMIT; readers verify contiguity and fall back to the database when
+a read is not fully covered. What guards the invariant depends on who writes the store:
 
-- start-up (a previous process may have died between COMMIT and write-through),
-- any failed Redis write (an append or an invalidation that did not land).
+- One process on a DuckDB file (`shared=False`): anything that could break it makes the
+  whole cache *untrusted*: start-up (a previous process may have died between COMMIT and
+  write-through) and any failed Redis write (an append or an invalidation that did not
+  land). While untrusted, reads and writes bypass Redis (served from DuckDB, same
+  answers), and a background task deletes every key under the prefix (SCAN + UNLINK)
+  until it succeeds; then the cache is trusted again and refills.
+- Replicas sharing PostgreSQL and this prefix (`shared=True`): no process may flush what
+  the others use, and no process can know what the others failed to write (a replica
+  killed between COMMIT and write-through, a write-through lost to a network blip). So a
+  window is never trusted on its own: every read also fetches the session's tail from the
+  database (one primary-key read: owner, incarnation, first and last sequence) and the
+  window is used only if all of its messages carry that incarnation and it reaches the
+  last sequence; it is served trimmed to the sequences the database still holds. A window
+  that does not match is a miss ("stale"), served from the database and replaced. Nothing
+  is ever flushed, at start-up or after an error.
 
-While untrusted, reads and writes bypass Redis (served from DuckDB, same answers), and a
-background task deletes every key under the prefix (SCAN + UNLINK) until it succeeds; then
-the cache is trusted again and fills from new appends and read misses (a read that a
-window too short to prove goes to DuckDB and refills it, so an active session re-warms
-on its next read, not only after a window's worth of new appends). Redis errors are
-counted (`finsight_memory_redis_errors_total`) and never fail an RPC.
-
-Read-through fills race with erasure: a fill that read DuckDB before an erasure committed
-could write erased messages back. `invalidate` bumps a generation counter; a fill that
-sees the counter moved while it worked deletes what it wrote.
+Read-through fills race with erasure: a fill that read the database before an erasure
+committed could write erased messages back. `invalidate` bumps a generation counter (a
+local one, plus with `shared=True` one in Redis that every replica's fills check
+atomically); a fill that sees its generation moved writes nothing (shared) or deletes what
+it wrote (local). Redis errors are counted (`finsight_memory_redis_errors_total`) and
+never fail an RPC.
 """
 
 from __future__ import annotations
@@ -47,9 +55,12 @@ _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 @dataclass(frozen=True)
 class Window:
-    """A contiguous run of a session's latest messages: sequences lo..hi, oldest first."""
+    """A contiguous run of a session's latest messages: sequences lo..hi, oldest first.
+    `incarnation` is the session number every message was tagged with (None: mixed, or
+    written before tags)."""
 
     messages: list[StoredMessage]
+    incarnation: int | None = None
 
     @property
     def lo(self) -> int:
@@ -63,10 +74,27 @@ class Window:
         """Messages with first <= sequence <= last (must lie inside the window)."""
         return self.messages[first - self.lo : last - self.lo + 1]
 
+    def trimmed(self, first: int, last: int) -> Window | None:
+        """The part with first <= sequence <= last, or None when nothing is left."""
+        lo, hi = max(first, self.lo), min(last, self.hi)
+        if lo > hi:
+            return None
+        return Window(self.between(lo, hi), self.incarnation)
 
-def encode(m: StoredMessage) -> str:
+
+@dataclass(frozen=True)
+class Lookup:
+    """A window read, and the generation a later `fill` must still find."""
+
+    window: Window | None
+    generation: int
+    shared_generation: bytes | None = None
+
+
+def encode(m: StoredMessage, incarnation: int = 0) -> str:
     return json.dumps(
         {
+            "i": incarnation,
             "id": m.message_id,
             "s": m.session_id,
             "u": m.user_id,
@@ -84,7 +112,7 @@ def encode(m: StoredMessage) -> str:
     )
 
 
-def decode(raw: bytes | str) -> StoredMessage:
+def decode(raw: bytes | str) -> tuple[StoredMessage, int | None]:
     d = json.loads(raw)
     return StoredMessage(
         message_id=d["id"],
@@ -97,20 +125,44 @@ def decode(raw: bytes | str) -> StoredMessage:
         metadata=d["m"],
         created_us=d["t"],
         tokens=d.get("n"),
-    )
+    ), d.get("i")
+
+
+# Shared fill: replace the window only if no invalidation moved the shared generation
+# since the reader looked (both in one atomic step). KEYS: window, generation; ARGV: the
+# generation seen ("" = none), TTL ms, then score/member pairs.
+_FILL = """
+local seen = redis.call('GET', KEYS[2]) or ''
+if seen ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 
 
 class HotTier:
     def __init__(
-        self, redis: Redis, *, prefix: str, window: int, ttl_s: int, retry_interval_s: float = 1.0
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        window: int,
+        ttl_s: int,
+        retry_interval_s: float = 1.0,
+        shared: bool = False,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.window = window
         self.ttl_ms = ttl_s * 1000
         self.retry_interval_s = retry_interval_s
+        self.shared = shared
         self.trusted = False
         self.generation = 0
+        # Not a window key: those have two ":"-separated parts after the prefix.
+        self.generation_key = f"{prefix}:generation"
+        self._fill_script = redis.register_script(_FILL)
         self._flush_task: asyncio.Task[None] | None = None
         metrics.HOT_TIER_TRUSTED.set(0)
 
@@ -119,7 +171,12 @@ class HotTier:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Distrust whatever a previous process left, and flush it in the background."""
+        """One process: distrust whatever a previous process left, and flush it in the
+        background. Shared: other replicas rely on the windows; every read checks them."""
+        if self.shared:
+            self.trusted = True
+            metrics.HOT_TIER_TRUSTED.set(1)
+            return
         self._distrust("startup")
 
     async def close(self) -> None:
@@ -128,6 +185,9 @@ class HotTier:
             await asyncio.gather(self._flush_task, return_exceptions=True)
 
     def _distrust(self, op: str) -> None:
+        if self.shared:  # nothing to flush: a window that missed a write fails its check
+            log.info("hot tier write failed; windows are checked per read", extra={"op": op})
+            return
         if self.trusted:
             log.warning(
                 "hot tier distrusted; bypassing Redis until it is flushed", extra={"op": op}
@@ -166,17 +226,18 @@ class HotTier:
 
     # -- writes --------------------------------------------------------------------------------
     async def write_through(
-        self, groups: Sequence[tuple[str, str, Sequence[StoredMessage]]]
+        self, groups: Sequence[tuple[str, str, Sequence[StoredMessage], int]]
     ) -> None:
         """Add committed messages to their session windows, all in one round trip
-        (never raises). `groups` holds (tenant, session_id, messages in sequence order)."""
+        (never raises). `groups` holds (tenant, session_id, messages in sequence order,
+        the session's incarnation)."""
         groups = [g for g in groups if g[2]]
         if not groups or not self.trusted:
             return
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                for tenant, session_id, messages in groups:
-                    self._queue_add(pipe, self.key(tenant, session_id), messages)
+                for tenant, session_id, messages, incarnation in groups:
+                    self._queue_add(pipe, self.key(tenant, session_id), messages, incarnation)
                 await pipe.execute()
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("write_through").inc()
@@ -185,29 +246,49 @@ class HotTier:
             self._distrust("write_through_cancelled")  # may or may not have landed
             raise
 
-    def _queue_add(self, pipe: Any, key: str, messages: Sequence[StoredMessage]) -> None:
+    def _queue_add(
+        self, pipe: Any, key: str, messages: Sequence[StoredMessage], incarnation: int
+    ) -> None:
         for m in messages:
             # One member per sequence: drop any other encoding of it first.
             pipe.zremrangebyscore(key, m.sequence, m.sequence)
-            pipe.zadd(key, {encode(m): m.sequence})
+            pipe.zadd(key, {encode(m, incarnation): m.sequence})
         pipe.zremrangebyrank(key, 0, -(self.window + 1))
         pipe.pexpire(key, self.ttl_ms)
 
-    async def _add(self, key: str, messages: Sequence[StoredMessage]) -> None:
+    async def _add(self, key: str, messages: Sequence[StoredMessage], incarnation: int) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self._queue_add(pipe, key, messages)
+            self._queue_add(pipe, key, messages, incarnation)
             await pipe.execute()
 
     async def fill(
-        self, tenant: str, session_id: str, messages: Sequence[StoredMessage], generation: int
+        self,
+        tenant: str,
+        session_id: str,
+        messages: Sequence[StoredMessage],
+        seen: Lookup,
+        incarnation: int = 0,
     ) -> None:
-        """Read-through: store the latest messages read from DuckDB after a miss."""
+        """Read-through: store the latest messages read from the database after a miss.
+        One process merges them into the window; shared, they replace it (a window that
+        was read and found stale must not survive), unless an invalidation ran since
+        `seen` was read."""
         if not messages or not self.trusted:
             return
         key = self.key(tenant, session_id)
+        latest = messages[-self.window :]
         try:
-            await self._add(key, messages[-self.window :])
-            if self.generation != generation:  # an invalidation ran meanwhile: undo
+            if self.shared:
+                members: list[Any] = []
+                for m in latest:
+                    members += [m.sequence, encode(m, incarnation)]
+                await self._fill_script(
+                    keys=[key, self.generation_key],
+                    args=[seen.shared_generation or b"", self.ttl_ms, *members],
+                )
+                return
+            await self._add(key, latest, incarnation)
+            if self.generation != seen.generation:  # an invalidation ran meanwhile: undo
                 await self.redis.unlink(key)
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("fill").inc()
@@ -220,6 +301,8 @@ class HotTier:
         if not names:
             return 0
         try:
+            if self.shared:  # before the deletes: a fill racing them must not land
+                await self.redis.incr(self.generation_key)
             deleted = 0
             for i in range(0, len(names), 500):
                 deleted += int(await self.redis.unlink(*names[i : i + 500]))
@@ -229,23 +312,47 @@ class HotTier:
             self._distrust("invalidate")  # the flush will remove them once Redis is back
             return 0
 
+    async def forget_window(self, tenant: str, session_id: str) -> None:
+        """Drop a window the database says belongs to no session (never raises)."""
+        try:
+            await self.redis.unlink(self.key(tenant, session_id))
+        except _FAILURES:
+            metrics.REDIS_ERRORS.labels("invalidate").inc()
+
     # -- reads ---------------------------------------------------------------------------------
     async def window_of(self, tenant: str, session_id: str) -> Window | None:
         """The cached window, or None (absent, not contiguous, untrusted, or Redis down)."""
+        return (await self.lookup(tenant, session_id)).window
+
+    async def lookup(self, tenant: str, session_id: str) -> Lookup:
+        """The cached window (None: absent, not contiguous, untrusted, or Redis down), with
+        the generation(s) a fill after a database read must still find."""
+        generation = self.generation
         if not self.trusted:
             metrics.HOT_TIER_READS.labels("bypass").inc()
-            return None
+            return Lookup(None, generation)
+        shared_generation: bytes | None = None
         try:
-            raw = await self.redis.zrange(self.key(tenant, session_id), 0, -1)
+            if self.shared:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrange(self.key(tenant, session_id), 0, -1)
+                    pipe.get(self.generation_key)
+                    raw, shared_generation = await pipe.execute()
+            else:
+                raw = await self.redis.zrange(self.key(tenant, session_id), 0, -1)
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("read").inc()
             metrics.HOT_TIER_READS.labels("error").inc()
-            return None
+            return Lookup(None, generation)
+        seen = Lookup(None, generation, shared_generation)
         if not raw:
             metrics.HOT_TIER_READS.labels("miss").inc()
-            return None
-        messages = [decode(r) for r in raw]  # type: ignore[arg-type]
+            return seen
+        decoded = [decode(r) for r in raw]
+        messages = [m for m, _ in decoded]
         if messages[-1].sequence - messages[0].sequence + 1 != len(messages):
             metrics.HOT_TIER_READS.labels("miss").inc()  # a gap: a write-through is missing
-            return None
-        return Window(messages)
+            return seen
+        tags = {i for _, i in decoded}
+        incarnation = tags.pop() if len(tags) == 1 else None
+        return Lookup(Window(messages, incarnation), generation, shared_generation)

@@ -11,17 +11,19 @@ from redis.asyncio import Redis
 
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common import tokens
-from libs.common.admin import open_service_database
+from libs.common.admin import open_service_store
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
+from libs.common.pg import PgDatabase
 from libs.common.server import ServiceHost, main_entry
 from services.memory.config import MemorySettings
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
 from services.memory.retention import Purger
 from services.memory.servicer import MemoryServicer
+from services.memory.store import MemoryStore, open_store
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATIONS = Path(__file__).parent / "migrations"  # DuckDB; PostgreSQL's in postgresql/
 POLICIES = {"PurgeExpired": MethodPolicy(scope="memory.admin", method_class="admin")}
 
 
@@ -29,35 +31,46 @@ POLICIES = {"PurgeExpired": MethodPolicy(scope="memory.admin", method_class="adm
 class MemoryApp:
     """The running parts (tests and benchmarks reach storage and cache through it)."""
 
-    db: Database
+    db: Database | PgDatabase
     hot: HotTier
     manager: MemoryManager
     purger: Purger
+    store: MemoryStore
+
+    @property
+    def duck(self) -> Database:
+        """The DuckDB file, for tests that read DuckDB's own SQL (PostgreSQL mode: error)."""
+        if not isinstance(self.db, Database):
+            raise TypeError("the memory service runs on PostgreSQL here, not DuckDB")
+        return self.db
 
 
 async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     settings = host.settings
     assert isinstance(settings, MemorySettings)
-    db = await open_service_database(host, settings.db_path, MIGRATIONS)
+    # MEMORY_DATABASE_URL set: PostgreSQL (replicas share it), else the DuckDB file.
+    db = await open_service_store(host, settings.db_path, MIGRATIONS, MIGRATIONS / "postgresql")
+    store = open_store(db)
     hot = HotTier(
         redis,
         prefix=settings.memory_redis_prefix,
         window=settings.memory_hot_window,
         ttl_s=settings.memory_hot_ttl_s,
+        shared=store.shared,
     )
     hot.start()
     host.on_shutdown(hot.close)
-    manager = MemoryManager(settings, db, hot)
+    manager = MemoryManager(settings, store, hot)
     manager.start()
     host.on_shutdown(manager.close)  # runs before db.close (reverse order)
-    purger = Purger(settings, db, hot, manager.index)
+    purger = Purger(settings, store, hot, manager.index)
     purger.start()
     host.on_shutdown(purger.stop)  # runs before db.close (reverse order)
     memory_pb2_grpc.add_MemoryServiceServicer_to_server(
         MemoryServicer(manager, purger), host.server
     )
     await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
-    return MemoryApp(db, hot, manager, purger)
+    return MemoryApp(db, hot, manager, purger, store)
 
 
 async def setup(host: ServiceHost, redis: Redis) -> None:

@@ -1,27 +1,33 @@
 """The Memory Manager: history, facts, recall, context, consent, export and erasure.
 
-Domain code: plain types in and out (services.memory.models), no protobuf, no grpc. The
+Domain code: plain types in and out (services.memory.models), no protobuf, no grpc, no
+SQL: storage is a `MemoryStore` (services/memory/store.py: DuckDB or PostgreSQL). The
 tenant always comes from the authenticated caller (`libs.common.context`). Every read and
 write of personal data leaves an audit row; for writes it is written in the same
 transaction as the data.
+
+With a shared store (PostgreSQL, several replicas) the caches above it are checked
+against it per request: a session's Redis window against the session's tail (one
+primary-key read, services/memory/hot_tier.py), a user's recall index against the user's
+facts version (one primary-key read, services/memory/recall_index.py). A write
+acknowledged by one replica is visible through every other on the next call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 
 from libs.common import context, tokens
-from libs.common.duck import Database
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.tracing import tracer
-from services.memory import metrics, pagination, recall, storage
+from services.memory import metrics, pagination, recall
 from services.memory.batcher import Batcher
 from services.memory.config import MemorySettings
 from services.memory.context_builder import BuiltContext, build_context
-from services.memory.hot_tier import HotTier, Window
+from services.memory.hot_tier import HotTier, Lookup, Window
 from services.memory.models import (
     Appended,
     AppendRequest,
@@ -39,15 +45,20 @@ from services.memory.models import (
     RecallWeights,
     Remembered,
     ScoredFact,
+    SessionTail,
     StoredMessage,
     now_us,
 )
 from services.memory.recall_index import RecallIndex, UserIndex
+from services.memory.store import MemoryStore
 from services.memory.token_counter import TokenCounter
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
 EXPORT_PAGE = 500
+# Indexes up to this size (postings + facts) are searched on the event loop: a thread hop
+# costs more than their search (~0.1 ms at 20k).
+_INLINE_SEARCH = 20_000
 _US_PER_DAY = 86_400 * 1_000_000
 
 ExportItem = Consent | Fact | StoredMessage | AuditEntry
@@ -63,22 +74,22 @@ class MemoryManager:
     def __init__(
         self,
         settings: MemorySettings,
-        db: Database,
+        store: MemoryStore,
         hot: HotTier,
         index: RecallIndex | None = None,
     ) -> None:
         self.settings = settings
-        self.db = db
+        self.store = store
         self.hot = hot
         self.index = (
             index if index is not None else RecallIndex(settings.memory_recall_index_max_entries)
         )
         self.appends: Batcher[AppendRequest, AppendResult] = Batcher(
-            db, "append_batch", storage.append_batch, after_commit=self._write_through
+            "append_batch", store.append_batch, after_commit=self._write_through
         )
         self.token_counter = TokenCounter()
         self.audits: Batcher[tuple[AuditRecord, int], None] = Batcher(
-            db, "audit_batch", storage.write_audit_batch
+            "audit_batch", store.write_audit_batch
         )
         self.weights = RecallWeights(
             bm25=settings.memory_recall_weight_bm25,
@@ -146,28 +157,60 @@ class MemoryManager:
         """After COMMIT, from the batcher's task (not the RPC's): a client that gives up
         cannot leave a committed append out of the cache."""
         groups: dict[tuple[str, str], list[StoredMessage]] = {}
+        incarnations: dict[tuple[str, str], int] = {}
         for request, result in zip(requests, results, strict=True):
-            groups.setdefault((request.tenant, request.session_id), []).extend(result.new_messages)
-        await self.hot.write_through([(t, s, ms) for (t, s), ms in groups.items()])
+            key = (request.tenant, request.session_id)
+            groups.setdefault(key, []).extend(result.new_messages)
+            if result.new_messages:
+                incarnations[key] = result.incarnation
+        await self.hot.write_through(
+            [(t, s, ms, incarnations.get((t, s), 0)) for (t, s), ms in groups.items()]
+        )
 
-    async def _window(self, tenant: str, session_id: str) -> Window | None:
+    async def _cached(
+        self, tenant: str, session_id: str
+    ) -> tuple[Lookup, SessionTail | None, Window | None]:
+        """What Redis holds for the session, and the window that may answer from it.
+
+        Shared store: the session's tail is read from the database alongside (one
+        primary-key read), and the window is used only if it matches it: same incarnation,
+        reaching the last committed sequence; it is trimmed to the sequences the database
+        still holds. A tail of None then means the session does not exist."""
         with _tracer.start_as_current_span("memory.hot_tier.read"):
-            return await self.hot.window_of(tenant, session_id)
+            if not self.store.shared:
+                seen = await self.hot.lookup(tenant, session_id)
+                return seen, None, seen.window
+            seen, tail = await asyncio.gather(
+                self.hot.lookup(tenant, session_id), self.store.session_tail(tenant, session_id)
+            )
+        window = seen.window
+        if tail is None:
+            if window is not None:  # left by an erasure or purge whose invalidation failed
+                await self.hot.forget_window(tenant, session_id)
+            return seen, None, None
+        if window is not None:
+            if window.incarnation != tail.incarnation or window.hi < tail.last_seq:
+                metrics.HOT_TIER_READS.labels("stale").inc()
+                window = None
+            else:
+                window = window.trimmed(tail.first_seq, tail.last_seq)
+        return seen, tail, window
 
-    def _refillable(self, window: Window | None) -> bool:
-        """A read that went to DuckDB may (re)fill the window: none is cached, or only a short
-        one (the messages appended since a flush, fewer than the window and not from the
-        session's start), which would send every longer read to DuckDB until enough new
-        appends arrived."""
+    def _refillable(self, window: Window | None, tail: SessionTail | None) -> bool:
+        """A read that went to the database may (re)fill the window: none is usable, or only
+        a short one (the messages appended since a flush, fewer than the window and not from
+        the session's start), which would send every longer read to the database until
+        enough new appends arrived."""
         if not self.hot.trusted:
             return False
-        return window is None or (window.lo > 1 and len(window.messages) < self.hot.window)
+        first = tail.first_seq if tail is not None else 1
+        return window is None or (window.lo > first and len(window.messages) < self.hot.window)
 
-    async def _fill(self, tenant: str, session_id: str, generation: int) -> None:
-        recent = await self.db.read(
-            "recent_messages", storage.recent_messages, tenant, session_id, self.hot.window
-        )
-        await self.hot.fill(tenant, session_id, recent, generation)
+    async def _fill(
+        self, tenant: str, session_id: str, seen: Lookup, tail: SessionTail | None
+    ) -> None:
+        recent = await self.store.recent_messages(tenant, session_id, self.hot.window)
+        await self.hot.fill(tenant, session_id, recent, seen, _incarnation(tail))
 
     async def history(
         self, session_id: str, user_id: str | None, page_size: int, page_token: str, order: Order
@@ -175,41 +218,42 @@ class MemoryManager:
         tenant = context.current_tenant()
         boundary = pagination.decode_token(page_token, session_id, order)
         audit = self._audit("GetHistory", user_id, session_id)
-        generation = self.hot.generation
-        window = await self._window(tenant, session_id)
+        seen, tail, window = await self._cached(tenant, session_id)
         page: Page | None = None
         owner = user_id
+        if self.store.shared and (tail is None or (user_id and tail.user_id != user_id)):
+            await self._audit_read(replace(audit, outcome="NOT_FOUND"))
+            raise NotFound(
+                "no such session" + (" for this user" if user_id else ""),
+                reason="SESSION_NOT_FOUND",
+            )
         if window is not None:
             owner = window.messages[-1].user_id
             if user_id and owner != user_id:
                 await self._audit_read(replace(audit, outcome="NOT_FOUND"))
                 raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
-            page = pagination.page_from_window(window, order, boundary, page_size)
+            first = tail.first_seq if tail is not None else 1
+            page = pagination.page_from_window(window, order, boundary, page_size, first)
         if page is not None:
             metrics.HOT_TIER_READS.labels("hit").inc()
         else:
-            session = await self.db.read("get_session", storage.get_session, tenant, session_id)
-            if session is None or (user_id and session.user_id != user_id):
-                await self._audit_read(replace(audit, outcome="NOT_FOUND"))
-                raise NotFound(
-                    "no such session" + (" for this user" if user_id else ""),
-                    reason="SESSION_NOT_FOUND",
-                )
-            owner = session.user_id
-            rows = await self.db.read(
-                "history_page",
-                storage.history_page,
-                tenant,
-                session_id,
-                order,
-                boundary,
-                page_size + 1,
-            )
+            if tail is not None:  # the shared path read the session already
+                owner = tail.user_id
+            else:
+                session = await self.store.get_session(tenant, session_id)
+                if session is None or (user_id and session.user_id != user_id):
+                    await self._audit_read(replace(audit, outcome="NOT_FOUND"))
+                    raise NotFound(
+                        "no such session" + (" for this user" if user_id else ""),
+                        reason="SESSION_NOT_FOUND",
+                    )
+                owner = session.user_id
+            rows = await self.store.history_page(tenant, session_id, order, boundary, page_size + 1)
             more = len(rows) > page_size
             rows = rows[:page_size]
             page = Page(rows, rows[-1].sequence if more and rows else None)
-            if self._refillable(window):
-                await self._fill(tenant, session_id, generation)
+            if self._refillable(window, tail):
+                await self._fill(tenant, session_id, seen, tail)
         await self._audit_read(
             replace(audit, user_id=owner, target_ids=tuple(m.message_id for m in page.messages))
         )
@@ -224,26 +268,29 @@ class MemoryManager:
         self, tenant: str, session_id: str, user_id: str, limit: int
     ) -> list[StoredMessage]:
         """The last `limit` messages (oldest first); [] for an unknown session."""
-        generation = self.hot.generation
-        window = await self._window(tenant, session_id)
+        seen, tail, window = await self._cached(tenant, session_id)
+        if self.store.shared:
+            if tail is None:
+                return []
+            if tail.user_id != user_id:
+                raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
         if window is not None:
             if window.messages[-1].user_id != user_id:
                 raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
-            if window.lo == 1 or len(window.messages) >= limit:
+            first = tail.first_seq if tail is not None else 1
+            if window.lo <= first or len(window.messages) >= limit:
                 metrics.HOT_TIER_READS.labels("hit").inc()
                 return window.messages[-limit:]
-        session, rows = await self.db.read(
-            "recent_of_session", storage.recent_of_session, tenant, session_id, limit
-        )
+        session, rows = await self.store.recent_of_session(tenant, session_id, limit)
         if session is None:
             return []
         if session.user_id != user_id:
             raise NotFound("no such session for this user", reason="SESSION_NOT_FOUND")
-        if self._refillable(window):
+        if self._refillable(window, tail):
             if limit >= self.hot.window or len(rows) < limit:
-                await self.hot.fill(tenant, session_id, rows, generation)
+                await self.hot.fill(tenant, session_id, rows, seen, _incarnation(tail))
             else:
-                await self._fill(tenant, session_id, generation)
+                await self._fill(tenant, session_id, seen, tail)
         return rows
 
     # -- facts -------------------------------------------------------------------------------
@@ -269,14 +316,8 @@ class MemoryManager:
             for f in facts
         ]
         try:
-            done = await self.db.write(
-                "remember_facts",
-                storage.remember_facts,
-                tenant,
-                user_id,
-                facts,
-                now,
-                self._audit("Remember", user_id),
+            done = await self.store.remember_facts(
+                tenant, user_id, facts, now, self._audit("Remember", user_id)
             )
         except BaseException:
             self.index.invalidate((tenant, user_id))  # committed or not: do not guess
@@ -287,7 +328,7 @@ class MemoryManager:
                 reason="CONSENT_REQUIRED",
             )
         out, inserted = done
-        self.index.add((tenant, user_id), inserted.facts, inserted.postings)
+        self.index.add((tenant, user_id), inserted.facts, inserted.postings, inserted.version)
         stored = sum(1 for r in out if not r.deduplicated)
         metrics.FACTS_REMEMBERED.labels("stored").inc(stored)
         metrics.FACTS_REMEMBERED.labels("deduplicated").inc(len(out) - stored)
@@ -297,15 +338,14 @@ class MemoryManager:
         self, tenant: str, user_id: str, query: str, flt: FactFilter, k: int
     ) -> list[ScoredFact]:
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
-            key = (tenant, user_id)
-            index = await self.index.get(key, lambda: self._load_index(tenant, user_id))
+            index = await self._user_index(tenant, user_id)
             args = (tenant, user_id, query, flt, k, now_us(), self.weights)
             if index is None:
                 path = "sql"
-                found = await self.db.read("recall_facts", storage.recall_facts, *args)
+                found = await self.store.recall_facts(*args)
             else:
                 path = "index"
-                found = await self.db.read("recall_indexed", _search_indexed, index, *args)
+                found = await self._search_indexed(index, *args)
             span.set_attribute("memory.recall.path", path)
             span.set_attribute("memory.recall.results", len(found))
         metrics.RECALL_SERVED.labels(path).inc()
@@ -313,10 +353,50 @@ class MemoryManager:
         metrics.RECALL_INDEX_ENTRIES.set(self.index.size)
         return found
 
+    async def _user_index(self, tenant: str, user_id: str) -> UserIndex | None:
+        """The user's recall index (None: serve from SQL). With a shared store, checked
+        against the user's facts version first (one primary-key read): another replica may
+        have remembered or forgotten since it was built."""
+        key = (tenant, user_id)
+
+        def load() -> Awaitable[UserIndex]:
+            return self._load_index(tenant, user_id)
+
+        if not self.store.shared:
+            return await self.index.get(key, load)
+        current = await self.store.facts_version(tenant, user_id)
+        index = await self.index.get(key, load)
+        if index is None or index.version >= current.version:
+            return index
+        if current.reset <= index.version:
+            with _tracer.start_as_current_span("memory.recall.index_delta"):
+                delta = await self.store.load_recall_index(tenant, user_id, index.max_fact_no)
+            if delta.reset <= index.version:  # no deletion since: the additions are all
+                metrics.RECALL_INDEX_REFRESHES.labels("delta").inc()
+                fresh = index.with_added(delta.facts, delta.postings, delta.version)
+                self.index.replace(key, index, fresh)
+                return fresh
+        metrics.RECALL_INDEX_REFRESHES.labels("reload").inc()
+        self.index.invalidate(key)
+        return await self.index.get(key, load)
+
     async def _load_index(self, tenant: str, user_id: str) -> UserIndex:
         with _tracer.start_as_current_span("memory.recall.index_load"):
             metrics.RECALL_INDEX_LOADS.inc()
-            return await self.db.read("recall_index_load", _load_user_index, tenant, user_id)
+            return await load_user_index(self.store, tenant, user_id)
+
+    async def _search_indexed(
+        self,
+        index: UserIndex,
+        tenant: str,
+        user_id: str,
+        query: str,
+        flt: FactFilter,
+        k: int,
+        now: int,
+        weights: RecallWeights,
+    ) -> list[ScoredFact]:
+        return await search_indexed(self.store, index, tenant, user_id, query, flt, k, now, weights)
 
     async def recall(self, user_id: str, query: str, k: int, flt: FactFilter) -> list[ScoredFact]:
         tenant = context.current_tenant()
@@ -331,16 +411,8 @@ class MemoryManager:
     ) -> list[str]:
         tenant = context.current_tenant()
         try:
-            return await self.db.write(
-                "forget_facts",
-                storage.forget_facts,
-                tenant,
-                user_id,
-                fact_ids,
-                flt,
-                forget_all,
-                now_us(),
-                self._audit("Forget", user_id),
+            return await self.store.forget_facts(
+                tenant, user_id, fact_ids, flt, forget_all, now_us(), self._audit("Forget", user_id)
             )
         finally:  # after COMMIT, before the answer: no later Recall sees a forgotten fact
             self.index.invalidate((tenant, user_id))
@@ -400,14 +472,8 @@ class MemoryManager:
     async def set_consent(self, user_id: str, long_term_memory: bool) -> tuple[Consent, int]:
         tenant = context.current_tenant()
         try:
-            return await self.db.write(
-                "set_consent",
-                storage.set_consent,
-                tenant,
-                user_id,
-                long_term_memory,
-                now_us(),
-                self._audit("SetConsent", user_id),
+            return await self.store.set_consent(
+                tenant, user_id, long_term_memory, now_us(), self._audit("SetConsent", user_id)
             )
         finally:
             if not long_term_memory:  # withdrawal deletes the user's facts
@@ -415,7 +481,7 @@ class MemoryManager:
 
     async def get_consent(self, user_id: str) -> Consent:
         tenant = context.current_tenant()
-        consent = await self.db.read("get_consent", storage.get_consent, tenant, user_id)
+        consent = await self.store.get_consent(tenant, user_id)
         await self._audit_read(self._audit("GetConsent", user_id))
         return consent
 
@@ -425,12 +491,10 @@ class MemoryManager:
         tenant = context.current_tenant()
         # Audited first: a client that stops reading half-way has still read something.
         await self._audit_read(self._audit("ExportUserData", user_id))
-        yield await self.db.read("get_consent", storage.get_consent, tenant, user_id)
+        yield await self.store.get_consent(tenant, user_id)
         after_fact = ""
         while True:
-            facts = await self.db.read(
-                "export_facts", storage.export_facts, tenant, user_id, after_fact, EXPORT_PAGE
-            )
+            facts = await self.store.export_facts(tenant, user_id, after_fact, EXPORT_PAGE)
             for fact in facts:
                 yield fact
             if len(facts) < EXPORT_PAGE:
@@ -438,9 +502,7 @@ class MemoryManager:
             after_fact = facts[-1].fact_id
         after_msg = ("", 0)
         while True:
-            messages = await self.db.read(
-                "export_messages", storage.export_messages, tenant, user_id, after_msg, EXPORT_PAGE
-            )
+            messages = await self.store.export_messages(tenant, user_id, after_msg, EXPORT_PAGE)
             for message in messages:
                 yield message
             if len(messages) < EXPORT_PAGE:
@@ -448,9 +510,7 @@ class MemoryManager:
             after_msg = (messages[-1].session_id, messages[-1].sequence)
         after_audit = (-1, "")
         while True:
-            entries = await self.db.read(
-                "export_audit", storage.export_audit, tenant, user_id, after_audit, EXPORT_PAGE
-            )
+            entries = await self.store.export_audit(tenant, user_id, after_audit, EXPORT_PAGE)
             for entry in entries:
                 yield entry
             if len(entries) < EXPORT_PAGE:
@@ -460,13 +520,8 @@ class MemoryManager:
     async def erase(self, user_id: str) -> tuple[ErasureCounts, int]:
         tenant = context.current_tenant()
         try:
-            counts = await self.db.write(
-                "erase_user",
-                storage.erase_user,
-                tenant,
-                user_id,
-                now_us(),
-                self._audit("DeleteUserData", user_id),
+            counts = await self.store.erase_user(
+                tenant, user_id, now_us(), self._audit("DeleteUserData", user_id)
             )
         finally:
             self.index.invalidate((tenant, user_id))
@@ -485,14 +540,20 @@ class MemoryManager:
         return counts, cached
 
 
-# -- helpers run on reader threads / off the event loop --------------------------------------
-def _load_user_index(cur: storage.Cursor, tenant: str, user_id: str) -> UserIndex:
-    facts, postings = storage.load_recall_index(cur, tenant, user_id)
-    return UserIndex.build(facts, postings)
+def _incarnation(tail: SessionTail | None) -> int:
+    return tail.incarnation if tail is not None else 0
 
 
-def _search_indexed(
-    cur: storage.Cursor,
+async def load_user_index(store: MemoryStore, tenant: str, user_id: str) -> UserIndex:
+    """A user's recall index, built from one snapshot of the store (off the event loop)."""
+    snapshot = await store.load_recall_index(tenant, user_id)
+    return await asyncio.to_thread(
+        UserIndex.build, snapshot.facts, snapshot.postings, snapshot.version
+    )
+
+
+async def search_indexed(
+    store: MemoryStore,
     index: UserIndex,
     tenant: str,
     user_id: str,
@@ -502,10 +563,14 @@ def _search_indexed(
     now: int,
     weights: RecallWeights,
 ) -> list[ScoredFact]:
+    """Score with the index (off the event loop when it is big), then fetch the winners'
+    rows; a fact deleted since the index snapshot is gone from them and left out."""
     keys = [recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)]
-    hits = index.search(keys, flt, k, now, weights)
-    found = storage.facts_by_no(cur, tenant, user_id, [h.fact_no for h in hits])
-    # A fact deleted since the index snapshot is gone from `found` and simply left out.
+    if index.size > _INLINE_SEARCH:
+        hits = await asyncio.to_thread(index.search, keys, flt, k, now, weights)
+    else:
+        hits = index.search(keys, flt, k, now, weights)
+    found = await store.facts_by_no(tenant, user_id, [h.fact_no for h in hits])
     return [
         ScoredFact(found[h.fact_no], h.bm25, h.bm25_normalized, h.recency, h.importance, h.score)
         for h in hits

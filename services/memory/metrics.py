@@ -6,19 +6,20 @@ from prometheus_client import Counter, Gauge, Histogram
 
 HOT_TIER_READS = Counter(
     "finsight_memory_hot_tier_reads_total",
-    "Session-window reads, by outcome: hit, miss (absent or not covering), bypass (cache "
-    "not trusted), error (Redis failed; served from DuckDB).",
+    "Session-window reads, by outcome: hit, miss (absent or not covering), stale (shared "
+    "store: the window does not match the database's session), bypass (cache not trusted), "
+    "error (Redis failed; served from the database).",
     ("outcome",),
 )
 REDIS_ERRORS = Counter(
     "finsight_memory_redis_errors_total",
-    "Redis operations that failed (the RPC was served from DuckDB anyway).",
+    "Redis operations that failed (the RPC was served from the database anyway).",
     ("op",),
 )
 HOT_TIER_TRUSTED = Gauge(
     "finsight_memory_hot_tier_trusted",
-    "1 while the Redis window is known consistent with DuckDB and used; 0 while it is "
-    "bypassed until a flush succeeds.",
+    "1 while the Redis windows are used; 0 while they are bypassed until a flush succeeds "
+    "(one process on a DuckDB file; a shared store checks every window instead).",
 )
 MESSAGES_APPENDED = Counter(
     "finsight_memory_messages_appended_total",
@@ -58,3 +59,9 @@ CONTEXT_TOKENS = Histogram(
 )
 PURGED = Counter("finsight_memory_purged_total", "Rows deleted by retention, by kind.", ("kind",))
 ERASURES = Counter("finsight_memory_erasures_total", "DeleteUserData calls completed.")
+RECALL_INDEX_REFRESHES = Counter(
+    "finsight_memory_recall_index_refreshes_total",
+    "Cached recall indexes found behind the user's facts version (another replica wrote): "
+    "delta = the facts added since were applied, reload = facts were deleted, loaded again.",
+    ("kind",),
+)

@@ -1,5 +1,5 @@
 """Domain types of the memory service. Times are integer microseconds since the Unix epoch
-(UTC), so they survive DuckDB, JSON (Redis) and protobuf round trips exactly."""
+(UTC), so they survive DuckDB, PostgreSQL, JSON (Redis) and protobuf round trips exactly."""
 
 from __future__ import annotations
 
@@ -60,11 +60,16 @@ class Appended:
 
 @dataclass(frozen=True)
 class AppendResult:
-    """What one append job did: `owner_mismatch` means nothing was written."""
+    """What one append job did: `owner_mismatch` means nothing was written.
+
+    `incarnation` is the session's internal number: a session erased and created again
+    under the same id gets another one, so a cached window of the old one is never taken
+    for the new one (services/memory/hot_tier.py)."""
 
     appended: list[Appended]
     new_messages: list[StoredMessage]
     owner_mismatch: bool = False
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,18 @@ class AppendRequest:
 class Session:
     session_id: str
     user_id: str
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class SessionTail:
+    """What the database says a cached window must match (hot tier, several replicas): the
+    owner, the session's incarnation and the sequences it holds now (first_seq > last_seq
+    when it holds none)."""
+
+    user_id: str
+    incarnation: int
+    first_seq: int
     last_seq: int
 
 
@@ -134,10 +151,35 @@ INDEX_POSTINGS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class InsertedFacts:
-    """What a fact write inserted (`INDEX_FACTS_SCHEMA`, `INDEX_POSTINGS_SCHEMA` tables)."""
+    """What a fact write inserted (`INDEX_FACTS_SCHEMA`, `INDEX_POSTINGS_SCHEMA` tables), and
+    the user's facts version it committed (0 on a store that keeps none)."""
 
     facts: pa.Table
     postings: pa.Table
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class FactsVersion:
+    """A user's facts version (PostgreSQL, several replicas). `version` moves with every
+    transaction that changes the user's facts; `reset` is the version of the last one that
+    deleted facts which were still live. A recall index at version v is current when
+    v >= version; facts added since can be applied when reset <= v (they are the ones
+    numbered above the index's highest fact number); otherwise it must be reloaded."""
+
+    version: int = 0
+    reset: int = 0
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """A user's facts and postings for the in-process recall index, from one snapshot,
+    with the facts version (and reset version) of that snapshot."""
+
+    facts: pa.Table
+    postings: pa.Table
+    version: int = 0
+    reset: int = 0
 
 
 @dataclass(frozen=True)

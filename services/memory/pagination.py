@@ -4,10 +4,10 @@ A token names the session, the order and the boundary sequence the next page con
 from; it is base64url JSON (opaque to callers, who must only echo it back). A token used
 with another session or order is INVALID_ARGUMENT.
 
-`page_from_window` answers exactly what the DuckDB path answers, or None when the window
-cannot prove it (then DuckDB serves the page). The DuckDB path reads `size + 1` rows and
-issues a token when more rows exist; sequences in DuckDB are contiguous from the oldest
-retained message to the latest (retention only ever removes a prefix of a session).
+`page_from_window` answers exactly what the database path answers, or None when the window
+cannot prove it (then the database serves the page). The database path reads `size + 1`
+rows and issues a token when more rows exist; stored sequences are contiguous from the
+oldest retained message to the latest (retention only ever removes a prefix of a session).
 """
 
 from __future__ import annotations
@@ -49,14 +49,21 @@ def decode_token(token: str, session_id: str, order: Order) -> int | None:
     return int(data["b"])
 
 
-def page_from_window(window: Window, order: Order, boundary: int | None, size: int) -> Page | None:
+def page_from_window(
+    window: Window, order: Order, boundary: int | None, size: int, first: int = 1
+) -> Page | None:
+    """The page from the window, or None when the window cannot prove it. `first` is the
+    session's first retained sequence (1 unless retention removed a prefix; a shared store
+    reads it from the database): a window starting there holds the session's beginning."""
     lo, hi = window.lo, window.hi
+    starts_session = lo <= first
     if order is Order.ASC:
         after = boundary or 0
-        if after + 1 < lo:
+        if after + 1 < lo and not starts_session:
             return None  # older messages than the window holds may exist
-        last = min(after + size, hi)
-        messages = window.between(after + 1, last) if after + 1 <= last else []
+        start = max(after + 1, lo)
+        last = min(start + size - 1, hi)
+        messages = window.between(start, last) if start <= last else []
         return Page(messages, last if last < hi else None)
     before = hi + 1 if boundary is None else boundary
     if before > hi + 1:
@@ -64,8 +71,8 @@ def page_from_window(window: Window, order: Order, boundary: int | None, size: i
     start = before - size
     if start > lo:  # the window holds start - 1, so a further page exists
         return Page(list(reversed(window.between(start, before - 1))), start)
-    if lo == 1:  # the window reaches the session's first message
-        first = max(start, 1)
-        messages = window.between(first, before - 1) if first <= before - 1 else []
+    if starts_session:
+        begin = max(start, lo)
+        messages = window.between(begin, before - 1) if begin <= before - 1 else []
         return Page(list(reversed(messages)), None)
     return None

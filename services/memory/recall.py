@@ -7,8 +7,9 @@ BM25 (Robertson/Sparck Jones, the Lucene variant whose IDF is never negative):
     idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))
 
 N, df and avgdl are computed over the *user's* live (unexpired) facts only: a user is a
-partition, so another user's or tenant's facts never influence a score. The SQL lives in
-`storage.recall_candidates`; this module only turns text into terms.
+partition, so another user's or tenant's facts never influence a score. The scoring lives
+in `recall_index` and in the stores' `recall_facts` (storage.py, storage_pg.py); this
+module only turns text into terms.
 
 Tokenisation: NFKC normalisation, case folding, maximal runs of letters/digits, minus a
 small English stop-word list; no stemming ("stocks" and "stock" are different terms).

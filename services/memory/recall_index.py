@@ -12,7 +12,7 @@ The ranking is exactly `storage.recall_facts`' (same statistics over the user's 
 same formula, same `round(score, 12) DESC, fact_id ASC` order); `tests/memory/
 test_recall_index.py` compares the two on random corpora with filters and expiry.
 
-Consistency (DuckDB stays the system of record; an index is only ever a copy):
+Consistency (the database stays the system of record; an index is only ever a copy):
 - `UserIndex` is immutable. Searches run on reader threads over a snapshot; all changes
   happen on the event loop by replacing the snapshot.
 - A load reads facts and postings in one DuckDB transaction (one snapshot).
@@ -24,6 +24,12 @@ Consistency (DuckDB stays the system of record; an index is only ever a copy):
 - A load that overlaps such a call is *stale*: it still answers the requests that joined
   it (they are concurrent with the write), but it is not kept, and no later request joins
   it.
+- Several replicas on one PostgreSQL database (the store is `shared`): the calls above
+  only cover this process's own writes. Each index carries the user's facts version of
+  the snapshot it was built from; every Recall first reads the current version (one
+  primary-key read, services/memory/manager.py) and, when it moved, applies the facts
+  added since (`with_added`, those numbered above `max_fact_no`) or, when facts were
+  deleted since, reloads.
 - Bounded: an LRU over users, capped by `max_entries` (postings + facts, ~16 and ~60-80
   bytes each). A user whose index alone exceeds the cap is served by SQL.
 """
@@ -116,6 +122,8 @@ class UserIndex:
     tail_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     tail_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     tail_tf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    # The user's facts version of the snapshot (0: the store keeps none).
+    version: int = 0
     _live_cache: list[_Live | None] = field(
         default_factory=lambda: [None], compare=False, repr=False
     )
@@ -125,9 +133,14 @@ class UserIndex:
         """What the cache budget counts: postings + facts."""
         return len(self.keys) + len(self.tail_keys) + len(self.fact_no)
 
+    @property
+    def max_fact_no(self) -> int:
+        """The highest fact number held (facts added later are numbered above it)."""
+        return int(self.fact_no.max()) if len(self.fact_no) else 0
+
     # -- building ----------------------------------------------------------------------------
     @classmethod
-    def build(cls, facts: pa.Table, postings: pa.Table) -> UserIndex:
+    def build(cls, facts: pa.Table, postings: pa.Table, version: int = 0) -> UserIndex:
         """From a user's facts and their postings (any order; the loader sorts postings
         by term key in SQL, which saves the sort here)."""
         facts = facts.sort_by("fact_no")
@@ -150,13 +163,17 @@ class UserIndex:
             keys=keys,
             post_pos=pos,
             post_tf=tf,
+            version=version,
         )
 
     def contains(self, fact_nos: np.ndarray) -> np.ndarray:
         return np.isin(fact_nos, self.fact_no)
 
-    def with_added(self, facts: pa.Table, postings: pa.Table) -> UserIndex:
-        """This index plus newly inserted facts (all absent from it) and their postings."""
+    def with_added(
+        self, facts: pa.Table, postings: pa.Table, version: int | None = None
+    ) -> UserIndex:
+        """This index plus newly inserted facts (all absent from it) and their postings, at
+        `version` (default: unchanged)."""
         facts = facts.sort_by("fact_no")
         base = len(self.fact_no)
         added_no = facts["fact_no"].to_numpy()
@@ -193,6 +210,7 @@ class UserIndex:
             tail_keys=np.concatenate([self.tail_keys, keys]),
             tail_pos=np.concatenate([self.tail_pos, pos]),
             tail_tf=np.concatenate([self.tail_tf, tf]),
+            version=self.version if version is None else version,
         )
         if len(merged.tail_keys) > max(TAIL_MIN, len(merged.keys) // 8):
             return merged._merged_tail()
@@ -216,6 +234,7 @@ class UserIndex:
             keys=np.insert(self.keys, at, tail_keys),
             post_pos=np.insert(self.post_pos, at, self.tail_pos[order]),
             post_tf=np.insert(self.post_tf, at, self.tail_tf[order]),
+            version=self.version,
         )
 
     # -- searching ---------------------------------------------------------------------------
@@ -475,11 +494,20 @@ class RecallIndex:
         if pending is not None:
             pending.stale = True
 
-    def add(self, key: Key, facts: pa.Table, postings: pa.Table) -> None:
-        """Facts a committed Remember inserted: extend the cached index, if any."""
+    def add(self, key: Key, facts: pa.Table, postings: pa.Table, version: int = 0) -> None:
+        """Facts a committed Remember inserted (committing facts `version`, 0 when the store
+        keeps none): extend the cached index, if any."""
         self._mark_stale(key)
         entry = self._entries.get(key)
-        if entry is None or facts.num_rows == 0:
+        if entry is None:
+            return
+        if version and entry.version >= version:  # a load after the COMMIT has them
+            return
+        if version and entry.version != version - 1:
+            return  # another replica wrote in between: the next version check catches up
+        if facts.num_rows == 0:
+            if version:  # nothing new (all duplicates), but the version moved
+                self._install(key, entry.with_added(facts, postings, version))
             return
         present = entry.contains(facts["fact_no"].to_numpy())
         if present.all():  # a load that began after the COMMIT already has them
@@ -487,7 +515,12 @@ class RecallIndex:
         if present.any():  # cannot happen (one transaction); never guess
             self.invalidate(key)
             return
-        self._install(key, entry.with_added(facts, postings))
+        self._install(key, entry.with_added(facts, postings, version or None))
+
+    def replace(self, key: Key, old: UserIndex, new: UserIndex) -> None:
+        """Install `new` (built from `old`) unless the entry changed meanwhile."""
+        if self._entries.get(key) is old:
+            self._install(key, new)
 
     def invalidate(self, key: Key) -> None:
         """The user's facts changed in a way only a reload reflects (deletions)."""

@@ -8,7 +8,8 @@
   messages are all gone is deleted too. Their cached windows are dropped.
 - Audit entries: deleted when older than the audit retention.
 
-A purge runs at start-up and then every MEMORY_PURGE_INTERVAL_S.
+A purge runs at start-up and then every MEMORY_PURGE_INTERVAL_S, on every replica; on
+PostgreSQL the purges of several replicas take turns (the store serialises them).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import logging
 from contextlib import suppress
 
 from libs.common import context
-from libs.common.duck import Database
-from services.memory import metrics, storage
+from services.memory import metrics
 from services.memory.config import MemorySettings
 from services.memory.hot_tier import HotTier
 from services.memory.models import AuditRecord, PurgeCounts, now_us
 from services.memory.recall_index import RecallIndex
+from services.memory.store import MemoryStore
 
 log = logging.getLogger(__name__)
 SYSTEM_CALLER = "memory-retention"
@@ -33,12 +34,12 @@ class Purger:
     def __init__(
         self,
         settings: MemorySettings,
-        db: Database,
+        store: MemoryStore,
         hot: HotTier,
         index: RecallIndex | None = None,
     ) -> None:
         self.settings = settings
-        self.db = db
+        self.store = store
         self.hot = hot
         self.index = index
         self._task: asyncio.Task[None] | None = None
@@ -50,13 +51,13 @@ class Purger:
                 audit = AuditRecord(
                     tenant="*", caller=SYSTEM_CALLER, key_id="", rpc="purge", user_id=None
                 )
-            tenants = await self.db.read("retention_tenants", storage.retention_tenants)
+            tenants = await self.store.retention_tenants()
             policies = {}
             for tenant in {*tenants, *self.settings.memory_tenant_retention}:
                 p = self.settings.retention_for(tenant)
                 policies[tenant] = (p.message_days, p.audit_days, p.fact_days)
             try:
-                counts = await self.db.write("purge", storage.purge, policies, now_us(), audit)
+                counts = await self.store.purge(policies, now_us(), audit)
             except BaseException:
                 if self.index is not None:
                     self.index.clear()
@@ -64,6 +65,7 @@ class Purger:
             if self.index is not None and counts.facts_by_age:
                 # Any user's, and rare (a retention policy got stricter): drop every cached
                 # recall index. Facts that merely expired were ignored by recall already.
+                # (Other replicas see the users' facts versions reset.)
                 self.index.clear()
             await self.hot.invalidate(counts.touched_sessions)
         for kind, n in (

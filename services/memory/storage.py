@@ -1,6 +1,8 @@
-"""All SQL of the memory service. Synchronous functions taking a DuckDB cursor; the service
-runs them with `Database.read(name, fn, ...)` or, for writes, `Database.write(name, fn, ...)`
-(inside one group-committed transaction, on the single writer thread).
+"""The DuckDB SQL of the memory service (the embedded store; `storage_pg` is the PostgreSQL
+one, `store` the interface the domain uses). Synchronous functions taking a DuckDB cursor;
+`store.DuckStore` runs them with `Database.read(name, fn, ...)` or, for writes,
+`Database.write(name, fn, ...)` (inside one group-committed transaction, on the single
+writer thread).
 
 Write functions must be safe to re-run after a rollback (the group committer retries a
 failed batch job by job), so they derive everything from the database state they read.
@@ -12,7 +14,6 @@ the first one's row even inside the same batch transaction.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -21,11 +22,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from services.memory import recall
+from services.memory import appends, recall
+from services.memory.appends import new_id
 from services.memory.models import (
     INDEX_FACTS_SCHEMA,
     INDEX_POSTINGS_SCHEMA,
-    Appended,
     AppendRequest,
     AppendResult,
     AuditEntry,
@@ -42,16 +43,13 @@ from services.memory.models import (
     Remembered,
     ScoredFact,
     Session,
+    SessionTail,
     StoredMessage,
 )
 
 Cursor = duckdb.DuckDBPyConnection
 MAX_AUDIT_TARGETS = 100
 _US_PER_DAY = 86_400 * 1_000_000
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 # -- audit ---------------------------------------------------------------------------------
@@ -104,6 +102,20 @@ def get_session(cur: Cursor, tenant: str, session_id: str) -> Session | None:
         [tenant, session_id],
     ).fetchone()
     return None if row is None else Session(row[0], row[1], int(row[2]))
+
+
+def session_tail(cur: Cursor, tenant: str, session_id: str) -> SessionTail | None:
+    """The session's owner, incarnation and retained sequences (see `SessionTail`)."""
+    row = cur.execute(
+        "SELECT s.user_id, s.sess_no, s.last_seq, "
+        "(SELECT min(m.seq) FROM messages m WHERE m.sess_no = s.sess_no) "
+        "FROM sessions s WHERE s.tenant = ? AND s.session_id = ?",
+        [tenant, session_id],
+    ).fetchone()
+    if row is None:
+        return None
+    last = int(row[2])
+    return SessionTail(row[0], int(row[1]), last + 1 if row[3] is None else int(row[3]), last)
 
 
 def _json(value: object) -> str:
@@ -234,22 +246,11 @@ def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResul
     inserting messages, new sessions, session updates and audit rows), plus one to number
     the new sessions when there are any.
 
-    Requests are applied in order, exactly as if each ran alone: sequence numbers continue
-    per session across the batch, and a client message id stored earlier in the batch (or
-    before) deduplicates a later one.
+    Requests are applied in order, exactly as if each ran alone (`appends.plan_appends`).
     """
-    index: dict[tuple[str, str], int] = {}
-    for r in requests:
-        index.setdefault((r.tenant, r.session_id), len(index))
+    index = appends.session_keys(requests)
     keys = list(index)
-    wanted = sorted(
-        {
-            (index[(r.tenant, r.session_id)], m.client_message_id)
-            for r in requests
-            for m in r.messages
-            if m.client_message_id
-        }
-    )
+    wanted = appends.wanted_client_ids(requests, index)
     found, known = _lookup_sessions(cur, keys, wanted)
     # i -> [sess_no, owner, last_seq]
     state: dict[int, list[Any]] = {i: list(v) for i, v in found.items()}
@@ -263,57 +264,9 @@ def append_batch(cur: Cursor, requests: list[AppendRequest]) -> list[AppendResul
             if i not in state:
                 state[i] = [int(numbers.pop()[0]), r.user_id, 0]
 
-    results: list[AppendResult] = []
-    rows: list[tuple[int, str, StoredMessage]] = []
-    audits: list[tuple[AuditRecord, int]] = []
-    touched: dict[int, int] = {}  # i -> updated_us
-    for r in requests:
-        i = index[(r.tenant, r.session_id)]
-        sess_no, owner, last_seq = state[i]
-        if owner != r.user_id:
-            audits.append((replace(r.audit, outcome="SESSION_USER_MISMATCH"), r.now_us))
-            results.append(AppendResult([], [], owner_mismatch=True))
-            continue
-        appended: list[Appended] = []
-        new: list[StoredMessage] = []
-        for m in r.messages:
-            cid = m.client_message_id
-            if cid and (i, cid) in known:
-                mid, old_seq = known[(i, cid)]
-                appended.append(Appended(mid, old_seq, cid, True))
-                continue
-            last_seq += 1
-            stored = StoredMessage(
-                new_id("msg"),
-                r.session_id,
-                r.user_id,
-                last_seq,
-                m.role,
-                m.content,
-                cid,
-                dict(m.metadata),
-                r.now_us,
-                m.tokens,
-            )
-            if cid:
-                known[(i, cid)] = (stored.message_id, last_seq)
-            new.append(stored)
-            rows.append((sess_no, r.tenant, stored))
-            appended.append(Appended(stored.message_id, last_seq, cid, False))
-        state[i][2] = last_seq
-        if new:
-            touched[i] = r.now_us
-        audits.append(
-            (
-                replace(
-                    r.audit,
-                    target_ids=tuple(a.message_id for a in appended),
-                    detail={"stored": len(new), "deduplicated": len(appended) - len(new)},
-                ),
-                r.now_us,
-            )
-        )
-        results.append(AppendResult(appended, new))
+    plan = appends.plan_appends(requests, index, state, known)
+    results, rows, audits, touched = plan.results, plan.rows, plan.audits, plan.touched
+    rows = [(int(state[i][0]), tenant, m) for i, tenant, m in rows]
 
     script = [_INSERT_AUDIT]
     tables: dict[str, pa.Table | None] = {"arrow_new_audit": _audit_table(audits)}

@@ -146,7 +146,7 @@ def memory_snapshot(seeded: Seeded, loop: asyncio.AbstractEventLoop) -> Callable
     redis = SyncRedis.from_url(seeded.stack.redis.url)
 
     def snap() -> Any:
-        counts = on_loop(loop, seeded.stack.memory_app.db.read("fuzz_counts", _memory_counts))
+        counts = on_loop(loop, seeded.stack.memory_app.duck.read("fuzz_counts", _memory_counts))
         return counts, redis.dbsize()
 
     return snap

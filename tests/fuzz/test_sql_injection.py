@@ -25,7 +25,6 @@ from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common.errors import status_info
-from services.memory import storage
 from tests.fuzz.conftest import FUZZ_USERS, Seeded
 from tests.fuzz.protofuzz import SQL_PAYLOADS
 from tests.security.requests import user_message
@@ -59,11 +58,11 @@ async def _guarded(seeded: Seeded) -> dict[str, Any]:
     stack = seeded.stack
     others = {}
     for user in FUZZ_USERS:
-        counts = await stack.memory_app.db.read("sqli", storage.user_row_counts, "acme", user)
+        counts = await stack.memory_app.store.user_row_counts("acme", user)
         counts.pop("audit_log")
         others[user] = counts
     return {
-        "memory_schema": await stack.memory_app.db.read("sqli", _schema),
+        "memory_schema": await stack.memory_app.duck.read("sqli", _schema),
         "analytics_schema": await stack.analytics_db.read("sqli", _schema),
         "bars": await stack.analytics_db.read(
             "sqli", lambda cur: cur.execute("SELECT count(*) FROM bars").fetchone()[0]

@@ -1,5 +1,7 @@
-"""A real memory service in-process: real DuckDB file, real Redis-protocol server, real gRPC
-on an ephemeral port. `Memory` gives tests a stub plus the running parts (app.db, app.hot)."""
+"""A real memory service in-process: real DuckDB file or real PostgreSQL database (the
+`backend` fixture: the main test modules run on both), real Redis-protocol server, real
+gRPC on an ephemeral port. `Memory` gives tests a stub plus the running parts (app.store,
+app.db, app.hot); `store` is a bare `MemoryStore` on either backend (contract tests)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ from redis.asyncio import Redis
 
 from finsight.memory.v1 import memory_pb2 as pb
 from finsight.memory.v1 import memory_pb2_grpc
+from libs.common.duck import Database
+from libs.common.pg import PgDatabase
 from libs.common.server import ServiceHost, start_service
 from services.memory.config import MemorySettings
-from services.memory.main import POLICIES, MemoryApp, build
+from services.memory.main import MIGRATIONS, POLICIES, MemoryApp, build
+from services.memory.store import MemoryStore, open_store
 from tests.conftest import Keys, make_settings
+
+BACKENDS = ("duckdb", "postgresql")
 
 
 class Memory:
@@ -61,19 +68,62 @@ async def start_memory(tmp_path: Path, redis_url: str, keys: Keys, **overrides: 
     return memory
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store under test; a module or test pins one with
+    `@pytest.mark.parametrize("backend", ["duckdb"])` (e.g. when it reads DuckDB's SQL)."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def memory(tmp_path: Path, redis_url: str, api_keys: Keys) -> AsyncIterator[Memory]:
-    # A prefix of this test's own: tests share one Redis server, and each service flushes
-    # its prefix at start-up.
+def database_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """MEMORY_DATABASE_URL for the backend: a fresh PostgreSQL database, or None (DuckDB)."""
+    return str(request.getfixturevalue("pg_url")) if backend == "postgresql" else None
+
+
+@pytest.fixture
+async def memory(
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
+) -> AsyncIterator[Memory]:
+    # A prefix of this test's own: tests share one Redis server, and a DuckDB-backed
+    # service flushes its prefix at start-up.
     server = await start_memory(
         tmp_path,
         redis_url,
         api_keys,
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
+        memory_database_url=database_url,
     )
+    assert server.app.store.backend == ("postgresql" if database_url else "duckdb")
     yield server
     await server.close()
+
+
+async def open_database(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Database | PgDatabase:
+    db: Database | PgDatabase
+    if backend == "duckdb":
+        db = Database(tmp_path / "store.duckdb", name="memory_test", migrations_dir=MIGRATIONS)
+    else:
+        db = PgDatabase(
+            request.getfixturevalue("pg_url"),
+            name="memory",
+            migrations_dir=MIGRATIONS / "postgresql",
+        )
+    await db.open()
+    return db
+
+
+@pytest.fixture
+async def store(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[MemoryStore]:
+    """A `MemoryStore` on a fresh database of the backend, migrated."""
+    db = await open_database(backend, tmp_path, request)
+    yield open_store(db)
+    await db.close()
 
 
 def msg(content: str, role: int = 2, cid: str = "", **metadata: str) -> pb.NewMessage:
@@ -96,6 +146,23 @@ async def rpc_error(call: Any) -> Any:
 
 
 async def counts(memory: Memory, user_id: str, tenant: str = "acme") -> dict[str, int]:
-    from services.memory import storage
+    return await memory.app.store.user_row_counts(tenant, user_id)
 
-    return await memory.app.db.read("test_counts", storage.user_row_counts, tenant, user_id)
+
+async def sql(memory: Memory, statement: str, *, write: bool = False) -> list[tuple[Any, ...]]:
+    """Run one SQL statement on the service's own database, whichever backend (tests that
+    look behind the service's back or set up states it cannot reach by RPC)."""
+    db = memory.app.db
+    if isinstance(db, Database):
+
+        def run_duck(cur: Any) -> list[tuple[Any, ...]]:
+            cur.execute(statement)
+            return [] if write else list(cur.fetchall())
+
+        return await (db.write if write else db.read)("test_sql", run_duck)
+
+    async def run_pg(conn: Any) -> list[tuple[Any, ...]]:
+        cur = await conn.execute(statement)
+        return [] if write else list(await cur.fetchall())
+
+    return await (db.write if write else db.read)("test_sql", run_pg)

@@ -11,7 +11,7 @@ import pytest
 from finsight.memory.v1 import memory_pb2 as pb
 from libs.common import tokens
 from services.memory.context_builder import FACTS_HEADER
-from tests.memory.conftest import Memory, msg, rpc_error
+from tests.memory.conftest import Memory, msg, rpc_error, sql
 
 ROLE = {1: "system", 2: "user", 3: "assistant"}
 
@@ -151,11 +151,8 @@ async def test_token_costs_are_counted_once_and_stored(memory: Memory) -> None:
         ),
         metadata=md,
     )
-    stored = await memory.app.db.read(
-        "t",
-        lambda cur: cur.execute(
-            "SELECT role, content, tokens FROM messages WHERE session_id = 'tok' ORDER BY seq"
-        ).fetchall(),
+    stored = await sql(
+        memory, "SELECT role, content, tokens FROM messages WHERE session_id = 'tok' ORDER BY seq"
     )
     assert [(r, c) for r, c, _ in stored] == [(r, c) for _, r, c in TURNS]
     assert [n for _, _, n in stored] == [gateway_cost(r, c) for _, r, c in TURNS]
@@ -196,10 +193,8 @@ async def test_fitting_with_stored_and_legacy_counts_is_exact(memory: Memory) ->
         assert reply.omitted_message_count + len(reply.included_sequences) == 30
     assert stored[5000].omitted_message_count == 0 and stored[300].omitted_message_count > 0
 
-    await memory.app.db.write(
-        "t", lambda cur: cur.execute("UPDATE messages SET tokens = NULL WHERE seq % 2 = 0")
-    )
-    await memory.app.hot.invalidate([("acme", "fit")])  # read the legacy rows from DuckDB
+    await sql(memory, "UPDATE messages SET tokens = NULL WHERE seq % 2 = 0", write=True)
+    await memory.app.hot.invalidate([("acme", "fit")])  # read the legacy rows from the database
     for budget in budgets:
         legacy = await build(budget)
         assert legacy.total_tokens == stored[budget].total_tokens

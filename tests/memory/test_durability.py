@@ -1,4 +1,6 @@
-"""An acknowledged append survives SIGKILL: `python -m services.memory` as a real process."""
+"""An acknowledged append survives SIGKILL: `python -m services.memory` as a real process, on
+a DuckDB file and on PostgreSQL (where the restarted process also shares the Redis windows
+the killed one may have left without its last write-throughs)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ SERVICE = "finsight.memory.v1.MemoryService"
 
 
 async def start(
-    tmp_path: Path, redis_url: str, keys: Keys, port: int
+    tmp_path: Path, redis_url: str, keys: Keys, port: int, database_url: str | None = None
 ) -> asyncio.subprocess.Process:
     env = {
         "PATH": "/usr/bin:/bin",
@@ -30,6 +32,7 @@ async def start(
         "MEMORY_METRICS_PORT": str(free_port()),
         "MEMORY_REDIS_PREFIX": f"kill-{tmp_path.name}",
         "FINSIGHT_RATE_LIMIT_ENABLED": "false",
+        **({"MEMORY_DATABASE_URL": database_url} if database_url else {}),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -45,11 +48,11 @@ async def start(
 
 
 async def test_acknowledged_appends_survive_sigkill(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
 ) -> None:
     port = free_port()
     md = api_keys.metadata(api_keys.alice)
-    proc = await start(tmp_path, redis_url, api_keys, port)
+    proc = await start(tmp_path, redis_url, api_keys, port, database_url)
     acked: list[str] = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -78,7 +81,7 @@ async def test_acknowledged_appends_survive_sigkill(
             await proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    proc = await start(tmp_path, redis_url, api_keys, port)
+    proc = await start(tmp_path, redis_url, api_keys, port, database_url)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = memory_pb2_grpc.MemoryServiceStub(channel)

@@ -81,14 +81,14 @@ async def read_all(memory: Memory, session: str, order: int, size: int) -> list[
     raise AssertionError("pagination did not end")
 
 
-async def test_pagination_in_both_orders_from_cache_and_from_duckdb(memory: Memory) -> None:
+async def test_pagination_in_both_orders_from_cache_and_from_the_database(memory: Memory) -> None:
     for i in range(23):
         await memory.stub.AppendMessages(
             append("p1", msg(f"m{i + 1}", metadata_key="v")), metadata=memory.md()
         )
     expected = [f"m{i}" for i in range(1, 24)]
     answers = {}
-    for trusted in (True, False):  # the Redis window, then DuckDB only: same answers
+    for trusted in (True, False):  # the Redis window, then the database only: same answers
         memory.app.hot.trusted = trusted
         for order in (pb.SORT_ORDER_ASCENDING, pb.SORT_ORDER_DESCENDING):
             for size in (1, 5, 23, 50):
@@ -127,7 +127,7 @@ async def test_pagination_in_both_orders_from_cache_and_from_duckdb(memory: Memo
 
 
 async def test_window_smaller_than_history_falls_back_for_old_pages(
-    tmp_path, redis_url, api_keys
+    tmp_path, redis_url, api_keys, database_url
 ) -> None:  # type: ignore[no-untyped-def]
     from tests.memory.conftest import start_memory
 
@@ -138,6 +138,7 @@ async def test_window_smaller_than_history_falls_back_for_old_pages(
         memory_hot_window=4,
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
+        memory_database_url=database_url,
     )
     try:
         for i in range(10):
@@ -176,6 +177,7 @@ async def test_unknown_session_and_other_users_session(memory: Memory) -> None:
     assert (await counts(memory, "u2"))["messages"] == 0
 
 
+@pytest.mark.parametrize("backend", ["duckdb"])  # counts DuckDB calls (store contract: both)
 async def test_a_batch_is_applied_as_if_each_request_ran_alone(
     memory: Memory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,7 +210,7 @@ async def test_a_batch_is_applied_as_if_each_request_ran_alone(
         request("old", "u1", ""),
     ]
     calls.clear()
-    results = await memory.app.db.write("t", storage.append_batch, batch)
+    results = await memory.app.duck.write("t", storage.append_batch, batch)
     assert len(calls) == 2  # the lookup and one write script (+1 nextval: a new session)
     seqs = [[(a.sequence, a.deduplicated) for a in r.appended] for r in results]
     assert seqs == [
@@ -224,7 +226,7 @@ async def test_a_batch_is_applied_as_if_each_request_ran_alone(
         pb.GetHistoryRequest(session_id="new"), metadata=memory.md()
     )
     assert [m.message.content for m in history.messages] == ["text n1", "text ", "text n2"]
-    stored = await memory.app.db.read(
+    stored = await memory.app.duck.read(
         "t",
         lambda cur: cur.execute(
             "SELECT session_id, seq, tokens FROM messages ORDER BY session_id, seq"
@@ -239,14 +241,14 @@ async def test_a_batch_is_applied_as_if_each_request_ran_alone(
         ("old", 3),
     ]
     assert all(n == 3 for s, _, n in stored if s == "new")  # the counts given are stored
-    sessions = await memory.app.db.read(
+    sessions = await memory.app.duck.read(
         "t",
         lambda cur: cur.execute(
             "SELECT session_id, user_id, last_seq FROM sessions ORDER BY 1"
         ).fetchall(),
     )
     assert sessions == [("new", "u1", 3), ("old", "u1", 3)]
-    audit = await memory.app.db.read(
+    audit = await memory.app.duck.read(
         "t",
         lambda cur: cur.execute(
             "SELECT outcome, count(*) FROM audit_log WHERE rpc = 'AppendMessages' "
@@ -257,7 +259,7 @@ async def test_a_batch_is_applied_as_if_each_request_ran_alone(
 
     # A bigger batch, existing sessions only: still two calls.
     calls.clear()
-    await memory.app.db.write(
+    await memory.app.duck.write(
         "t", storage.append_batch, [request(s, "u1", "") for s in ("old", "new") * 40]
     )
     assert len(calls) == 2

@@ -128,14 +128,16 @@ async def test_startup_flushes_what_a_previous_process_left(
     )
     try:
         assert await memory.app.hot.redis.exists(key) == 0
-        await memory.app.db.write(
+        await memory.app.duck.write(
             "t",
             lambda cur: cur.execute(
                 "INSERT INTO messages SELECT sess_no, 2, tenant, session_id, user_id, "
                 "'msg_' || repeat('0', 32), 'user', 'two', NULL, '{}', created_at, NULL FROM messages"
             ),
         )
-        await memory.app.db.write("t", lambda cur: cur.execute("UPDATE sessions SET last_seq = 2"))
+        await memory.app.duck.write(
+            "t", lambda cur: cur.execute("UPDATE sessions SET last_seq = 2")
+        )
         assert await contents(memory, "s") == ["one", "two"]
     finally:
         await memory.close()

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from finsight.memory.v1 import memory_pb2 as pb
-from services.memory import recall, storage
+from services.memory import recall
 from services.memory.models import NewFact
 from tests.memory.conftest import Memory, counts, rpc_error
 
@@ -81,9 +81,7 @@ async def test_bm25_ranking_matches_a_hand_checked_corpus(memory: Memory) -> Non
         )
     )
     # An expired fact is neither returned nor counted in N, df or avgdl.
-    await memory.app.db.write(
-        "t",
-        storage.insert_facts,
+    await memory.app.store.insert_facts(
         "acme",
         "u1",
         [
@@ -148,9 +146,7 @@ async def test_recency_and_importance_rank_without_a_query(memory: Memory) -> No
         ("fct_" + f"{i:032x}", NewFact(f"fact {i}", "general", imp, (), None, None), f"h{i}")
         for i, imp in enumerate((0.5, 0.5, 1.0))
     ]
-    await memory.app.db.write(
-        "t", storage.insert_facts, "acme", "u9", rows, now, [now - month, now, now - month]
-    )
+    await memory.app.store.insert_facts("acme", "u9", rows, now, [now - month, now, now - month])
     reply = await memory.stub.Recall(pb.RecallRequest(user_id="u9"), metadata=memory.md())
     by_id = {f.fact.fact_id: f.score for f in reply.facts}
     old, new, important = (by_id[r[0]] for r in rows)
@@ -203,7 +199,7 @@ async def test_filters_dedup_and_forget(memory: Memory) -> None:
     assert list(gone.fact_ids) == [a]
     assert await ids(pb.FactFilter()) == []
     assert (await counts(memory, "u1"))["fact_terms"] == 0
-    assert await memory.app.db.read("t", storage.orphan_postings) == 0
+    assert await memory.app.store.orphan_postings("acme") == 0
 
 
 async def test_expiry_hides_before_purge_and_purge_deletes(memory: Memory) -> None:
@@ -232,7 +228,7 @@ async def test_expiry_hides_before_purge_and_purge_deletes(memory: Memory) -> No
     purged = await memory.stub.PurgeExpired(pb.PurgeExpiredRequest(), metadata=memory.md("admin"))
     assert purged.facts_deleted == 1
     assert (await counts(memory, "u1"))["facts"] == 1
-    assert await memory.app.db.read("t", storage.orphan_postings) == 0
+    assert await memory.app.store.orphan_postings("acme") == 0
     assert await recalled() == [kept]
 
 

@@ -2,7 +2,8 @@
 
 - Random corpora (expired facts, kinds, tags, creation times, other users and tenants with
   the same terms): every query and filter ranks identically through the numpy index and
-  through `storage.recall_facts`, also after facts are added to a cached index.
+  through the store's SQL (`recall_facts`), on DuckDB and on PostgreSQL, also after facts
+  are added to a cached index.
 - Through gRPC: a forgotten, withdrawn, erased or purged fact is never recalled from a
   cached index; a remembered fact is recalled at once without reloading the index.
 - The cache itself: loads racing a deletion are not kept, a cancelled caller does not
@@ -14,17 +15,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from finsight.memory.v1 import memory_pb2 as pb
-from libs.common.duck import Database
-from services.memory import recall_index, storage
-from services.memory.main import MIGRATIONS
-from services.memory.manager import _load_user_index, _search_indexed
+from services.memory import recall_index
+from services.memory.manager import load_user_index, search_indexed
 from services.memory.models import (
     INDEX_FACTS_SCHEMA,
     INDEX_POSTINGS_SCHEMA,
@@ -34,6 +32,7 @@ from services.memory.models import (
     ScoredFact,
 )
 from services.memory.recall_index import RecallIndex, UserIndex
+from services.memory.store import MemoryStore
 from tests.conftest import Keys
 from tests.memory.conftest import Memory, start_memory
 from tests.memory.test_recall import consent, remember
@@ -44,14 +43,6 @@ WEIGHTS = RecallWeights(bm25=0.6, recency=0.2, importance=0.2, half_life_days=30
 WORDS = [f"w{i}" for i in range(40)] + ["the", "and"]  # stop words index nothing
 KINDS = ("general", "preference", "holding")
 TAGS = ("equity", "bond", "fx", "crypto")
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(tmp_path / "index.duckdb", name="memory_test", migrations_dir=MIGRATIONS)
-    await database.open()
-    yield database
-    await database.close()
 
 
 def corpus(rng: random.Random, n: int, start: int = 0) -> list[tuple[str, NewFact, str]]:
@@ -75,12 +66,10 @@ def corpus(rng: random.Random, n: int, start: int = 0) -> list[tuple[str, NewFac
 
 
 async def insert(
-    db: Database, rows: list[tuple[str, NewFact, str]], rng: random.Random, user: str = "u"
+    store: MemoryStore, rows: list[tuple[str, NewFact, str]], rng: random.Random, user: str = "u"
 ) -> tuple[pa.Table, pa.Table]:
     created = [NOW - rng.randint(0, 120 * DAY) for _ in rows]
-    inserted = await db.write(
-        "t", storage.insert_facts, "acme", user, rows, NOW - 200 * DAY, created
-    )
+    inserted = await store.insert_facts("acme", user, rows, NOW - 200 * DAY, created)
     return inserted.facts, inserted.postings
 
 
@@ -108,7 +97,7 @@ def same_ranking(got: list[ScoredFact], want: list[ScoredFact]) -> None:
             assert getattr(g, part) == pytest.approx(getattr(w, part), rel=1e-9, abs=1e-12)
 
 
-async def compare(db: Database, index: UserIndex, rng: random.Random, rounds: int) -> int:
+async def compare(store: MemoryStore, index: UserIndex, rng: random.Random, rounds: int) -> int:
     """Random queries through both paths; returns how many results were compared."""
     seen = 0
     for _ in range(rounds):
@@ -116,8 +105,8 @@ async def compare(db: Database, index: UserIndex, rng: random.Random, rounds: in
         flt, k = random_filter(rng), rng.randint(1, 25)
         now = NOW + rng.choice([0, 2 * DAY])  # later: more facts have expired
         args = ("acme", "u", query, flt, k, now, WEIGHTS)
-        got = await db.read("t", _search_indexed, index, *args)
-        want = await db.read("t", storage.recall_facts, *args)
+        got = await search_indexed(store, index, *args)
+        want = await store.recall_facts(*args)
         same_ranking(got, want)
         seen += len(want)
     return seen
@@ -125,44 +114,44 @@ async def compare(db: Database, index: UserIndex, rng: random.Random, rounds: in
 
 @pytest.mark.parametrize("prune_min", [recall_index.PRUNE_MIN, 0])
 async def test_index_ranks_exactly_like_sql_on_random_corpora(
-    db: Database, monkeypatch: pytest.MonkeyPatch, prune_min: int
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch, prune_min: int
 ) -> None:
     """prune_min=0: the score bound prunes candidates whenever there are more than 8k."""
     monkeypatch.setattr(recall_index, "PRUNE_MIN", prune_min)
     rng = random.Random(4)
-    await insert(db, corpus(rng, 400), rng)
+    await insert(store, corpus(rng, 400), rng)
     # Same user id in another tenant, another user of the same tenant: same words, and
     # they must not move u's statistics.
-    await db.write("t", storage.insert_facts, "globex", "u", corpus(rng, 50, 10_000), NOW)
-    await db.write("t", storage.insert_facts, "acme", "v", corpus(rng, 50, 20_000), NOW)
+    await store.insert_facts("globex", "u", corpus(rng, 50, 10_000), NOW)
+    await store.insert_facts("acme", "v", corpus(rng, 50, 20_000), NOW)
 
-    index = await db.read("t", _load_user_index, "acme", "u")
+    index = await load_user_index(store, "acme", "u")
     assert len(index.fact_no) == 400  # the user's, expired ones included (hidden per query)
-    assert await compare(db, index, rng, 80) > 300
+    assert await compare(store, index, rng, 80) > 300
 
 
 async def test_added_facts_rank_like_a_fresh_load(
-    db: Database, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Remember extends a cached index; the unsorted tail is merged once it grows."""
     monkeypatch.setattr(recall_index, "TAIL_MIN", 64)
     rng = random.Random(9)
-    await insert(db, corpus(rng, 100), rng)
-    index = await db.read("t", _load_user_index, "acme", "u")
+    await insert(store, corpus(rng, 100), rng)
+    index = await load_user_index(store, "acme", "u")
     merged_once = False
     for chunk in range(8):
-        facts, postings = await insert(db, corpus(rng, 100, 1000 + chunk * 100), rng)
+        facts, postings = await insert(store, corpus(rng, 100, 1000 + chunk * 100), rng)
         index = index.with_added(facts, postings)
         merged_once |= len(index.tail_keys) == 0
-        assert await compare(db, index, rng, 6) > 0
+        assert await compare(store, index, rng, 6) > 0
     assert merged_once  # the merge path ran
-    fresh = await db.read("t", _load_user_index, "acme", "u")
+    fresh = await load_user_index(store, "acme", "u")
     assert sorted(fresh.fact_no.tolist()) == sorted(index.fact_no.tolist())
     assert fresh.size == index.size
 
 
-async def test_an_empty_user_builds_an_empty_index(db: Database) -> None:
-    index = await db.read("t", _load_user_index, "acme", "nobody")
+async def test_an_empty_user_builds_an_empty_index(store: MemoryStore) -> None:
+    index = await load_user_index(store, "acme", "nobody")
     assert index.size == 0
     assert index.search([1, 2], FactFilter(), 10, NOW, WEIGHTS) == []
 
@@ -175,9 +164,7 @@ async def recalled(memory: Memory, user: str, query: str) -> list[str]:
     reply = await memory.stub.Recall(
         pb.RecallRequest(user_id=user, query=query, k=50), metadata=memory.md()
     )
-    want = await memory.app.db.read(
-        "t",
-        storage.recall_facts,
+    want = await memory.app.store.recall_facts(
         "acme",
         user,
         query,
@@ -236,7 +223,7 @@ async def test_cached_index_never_returns_forgotten_withdrawn_or_erased_facts(
 
 
 async def test_purge_by_age_clears_cached_indexes(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
 ) -> None:
     memory = await start_memory(
         tmp_path,
@@ -245,14 +232,13 @@ async def test_purge_by_age_clears_cached_indexes(
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
         memory_fact_retention_days={"episodic": 1},
+        memory_database_url=database_url,
     )
     try:
         old = ("fct_" + "1" * 32, NewFact("margin call", "episodic", 0.5, (), None, None), "h1")
         new = ("fct_" + "2" * 32, NewFact("margin account", "general", 0.5, (), None, None), "h2")
         now = time.time_ns() // 1000
-        await memory.app.db.write(
-            "t", storage.insert_facts, "acme", "u1", [old, new], now, [now - 3 * DAY, now]
-        )
+        await memory.app.store.insert_facts("acme", "u1", [old, new], now, [now - 3 * DAY, now])
         assert sorted(await recalled(memory, "u1", "margin")) == [old[0], new[0]]
         assert memory.app.manager.index.peek(("acme", "u1")) is not None
         purged = await memory.stub.PurgeExpired(
@@ -265,7 +251,7 @@ async def test_purge_by_age_clears_cached_indexes(
 
 
 async def test_users_over_the_cap_are_served_by_sql(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
 ) -> None:
     memory = await start_memory(
         tmp_path,
@@ -274,6 +260,7 @@ async def test_users_over_the_cap_are_served_by_sql(
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
         memory_recall_index_max_entries=12,  # postings + facts
+        memory_database_url=database_url,
     )
     try:
         index = memory.app.manager.index

@@ -32,7 +32,7 @@ def test_tenant_overrides_merge_over_defaults() -> None:
 
 
 async def test_messages_are_purged_by_tenant_age_and_cache_follows(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
 ) -> None:
     memory = await start_memory(
         tmp_path,
@@ -41,6 +41,7 @@ async def test_messages_are_purged_by_tenant_age_and_cache_follows(
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
         memory_tenant_retention={"acme": {"message_retention_days": SECOND_IN_DAYS}},
+        memory_database_url=database_url,
     )
     try:
         md, bob = memory.md(), memory.md("bob")
@@ -72,7 +73,7 @@ async def test_messages_are_purged_by_tenant_age_and_cache_follows(
         )
         assert gone.code == grpc.StatusCode.NOT_FOUND
         for order in (pb.SORT_ORDER_ASCENDING, pb.SORT_ORDER_DESCENDING):
-            for _ in range(2):  # from DuckDB, then again after the refill
+            for _ in range(2):  # from the database, then again after the refill
                 page = await memory.stub.GetHistory(
                     pb.GetHistoryRequest(session_id="mixed", order=order), metadata=md
                 )
@@ -90,7 +91,7 @@ async def test_messages_are_purged_by_tenant_age_and_cache_follows(
 
 
 async def test_background_purge_and_kind_retention(
-    tmp_path: Path, redis_url: str, api_keys: Keys
+    tmp_path: Path, redis_url: str, api_keys: Keys, database_url: str | None
 ) -> None:
     memory = await start_memory(
         tmp_path,
@@ -99,6 +100,7 @@ async def test_background_purge_and_kind_retention(
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0.3,
         memory_fact_retention_days={"episodic": SECOND_IN_DAYS},
+        memory_database_url=database_url,
     )
     try:
         md = memory.md()

@@ -8,7 +8,7 @@ from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2 as pb
 from libs.common.wire import find_invalid_utf8
 from services.memory import limits
-from tests.memory.conftest import Memory, counts, msg, rpc_error
+from tests.memory.conftest import Memory, counts, msg, rpc_error, sql
 
 
 async def test_a_bad_batch_is_rejected_whole_and_writes_nothing(memory: Memory) -> None:
@@ -38,10 +38,8 @@ async def test_a_bad_batch_is_rejected_whole_and_writes_nothing(memory: Memory) 
         "messages[6].message.content",
     ]
     assert (await counts(memory, "u1"))["messages"] == 0
-    audit = await memory.app.db.read(
-        "t", lambda cur: cur.execute("SELECT count(*) FROM audit_log").fetchone()[0]
-    )
-    assert audit == 0  # a rejected request leaves no trace but the access log
+    # A rejected request leaves no trace but the access log.
+    assert await sql(memory, "SELECT count(*) FROM audit_log") == [(0,)]
 
 
 async def test_limits_on_batches_ranges_and_ids(memory: Memory) -> None:

@@ -14,7 +14,6 @@ from finsight.llm.v1 import llm_gateway_pb2 as gpb
 from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
-from services.memory import storage
 from tests.security.requests import user_message
 from tests.security.stack import Stack, consent_and_remember, ingest, start_stack
 
@@ -66,9 +65,7 @@ async def seed_victim(stack: Stack, who: str = "alice") -> None:
 
 async def acme_picture(stack: Stack) -> dict[str, Any]:
     """Everything of tenant acme an unauthorised or foreign call must leave as it was."""
-    counts = await stack.memory_app.db.read(
-        "sec_counts", storage.user_row_counts, "acme", VICTIM_USER
-    )
+    counts = await stack.memory_app.store.user_row_counts("acme", VICTIM_USER)
     counts.pop("audit_log")  # reads by acme itself are audited; they are not at stake
     an = analytics_pb2_grpc.AnalyticsServiceStub(stack.channel("analytics"))
     listed = await an.ListSymbols(apb.ListSymbolsRequest(), metadata=stack.keys.md("alice"))

@@ -35,7 +35,6 @@ from finsight.llm.v1 import llm_gateway_pb2 as gpb
 from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
-from services.memory import storage
 from tests.security.requests import user_message
 from tests.security.stack import RESULTS_DIR, Stack, consent_and_remember, ingest, start_stack
 
@@ -99,7 +98,7 @@ async def seed_tenant_a(stack: Stack) -> TenantA:
 async def picture_of_a(stack: Stack) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for user in A_USERS:
-        counts = await stack.memory_app.db.read("xt_counts", storage.user_row_counts, "acme", user)
+        counts = await stack.memory_app.store.user_row_counts("acme", user)
         counts.pop("audit_log")
         out[user] = counts
     md = stack.keys.md("alice")

@@ -1,0 +1,389 @@
+"""The storage boundary of the memory service: one interface, two implementations.
+
+The domain (manager, batchers, purger, context building) talks only to a `MemoryStore`:
+async methods, domain types (services.memory.models) in and out, no SQL, no grpc. Which
+implementation runs is configuration only (`MEMORY_DATABASE_URL`, see services/memory/
+main.py):
+
+- `DuckStore`: the embedded DuckDB file (`make run`, one replica). Its SQL is
+  services/memory/storage.py; writes go through DuckDB's single group-committing writer,
+  which is what makes "read, then insert" race-free there.
+- `storage_pg.PgStore`: PostgreSQL, any number of replicas on one database. Concurrent
+  writers are serialised by row locks and unique constraints instead (see that module).
+
+Both keep the same promises, checked by the same contract tests on both backends
+(tests/memory/test_store_contract.py): an acknowledged write is committed; appends are
+idempotent by client message id and numbered without gaps per session; the audit row of a
+write is in its transaction; consent is checked inside the write that needs it; erasure
+and retention delete rows; recall ranks identically (and identically to the in-process
+index). `shared` says whether other processes may write the same database, which decides
+how the caches above the store stay correct (services/memory/hot_tier.py,
+services/memory/recall_index.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import pyarrow as pa
+
+from libs.common.duck import Database
+from libs.common.pg import PgDatabase
+from services.memory import storage
+from services.memory.models import (
+    AppendRequest,
+    AppendResult,
+    AuditEntry,
+    AuditRecord,
+    Consent,
+    ErasureCounts,
+    Fact,
+    FactFilter,
+    FactsVersion,
+    IndexSnapshot,
+    InsertedFacts,
+    NewFact,
+    Order,
+    PurgeCounts,
+    RecallWeights,
+    Remembered,
+    ScoredFact,
+    Session,
+    SessionTail,
+    StoredMessage,
+)
+
+# (tenant -> (message_days, audit_days, fact_days_by_kind)); 0 days = keep forever.
+RetentionPolicies = dict[str, tuple[float, float, dict[str, float]]]
+# (fact_id, fact, text_hash) of facts to insert for one user.
+FactRows = Sequence[tuple[str, NewFact, str]]
+
+
+class MemoryStore(Protocol):
+    """What the memory domain needs from its database. Every method is one transaction (a
+    write returns after COMMIT) or one read; none raises for "not found"."""
+
+    backend: str  # "duckdb" | "postgresql"
+    # True when other processes (replicas) may write the same database: then no cache of
+    # this process may assume it saw every write.
+    shared: bool
+
+    # -- messages --------------------------------------------------------------------------
+    async def append_batch(self, requests: list[AppendRequest]) -> list[AppendResult]:
+        """Many AppendMessages requests, applied in order as if each ran alone."""
+        ...
+
+    async def write_audit_batch(self, rows: list[tuple[AuditRecord, int]]) -> list[None]: ...
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None: ...
+
+    async def session_tail(self, tenant: str, session_id: str) -> SessionTail | None: ...
+
+    async def history_page(
+        self, tenant: str, session_id: str, order: Order, boundary: int | None, limit: int
+    ) -> list[StoredMessage]: ...
+
+    async def recent_messages(
+        self, tenant: str, session_id: str, limit: int
+    ) -> list[StoredMessage]: ...
+
+    async def recent_of_session(
+        self, tenant: str, session_id: str, limit: int
+    ) -> tuple[Session | None, list[StoredMessage]]: ...
+
+    # -- facts -----------------------------------------------------------------------------
+    async def remember_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        facts: Sequence[NewFact],
+        now_us: int,
+        audit: AuditRecord,
+    ) -> tuple[list[Remembered], InsertedFacts] | None:
+        """None (with an audit row) when the user has not consented."""
+        ...
+
+    async def insert_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        rows: FactRows,
+        now_us: int,
+        created_us: Sequence[int] | None = None,
+    ) -> InsertedFacts:
+        """Bulk insert without consent, dedup or audit (tests, benchmarks)."""
+        ...
+
+    async def insert_fact_tables(self, facts: pa.Table, postings: pa.Table) -> InsertedFacts:
+        """Bulk insert from Arrow tables (`storage.insert_fact_tables` has the columns)."""
+        ...
+
+    async def load_recall_index(
+        self, tenant: str, user_id: str, after_fact_no: int = 0
+    ) -> IndexSnapshot:
+        """The user's facts numbered above `after_fact_no` and their postings (sorted by
+        term key), from one snapshot."""
+        ...
+
+    async def facts_version(self, tenant: str, user_id: str) -> FactsVersion: ...
+
+    async def facts_by_no(
+        self, tenant: str, user_id: str, fact_nos: Sequence[int]
+    ) -> dict[int, Fact]: ...
+
+    async def recall_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        query: str,
+        flt: FactFilter,
+        k: int,
+        now_us: int,
+        weights: RecallWeights,
+    ) -> list[ScoredFact]:
+        """Recall scored in SQL (the index is off or the user too big for it)."""
+        ...
+
+    async def forget_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        fact_ids: Sequence[str],
+        flt: FactFilter | None,
+        forget_all: bool,
+        now_us: int,
+        audit: AuditRecord,
+    ) -> list[str]: ...
+
+    # -- consent, export, erasure, retention -------------------------------------------------
+    async def get_consent(self, tenant: str, user_id: str) -> Consent: ...
+
+    async def set_consent(
+        self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+    ) -> tuple[Consent, int]: ...
+
+    async def export_facts(
+        self, tenant: str, user_id: str, after: str, limit: int
+    ) -> list[Fact]: ...
+
+    async def export_messages(
+        self, tenant: str, user_id: str, after: tuple[str, int], limit: int
+    ) -> list[StoredMessage]: ...
+
+    async def export_audit(
+        self, tenant: str, user_id: str, after: tuple[int, str], limit: int
+    ) -> list[AuditEntry]: ...
+
+    async def erase_user(
+        self, tenant: str, user_id: str, now_us: int, audit: AuditRecord
+    ) -> ErasureCounts: ...
+
+    async def retention_tenants(self) -> list[str]: ...
+
+    async def purge(
+        self, tenants: RetentionPolicies, now_us: int, audit: AuditRecord
+    ) -> PurgeCounts: ...
+
+    # -- inspection (tests, operators) -------------------------------------------------------
+    async def user_row_counts(self, tenant: str, user_id: str) -> dict[str, int]:
+        """Rows held for a user, per table: 'is anything left?'."""
+        ...
+
+    async def orphan_postings(self, tenant: str) -> int:
+        """Postings whose fact is gone (must stay 0)."""
+        ...
+
+    async def analyze(self) -> None:
+        """Refresh the planner's statistics after a bulk load (benchmarks, imports)."""
+        ...
+
+
+class DuckStore:
+    """`MemoryStore` on the embedded DuckDB file (services/memory/storage.py)."""
+
+    backend = "duckdb"
+    shared = False  # one process owns the file
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def append_batch(self, requests: list[AppendRequest]) -> list[AppendResult]:
+        return await self.db.write("append_batch", storage.append_batch, requests)
+
+    async def write_audit_batch(self, rows: list[tuple[AuditRecord, int]]) -> list[None]:
+        return await self.db.write("audit_batch", storage.write_audit_batch, rows)
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        return await self.db.read("get_session", storage.get_session, tenant, session_id)
+
+    async def session_tail(self, tenant: str, session_id: str) -> SessionTail | None:
+        return await self.db.read("session_tail", storage.session_tail, tenant, session_id)
+
+    async def history_page(
+        self, tenant: str, session_id: str, order: Order, boundary: int | None, limit: int
+    ) -> list[StoredMessage]:
+        return await self.db.read(
+            "history_page", storage.history_page, tenant, session_id, order, boundary, limit
+        )
+
+    async def recent_messages(
+        self, tenant: str, session_id: str, limit: int
+    ) -> list[StoredMessage]:
+        return await self.db.read(
+            "recent_messages", storage.recent_messages, tenant, session_id, limit
+        )
+
+    async def recent_of_session(
+        self, tenant: str, session_id: str, limit: int
+    ) -> tuple[Session | None, list[StoredMessage]]:
+        return await self.db.read(
+            "recent_of_session", storage.recent_of_session, tenant, session_id, limit
+        )
+
+    async def remember_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        facts: Sequence[NewFact],
+        now_us: int,
+        audit: AuditRecord,
+    ) -> tuple[list[Remembered], InsertedFacts] | None:
+        return await self.db.write(
+            "remember_facts", storage.remember_facts, tenant, user_id, facts, now_us, audit
+        )
+
+    async def insert_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        rows: FactRows,
+        now_us: int,
+        created_us: Sequence[int] | None = None,
+    ) -> InsertedFacts:
+        return await self.db.write(
+            "insert_facts", storage.insert_facts, tenant, user_id, rows, now_us, created_us
+        )
+
+    async def insert_fact_tables(self, facts: pa.Table, postings: pa.Table) -> InsertedFacts:
+        return await self.db.write("insert_facts", storage.insert_fact_tables, facts, postings)
+
+    async def load_recall_index(
+        self, tenant: str, user_id: str, after_fact_no: int = 0
+    ) -> IndexSnapshot:
+        # One process writes this file and keeps its indexes current itself: only full
+        # loads happen here (the delta is for replicas that did not see a write).
+        if after_fact_no:
+            raise ValueError("the DuckDB store loads whole indexes only")
+        facts, postings = await self.db.read(
+            "recall_index_load", storage.load_recall_index, tenant, user_id
+        )
+        return IndexSnapshot(facts, postings)
+
+    async def facts_version(self, tenant: str, user_id: str) -> FactsVersion:
+        return FactsVersion()  # not shared: the process's own invalidations suffice
+
+    async def facts_by_no(
+        self, tenant: str, user_id: str, fact_nos: Sequence[int]
+    ) -> dict[int, Fact]:
+        return await self.db.read("recall_indexed", storage.facts_by_no, tenant, user_id, fact_nos)
+
+    async def recall_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        query: str,
+        flt: FactFilter,
+        k: int,
+        now_us: int,
+        weights: RecallWeights,
+    ) -> list[ScoredFact]:
+        return await self.db.read(
+            "recall_facts", storage.recall_facts, tenant, user_id, query, flt, k, now_us, weights
+        )
+
+    async def forget_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        fact_ids: Sequence[str],
+        flt: FactFilter | None,
+        forget_all: bool,
+        now_us: int,
+        audit: AuditRecord,
+    ) -> list[str]:
+        return await self.db.write(
+            "forget_facts",
+            storage.forget_facts,
+            tenant,
+            user_id,
+            fact_ids,
+            flt,
+            forget_all,
+            now_us,
+            audit,
+        )
+
+    async def get_consent(self, tenant: str, user_id: str) -> Consent:
+        return await self.db.read("get_consent", storage.get_consent, tenant, user_id)
+
+    async def set_consent(
+        self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+    ) -> tuple[Consent, int]:
+        return await self.db.write(
+            "set_consent", storage.set_consent, tenant, user_id, long_term_memory, now_us, audit
+        )
+
+    async def export_facts(self, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:
+        return await self.db.read(
+            "export_facts", storage.export_facts, tenant, user_id, after, limit
+        )
+
+    async def export_messages(
+        self, tenant: str, user_id: str, after: tuple[str, int], limit: int
+    ) -> list[StoredMessage]:
+        return await self.db.read(
+            "export_messages", storage.export_messages, tenant, user_id, after, limit
+        )
+
+    async def export_audit(
+        self, tenant: str, user_id: str, after: tuple[int, str], limit: int
+    ) -> list[AuditEntry]:
+        return await self.db.read(
+            "export_audit", storage.export_audit, tenant, user_id, after, limit
+        )
+
+    async def erase_user(
+        self, tenant: str, user_id: str, now_us: int, audit: AuditRecord
+    ) -> ErasureCounts:
+        return await self.db.write("erase_user", storage.erase_user, tenant, user_id, now_us, audit)
+
+    async def retention_tenants(self) -> list[str]:
+        return await self.db.read("retention_tenants", storage.retention_tenants)
+
+    async def purge(
+        self, tenants: RetentionPolicies, now_us: int, audit: AuditRecord
+    ) -> PurgeCounts:
+        return await self.db.write("purge", storage.purge, tenants, now_us, audit)
+
+    async def user_row_counts(self, tenant: str, user_id: str) -> dict[str, int]:
+        return await self.db.read("user_row_counts", storage.user_row_counts, tenant, user_id)
+
+    async def orphan_postings(self, tenant: str) -> int:
+        # Postings carry no tenant in DuckDB (they join to facts by number): all of them.
+        return await self.db.read("orphan_postings", storage.orphan_postings)
+
+    async def analyze(self) -> None:
+        return None  # DuckDB plans these statements without collected statistics
+
+
+def open_store(db: Database | PgDatabase) -> MemoryStore:
+    """The store over the database `libs.common.admin.open_service_store` opened."""
+    if isinstance(db, Database):
+        return DuckStore(db)
+    from services.memory.storage_pg import PgStore
+
+    return PgStore(db)
+
+
+__all__ = ["DuckStore", "FactRows", "MemoryStore", "RetentionPolicies", "open_store"]
