@@ -25,7 +25,7 @@ from typing import Any
 from pglast import ast, parse_sql
 from pglast.enums import A_Expr_Kind
 
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%b|%t")
+_PLACEHOLDER = re.compile(r"%\((\w+)\)[sbt]|%s|%b|%t")
 
 
 def to_native_params(sql: str) -> str:
@@ -108,12 +108,14 @@ def _alias_of(node: Any) -> str | None:
     return None
 
 
-def _relations(stmt: Any, tables: set[str]) -> list[tuple[str, str | None]]:
+def _relations(
+    stmt: Any, tables: set[str], skip: frozenset[int] | set[int] = frozenset()
+) -> list[tuple[str, str | None]]:
     """(table, name it is referred to by) of every schema table the statement reads."""
     out = []
     ctes = {c.ctename for c in _nodes(stmt) if isinstance(c, ast.CommonTableExpr)}
     for node in _nodes(stmt):
-        if isinstance(node, ast.RangeVar) and node.relname in tables:
+        if isinstance(node, ast.RangeVar) and node.relname in tables and id(node) not in skip:
             if node.relname in ctes and node.schemaname is None:
                 continue
             out.append((node.relname, node.alias.aliasname if node.alias else node.relname))
@@ -137,25 +139,24 @@ def check_statement(sql: str, tables: Iterable[str]) -> list[Violation]:
     out: list[Violation] = []
     for raw in parse_sql(to_native_params(sql)):
         stmt: Any = raw.stmt
-        insert_target: Any = stmt.relation if isinstance(stmt, ast.InsertStmt) else None
-        if insert_target is not None:
-            target = insert_target.relname
-            if target in known:
-                cols = [c.name for c in stmt.cols or ()]
-                if "tenant" not in cols:
-                    out.append(Violation(sql, f"INSERT INTO {target} does not set tenant"))
-                conflict = stmt.onConflictClause
-                if conflict is not None and conflict.infer and conflict.infer.indexElems:
-                    first = conflict.infer.indexElems[0].name
-                    if first != "tenant":
-                        out.append(
-                            Violation(
-                                sql, f"ON CONFLICT target on {target} does not lead with tenant"
-                            )
-                        )
-        relations = _relations(stmt, known)
-        if insert_target is not None:  # the target is checked above; its SELECT here
-            relations = [r for r in relations if r != (target, target)]
+        inserts: list[Any] = [n for n in _nodes(stmt) if isinstance(n, ast.InsertStmt)]
+        for insert in inserts:  # at any depth: a CTE may insert too
+            target = insert.relation.relname
+            if target not in known:
+                continue
+            cols = [c.name for c in insert.cols or ()]
+            if "tenant" not in cols:
+                out.append(Violation(sql, f"INSERT INTO {target} does not set tenant"))
+            conflict = insert.onConflictClause
+            elems = conflict.infer.indexElems if conflict and conflict.infer else None
+            if elems and elems[0].name != "tenant":
+                out.append(
+                    Violation(sql, f"ON CONFLICT target on {target} does not lead with tenant")
+                )
+        # An INSERT's target is checked above (its rows carry the tenant they set, its
+        # ON CONFLICT updates only the conflicting row); what it reads is checked below.
+        targets = {id(insert.relation) for insert in inserts}
+        relations = _relations(stmt, known, skip=targets)
         if not relations:
             continue
         by_value, pairs = _tenant_comparisons(stmt)

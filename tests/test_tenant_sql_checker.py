@@ -24,6 +24,10 @@ GOOD = [
     "SELECT count(*) FROM messages m WHERE m.tenant = %s AND EXISTS "
     "(SELECT 1 FROM facts f WHERE f.tenant = m.tenant)",
     "SELECT * FROM messages JOIN sessions USING (tenant, sess_no) WHERE sessions.tenant = %s",
+    "INSERT INTO sessions AS x (tenant, session_id) SELECT tenant, id FROM facts "
+    "WHERE tenant = %s ON CONFLICT (tenant, session_id) DO UPDATE SET n = x.n + 1",
+    "WITH c AS (SELECT * FROM facts WHERE tenant = %(t)s), ins AS (INSERT INTO sessions AS x "
+    "(tenant, session_id) SELECT %(t)s, c.id FROM c RETURNING x.session_id) SELECT * FROM ins",
 ]
 
 BAD = [
@@ -44,6 +48,14 @@ BAD = [
         "facts (as facts)",
     ),
     ("SELECT * FROM sessions s WHERE s.tenant <> ''", "sessions (as s)"),
+    (
+        "WITH ins AS (INSERT INTO sessions (session_id) VALUES (%s) RETURNING 1) SELECT * FROM ins",
+        "does not set tenant",
+    ),
+    (
+        "INSERT INTO sessions AS x (tenant, session_id) SELECT tenant, id FROM facts",
+        "facts (as facts)",
+    ),
 ]
 
 

@@ -25,13 +25,21 @@ Logs: `<root>/logs/<service>.log` (stdout + stderr of every start, appended, a
         await suite.control.script({"status": 503, "times": 3})
         suite.redis_stop(); suite.redis_start()
 
+`Suite(root, store="postgres")` runs the production topology instead, as
+`make run STORE=postgres` does: a PostgreSQL server of the suite's own (`tests.postgres`,
+data in `<root>/pg`; `pg_stop()` / `pg_start()` restart it on the same socket) with one
+database per service, and two replicas each of memory and analytics, named `memory-1`,
+`memory-2`, `analytics-1`, `analytics-2` (`suite.names`). `suite.memory()` and
+`suite.analytics()` then round-robin over the replicas (an `ipv4:` target, as clients of a
+headless Service do); `suite.channel("memory-2")` reaches one replica.
+
 API (stable; other suites depend on it): `Suite(root, env=..., provider_latency_ms=...,
-load_sample_data=...)`, `up()`, `down()`, `heal()`, `target(name)`, `metrics_url(name)`,
+load_sample_data=..., store=...)`, `up()`, `down()`, `heal()`, `target(name)`, `metrics_url(name)`,
 `pid(name)`, `returncode(name)`, `running(name)`, `log_path(name)`, `log_paths()`,
 `stop(name, sig)`, `kill(name)`, `send_signal(name, sig)`, `wait_exit(name)`,
 `start(name, env=..., wait=...)`, `restart(name)`,
 `wait_serving(name)`, `health(name, service)`, `close_breakers()`, `redis_stop()`,
-`redis_start()`,
+`redis_start()`, `pg_stop()`, `pg_start()`, `names`,
 `provider_stop()`, `provider_start()`, `control`, `channel(name)`, `gateway()`,
 `memory()`, `analytics()`, `admin(name)`, `md(identity)`, `metrics_text(name)`,
 `metric(name, sample, labels)`, `breaker_states()`, `keys`, `redis`, `provider`, `env`.
@@ -60,13 +68,14 @@ from finsight.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from finsight.common.v1 import admin_pb2_grpc, common_pb2
 from finsight.llm.v1 import llm_gateway_pb2, llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
-from libs.common.devstack import SERVICES, DevStack, ServiceSpec
+from libs.common.devstack import REPLICATED, SERVICES, DevStack, ServiceSpec, topology
 from services.llm_gateway.devprovider import (
     DEFAULT_API_KEY,
     DevProviderControl,
     DevProviderProcess,
 )
 from tests.conftest import Keys, RedisProcess, free_port, write_keys
+from tests.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_NAMES = tuple(spec.name for spec in SERVICES)
@@ -194,7 +203,13 @@ class Suite:
         env: Mapping[str, str] | None = None,
         provider_latency_ms: float = 0.0,
         load_sample_data: bool = True,
+        store: str = "duckdb",
     ) -> None:
+        self.store = store
+        self.specs = topology(store)
+        self.names = tuple(spec.name for spec in self.specs)
+        self.pg: PostgresServer | None = None
+        self._pg_urls: dict[str, str] = {}
         self.root = root.resolve()
         self.data_dir = self.root / "data"
         self.log_dir = self.root / "logs"
@@ -237,6 +252,8 @@ class Suite:
         for spec in SERVICES:
             env[spec.port_var] = str(free_port())
             env[spec.metrics_var] = str(free_port())
+        for service, url in self._pg_urls.items():
+            env[f"{service.upper()}_DATABASE_URL"] = url
         env.update(self.overrides)
         return env
 
@@ -247,13 +264,19 @@ class Suite:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.redis.start)
         await asyncio.to_thread(self.provider.start)
+        if self.store == "postgres":
+            await asyncio.to_thread(self.pg_start)
+            for service in REPLICATED:
+                self._pg_urls[service] = await asyncio.to_thread(
+                    self._pg().create_database, service
+                )
         self._control = DevProviderControl(self.provider.root_url)
-        self.stack = DevStack(self._env(), cwd=self.root, log_dir=self.log_dir)
+        self.stack = DevStack(self._env(), cwd=self.root, log_dir=self.log_dir, store=self.store)
         self.stack.default_downstream_targets()
         try:
-            for spec in SERVICES:
+            for spec in self.specs:
                 await self.stack.start_service(spec)
-            await self._await_serving(list(SERVICE_NAMES), timeout)
+            await self._await_serving(list(self.names), timeout)
             self.started_s = time.monotonic() - started
             if warm:
                 await self.warm_up()
@@ -315,6 +338,8 @@ class Suite:
                 await self.stack.stop_service(name, None, timeout=30)
         await asyncio.to_thread(self.provider.stop)
         await asyncio.to_thread(self.redis.stop)
+        if self.pg is not None:
+            await asyncio.to_thread(self.pg_stop)
 
     async def __aenter__(self) -> Self:
         return await self.up()
@@ -335,11 +360,13 @@ class Suite:
             await asyncio.to_thread(self.redis.start)
         if self.provider.pid is None:
             await asyncio.to_thread(self.provider.start)
+        if self.store == "postgres" and self.pg is None:
+            await asyncio.to_thread(self.pg_start)
         await self.control.reset()
-        for name in SERVICE_NAMES:
+        for name in self.names:
             if not self.running(name):
                 await self.start(name, wait=False)
-        await self._await_serving(list(SERVICE_NAMES), timeout)
+        await self._await_serving(list(self.names), timeout)
         await self.close_breakers()
         if self._cold:
             await self.warm_up()
@@ -387,15 +414,17 @@ class Suite:
             raise RuntimeError("the suite is not up")
         return self._control
 
-    @staticmethod
-    def spec(name: str) -> ServiceSpec:
-        for spec in SERVICES:
+    def spec(self, name: str) -> ServiceSpec:
+        for spec in self.specs:
             if spec.name == name:
                 return spec
-        raise KeyError(f"unknown service {name!r}; one of {SERVICE_NAMES}")
+        raise KeyError(f"unknown service {name!r}; one of {self.names}")
 
     def target(self, name: str) -> str:
-        """`127.0.0.1:<grpc port>` of a service."""
+        """`127.0.0.1:<grpc port>` of a service process; for a replicated service's name
+        (`memory` in the PostgreSQL topology) an `ipv4:` target naming every replica."""
+        if name not in self.names:
+            return self._stack.service_target(name)
         return self._stack.target(self.spec(name))
 
     def metrics_url(self, name: str) -> str:
@@ -493,6 +522,21 @@ class Suite:
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return int(reply.status)
 
+    # -- PostgreSQL (store="postgres") ----------------------------------------------------------
+    def _pg(self) -> PostgresServer:
+        if self.pg is None:
+            raise RuntimeError("PostgreSQL is not running")
+        return self.pg
+
+    def pg_start(self) -> None:
+        """Start (again) the suite's PostgreSQL server, on the same data and socket."""
+        self.pg = PostgresServer.start(self.root / "pg")
+
+    def pg_stop(self) -> None:
+        """Stop the PostgreSQL server (a fast shutdown: sessions are disconnected)."""
+        self._pg().stop()
+        self.pg = None
+
     # -- Redis and the provider ---------------------------------------------------------------
     def redis_stop(self) -> None:
         self.redis.stop()
@@ -522,7 +566,10 @@ class Suite:
         """A plaintext channel to `name`, shared by calls (closed by `down()`)."""
         channel = self._channels.get(name)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.target(name), options=CHANNEL_OPTIONS)
+            options = CHANNEL_OPTIONS
+            if name not in self.names:  # every replica of a service: spread the calls
+                options = [*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
+            channel = grpc.aio.insecure_channel(self.target(name), options=options)
             self._channels[name] = channel
         return channel
 

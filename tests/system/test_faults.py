@@ -33,7 +33,6 @@ from tests.system.harness import (
     FALLBACK_ROUTE,
     NOT_SERVING,
     OPEN,
-    SERVICE_NAMES,
     SERVING,
     Suite,
 )
@@ -386,7 +385,7 @@ async def redis_outage(suite: Suite, outage_s: float, workers_per_kind: int = 1)
     run = uid()
     session, user_id = f"redis-{run}", f"u-{run}"
     m, a, g, md = suite.memory(), suite.analytics(), suite.gateway(), suite.md()
-    pids = {name: suite.pid(name) for name in SERVICE_NAMES}
+    pids = {name: suite.pid(name) for name in suite.names}
     tally = Tally(tag="before")
     acked: list[str] = []
     counter = iter(range(1_000_000))
@@ -445,17 +444,17 @@ async def redis_outage(suite: Suite, outage_s: float, workers_per_kind: int = 1)
     )
     await asyncio.to_thread(suite.redis_stop)
     tally.tag = "outage"
-    health: dict[str, set[int]] = {name: set() for name in SERVICE_NAMES}
+    health: dict[str, set[int]] = {name: set() for name in suite.names}
     outage_end = time.monotonic() + outage_s
     while time.monotonic() < outage_end:
-        for name in SERVICE_NAMES:
+        for name in suite.names:
             health[name].add(await suite.health(name))
         await asyncio.sleep(0.25)
     await asyncio.to_thread(suite.redis_start)
     tally.tag = "after"
 
     async def recovered() -> bool:
-        return all([await suite.health(n) == SERVING for n in SERVICE_NAMES]) and (
+        return all([await suite.health(n) == SERVING for n in suite.names]) and (
             await suite.metric("memory", "finsight_memory_hot_tier_trusted") == 1
             and await suite.metric("memory", "finsight_dependency_up", {"dependency": "redis"}) == 1
         )
@@ -468,7 +467,7 @@ async def redis_outage(suite: Suite, outage_s: float, workers_per_kind: int = 1)
     stop.set()
     await load
 
-    assert {name: suite.pid(name) for name in SERVICE_NAMES} == pids  # nothing restarted
+    assert {name: suite.pid(name) for name in suite.names} == pids  # nothing restarted
     # Memory serves from DuckDB, analytics computes without its cache, the gateway admits
     # (rate limits fail open): no error at all, in any phase.
     assert_documented(
@@ -490,7 +489,7 @@ async def redis_outage(suite: Suite, outage_s: float, workers_per_kind: int = 1)
         for rpc in ("AppendMessages", "GetHistory", "ComputeMetrics", "Complete")
     )
     # Redis is a cache or fails open everywhere: no service leaves rotation for it.
-    assert all(health[name] == {SERVING} for name in SERVICE_NAMES), health
+    assert all(health[name] == {SERVING} for name in suite.names), health
     errors_after = await suite.metric(
         "memory", "finsight_ratelimit_redis_errors_total", {"fail_mode": "open"}
     )
@@ -875,7 +874,7 @@ async def test_sigterm_during_load_fails_no_rpc_and_drains_first(
     for result in results:
         assert result["not_serving_after_ms"] < result["listener_closed_after_ms"]
     started = time.monotonic()
-    await asyncio.gather(*(suite.start(name) for name in SERVICE_NAMES))
+    await asyncio.gather(*(suite.start(name) for name in suite.names))
     figures(results=results, restart_all_s=round(time.monotonic() - started, 2))
 
 
@@ -1094,7 +1093,7 @@ async def test_chaos_provider_down_for_minutes(suite: Suite, figures: Figures) -
     g, a, md = suite.gateway(), suite.analytics(), suite.md()
     tally = Tally(tag="down")
     counter = iter(range(10_000_000))
-    pids = {name: suite.pid(name) for name in SERVICE_NAMES}
+    pids = {name: suite.pid(name) for name in suite.names}
     rules = 0
 
     async def complete() -> None:
@@ -1148,7 +1147,7 @@ async def test_chaos_provider_down_for_minutes(suite: Suite, figures: Figures) -
     assert down_calls and all(c.outcome in PROVIDER_TROUBLE for c in down_calls)
     assert rules == len(tally.of("Analyze", "down"))  # every Analyze fell back to RULES
     assert opened - opened_before >= 2  # trial calls failed and re-opened the circuit
-    assert {name: suite.pid(name) for name in SERVICE_NAMES} == pids
+    assert {name: suite.pid(name) for name in suite.names} == pids
     figures(
         down_s=down_s,
         during=tally.summary("down"),
@@ -1241,7 +1240,7 @@ async def test_chaos_sigterm_under_heavier_load(suite: Suite, figures: Figures) 
     for _ in range(2):
         for name in ("analytics", "memory", "llm_gateway"):
             results.append(await sigterm_under_load(suite, name, concurrency=16))
-        await asyncio.gather(*(suite.start(name) for name in SERVICE_NAMES))
+        await asyncio.gather(*(suite.start(name) for name in suite.names))
     figures(
         results=[
             {
