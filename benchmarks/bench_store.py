@@ -176,7 +176,7 @@ async def capacity(port: int, rates: list[float], seconds: float) -> dict[str, A
 
 
 def pg_processes(pg: PostgresServer | None) -> list[psutil.Process]:
-    if pg is None or pg._handle is None:
+    if pg is None or not pg.running_here:
         return []
     out = []
     for proc in psutil.process_iter(["name", "cmdline"]):

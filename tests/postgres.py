@@ -7,18 +7,23 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 
+from libs.common import pglocal
 from libs.common.pg import with_database
 
 
 class PostgresServer:
-    def __init__(self, admin_url: str, handle: Any = None) -> None:
+    def __init__(self, admin_url: str, data_dir: Path | None = None) -> None:
         self.admin_url = admin_url
-        self._handle = handle
+        self.data_dir = data_dir  # None: a server this process did not start
+
+    @property
+    def running_here(self) -> bool:
+        """True for a server started (and so to be stopped) by this object."""
+        return self.data_dir is not None
 
     @classmethod
     def for_tests(cls, data_dir: Path) -> PostgresServer:
@@ -29,11 +34,9 @@ class PostgresServer:
 
     @classmethod
     def start(cls, data_dir: Path) -> PostgresServer:
-        """Start a private server in `data_dir` (Unix socket only, no TCP port)."""
-        import pgserver
-
-        handle = pgserver.get_server(str(data_dir), cleanup_mode="stop")
-        return cls(handle.get_uri(), handle)
+        """Start a private server in `data_dir` (Unix socket only, no TCP port); again
+        after `stop()`, on the same data and socket."""
+        return cls(pglocal.start(data_dir), data_dir)
 
     def execute(self, sql: str, dbname: str | None = None) -> None:
         url = self.admin_url if dbname is None else with_database(self.admin_url, dbname)
@@ -50,6 +53,6 @@ class PostgresServer:
         self.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cleanup()
-            self._handle = None
+        if self.data_dir is not None:
+            pglocal.stop(self.data_dir)
+            self.data_dir = None

@@ -127,9 +127,26 @@ class _ClientInterceptor(
         return call
 
 
-def channel_options(settings: CommonSettings) -> list[tuple[str, Any]]:
+def service_config(health_service: str | None = None) -> dict[str, Any]:
+    """The channel's service config: round-robin, retries of UNAVAILABLE and, given the
+    peer's readiness name, client-side health checking: each connection watches
+    `grpc.health.v1.Health/Watch(health_service)` and round-robin picks only peers that
+    report SERVING. A replica that starts draining (NOT_SERVING for
+    FINSIGHT_DRAIN_DELAY_S before its listener closes) stops receiving new calls at once,
+    so a rolling restart fails none; calls already sent finish within the shutdown grace."""
+    config = dict(RETRY_SERVICE_CONFIG)
+    if health_service:
+        config["healthCheckConfig"] = {"serviceName": health_service}
+    return config
+
+
+def channel_options(
+    settings: CommonSettings, health_service: str | None = None
+) -> list[tuple[str, Any]]:
+    # Health checks carry no credentials: only watch peers whose health is exempt from auth.
+    watched = health_service if settings.finsight_auth_exempt_health else None
     return [
-        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
+        ("grpc.service_config", json.dumps(service_config(watched))),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", int(settings.finsight_keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -162,9 +179,11 @@ def create_channel(
     target: str,
     settings: CommonSettings,
     *,
+    health_service: str | None = None,
     extra_interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A channel to another Finsight service (`dns:///host:port` for round-robin)."""
+    """A channel to another Finsight service (`dns:///host:port` for round-robin);
+    `health_service` (the peer's readiness name) turns on client-side health checking."""
     service_key = (
         settings.finsight_service_api_key.get_secret_value()
         if settings.finsight_service_api_key
@@ -176,7 +195,7 @@ def create_channel(
         *extra_interceptors,
     ]
     creds = client_credentials(settings)
-    options = channel_options(settings)
+    options = channel_options(settings, health_service)
     if creds is not None:
         return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

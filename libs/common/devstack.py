@@ -166,7 +166,7 @@ class DevStack:
         self.log_dir = log_dir
         self.store = store
         self.specs = topology(store, replicas)
-        self.postgres: object | None = None
+        self.postgres: Path | None = None  # data directory of the server started here
         self.data_dir = Path(env.get("FINSIGHT_DATA_DIR", "var")).resolve()
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
@@ -210,13 +210,14 @@ class DevStack:
                 _say("postgres", f"{service} uses {service.upper()}_DATABASE_URL")
         if not wanted:
             return
-        import pgserver
         import psycopg
 
+        from libs.common import pglocal
+
         started = time.monotonic()
-        server = pgserver.get_server(str(self.data_dir / "postgres"), cleanup_mode="stop")
-        self.postgres = server
-        admin = server.get_uri()
+        folder = self.data_dir / "postgres"
+        admin = pglocal.start(folder)
+        self.postgres = folder
         with psycopg.connect(admin, autocommit=True) as conn:
             have = {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}
             for service in wanted:
@@ -405,7 +406,9 @@ class DevStack:
             self.valkey.stop()  # type: ignore[attr-defined]
             _say("redis", "stopped")
         if self.postgres is not None:
-            self.postgres.cleanup()  # type: ignore[attr-defined]
+            from libs.common import pglocal
+
+            pglocal.stop(self.postgres)
             self.postgres = None
             _say("postgres", "stopped")
         _say("devstack", "all stopped")

@@ -14,6 +14,8 @@ from typing import Final
 from redis.asyncio import Redis
 
 from finsight.analytics.v1 import analytics_pb2_grpc
+from finsight.llm.v1 import llm_gateway_pb2
+from finsight.memory.v1 import memory_pb2
 from libs.common.admin import open_service_store
 from libs.common.clients import create_channel
 from libs.common.duck import Database
@@ -33,6 +35,9 @@ from services.analytics.storage_pg import PgMarketBackend
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 PG_MIGRATIONS = MIGRATIONS / "postgresql"
+# Readiness names of the peers (their full service names): the channels watch them.
+MEMORY_HEALTH: Final = memory_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name
+GATEWAY_HEALTH: Final = llm_gateway_pb2.DESCRIPTOR.services_by_name["LlmGatewayService"].full_name
 POLICIES: Final = {"IngestBars": MethodPolicy(scope="analytics.write", method_class="write")}
 
 
@@ -48,8 +53,12 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
 
     store = MarketStore(market_backend(db), cache_max_rows=settings.analytics_series_cache_max_rows)
     market = MarketAnalytics(store, max_ingest_rows=settings.analytics_ingest_max_rows)
-    memory_channel = create_channel(settings.analytics_memory_target, settings)
-    gateway_channel = create_channel(settings.analytics_llm_gateway_target, settings)
+    memory_channel = create_channel(
+        settings.analytics_memory_target, settings, health_service=MEMORY_HEALTH
+    )
+    gateway_channel = create_channel(
+        settings.analytics_llm_gateway_target, settings, health_service=GATEWAY_HEALTH
+    )
 
     async def close_channels() -> None:
         await memory_channel.close()

@@ -27,7 +27,7 @@ from finsight.analytics.v1 import analytics_pb2 as an
 from finsight.analytics.v1 import analytics_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mem
 from finsight.memory.v1 import memory_pb2_grpc
-from libs.common.clients import RETRY_SERVICE_CONFIG
+from libs.common.clients import service_config
 from tests.system.calls import Tally
 from tests.system.harness import CHANNEL_OPTIONS, SERVING, Suite
 from tests.system.test_faults import (
@@ -43,6 +43,7 @@ from tests.system.test_faults import (
 Figures = Callable[..., None]
 MEMORY = ("memory-1", "memory-2")
 ANALYTICS = ("analytics-1", "analytics-2")
+MIN_READY_S = 2.0  # > the test channels' longest reconnect backoff (1 s)
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +70,13 @@ async def suite(pg_system: Suite) -> AsyncIterator[Suite]:
 
 
 def retrying_channel(suite: Suite, service: str) -> grpc.aio.Channel:
-    """A channel over every replica that retries UNAVAILABLE, as services' channels do
-    (libs.common.clients)."""
+    """A channel over every replica as services' channels are (libs.common.clients):
+    retries of UNAVAILABLE, and client-side health checking on the readiness name, so a
+    draining replica gets no new calls."""
+    config = service_config(suite.spec(f"{service}-1").health_name)
     return grpc.aio.insecure_channel(
         suite.target(service),
-        options=[*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))],
+        options=[*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(config))],
     )
 
 
@@ -266,6 +269,9 @@ async def test_rolling_restart_of_every_replica_fails_no_rpc(
             began = time.monotonic()
             await suite.restart(name)
             timings[name] = round(time.monotonic() - began, 2)
+            # As the Deployment's minReadySeconds: callers' channels reconnect to the new
+            # replica and see it SERVING before the next one drains.
+            await asyncio.sleep(MIN_READY_S)
         await asyncio.sleep(1.0)
         writes.stop.set()
         await asyncio.gather(*tasks)
