@@ -363,13 +363,14 @@ class DevStack:
         if self.store == "postgres":
             for service in REPLICATED:
                 url = self.env[f"{service.upper()}_DATABASE_URL"]
-                lines.append(f"  {service + ' db':<12} {describe_url(url)}")
-                lines.append(f"  {service + ' all':<12} {self.service_target(service)}")
+                lines.append(f"  {service + ' db':<13} {describe_url(url)}")
+                lines.append(f"  {service + ' all':<13} {self.service_target(service)}")
         if key:
             lines.append(f"  dev API key  {key}   (also in {self.data_dir / 'dev-api-key'})")
+        analytics = next(spec for spec in self.specs if service_of(spec) == "analytics")
         lines.append(
             f'  try: grpcurl -plaintext -H "authorization: Bearer $(cat {self.data_dir}/dev-api-key)" '
-            f"{host}:50053 list"
+            f"{self.target(analytics)} list"
         )
         lines.append("Ctrl-C (or SIGTERM) stops everything.")
         for line in lines:

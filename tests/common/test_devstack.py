@@ -1,4 +1,5 @@
-"""`make run`'s orchestrator: embedded Redis, three services SERVING, clean stop."""
+"""`make run`'s orchestrator: embedded Redis, three services SERVING, clean stop; and
+`make run STORE=postgres`: a local PostgreSQL and two replicas of memory and analytics."""
 
 from __future__ import annotations
 
@@ -8,17 +9,23 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 from grpc_health.v1 import health_pb2
 
-from libs.common.devstack import SERVICES
+from libs.common.devstack import REPLICA_PORT_STEP, SERVICES, topology
 from tests.common.test_server import health_of
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "FINSIGHT_"))}
+@pytest.mark.parametrize("store", ["duckdb", "postgres"])
+async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path, store: str) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDIS_", "FINSIGHT_", "MEMORY_", "ANALYTICS_"))
+    }
     ports = {}
     for spec in SERVICES:
         ports[spec.name] = free_port()
@@ -30,6 +37,8 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path) ->
         sys.executable,
         "-m",
         "libs.common.devstack",
+        "--store",
+        store,
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -43,8 +52,9 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path) ->
                 raw = await proc.stdout.readline()
                 assert raw, "devstack exited early:\n" + "\n".join(lines[-30:])
                 lines.append(raw.decode())
-        for spec in SERVICES:
-            target = f"127.0.0.1:{ports[spec.name]}"
+        for spec in topology(store):
+            base = ports[spec.module.rsplit(".", 1)[-1]]
+            target = f"127.0.0.1:{base + spec.port_offset}"
             assert await health_of(target, spec.health_name) == (
                 health_pb2.HealthCheckResponse.SERVING
             )
@@ -59,5 +69,9 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path) ->
             await proc.wait()
     tail = rest.decode()
     assert "all stopped" in tail and "redis | stopped" in tail
-    for spec in SERVICES:
+    for spec in topology(store):
         assert f"{spec.name} SERVING after" in "".join(lines)
+    if store == "postgres":
+        assert "postgres | stopped" in tail
+        assert not (tmp_path / "var" / "memory.duckdb").exists()  # no DuckDB file at all
+        assert topology(store)[-1].port_offset == REPLICA_PORT_STEP
