@@ -78,7 +78,7 @@ clean:  ## remove the virtualenv, generated code, caches and local data
 
 .PHONY: chaos
 chaos: $(PROTO_STAMP)  ## fault-injection suite against the running system (slow; figures in .build/chaos-figures.jsonl)
-	SYSTEM_FIGURES_FILE=.build/chaos-figures.jsonl $(PY) -m pytest -m slow -k chaos tests/system/test_faults.py -v $(PYTEST_ARGS)
+	SYSTEM_FIGURES_FILE=.build/chaos-figures.jsonl $(PY) -m pytest -m slow -k chaos tests/system/test_faults.py tests/system/test_replicas.py -v $(PYTEST_ARGS)
 
 .PHONY: fuzz
 fuzz: $(PROTO_STAMP)  ## the full property-based fuzzing and security suites (slow)

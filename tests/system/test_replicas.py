@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -134,9 +135,14 @@ class Writes:
         return stored_total
 
 
-async def test_sigkill_one_replica_loses_nothing_and_the_other_keeps_answering(
-    suite: Suite, figures: Figures
+async def sigkill_one_replica(
+    suite: Suite,
+    figures: Figures,
+    victims: tuple[str, str] = ("memory-1", "analytics-1"),
+    after_s: float = 3.0,
 ) -> None:
+    """Write load through both replicas, SIGKILL one of each service, `after_s` more of
+    load on the survivors; then restart the victims (heal)."""
     writes = Writes(suite, suite.memory(), writers=6)
     a = suite.analytics()
     md = suite.md()
@@ -153,10 +159,10 @@ async def test_sigkill_one_replica_loses_nothing_and_the_other_keeps_answering(
     tasks = [*writes.start(), asyncio.create_task(metrics_load())]
     await wait_until(lambda: _true(len(writes.acked) >= 60), timeout=60, interval=0.02)
     killed_at = time.monotonic()
-    codes = await asyncio.gather(suite.kill("memory-1"), suite.kill("analytics-1"))
+    codes = await asyncio.gather(*(suite.kill(name) for name in victims))
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
     acked_at_kill = len(writes.acked)
-    await asyncio.sleep(3.0)  # the survivors carry the load alone
+    await asyncio.sleep(after_s)  # the survivors carry the load alone
     writes.stop.set()
     await asyncio.gather(*tasks)
 
@@ -170,6 +176,7 @@ async def test_sigkill_one_replica_loses_nothing_and_the_other_keeps_answering(
     assert len(writes.acked) > acked_at_kill + 20, "the surviving replica stopped answering"
     stored = await writes.check_stored()
     figures(
+        killed=list(victims),
         appends_acked=len(writes.acked),
         appends_stored=stored,
         acked_after_kill=len(writes.acked) - acked_at_kill,
@@ -179,9 +186,8 @@ async def test_sigkill_one_replica_loses_nothing_and_the_other_keeps_answering(
     )
 
 
-async def test_postgres_restart_is_unavailable_with_retry_info_then_recovers(
-    suite: Suite, figures: Figures
-) -> None:
+async def postgres_restart(suite: Suite, figures: Figures, down_s: float = 3.0) -> None:
+    """Write load; PostgreSQL stopped for `down_s`, started again."""
     writes = Writes(suite, suite.memory(), writers=4)
     pids = {name: suite.pid(name) for name in suite.names}
     tasks = writes.start()
@@ -189,7 +195,7 @@ async def test_postgres_restart_is_unavailable_with_retry_info_then_recovers(
     writes.tally.tag = "down"
     down_at = time.monotonic()
     await asyncio.to_thread(suite.pg_stop)
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(down_s)
     writes.tally.tag = "recovering"
     await asyncio.to_thread(suite.pg_start)
     up_at = time.monotonic()
@@ -225,12 +231,12 @@ async def test_postgres_restart_is_unavailable_with_retry_info_then_recovers(
     )
 
 
-async def test_rolling_restart_of_every_replica_fails_no_rpc(
-    suite: Suite, figures: Figures
-) -> None:
+async def rolling_restart(suite: Suite, figures: Figures, writers: int = 4) -> None:
+    """Appends, ComputeMetrics and IngestBars through every replica while each replica in
+    turn is restarted (SIGTERM, drain, start, ready); asserts zero failed RPCs."""
     memory_channel = retrying_channel(suite, "memory")
     analytics_channel = retrying_channel(suite, "analytics")
-    writes = Writes(suite, memory_pb2_grpc.MemoryServiceStub(memory_channel), writers=4)
+    writes = Writes(suite, memory_pb2_grpc.MemoryServiceStub(memory_channel), writers=writers)
     a = analytics_pb2_grpc.AnalyticsServiceStub(analytics_channel)
     md, admin = suite.md(), suite.md("admin")
     other = Tally()
@@ -290,6 +296,42 @@ async def test_rolling_restart_of_every_replica_fails_no_rpc(
         ingests=ingests,
         latency={**writes.tally.summary(), **other.summary()},
     )
+
+
+async def test_sigkill_one_replica_loses_nothing_and_the_other_keeps_answering(
+    suite: Suite, figures: Figures
+) -> None:
+    await sigkill_one_replica(suite, figures)
+
+
+async def test_postgres_restart_is_unavailable_with_retry_info_then_recovers(
+    suite: Suite, figures: Figures
+) -> None:
+    await postgres_restart(suite, figures)
+
+
+async def test_rolling_restart_of_every_replica_fails_no_rpc(
+    suite: Suite, figures: Figures
+) -> None:
+    await rolling_restart(suite, figures)
+
+
+CHAOS_ROUNDS = int(os.environ.get("CHAOS_REPLICA_ROUNDS", "3"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+async def test_chaos_replica_faults_repeated(suite: Suite, figures: Figures) -> None:
+    """`make chaos`: every fault again, CHAOS_REPLICA_ROUNDS times (3), killing each replica
+    in turn, longer outages and heavier load."""
+    for i in range(CHAOS_ROUNDS):
+        victims = ("memory-1", "analytics-2") if i % 2 == 0 else ("memory-2", "analytics-1")
+        await sigkill_one_replica(suite, figures, victims, after_s=10.0)
+        await suite.heal()
+        await postgres_restart(suite, figures, down_s=10.0)
+        await suite.heal()
+        await rolling_restart(suite, figures, writers=12)
+        await suite.heal()
 
 
 async def test_each_replica_answers_for_writes_made_through_the_other(suite: Suite) -> None:
