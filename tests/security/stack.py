@@ -122,7 +122,7 @@ class Stack:
     provider: DevProvider
     hosts: dict[str, ServiceHost]
     memory_app: MemoryApp
-    analytics_db: Any  # libs.common.duck.Database of analytics
+    analytics_db: Any  # analytics' libs.common.duck.Database or libs.common.pg.PgDatabase
     # Credentials of the test's own client when the services require TLS (None: plaintext).
     credentials: grpc.ChannelCredentials | None = None
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
@@ -246,12 +246,14 @@ async def start_stack(
 
 
 def _find_db(host: ServiceHost) -> Any:
-    """The analytics Database, reached through the cleanup registered by `setup`."""
+    """The analytics database (DuckDB or PostgreSQL), reached through the cleanup
+    registered by `setup`."""
     from libs.common.duck import Database
+    from libs.common.pg import PgDatabase
 
     for cleanup in host._cleanups:
         owner = getattr(cleanup, "__self__", None)
-        if isinstance(owner, Database):
+        if isinstance(owner, Database | PgDatabase):
             return owner
     raise AssertionError("analytics database not found")
 

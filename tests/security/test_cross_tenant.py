@@ -35,6 +35,7 @@ from finsight.llm.v1 import llm_gateway_pb2 as gpb
 from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
+from tests.postgres import PostgresServer
 from tests.security.requests import user_message
 from tests.security.stack import RESULTS_DIR, Stack, consent_and_remember, ingest, start_stack
 
@@ -310,8 +311,17 @@ async def check_b_writes_are_b_only(stack: Stack) -> None:
         assert all(MARKER in m.message.content for m in page.messages), session
 
 
-async def _cross_tenant(tmp: Path, ops: int, mode: str) -> dict[str, Any]:
-    stack = await start_stack(tmp)
+async def _cross_tenant(
+    tmp: Path, ops: int, mode: str, database_urls: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """`database_urls` (memory, analytics): run on PostgreSQL instead of DuckDB files."""
+    stores: dict[str, dict[str, Any]] = {}
+    if database_urls is not None:
+        stores = {
+            "memory": {"memory_database_url": database_urls[0]},
+            "analytics": {"analytics_database_url": database_urls[1]},
+        }
+    stack = await start_stack(tmp, **stores)
     try:
         a = await seed_tenant_a(stack)
         before = await picture_of_a(stack)
@@ -338,9 +348,25 @@ async def test_cross_tenant_quick(tmp_path: Path) -> None:
     assert len(result["by_operation"]) >= 15  # the run covered (nearly) every operation
 
 
+async def test_cross_tenant_quick_on_postgresql(tmp_path: Path, pg_server: PostgresServer) -> None:
+    urls = (pg_server.create_database("xt_mem"), pg_server.create_database("xt_an"))
+    ops = int(os.environ.get("CROSS_TENANT_OPS", "150"))
+    result = await _cross_tenant(tmp_path, ops, "quick-postgresql", urls)
+    assert len(result["by_operation"]) >= 15
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 async def test_cross_tenant_full(tmp_path: Path) -> None:
     ops = int(os.environ.get("CROSS_TENANT_FULL_OPS", "3000"))
     result = await _cross_tenant(tmp_path, ops, "full")
+    assert len(result["by_operation"]) == 19
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_cross_tenant_full_on_postgresql(tmp_path: Path, pg_server: PostgresServer) -> None:
+    urls = (pg_server.create_database("xt_mem"), pg_server.create_database("xt_an"))
+    ops = int(os.environ.get("CROSS_TENANT_FULL_OPS", "3000"))
+    result = await _cross_tenant(tmp_path, ops, "full-postgresql", urls)
     assert len(result["by_operation"]) == 19
