@@ -81,7 +81,7 @@ chaos: $(PROTO_STAMP)  ## fault-injection suite against the running system (slow
 	SYSTEM_FIGURES_FILE=.build/chaos-figures.jsonl $(PY) -m pytest -m slow -k chaos tests/system/test_faults.py tests/system/test_replicas.py -v $(PYTEST_ARGS)
 
 .PHONY: fuzz
-fuzz: $(PROTO_STAMP)  ## the full property-based fuzzing and security suites (slow)
+fuzz: $(PROTO_STAMP)  ## the full property-based fuzzing and security suites (slow), on DuckDB and PostgreSQL
 	$(PY) -m pytest -m slow -s tests/fuzz tests/security $(PYTEST_ARGS)
 
 .PHONY: soak

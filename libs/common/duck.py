@@ -189,16 +189,7 @@ class Database:
             self._observe(statement, time.perf_counter() - started)
 
     def _observe(self, statement: str, seconds: float) -> None:
-        metrics.DB_QUERY_SECONDS.labels(self.name, statement).observe(seconds)
-        if seconds * 1000 >= self.slow_query_ms:
-            log.warning(
-                "slow statement",
-                extra={
-                    "db": self.name,
-                    "statement": statement,
-                    "duration_ms": round(seconds * 1000, 1),
-                },
-            )
+        metrics.observe_statement(self.name, statement, seconds, self.slow_query_ms)
 
     # -- writes (group commit) ---------------------------------------------------------------
     async def write(self, statement: str, fn: Callable[..., T], *args: Any) -> T:

@@ -6,7 +6,11 @@ dashboards and alerts work unchanged.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_db_log = logging.getLogger("libs.common.db")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RPC = ("grpc_service", "grpc_method", "grpc_type")
@@ -85,6 +89,17 @@ DB_BATCH_SIZE = Histogram(
     ("db",),
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+
+
+def observe_statement(db: str, statement: str, seconds: float, slow_ms: float) -> None:
+    """Time one database statement by its stable name (DuckDB or PostgreSQL alike) and log
+    it when it took `slow_ms` or more."""
+    DB_QUERY_SECONDS.labels(db, statement).observe(seconds)
+    if seconds * 1000 >= slow_ms:
+        _db_log.warning(
+            "slow statement",
+            extra={"db": db, "statement": statement, "duration_ms": round(seconds * 1000, 1)},
+        )
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

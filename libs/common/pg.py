@@ -314,16 +314,7 @@ class PgDatabase:
         )
 
     def _observe(self, statement: str, seconds: float) -> None:
-        metrics.DB_QUERY_SECONDS.labels(self.name, statement).observe(seconds)
-        if seconds * 1000 >= self.slow_query_ms:
-            log.warning(
-                "slow statement",
-                extra={
-                    "db": self.name,
-                    "statement": statement,
-                    "duration_ms": round(seconds * 1000, 1),
-                },
-            )
+        metrics.observe_statement(self.name, statement, seconds, self.slow_query_ms)
 
     def _pool_or_raise(self) -> psycopg_pool.AsyncConnectionPool[Conn]:
         if self._pool is None or self._closing:

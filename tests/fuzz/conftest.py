@@ -4,6 +4,7 @@ facts and a session, ingested symbols of tenant acme)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import pytest
 from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
+from tests.postgres import PostgresServer
 from tests.security.stack import Stack, consent_and_remember, ingest, start_stack
 
 FUZZ_USERS = ("u-fuzz", "u-fuzz2")
@@ -23,17 +25,34 @@ FUZZ_SYMBOLS = ("FZA", "FZB", "^FZI")
 class Seeded:
     stack: Stack
     fact_ids: list[str]
+    store: str = "duckdb"  # the services' store: duckdb or postgresql
 
 
-@pytest.fixture(scope="package")  # torn down when the last fuzz module is done
-async def seeded(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Seeded]:
+# Every fuzz suite runs against both stores (FUZZ_STORE=duckdb or =postgresql: one).
+FUZZ_STORES = tuple(os.environ.get("FUZZ_STORE", "duckdb,postgresql").split(","))
+
+
+@pytest.fixture(scope="package", params=FUZZ_STORES)  # torn down after the last fuzz module
+async def seeded(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pg_server: PostgresServer,
+) -> AsyncIterator[Seeded]:
+    memory: dict[str, str] = {}
+    # A stream is buffered whole before it is validated; keep the fuzz's bounded.
+    analytics: dict[str, object] = {"analytics_ingest_max_rows": 200_000}
+    if request.param == "postgresql":
+        memory["memory_database_url"] = pg_server.create_database("fz_mem")
+        analytics["analytics_database_url"] = pg_server.create_database("fz_an")
+    elif request.param != "duckdb":
+        raise ValueError(f"FUZZ_STORE holds duckdb or postgresql, got {request.param!r}")
     stack = await start_stack(
-        tmp_path_factory.mktemp("fuzzstack"),
-        # A stream is buffered whole before it is validated; keep the fuzz's bounded.
-        analytics={"analytics_ingest_max_rows": 200_000},
+        tmp_path_factory.mktemp("fuzzstack"), memory=memory, analytics=analytics
     )
     try:
-        yield await seed(stack)
+        seeded = await seed(stack)
+        seeded.store = request.param
+        yield seeded
     finally:
         await stack.close()
 

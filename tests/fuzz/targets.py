@@ -142,11 +142,29 @@ def _bar_counts(cur: Any) -> tuple[int, ...]:
     return (rows,)
 
 
+async def _pg_counts(conn: Any, tables: tuple[str, ...]) -> tuple[int, ...]:
+    out = []
+    for table in tables:
+        row = await (await conn.execute(f"SELECT count(*) FROM {table}")).fetchone()
+        out.append(int(row[0]))
+    return tuple(out)
+
+
+async def table_counts(db: Any, tables: tuple[str, ...]) -> tuple[int, ...]:
+    """Rows per table, whichever store the service runs on (nothing half-written)."""
+    from libs.common.pg import PgDatabase
+
+    if isinstance(db, PgDatabase):
+        return await db.read("fuzz_counts", _pg_counts, tables)
+    counts = _memory_counts if tables == MEMORY_TABLES else _bar_counts
+    return await db.read("fuzz_counts", counts)  # type: ignore[no-any-return]
+
+
 def memory_snapshot(seeded: Seeded, loop: asyncio.AbstractEventLoop) -> Callable[[], Any]:
     redis = SyncRedis.from_url(seeded.stack.redis.url)
 
     def snap() -> Any:
-        counts = on_loop(loop, seeded.stack.memory_app.duck.read("fuzz_counts", _memory_counts))
+        counts = on_loop(loop, table_counts(seeded.stack.memory_app.db, MEMORY_TABLES))
         return counts, redis.dbsize()
 
     return snap
@@ -154,7 +172,7 @@ def memory_snapshot(seeded: Seeded, loop: asyncio.AbstractEventLoop) -> Callable
 
 def analytics_snapshot(seeded: Seeded, loop: asyncio.AbstractEventLoop) -> Callable[[], Any]:
     def snap() -> Any:
-        return on_loop(loop, seeded.stack.analytics_db.read("fuzz_counts", _bar_counts))
+        return on_loop(loop, table_counts(seeded.stack.analytics_db, ("bars",)))
 
     return snap
 

@@ -58,10 +58,10 @@ async def _run(
         )
         assert await seeded.stack.healthy()
     except BaseException:
-        into[name] = {**tally.as_dict(), "failed": True}
+        into[f"{seeded.store}:{name}"] = {**tally.as_dict(), "failed": True}
         raise
     figures = tally.as_dict()
-    into[name] = figures
+    into[f"{seeded.store}:{name}"] = figures
     print(f"{name}: {figures['cases']} cases tried {figures['by_kind']} -> {figures['codes']}")
 
 

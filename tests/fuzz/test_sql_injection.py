@@ -27,6 +27,7 @@ from finsight.memory.v1 import memory_pb2_grpc
 from libs.common.errors import status_info
 from tests.fuzz.conftest import FUZZ_USERS, Seeded
 from tests.fuzz.protofuzz import SQL_PAYLOADS
+from tests.fuzz.targets import table_counts
 from tests.security.requests import user_message
 from tests.security.stack import random_walk_series
 
@@ -47,10 +48,24 @@ ALPHABET_SYMBOLS = ["A--", "^--", "X=1", "A.B-C^D", "SELECT", "DROP_TABLE"]
 EVIL_FILES = [Path("/tmp/evil.duckdb"), Path("/tmp/leak.csv")]
 
 
+_COLUMNS = "SELECT table_name, column_name FROM information_schema.columns"
+
+
 def _schema(cur: Any) -> list[tuple[str, str]]:
-    return sorted(
-        cur.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
-    )
+    return sorted(cur.execute(_COLUMNS).fetchall())
+
+
+async def _pg_schema(conn: Any) -> list[tuple[str, str]]:
+    return sorted(await (await conn.execute(_COLUMNS)).fetchall())
+
+
+async def schema_of(db: Any) -> list[tuple[str, str]]:
+    """Every (table, column) of the service's store, DuckDB or PostgreSQL."""
+    from libs.common.pg import PgDatabase
+
+    if isinstance(db, PgDatabase):
+        return await db.read("sqli", _pg_schema)
+    return await db.read("sqli", _schema)  # type: ignore[no-any-return]
 
 
 async def _guarded(seeded: Seeded) -> dict[str, Any]:
@@ -62,11 +77,9 @@ async def _guarded(seeded: Seeded) -> dict[str, Any]:
         counts.pop("audit_log")
         others[user] = counts
     return {
-        "memory_schema": await stack.memory_app.duck.read("sqli", _schema),
-        "analytics_schema": await stack.analytics_db.read("sqli", _schema),
-        "bars": await stack.analytics_db.read(
-            "sqli", lambda cur: cur.execute("SELECT count(*) FROM bars").fetchone()[0]
-        ),
+        "memory_schema": await schema_of(stack.memory_app.db),
+        "analytics_schema": await schema_of(stack.analytics_db),
+        "bars": await table_counts(stack.analytics_db, ("bars",)),
         "others": others,
         "files": [p.exists() for p in EVIL_FILES],
     }
