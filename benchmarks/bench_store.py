@@ -176,16 +176,15 @@ async def capacity(port: int, rates: list[float], seconds: float) -> dict[str, A
 
 
 def pg_processes(pg: PostgresServer | None) -> list[psutil.Process]:
-    if pg is None or not pg.running_here:
+    """The bench's own PostgreSQL: its postmaster (first line of postmaster.pid) and every
+    process under it (not the machine's other servers)."""
+    if pg is None or pg.data_dir is None:
         return []
-    out = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if proc.info["name"] and proc.info["name"].startswith("postgres"):
-                out.append(proc)
-        except psutil.Error:
-            continue
-    return out
+    try:
+        postmaster = psutil.Process(int((pg.data_dir / "postmaster.pid").read_text().split()[0]))
+        return [postmaster, *postmaster.children(recursive=True)]
+    except (OSError, ValueError, psutil.Error):
+        return []
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:

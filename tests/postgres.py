@@ -20,11 +20,6 @@ class PostgresServer:
         self.admin_url = admin_url
         self.data_dir = data_dir  # None: a server this process did not start
 
-    @property
-    def running_here(self) -> bool:
-        """True for a server started (and so to be stopped) by this object."""
-        return self.data_dir is not None
-
     @classmethod
     def for_tests(cls, data_dir: Path) -> PostgresServer:
         given = os.environ.get("FINSIGHT_TEST_DATABASE_URL")

@@ -233,8 +233,10 @@ class CommonSettings(BaseSettings):
 
     @property
     def database_url(self) -> str | None:
-        """PostgreSQL URL of the service's durable store; None = its embedded DuckDB file."""
-        return None
+        """PostgreSQL URL of the service's durable store (its `<SERVICE>_DATABASE_URL`
+        field, for the services that have one); None = its embedded DuckDB file."""
+        url = getattr(self, f"{self.service_name}_database_url", None)
+        return url.get_secret_value() or None if isinstance(url, SecretStr) else None
 
     @property
     def database_url_setting(self) -> str:

@@ -78,10 +78,5 @@ class AnalyticsSettings(CommonSettings):
         return self.analytics_metrics_port
 
     @property
-    def database_url(self) -> str | None:
-        url = self.analytics_database_url
-        return url.get_secret_value() if url is not None and url.get_secret_value() else None
-
-    @property
     def db_path(self) -> Path:
         return self.analytics_db_path or self.finsight_data_dir / "analytics.duckdb"

@@ -157,11 +157,6 @@ class MemorySettings(CommonSettings):
         return self.memory_metrics_port
 
     @property
-    def database_url(self) -> str | None:
-        url = self.memory_database_url
-        return url.get_secret_value() if url is not None and url.get_secret_value() else None
-
-    @property
     def db_path(self) -> Path:
         return self.memory_db_path or self.finsight_data_dir / "memory.duckdb"
 

@@ -265,6 +265,15 @@ class ErasureCounts:
     consent: int
     session_ids: tuple[str, ...]
 
+    def audit_detail(self) -> dict[str, object]:
+        """What the erasure's audit row says (ids and counts only), on every store."""
+        return {
+            "messages_deleted": self.messages,
+            "sessions_deleted": self.sessions,
+            "facts_deleted": self.facts,
+            "consent_deleted": self.consent,
+        }
+
 
 @dataclass(frozen=True)
 class PurgeCounts:
@@ -277,3 +286,12 @@ class PurgeCounts:
     # Of `facts`, those deleted by a kind's max age before their expiry (the others had
     # expired, so recall already ignored them).
     facts_by_age: int = 0
+
+    def audit_detail(self) -> dict[str, object]:
+        """What the purge's audit row says, on every store."""
+        return {
+            "facts_deleted": self.facts,
+            "messages_deleted": self.messages,
+            "sessions_deleted": self.sessions,
+            "audit_entries_deleted": self.audit_entries,
+        }

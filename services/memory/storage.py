@@ -862,19 +862,7 @@ def erase_user(
     facts = len(_delete_fact_rows(cur, rows))
     consent = _count(cur, "DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
     counts = ErasureCounts(messages, n_sessions, facts, consent, tuple(sessions))
-    insert_audit(
-        cur,
-        replace(
-            audit,
-            detail={
-                "messages_deleted": messages,
-                "sessions_deleted": n_sessions,
-                "facts_deleted": facts,
-                "consent_deleted": consent,
-            },
-        ),
-        now_us,
-    )
+    insert_audit(cur, replace(audit, detail=counts.audit_detail()), now_us)
     return counts
 
 
@@ -949,19 +937,7 @@ def purge(
             )
     facts += by_age
     counts = PurgeCounts(facts, messages, sessions, audits, tuple(touched), by_age)
-    insert_audit(
-        cur,
-        replace(
-            audit,
-            detail={
-                "facts_deleted": facts,
-                "messages_deleted": messages,
-                "sessions_deleted": sessions,
-                "audit_entries_deleted": audits,
-            },
-        ),
-        now_us,
-    )
+    insert_audit(cur, replace(audit, detail=counts.audit_detail()), now_us)
     return counts
 
 

@@ -1140,23 +1140,7 @@ async def erase_user(
     gone = await _delete_facts(conn, tenant, user_id, DELETE_FACTS_MATCHING, _filter_params(None))
     counts = ErasureCounts(messages, len(sessions), len(gone), n_consent, tuple(sessions))
     async with conn.pipeline():
-        await _queue_audit(
-            conn,
-            [
-                (
-                    replace(
-                        audit,
-                        detail={
-                            "messages_deleted": messages,
-                            "sessions_deleted": len(sessions),
-                            "facts_deleted": len(gone),
-                            "consent_deleted": n_consent,
-                        },
-                    ),
-                    now_us,
-                )
-            ],
-        )
+        await _queue_audit(conn, [(replace(audit, detail=counts.audit_detail()), now_us)])
     return counts
 
 
@@ -1217,23 +1201,7 @@ async def purge(
             await conn.execute(RESET_FACTS_VERSIONS, {"tenant": tenant, "users": reset})
     counts = PurgeCounts(facts, messages, sessions, audits, tuple(touched), by_age)
     async with conn.pipeline():
-        await _queue_audit(
-            conn,
-            [
-                (
-                    replace(
-                        audit,
-                        detail={
-                            "facts_deleted": facts,
-                            "messages_deleted": messages,
-                            "sessions_deleted": sessions,
-                            "audit_entries_deleted": audits,
-                        },
-                    ),
-                    now_us,
-                )
-            ],
-        )
+        await _queue_audit(conn, [(replace(audit, detail=counts.audit_detail()), now_us)])
     return counts
 
 

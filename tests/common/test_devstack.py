@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from libs.common.devstack import REPLICA_PORT_STEP, SERVICES, topology
+from libs.common.devstack import REPLICA_PORT_STEP, SERVICES, service_of, topology
 from tests.common.test_server import health_of
 from tests.conftest import free_port
 
@@ -53,7 +53,7 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path, st
                 assert raw, "devstack exited early:\n" + "\n".join(lines[-30:])
                 lines.append(raw.decode())
         for spec in topology(store):
-            base = ports[spec.module.rsplit(".", 1)[-1]]
+            base = ports[service_of(spec)]
             target = f"127.0.0.1:{base + spec.port_offset}"
             assert await health_of(target, spec.health_name) == (
                 health_pb2.HealthCheckResponse.SERVING

@@ -233,16 +233,12 @@ async def test_snapshot_reads_see_one_state(tmp_path: Path, pg_url: str) -> None
         await db.close()
 
 
-def test_database_url_settings(tmp_path: Path) -> None:
+def test_database_url_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     secret = tmp_path / "dsn"
     secret.write_text("postgresql://finsight:s3cret-pw@db.example:5432/memory?sslmode=require\n")
-    import os
-
-    os.environ["MEMORY_DATABASE_URL_FILE"] = str(secret)
-    try:
+    with monkeypatch.context() as env:
+        env.setenv("MEMORY_DATABASE_URL_FILE", str(secret))
         settings = load_settings(MemorySettings, _env_file=None, finsight_auth_enabled=False)
-    finally:
-        del os.environ["MEMORY_DATABASE_URL_FILE"]
     assert settings.database_url is not None and "s3cret-pw" in settings.database_url
     assert "s3cret-pw" in settings.secret_values()[0]  # the log redactor masks it
     assert describe_url(settings.database_url) == "postgresql://finsight@db.example:5432/memory"
