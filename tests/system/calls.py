@@ -25,6 +25,9 @@ T = TypeVar("T")
 # How far past its deadline a call may return and still count as "within its deadline":
 # the client cancels at the deadline; this is scheduling noise on a loaded 2-core machine.
 DEADLINE_SLACK_S = 0.5
+# The details grpc's asyncio client gives the status it sets when a request-stream write
+# fails in grpc core (the peer is gone); a server never sends it.
+CLIENT_WRITE_FAILED = "Internal error from Core"
 
 
 @dataclass
@@ -52,6 +55,15 @@ class Call:
     @property
     def ok(self) -> bool:
         return self.code == "OK"
+
+    @property
+    def connection_lost(self) -> bool:
+        """The call failed because the server went away: UNAVAILABLE, or the INTERNAL status
+        grpc's asyncio client sets itself when writing a request stream onto a connection the
+        server dropped ("Internal error from Core", grpc/grpc#34148: no server sent it)."""
+        return self.code == "UNAVAILABLE" or (
+            self.code == "INTERNAL" and self.message == CLIENT_WRITE_FAILED
+        )
 
 
 @dataclass
