@@ -1,0 +1,680 @@
+"""Numeric grounding: every figure an answer states, checked against what Analyze computed.
+
+A financial answer that quotes a wrong number is worse than no answer, so after the model
+answers, Analyze extracts each figure from the text and matches it against its sources:
+the metrics it computed and sent (`Sources.from_metrics`), the numbers of the question and
+the window dates.
+
+What counts as a figure: percentages (``34.1%``, ``-34 percent``), percentage points and
+basis points, decimals and ratios (``0.34``, ``1.25``), counts (``8,000 returns``),
+currency amounts (``$10,000``), dates (``2009-03-09``, ``March 9, 2009``, ``Mar 2009``) and
+years (``2020``).
+
+How a figure matches (`check`):
+
+- Roundings a writer would use are accepted: a figure written with ``d`` decimals matches a
+  value within half a unit of its last digit (0.34082 as 34.1%, 34%, 34.08% or 0.34).
+- Words carry signs: an explicit sign wins; otherwise words before or right after the figure
+  ("down", "fell", "lost", "a loss of", "rose", "gained", ...) give it one. "fell 30%" and
+  "-30%" state the same figure; "rose 30%" for a -30% return is wrong. A figure with no sign
+  at all is compared by magnitude when it names a loss measure (drawdown, VaR, CVaR, worst
+  day) or names no metric; a signed measure it names (a return, alpha) reads it as positive.
+- A figure written about a named metric ("volatility 20.6%", "a Sharpe ratio of 1.2",
+  "34% drawdown") must match THAT metric, for any of the symbols; a figure tied to no metric
+  may match any computed value of its kind, a number of the question, or a convention
+  (confidence levels, periods per year, the risk-free rate).
+- Percentage points match the gap between two values of the same metric (or a value).
+- Dates must be dates of the metrics (window ends, peaks, troughs, recoveries, best and
+  worst days) or of the question; a month or a year must be one of those dates' months or
+  lie inside the window. Currency amounts must come from the question: Analyze sends none.
+
+An answer may also cite the metric behind each figure (the structured contract of
+`parse_structured`): a cited figure is checked against exactly that symbol's metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Final, Literal
+
+from services.analytics.metrics import SymbolMetrics
+
+GroundingPolicy = Literal["annotate", "reject", "off"]
+POLICIES: Final[tuple[GroundingPolicy, ...]] = ("annotate", "reject", "off")
+UNVERIFIED_MARK: Final = " [unverified]"
+
+Kind = Literal["percent", "points", "number", "money", "date", "month", "year"]
+
+# -- the metrics, by name ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    key: str
+    unit: Literal["pct", "ratio"]
+    get: Callable[[SymbolMetrics], float | None]
+    loss: bool = False  # a loss measure: written with or without its minus sign
+    nonnegative: bool = False
+
+
+def _rel(attr: str) -> Callable[[SymbolMetrics], float | None]:
+    def get(m: SymbolMetrics) -> float | None:
+        return None if m.relative is None else float(getattr(m.relative, attr))
+
+    return get
+
+
+def _attr(attr: str) -> Callable[[SymbolMetrics], float | None]:
+    return lambda m: float(getattr(m, attr))
+
+
+SPECS: Final[dict[str, MetricSpec]] = {
+    s.key: s
+    for s in (
+        MetricSpec("total_return", "pct", _attr("total_return")),
+        MetricSpec("cagr", "pct", _attr("cagr")),
+        MetricSpec("volatility", "pct", _attr("volatility"), nonnegative=True),
+        MetricSpec("sharpe", "ratio", _attr("sharpe")),
+        MetricSpec("sortino", "ratio", _attr("sortino")),
+        MetricSpec("calmar", "ratio", _attr("calmar")),
+        MetricSpec("max_drawdown", "pct", lambda m: m.drawdown.max_drawdown, loss=True),
+        MetricSpec("var_95", "pct", _attr("var_95"), loss=True),
+        MetricSpec("var_99", "pct", _attr("var_99"), loss=True),
+        MetricSpec("cvar_95", "pct", _attr("cvar_95"), loss=True),
+        MetricSpec("cvar_99", "pct", _attr("cvar_99"), loss=True),
+        MetricSpec("parametric_var_95", "pct", _attr("parametric_var_95"), loss=True),
+        MetricSpec("parametric_var_99", "pct", _attr("parametric_var_99"), loss=True),
+        MetricSpec("skew", "ratio", _attr("skew")),
+        MetricSpec("kurtosis", "ratio", _attr("kurtosis")),
+        MetricSpec("best_day", "pct", lambda m: m.best.value),
+        MetricSpec("worst_day", "pct", lambda m: m.worst.value, loss=True),
+        MetricSpec("positive_share", "pct", _attr("positive_share"), nonnegative=True),
+        MetricSpec("beta", "ratio", _rel("beta")),
+        MetricSpec("alpha", "pct", _rel("alpha")),
+        MetricSpec("tracking_error", "pct", _rel("tracking_error"), nonnegative=True),
+        MetricSpec("information_ratio", "ratio", _rel("information_ratio")),
+    )
+}
+CORRELATION: Final = MetricSpec("correlation", "ratio", lambda m: None)
+
+# Words naming a metric -> the metric keys they may mean. Longest alternatives first.
+_NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    (r"information ratios?|info(?:rmation)? ratio|\bIR\b", ("information_ratio",)),
+    (r"tracking errors?", ("tracking_error",)),
+    (
+        r"expected shortfall|conditional value[- ]at[- ]risk|c-?va?r(?:95|99)?",
+        ("cvar_95", "cvar_99"),
+    ),
+    (
+        r"value[- ]at[- ]risk|\bva?r(?:95|99)?\b",
+        ("var_95", "var_99", "parametric_var_95", "parametric_var_99"),
+    ),
+    (r"sharpe(?: ratios?)?", ("sharpe",)),
+    (r"sortino(?: ratios?)?", ("sortino",)),
+    (r"calmar(?: ratios?)?", ("calmar",)),
+    (
+        r"(?:max(?:imum)?|deepest|biggest|largest|worst) (?:draw-?downs?|declines?|drops?|falls?)"
+        r"|draw-?downs?|peak[- ]to[- ]trough(?: (?:loss|decline|drop|fall))?",
+        ("max_drawdown",),
+    ),
+    (
+        r"cagr|compound(?:ed)? annual(?: growth)?(?: rate)?|annuali[sz]ed returns?"
+        r"|annual returns?|a year compounded|per year|a year\b|per annum|annually",
+        ("cagr", "alpha"),
+    ),
+    (r"total returns?|cumulative returns?|overall returns?", ("total_return",)),
+    (
+        r"(?:annuali[sz]ed )?volatility|\bvol\b|standard deviation|\bstd\b",
+        ("volatility", "tracking_error"),
+    ),
+    (r"excess kurtosis|kurtosis", ("kurtosis",)),
+    (r"skew(?:ness)?", ("skew",)),
+    (
+        r"best (?:single |trading )?days?|best daily (?:return|gain)"
+        r"|biggest (?:one-day |daily |single-day )gain",
+        ("best_day",),
+    ),
+    (
+        r"worst (?:single |trading )?days?|worst daily (?:return|loss)"
+        r"|biggest (?:one-day |daily |single-day )(?:loss|drop|fall)",
+        ("worst_day",),
+    ),
+    (
+        r"positive days|up days|days (?:were )?positive|(?:share|fraction) of (?:up|positive)",
+        ("positive_share",),
+    ),
+    (r"\bbetas?\b", ("beta",)),
+    (r"\balphas?\b", ("alpha",)),
+    (r"correlat\w*", ("correlation",)),
+    (r"\breturns?\b|returned", ("total_return", "cagr", "best_day", "worst_day", "alpha")),
+)
+_NAME_RE: Final = re.compile("|".join(f"(?:{p})" for p, _ in _NAMES), re.IGNORECASE)
+_NAME_PARTS: Final = [re.compile(p, re.IGNORECASE) for p, _ in _NAMES]
+
+_NEG_WORDS: Final = (
+    r"down|fell|falls?|falling|lost|lose|loses|losing|loss(?:es)? of|declined?|declines|"
+    r"declining|decline of|dropped|drops?|drop of|plunged?|plunging|slumped|sank|shed|tumbled|"
+    r"crashed|negative|minus|slid|lower by|a fall of|shrank"
+)
+_POS_WORDS: Final = (
+    r"up|rose|rises?|rising|gained|gains?|gain of|grew|increased?|increase of|climbed|rallied|"
+    r"advanced|positive|plus|higher by|added|returned"
+)
+_NEG_BEFORE: Final = re.compile(
+    rf"\b(?:{_NEG_WORDS})\b(?:\s+(?:by|of|about|around|roughly|nearly|almost|some|over))*\s*$", re.I
+)
+_POS_BEFORE: Final = re.compile(
+    rf"\b(?:{_POS_WORDS})\b(?:\s+(?:by|of|about|around|roughly|nearly|almost|some|over))*\s*$", re.I
+)
+_NEG_AFTER: Final = re.compile(r"^\s*(?:lower|down|loss|decline|drop|fall|below)\b", re.I)
+_UP_TO: Final = re.compile(r"\bup\s+to\s*$", re.I)
+
+# -- extraction ----------------------------------------------------------------------------
+
+_MONTHS: Final = {
+    name: i + 1
+    for i, names in enumerate(
+        (
+            ("january", "jan"),
+            ("february", "feb"),
+            ("march", "mar"),
+            ("april", "apr"),
+            ("may",),
+            ("june", "jun"),
+            ("july", "jul"),
+            ("august", "aug"),
+            ("september", "sep", "sept"),
+            ("october", "oct"),
+            ("november", "nov"),
+            ("december", "dec"),
+        )
+    )
+    for name in names
+}
+_MONTH: Final = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sept?(?:ember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?"
+_DATE_RES: Final = (
+    ("iso", re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")),
+    ("mdy", re.compile(rf"\b({_MONTH})\s+(\d{{1,2}})(?:st|nd|rd|th)?,?\s+(\d{{4}})\b", re.I)),
+    (
+        "dmy",
+        re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({_MONTH}),?\s+(\d{{4}})\b", re.I),
+    ),
+    ("my", re.compile(rf"\b({_MONTH})\s+(?:of\s+)?(\d{{4}})\b", re.I)),
+)
+_NUMBER: Final = re.compile(
+    r"(?P<sign>(?<![\w.,])[+\-\u2212\u2013](?=\s?[$€£]?\d))?\s?"
+    r"(?P<cur>[$€£])?"
+    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+    r"(?P<unit>\s?%|\s?(?:per\s?cent|percent)\b|\s?(?:percentage\s+points?|pp|pts?|points?)\b"
+    r"|\s?(?:bps|basis\s+points?)\b|\s?(?:USD|EUR|GBP|dollars?)\b|x\b)?",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One figure of a text. `value` is a fraction for percent/points kinds, the number for
+    number/money kinds, the date's ordinal for dates, year*12+month for months, the year."""
+
+    text: str
+    start: int
+    end: int
+    kind: Kind
+    value: float
+    decimals: int
+    sign: int  # +1 / -1 when written (sign or words), 0 when not
+    explicit_sign: bool
+    metrics: tuple[str, ...] = ()  # the metric(s) the words around it name
+
+
+def _month(word: str) -> int:
+    return _MONTHS[word.lower().rstrip(".")]
+
+
+def _dates(text: str) -> list[Figure]:
+    found: list[Figure] = []
+    taken: list[tuple[int, int]] = []
+    for form, rx in _DATE_RES:
+        for m in rx.finditer(text):
+            if any(s < m.end() and m.start() < e for s, e in taken):
+                continue
+            try:
+                if form == "iso":
+                    d = date(int(m[1]), int(m[2]), int(m[3]))
+                elif form == "mdy":
+                    d = date(int(m[3]), _month(m[1]), int(m[2]))
+                elif form == "dmy":
+                    d = date(int(m[3]), _month(m[2]), int(m[1]))
+                else:
+                    y, mo = int(m[2]), _month(m[1])
+                    found.append(
+                        Figure(m[0], m.start(), m.end(), "month", y * 12 + mo, 0, 0, False)
+                    )
+                    taken.append((m.start(), m.end()))
+                    continue
+            except ValueError:
+                continue
+            found.append(Figure(m[0], m.start(), m.end(), "date", d.toordinal(), 0, 0, False))
+            taken.append((m.start(), m.end()))
+    return found
+
+
+_CLAUSE_END: Final = re.compile(
+    r"[.!?;,:](?:\s|$)|\n|\(|\b(?:and|but|while|whereas|against|versus|vs\.?|compared with)\s",
+    re.IGNORECASE,
+)
+# Confidence levels ("95% VaR", "at 99%"): conventions, and no bound between a metric's name
+# and its figure ("CVaR at 95% was -4.9%" ties -4.9% to CVaR).
+LEVELS: Final = (0.95, 0.99)
+
+
+def _clause_before(text: str, start: int, floor: int) -> str:
+    """The words before `start` back to `floor` (the previous figure) or the clause start."""
+    head = text[floor:start]
+    cut = max((m.end() for m in _CLAUSE_END.finditer(head)), default=0)
+    return head[cut:][-80:]
+
+
+def _names(words: str) -> list[tuple[int, int, tuple[str, ...]]]:
+    out = []
+    for m in _NAME_RE.finditer(words):
+        for part, (_, keys) in zip(_NAME_PARTS, _NAMES, strict=True):
+            if part.fullmatch(m[0]):
+                out.append((m.start(), m.end(), keys))
+                break
+    return out
+
+
+def _tie(before: str, after: str) -> tuple[str, ...]:
+    """The metric the words right around a figure name: the last name before it in its
+    clause, else a name right after it (same clause, no punctuation in between)."""
+    names = _names(before)
+    if names:
+        return names[-1][2]
+    near = re.split(
+        r"[,;:.!?)\n]|\band\b|\bwhile\b|\bbut\b|\bvs\.?\b|\bversus\b|\bagainst\b", after, maxsplit=1
+    )[0]
+    names = _names(near[:40])
+    return names[0][2] if names else ()
+
+
+def extract(text: str) -> list[Figure]:
+    """Every figure of `text`, in order."""
+    dates = _dates(text)
+    spans = [(f.start, f.end) for f in dates]
+    figures: list[Figure] = list(dates)
+    numbers = [
+        m
+        for m in _NUMBER.finditer(text)
+        if not any(s < m.end() and m.start() < e for s, e in spans)
+    ]
+    bounds = sorted([*spans, *((m.start(), m.end()) for m in numbers if not _is_level(m))])
+    for m in numbers:
+        figure = _number_figure(text, m, bounds)
+        if figure is not None:
+            figures.append(figure)
+    return sorted(figures, key=lambda f: f.start)
+
+
+def _is_level(m: re.Match[str]) -> bool:
+    unit = (m["unit"] or "").strip()
+    return unit == "%" and not m["sign"] and m["num"] in ("95", "99")
+
+
+def _number_figure(text: str, m: re.Match[str], bounds: list[tuple[int, int]]) -> Figure | None:
+    raw, unit = m["num"], (m["unit"] or "").strip().lower()
+    start = m.start("sign") if m["sign"] else (m.start("cur") if m["cur"] else m.start("num"))
+    end = m.end()
+    if start > 0 and (text[start - 1].isalpha() or text[start - 1] == "_"):
+        return None  # part of a word or an identifier (e.g. "VaR95", "H2", "Q1")
+    if unit == "" and end < len(text) and (text[end].isalpha() or text[end] == "_"):
+        return None  # "1st", "3rd", "10th", "20d": an ordinal or an identifier
+    digits = raw.replace(",", "")
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    number = float(digits)
+    previous_end = max((e for s, e in bounds if e <= start), default=0)
+    next_start = min((s for s, e in bounds if s >= end), default=len(text))
+    before = _clause_before(text, start, previous_end)
+    after = text[end:next_start]
+    explicit = bool(m["sign"])
+    sign = -1 if explicit and m["sign"] != "+" else (1 if explicit else 0)
+    if not explicit:
+        if _NEG_BEFORE.search(before) or _NEG_AFTER.match(after):
+            sign = -1
+        elif _POS_BEFORE.search(before) and not _UP_TO.search(before):
+            sign = 1
+    kind: Kind
+    if m["cur"] or unit in ("usd", "eur", "gbp", "dollar", "dollars"):
+        kind, value = "money", number
+    elif unit.startswith(("percentage", "pp", "pt", "point")):
+        kind, value = "points", number / 100
+    elif unit.startswith(("%", "per")):
+        kind, value = "percent", number / 100
+    elif unit.startswith(("bps", "basis")):
+        kind, value, decimals = "points", number / 10_000, decimals + 2
+    elif decimals == 0 and "," not in raw and 1900 <= number <= 2100 and unit == "":
+        kind, value = "year", number
+    else:
+        kind, value = "number", number
+    metrics = _tie(before, after) if kind in ("percent", "points", "number") else ()
+    return Figure(text[start:end], start, end, kind, value, decimals, sign, explicit, metrics)
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """What an answer may quote: values by (symbol, metric key), other numbers, dates."""
+
+    values: Mapping[tuple[str, str], float]
+    numbers: frozenset[float] = frozenset()  # counts, conventions, numbers of the question
+    percents: frozenset[float] = frozenset()  # fractions: confidence levels, risk-free rate
+    dates: frozenset[int] = frozenset()  # ordinals
+    first_year: int = 0
+    last_year: int = 0
+    question: tuple[Figure, ...] = ()
+
+    @classmethod
+    def from_metrics(
+        cls,
+        metrics: Sequence[SymbolMetrics],
+        *,
+        question: str = "",
+        window: tuple[date | None, date | None] = (None, None),
+        periods_per_year: float = 252.0,
+        risk_free: float = 0.0,
+        correlations: Mapping[frozenset[str], float] | None = None,
+    ) -> Sources:
+        values: dict[tuple[str, str], float] = {}
+        numbers: set[float] = {float(len(metrics)), periods_per_year}
+        dates: set[date] = {d for d in window if d is not None}
+        for m in metrics:
+            for spec in SPECS.values():
+                v = spec.get(m)
+                if v is not None and math.isfinite(v):
+                    values[(m.symbol, spec.key)] = v
+            dd = m.drawdown
+            numbers.update((m.n_returns, dd.duration_periods, dd.duration_days))
+            if m.relative is not None:
+                numbers.add(m.relative.n_common)
+            dates.update(
+                d
+                for d in (m.start_date, m.end_date, dd.peak_date, dd.trough_date, dd.recovery_date)
+                if d is not None
+            )
+            dates.update((m.best.date, m.worst.date))
+        for pair, v in (correlations or {}).items():
+            if math.isfinite(v):
+                values[("|".join(sorted(pair)), "correlation")] = v
+        asked = tuple(extract(question)) if question else ()
+        numbers.update(f.value for f in asked if f.kind in ("number", "money", "year"))
+        years = [d.year for d in dates] or [0]
+        return cls(
+            values=values,
+            numbers=frozenset(numbers),
+            percents=frozenset({0.95, 0.99, 0.05, 0.01, risk_free}),
+            dates=frozenset(d.toordinal() for d in dates),
+            first_year=min(years),
+            last_year=max(years),
+            question=asked,
+        )
+
+    def of(self, keys: Iterable[str], symbol: str | None = None) -> list[tuple[str, float]]:
+        wanted = set(keys)
+        return [
+            (k, v)
+            for (s, k), v in self.values.items()
+            if k in wanted and (symbol is None or s == symbol)
+        ]
+
+    def unit_of(self, key: str) -> str:
+        return CORRELATION.unit if key == "correlation" else SPECS[key].unit
+
+
+# -- checking ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    text: str
+    start: int
+    end: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    figures_checked: int
+    unverified: tuple[Unverified, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        return not self.unverified
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    """A figure the answer says it took from `symbol`'s `metric`."""
+
+    text: str
+    symbol: str
+    metric: str
+
+
+def _close(written: float, value: float, decimals: int) -> bool:
+    return abs(written - value) <= 0.5 * 10.0**-decimals + 1e-9 * max(1.0, abs(value))
+
+
+def _matches(f: Figure, key: str, value: float) -> bool:
+    """Does figure `f` state `value` of metric `key` (rounding and sign rules)?"""
+    spec = SPECS.get(key, CORRELATION)
+    if f.kind == "percent":
+        if spec.unit != "pct":
+            return False
+        written, scale = f.value * 100, value * 100
+    elif f.kind == "number":
+        written, scale = f.value, value
+        if spec.unit == "pct" and abs(f.value) >= 2:
+            return False  # "34" is not how anyone writes 0.34; "34" alone is a count
+    else:
+        return False
+    if f.sign != 0:
+        return _close(f.sign * abs(written), scale, f.decimals)
+    if spec.loss or not f.metrics:
+        return _close(abs(written), abs(scale), f.decimals)
+    return _close(written, scale, f.decimals)
+
+
+class Checker:
+    """Checks the figures of answers against one set of `Sources`."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    def check(self, text: str, citations: Sequence[Citation] = ()) -> Report:
+        figures = extract(text)
+        cited = self._cited(text, figures, citations)
+        problems: list[Unverified] = []
+        for f in figures:
+            reason = self._reason(f, cited.get(f.start))
+            if reason:
+                problems.append(Unverified(f.text, f.start, f.end, reason))
+        return Report(len(figures), tuple(problems))
+
+    def _cited(
+        self, text: str, figures: list[Figure], citations: Sequence[Citation]
+    ) -> dict[int, Citation]:
+        """Citations by the start of the figure they name (first unused figure whose text
+        contains the cited text)."""
+        out: dict[int, Citation] = {}
+        for c in citations:
+            wanted = c.text.strip()
+            for f in figures:
+                if f.start not in out and wanted and (wanted in f.text or f.text.strip() in wanted):
+                    out[f.start] = c
+                    break
+        return out
+
+    def _reason(self, f: Figure, citation: Citation | None) -> str:
+        src = self.sources
+        if f.kind == "date":
+            return "" if int(f.value) in src.dates else "date not among the computed dates"
+        if f.kind == "month":
+            months = {date.fromordinal(d).year * 12 + date.fromordinal(d).month for d in src.dates}
+            return (
+                ""
+                if int(f.value) in months or self._in_window_year(f.value // 12)
+                else ("month not among the computed dates")
+            )
+        if f.kind == "year":
+            return (
+                ""
+                if self._in_window_year(f.value) or f.value in src.numbers
+                else ("year outside the analysed window")
+            )
+        if f.kind == "money":
+            return "" if f.value in src.numbers else "amount not among the computed figures"
+        if self._asked(f) or self._convention(f):
+            return ""
+        if citation is not None:
+            return self._check_citation(f, citation)
+        if f.kind == "points":
+            return "" if self._points(f) else "gap not between two computed values"
+        if f.metrics:
+            keys = [k for k in f.metrics if any(k == key for (_, key) in src.values)]
+            if any(_matches(f, k, v) for k, v in src.of(f.metrics)):
+                return ""
+            if not keys:
+                return f"{_label(f.metrics)} was not computed"
+            return f"does not match the {_label(f.metrics)} computed"
+        if any(_matches(f, k, v) for (_, k), v in src.values.items()):
+            return ""
+        if f.kind == "percent" and any(
+            _close(abs(f.value) * 100, p * 100, f.decimals) for p in src.percents
+        ):
+            return ""
+        if f.kind == "number" and (
+            any(_close(abs(f.value), n, f.decimals) for n in src.numbers)
+            or (f.decimals == 0 and f.value <= 10)
+        ):
+            return ""
+        return "not among the computed figures"
+
+    def _check_citation(self, f: Figure, c: Citation) -> str:
+        key = c.metric.strip().lower()
+        if key not in SPECS and key != "correlation":
+            return f"cites an unknown metric {c.metric!r}"
+        symbol = "|".join(sorted(c.symbol.strip().upper().split("|")))
+        found = [v for (s, k), v in self.sources.values.items() if k == key and s == symbol]
+        if not found:
+            return f"cites {key} of {c.symbol!r}, which was not computed"
+        tied = Figure(
+            f.text, f.start, f.end, f.kind, f.value, f.decimals, f.sign, f.explicit_sign, (key,)
+        )
+        return (
+            "" if any(_matches(tied, key, v) for v in found) else f"does not match {c.symbol} {key}"
+        )
+
+    def _convention(self, f: Figure) -> bool:
+        """A confidence level, or a count (returns, periods, days, periods per year)."""
+        if f.kind == "percent" and f.decimals == 0 and f.sign == 0:
+            return round(f.value, 2) in LEVELS
+        return f.kind == "number" and f.decimals == 0 and f.value in self.sources.numbers
+
+    def _asked(self, f: Figure) -> bool:
+        return any(
+            q.kind == f.kind and _close(abs(f.value), abs(q.value), max(f.decimals, q.decimals))
+            for q in self.sources.question
+        )
+
+    def _in_window_year(self, year: float) -> bool:
+        return self.sources.first_year <= year <= self.sources.last_year
+
+    def _points(self, f: Figure) -> bool:
+        by_key: dict[str, list[float]] = {}
+        for (_, k), v in self.sources.values.items():
+            if self.sources.unit_of(k) == "pct":
+                by_key.setdefault(k, []).append(v)
+        for k, vs in by_key.items():
+            if f.metrics and k not in f.metrics and not set(f.metrics) & {"cagr", "total_return"}:
+                continue
+            candidates = [abs(a - b) for i, a in enumerate(vs) for b in vs[i + 1 :]] + [
+                abs(v) for v in vs
+            ]
+            if any(_close(abs(f.value) * 100, c * 100, f.decimals) for c in candidates):
+                return True
+        return False
+
+
+def _label(keys: Sequence[str]) -> str:
+    return keys[0].replace("_", " ") if len(keys) == 1 else "/".join(keys)
+
+
+def annotate(text: str, report: Report) -> tuple[str, Report]:
+    """`text` with each unverified figure followed by UNVERIFIED_MARK, and the report with
+    offsets into the marked text."""
+    out, moved, pos, shift = [], [], 0, 0
+    for u in report.unverified:
+        out.append(text[pos : u.end])
+        moved.append(Unverified(u.text, u.start + shift, u.end + shift, u.reason))
+        out.append(UNVERIFIED_MARK)
+        shift += len(UNVERIFIED_MARK)
+        pos = u.end
+    out.append(text[pos:])
+    return "".join(out), Report(report.figures_checked, tuple(moved))
+
+
+# -- the structured answer contract --------------------------------------------------------
+
+STRUCTURED_INSTRUCTIONS: Final = (
+    "Reply with one JSON object and nothing else: "
+    '{"answer": "<your answer as plain prose>", "figures": [{"text": "<a figure exactly as '
+    'written in the answer>", "symbol": "<ticker>", "metric": "<metric key>"}]}. List every '
+    "figure of the answer that comes from the metrics, with the key of the metric it is, "
+    "one of: " + ", ".join([*SPECS, "correlation"]) + ". For a correlation use the symbol "
+    'pair joined by "|", e.g. "AAPL|MSFT".'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredAnswer:
+    answer: str
+    citations: tuple[Citation, ...] = field(default_factory=tuple)
+
+
+class SchemaError(ValueError):
+    """The model's reply is not the structured answer; the message says why (for a repair)."""
+
+
+def parse_structured(content: str) -> StructuredAnswer:
+    """The structured answer in `content` (a JSON object, optionally in a code fence)."""
+    body = content.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
+    if fenced:
+        body = fenced[1]
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"not JSON: {exc.msg} at character {exc.pos}") from exc
+    if not isinstance(data, dict):
+        raise SchemaError("the reply must be a JSON object")
+    answer = data.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise SchemaError('"answer" must be a non-empty string')
+    raw = data.get("figures", [])
+    if not isinstance(raw, list):
+        raise SchemaError('"figures" must be a list')
+    citations = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(k), str) for k in ("text", "symbol", "metric")
+        ):
+            raise SchemaError(f'"figures"[{i}] must have string "text", "symbol" and "metric"')
+        citations.append(Citation(item["text"], item["symbol"], item["metric"]))
+    return StructuredAnswer(answer.strip(), tuple(citations))

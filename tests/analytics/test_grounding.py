@@ -1,0 +1,199 @@
+"""Numeric grounding: figures of answers checked against the computed metrics."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from datetime import date
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.analytics.commentary import rules_commentary
+from services.analytics.grounding import (
+    UNVERIFIED_MARK,
+    Checker,
+    Citation,
+    SchemaError,
+    Sources,
+    annotate,
+    extract,
+    parse_structured,
+)
+from tests.analytics.grounding_cases import BENCHMARK, METRICS, QUESTION, cases
+
+
+def checker(question: str = QUESTION) -> Checker:
+    return Checker(
+        Sources.from_metrics(
+            list(METRICS.values()), question=question, periods_per_year=252, risk_free=0.02
+        )
+    )
+
+
+def test_corpus_correct_answers_are_never_flagged_and_wrong_figures_always_are() -> None:
+    check = checker()
+    corpus = cases()
+    assert len(corpus) >= 100
+    ok = [c for c in corpus if c.label == "ok"]
+    bad = [c for c in corpus if c.label == "bad"]
+    false_flags, missed, right_flagged, checked = [], [], 0, 0
+    for case in corpus:
+        report = check.check(case.text)
+        checked += report.figures_checked
+        flagged = {(u.start, u.end) for u in report.unverified}
+        wanted = set(case.wrong)
+        false_flags += [(case.line, case.text[s:e]) for s, e in flagged - wanted]
+        missed += [(case.line, case.text[s:e]) for s, e in wanted - flagged]
+        right_flagged += len(wanted & flagged)
+    wrong_total = sum(len(c.wrong) for c in bad)
+    print(
+        f"\ngrounding corpus: {len(ok)} correct answers, {len(bad)} with wrong figures; "
+        f"{checked} figures checked; false flags {len(false_flags)}; "
+        f"wrong figures flagged {right_flagged}/{wrong_total}"
+    )
+    assert not false_flags, false_flags
+    assert not missed, missed
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["34.1%", "34%", "34.08%", "-34.08%", "\u221234.1%", "0.34", "-0.341", "34 percent"],
+)
+def test_the_roundings_a_writer_uses_match(text: str) -> None:
+    m = METRICS["AAPL"]
+    dd = replace(m.drawdown, max_drawdown=-0.34082)
+    sources = Sources.from_metrics([replace(m, drawdown=dd)])
+    report = Checker(sources).check(f"AAPL's maximum drawdown was {text}.")
+    assert report.figures_checked == 1 and report.clean, report
+
+
+@pytest.mark.parametrize(
+    ("text", "flagged"),
+    [
+        ("The total return was -30.0%.", False),
+        ("It fell 30% over the window.", False),
+        ("It was down 30.0%.", False),
+        ("It lost 30%.", False),
+        ("It rose 30%.", True),
+        ("It gained 30.0% in total.", True),
+        ("The total return was +30%.", True),
+        ("The total return was 30%.", True),  # a signed measure, written unsigned: positive
+    ],
+)
+def test_words_carry_signs(text: str, flagged: bool) -> None:
+    m = replace(METRICS["XOM"], total_return=-0.30, cagr=-0.07)
+    report = Checker(Sources.from_metrics([m])).check(text)
+    assert report.figures_checked == 1
+    assert (not report.clean) == flagged, report
+
+
+def test_a_figure_about_a_named_metric_must_match_that_metric() -> None:
+    m = replace(METRICS["AAPL"], cagr=0.206, volatility=0.31)
+    check = Checker(Sources.from_metrics([m]))
+    assert check.check("Its CAGR was 20.6%.").clean
+    report = check.check("Its volatility was 20.6%.")
+    assert [u.text for u in report.unverified] == ["20.6%"]
+    assert "volatility" in report.unverified[0].reason
+    assert check.check("It compounded 20.6% a year with 31% volatility.").clean
+    assert check.check("A figure tied to nothing: 20.6%.").clean  # any computed value
+
+
+def test_dates_and_years_must_come_from_the_metrics_or_the_window() -> None:
+    check = checker()
+    aapl = METRICS["AAPL"]
+    assert aapl.drawdown.trough_date is not None
+    trough = aapl.drawdown.trough_date
+    assert check.check(f"The trough came on {trough.isoformat()}.").clean
+    assert check.check(f"The trough came on {trough:%B} {trough.day}, {trough.year}.").clean
+    assert check.check("Over 2019 and 2020 the stock rallied.").clean  # inside the window
+    assert not check.check("Back in 2008 it crashed.").clean  # outside it
+    assert not check.check("The trough came on 2020-03-23.").clean
+
+
+def test_numbers_of_the_question_and_conventions_are_grounded() -> None:
+    check = checker("If I had put $10,000 into AAPL, how would 3 years have gone?")
+    report = check.check(
+        "A $10,000 position over 3 years is not something I can value: over 1,259 daily "
+        "returns with 252 periods a year and a 2% risk-free rate, the 95% VaR is what I have."
+    )
+    assert report.clean, report
+
+
+def test_the_rule_based_commentary_is_fully_grounded() -> None:
+    text = rules_commentary(METRICS, BENCHMARK)
+    report = checker().check(text)
+    assert report.figures_checked > 40
+    assert report.clean, report.unverified
+
+
+def test_cited_figures_are_checked_against_exactly_the_cited_metric() -> None:
+    aapl, msft = METRICS["AAPL"], METRICS["MSFT"]
+    answer = f"Volatility was {aapl.volatility * 100:.1f}% and {msft.volatility * 100:.1f}%."
+    check = checker()
+    right = [
+        Citation(f"{aapl.volatility * 100:.1f}%", "AAPL", "volatility"),
+        Citation(f"{msft.volatility * 100:.1f}%", "msft", "volatility"),
+    ]
+    assert check.check(answer, right).clean
+    swapped = [Citation(right[0].text, "MSFT", "volatility"), right[1]]
+    report = check.check(answer, swapped)
+    assert [u.text for u in report.unverified] == [right[0].text]
+    unknown = check.check(answer, [Citation(right[0].text, "AAPL", "vibes")])
+    assert "unknown metric" in unknown.unverified[0].reason
+
+
+def test_structured_answers_are_parsed_and_schema_failures_explained() -> None:
+    good = parse_structured(
+        '```json\n{"answer": "Up 3.1%.", "figures": '
+        '[{"text": "3.1%", "symbol": "AAPL", "metric": "total_return"}]}\n```'
+    )
+    assert good.answer == "Up 3.1%." and good.citations[0].metric == "total_return"
+    assert parse_structured('{"answer": "No figures."}').citations == ()
+    for bad, why in [
+        ("Up 3.1%.", "not JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"answer": ""}', '"answer"'),
+        ('{"answer": "x", "figures": {}}', '"figures" must be a list'),
+        ('{"answer": "x", "figures": [{"text": "1"}]}', '"figures"[0]'),
+    ]:
+        with pytest.raises(SchemaError, match=re.escape(why)):
+            parse_structured(bad)
+
+
+def test_annotate_marks_each_unverified_figure_and_moves_the_offsets() -> None:
+    check = checker()
+    text = "AAPL returned +184.2% with volatility 91.0% and a drawdown of 2.5%."
+    marked, report = annotate(text, check.check(text))
+    assert len(report.unverified) == 3
+    assert marked.count(UNVERIFIED_MARK) == 3
+    for u in report.unverified:
+        assert marked[u.start : u.end] == u.text
+        assert marked[u.end :].startswith(UNVERIFIED_MARK)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300))
+def test_extraction_never_fails_and_spans_are_the_text(text: str) -> None:
+    for f in extract(text):
+        assert text[f.start : f.end] == f.text
+    marked, report = annotate(text, checker().check(text))
+    for u in report.unverified:
+        assert marked[u.start : u.end] == u.text
+
+
+def test_extract_reads_kinds() -> None:
+    kinds = [
+        (f.kind, f.text)
+        for f in extract("On 2020-03-23, March 2020 and in 2021 it fell 3.5 pp, $1,200, 1.25x, 12%")
+    ]
+    assert kinds == [
+        ("date", "2020-03-23"),
+        ("month", "March 2020"),
+        ("year", "2021"),
+        ("points", "3.5 pp"),
+        ("money", "$1,200"),
+        ("number", "1.25x"),
+        ("percent", "12%"),
+    ]
+    assert date(2020, 3, 23).toordinal() == extract("2020-03-23")[0].value
