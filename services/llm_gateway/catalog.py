@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, cast
 
 from services.llm_gateway.config import DEEPSEEK, ProviderSpec
+from services.llm_gateway.pii import PiiPolicy
 from services.llm_gateway.pricing import DEFAULT_MODELS, DEFAULT_ROUTES, Pricing
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Provider:
     attempt_timeout_s: float
     max_retries: int
     key_setting: str  # what to set to enable it (for FAILED_PRECONDITION messages)
+    external: bool = True  # outside the deployment: the personal-data policy applies
 
     @property
     def available(self) -> bool:
@@ -55,6 +57,7 @@ class Route:
     alias: str
     models: tuple[str, ...]
     context_fallback: str | None = None
+    pii_policy: PiiPolicy | None = None  # None: by provider (see pii.effective_policy)
 
 
 @dataclass
@@ -138,6 +141,7 @@ def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Prov
                 settings.llm_gateway_max_retries if spec.max_retries is None else spec.max_retries
             ),
             key_setting=key_setting,
+            external=spec.external,
         )
     return out
 
@@ -214,16 +218,16 @@ def _pick(*values: object) -> object:
 def _routes(
     settings: GatewaySettings, models: dict[str, Model], problems: list[str]
 ) -> dict[str, Route]:
-    raw: dict[str, tuple[list[str], str | None]] = {
-        alias: (list(chain), None) for alias, chain in DEFAULT_ROUTES.items()
+    raw: dict[str, tuple[list[str], str | None, PiiPolicy | None]] = {
+        alias: (list(chain), None, None) for alias, chain in DEFAULT_ROUTES.items()
     }
     for alias, spec in settings.llm_gateway_routes.items():
-        raw[alias] = (spec.models, spec.context_fallback)
+        raw[alias] = (spec.models, spec.context_fallback, spec.pii_policy)
     out: dict[str, Route] = {}
-    for alias, (chain, fallback) in raw.items():
+    for alias, (chain, fallback, pii_policy) in raw.items():
         unknown = [m for m in [*chain, *([fallback] if fallback else [])] if m not in models]
         if unknown:
             problems.append(f"LLM_GATEWAY_ROUTES[{alias}]: unknown model(s) {', '.join(unknown)}")
             continue
-        out[alias] = Route(alias, tuple(chain), fallback)
+        out[alias] = Route(alias, tuple(chain), fallback, pii_policy)
     return out

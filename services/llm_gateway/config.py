@@ -23,9 +23,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from libs.common.config import CommonSettings
+from services.llm_gateway.pii import DEFAULT_PHONE_REGION, PiiPolicy
 
 DEEPSEEK = "deepseek"
 DEEPSEEK_DEFAULT_BASE_URL = "https://api.deepseek.com"
@@ -45,6 +47,11 @@ class ProviderSpec(BaseModel):
     max_connections: int | None = Field(None, ge=1, le=10_000)
     attempt_timeout_s: float | None = Field(None, gt=0, le=3600)
     max_retries: int | None = Field(None, ge=0, le=10)
+    external: bool = Field(
+        True,
+        description="Outside the deployment: LLM_GATEWAY_PII_POLICY applies (false for a "
+        "model server you run yourself)",
+    )
 
     def resolved_key(self) -> str | None:
         if self.api_key is not None and self.api_key.get_secret_value():
@@ -80,6 +87,11 @@ class RouteSpec(BaseModel):
     models: list[str] = Field(min_length=1)
     context_fallback: str | None = Field(
         None, description="Larger-context model for prompts that do not fit the first model"
+    )
+    pii_policy: PiiPolicy | None = Field(
+        None,
+        description="allow | redact | block for every provider of this route; unset = "
+        "LLM_GATEWAY_PII_POLICY for external providers, allow for the others",
     )
 
 
@@ -193,6 +205,19 @@ class GatewaySettings(CommonSettings):
     )
     llm_gateway_usage_stream_maxlen: int = Field(1_000_000, ge=1000)
 
+    # -- personal data ----------------------------------------------------------------------
+    llm_gateway_pii_policy: PiiPolicy = Field(
+        "redact",
+        description="Personal data in prompts to external providers: allow | redact "
+        "(placeholders out, originals restored in the answer) | block (FAILED_PRECONDITION)",
+    )
+    llm_gateway_pii_phone_region: str = Field(
+        DEFAULT_PHONE_REGION,
+        min_length=2,
+        max_length=3,
+        description="Region (ISO 3166 alpha-2) of phone numbers written without +country code",
+    )
+
     @property
     def grpc_port(self) -> int:
         return self.llm_gateway_grpc_port
@@ -210,6 +235,11 @@ class GatewaySettings(CommonSettings):
             build_catalog(self)
         except CatalogError as exc:
             raise ValueError(str(exc)) from None
+        if self.llm_gateway_pii_phone_region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(
+                f"LLM_GATEWAY_PII_PHONE_REGION: unknown region "
+                f"{self.llm_gateway_pii_phone_region!r} (ISO 3166 alpha-2, e.g. US, GB, DE)"
+            )
         if self.llm_gateway_stream_max_s > self.finsight_max_connection_age_grace_s:
             raise ValueError(
                 "LLM_GATEWAY_STREAM_MAX_S must not exceed FINSIGHT_MAX_CONNECTION_AGE_GRACE_S: "

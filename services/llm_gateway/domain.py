@@ -48,6 +48,8 @@ class Completion:
     truncated: bool = False
     dropped: list[int] = field(default_factory=list)
     provider_request_id: str = ""
+    # Kind → identifiers replaced by placeholders before the provider saw the prompt.
+    redactions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,22 @@
 Order of a completion (every step before the provider call can refuse the request):
   1. validation (INVALID_ARGUMENT with every field violation; no provider is called);
   2. route resolution (FAILED_PRECONDITION when no provider of the route is configured);
-  3. context fitting per chain link (window - max_tokens; oldest turns dropped first);
-  4. tenant RPM (a cache hit still counts as a request);
-  5. response cache read (deterministic requests only; hits spend no tokens nor budget);
-  6. tenant TPM and daily budget reservation;
-  7. the route's chain (retries, breakers, fallback);
-  8. accounting in one Redis round trip: usage counters, budget settlement, usage event,
-     cache write.
+  3. personal data screening per chain link (placeholders for `redact` links; links whose
+     policy is `block` are left out, FAILED_PRECONDITION PII_BLOCKED when none is left);
+  4. context fitting per chain link (window - max_tokens; oldest turns dropped first);
+  5. tenant RPM (a cache hit still counts as a request);
+  6. response cache read (deterministic requests only; hits spend no tokens nor budget);
+  7. tenant TPM and daily budget reservation;
+  8. the route's chain (retries, breakers, fallback);
+  9. accounting in one Redis round trip: usage counters, budget settlement, usage event,
+     cache write (the cache holds the redacted prompt's key and the redacted answer);
+ 10. placeholders restored in what the caller receives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -23,11 +27,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from libs.common.context import current_identity, remaining_time
-from libs.common.errors import DeadlineExceeded, FinsightError, Unavailable, Violations
+from libs.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FinsightError,
+    Unavailable,
+    Violations,
+)
 from libs.common.tokens import (
     CONVERSATION_OVERHEAD,
     ContextOverflowError,
@@ -48,6 +59,13 @@ from services.llm_gateway.domain import (
     TokenCount,
 )
 from services.llm_gateway.limits import Reservation, TenantLimiter
+from services.llm_gateway.pii import (
+    PiiDetector,
+    PiiPolicy,
+    Redactor,
+    StreamRestorer,
+    effective_policy,
+)
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import DeadlineSpent, ProviderError
 from services.llm_gateway.router import Link, OpenStream, Router
@@ -66,15 +84,57 @@ DEFAULT_USAGE_DAYS = 30
 
 
 @dataclass
+class PiiScreen:
+    """The personal data of one request and what each model of its route may receive."""
+
+    policies: dict[str, PiiPolicy]  # model name → effective policy
+    redactor: Redactor | None = None  # None: every model of the route gets `allow`
+    redacted: list[Message] | None = None  # the messages with placeholders; None: none found
+
+    @property
+    def found(self) -> bool:
+        return self.redactor is not None and self.redactor.found
+
+    def blocks(self, model: str) -> bool:
+        return self.found and self.policies[model] == "block"
+
+    def restore(self, text: str) -> str:
+        return self.redactor.restore(text) if self.redactor is not None else text
+
+    def restorer(self) -> StreamRestorer | None:
+        return self.redactor.restorer() if self.found and self.redactor is not None else None
+
+
+@dataclass
 class Plan:
     route: Route
     links: list[Link]
     max_cost_nanos: int
     reserve_tokens: int
+    pii: PiiScreen
     cache_key: str | None = None
     cache_read: bool = False
     cache_write: bool = False
     cache_ttl_s: int = 0
+
+    def redactions(self, link: Link) -> dict[str, int]:
+        """What the caller is told was kept from the provider that answered via `link`."""
+        if not link.redacted or self.pii.redactor is None:
+            return {}
+        return self.pii.redactor.summary()
+
+    def cacheable(self, link: Link | None) -> bool:
+        # An answer from a provider that saw the values may hold them: never stored.
+        return not self.pii.found or (link is not None and link.redacted > 0)
+
+    def restored(self, completion: Completion) -> Completion:
+        if not self.pii.found:
+            return completion
+        return dataclasses.replace(
+            completion,
+            content=self.pii.restore(completion.content),
+            reasoning=self.pii.restore(completion.reasoning),
+        )
 
 
 @dataclass
@@ -122,6 +182,8 @@ class Gateway:
         max_prompt_bytes: int,
         cache_enabled: bool,
         stream_max_s: float,
+        pii_policy: PiiPolicy = "redact",
+        pii_detector: PiiDetector | None = None,
     ) -> None:
         self.catalog = catalog
         self.router = router
@@ -134,6 +196,8 @@ class Gateway:
         self.max_prompt_bytes = max_prompt_bytes
         self.cache_enabled = cache_enabled
         self.stream_max_s = stream_max_s
+        self.pii_policy: PiiPolicy = pii_policy
+        self.pii_detector = pii_detector or PiiDetector()
 
     # -- Complete -----------------------------------------------------------------------------
     async def complete(self, request: CompletionRequest) -> Completion:
@@ -146,7 +210,7 @@ class Gateway:
             if hit is not None:
                 await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
                 await self._account(plan, hit, None, outcome="ok")
-                return hit
+                return plan.restored(hit)
             reservation = await self.limiter.admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
@@ -170,9 +234,11 @@ class Gateway:
                 truncated=bool(link.dropped),
                 dropped=list(link.dropped),
                 provider_request_id=answer.request_id,
+                redactions=plan.redactions(link),
             )
+            # Accounted (and cached) as the provider answered: with placeholders, not values.
             await self._account(plan, completion, reservation, outcome="ok", link=link)
-            return completion
+            return plan.restored(completion)
         except FinsightError as exc:
             metrics.REQUESTS.labels(primary.provider.name, primary.model.name, exc.reason).inc()
             raise
@@ -191,7 +257,7 @@ class Gateway:
             if hit is not None:
                 await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
                 await self._account(plan, hit, None, outcome="ok")
-                yield Delta(hit.content, hit.reasoning)
+                yield Delta(plan.pii.restore(hit.content), plan.pii.restore(hit.reasoning))
                 yield hit
                 return
             reservation = await self.limiter.admit(
@@ -225,12 +291,22 @@ class Gateway:
             stream_deadline = min(stream_deadline, deadline)
         outcome = "cancelled"
         error: BaseException | None = None
+        # Placeholders are restored as they stream; one split across deltas is held back
+        # until it is complete (or proves not to be one).
+        content_restorer = plan.pii.restorer() if link.redacted else None
+        reasoning_restorer = plan.pii.restorer() if link.redacted else None
         try:
             delta = opened.first
             if delta is not None:
                 metrics.TTFT_SECONDS.labels(*labels).observe(time.perf_counter() - started)
             while delta is not None:
-                yield Delta(delta.content, delta.reasoning)
+                if content_restorer is None or reasoning_restorer is None:
+                    yield Delta(delta.content, delta.reasoning)
+                else:
+                    content = content_restorer.feed(delta.content)
+                    reasoning = reasoning_restorer.feed(delta.reasoning)
+                    if content or reasoning:
+                        yield Delta(content, reasoning)
                 try:
                     async with asyncio.timeout_at(stream_deadline):
                         delta = await opened.stream.next_delta()
@@ -240,6 +316,10 @@ class Gateway:
                     raise ProviderError(
                         link.provider.name, "stream deadline reached", kind="timeout"
                     ) from None
+            if content_restorer is not None and reasoning_restorer is not None:
+                content, reasoning = content_restorer.flush(), reasoning_restorer.flush()
+                if content or reasoning:
+                    yield Delta(content, reasoning)
             outcome = "ok"
         except DeadlineSpent:
             outcome = "deadline"
@@ -303,6 +383,7 @@ class Gateway:
             truncated=bool(link.dropped),
             dropped=list(link.dropped),
             provider_request_id=state.request_id,
+            redactions=plan.redactions(link),
         )
 
     # -- planning -----------------------------------------------------------------------------
@@ -313,40 +394,94 @@ class Gateway:
         violations.raise_if_any()
         size = sum(len(m.content) for m in request.messages)
         if size > _INLINE_TOKENIZE_BYTES:
-            links = await asyncio.to_thread(self._links, route, request)
+            pii, links = await asyncio.to_thread(self._screen_and_link, route, request)
         else:
-            links = self._links(route, request)
+            pii, links = self._screen_and_link(route, request)
         plan = Plan(
             route=route,
             links=links,
             max_cost_nanos=max(_max_cost(link) for link in links),
             reserve_tokens=max(link.prompt_tokens + link.body["max_tokens"] for link in links),
+            pii=pii,
         )
         self._plan_cache(plan, request)
         return plan
 
-    def _links(self, route: Route, request: CompletionRequest) -> list[Link]:
-        chain = [self.catalog.models[name] for name in route.models]
+    def _screen_and_link(
+        self, route: Route, request: CompletionRequest
+    ) -> tuple[PiiScreen, list[Link]]:
+        pii = self._screen(route, request)
+        return pii, self._links(route, request, pii)
+
+    # -- personal data --------------------------------------------------------------------------
+    def _screen(self, route: Route, request: CompletionRequest) -> PiiScreen:
+        names = [*route.models, *([route.context_fallback] if route.context_fallback else [])]
+        policies = {
+            name: effective_policy(
+                route.pii_policy,
+                self.pii_policy,
+                external=self.catalog.providers[self.catalog.models[name].provider].external,
+            )
+            for name in names
+        }
+        screen = PiiScreen(policies)
+        if all(policy == "allow" for policy in policies.values()):
+            return screen  # nothing to look for: every provider of the route may see it all
+        redactor = screen.redactor = Redactor(self.pii_detector)
+        redactor.reserve(m.content for m in request.messages)
+        redacted = [Message(m.role, redactor.redact(m.content)) for m in request.messages]
+        if not redactor.found:
+            return screen
+        screen.redacted = redacted
+        blocked = [n for n in names if policies[n] == "block"]
+        open_ = [
+            n
+            for n in names
+            if policies[n] != "block"
+            and self.catalog.providers[self.catalog.models[n].provider].available
+        ]
+        outcome = "blocked" if blocked and not open_ else "redacted"
+        if outcome == "redacted" and not any(policies[n] == "redact" for n in open_):
+            outcome = "allowed"
+        _observe_pii(route, redactor, outcome)
+        if outcome == "blocked":
+            kinds = ",".join(redactor.kinds)
+            raise FailedPrecondition(
+                f"the prompt holds personal data ({kinds}) and the personal-data policy of "
+                f"route {route.alias!r} blocks it from leaving for "
+                f"{', '.join(sorted({self.catalog.models[n].provider for n in blocked}))}; "
+                "remove it, or ask an operator for a route that redacts it",
+                reason="PII_BLOCKED",
+                metadata={"kinds": kinds, "route": route.alias},
+            )
+        return screen
+
+    # -- context fitting ------------------------------------------------------------------------
+    def _links(self, route: Route, request: CompletionRequest, pii: PiiScreen) -> list[Link]:
+        chain = [self.catalog.models[name] for name in route.models if not pii.blocks(name)]
         links: list[Link] = []
         overflow: ContextOverflowError | None = None
-        fits: dict[int, Any] = {}
+        fits: dict[tuple[int, bool], Any] = {}
+        fallback = route.context_fallback
+        if fallback and pii.blocks(fallback):
+            fallback = None
         for index, model in enumerate(chain):
             try:
-                link = self._link(model, request, fits)
+                link = self._link(model, request, fits, pii)
             except ContextOverflowError as exc:
                 overflow = overflow or exc
                 continue
-            if index == 0 and link.dropped and route.context_fallback:
+            if index == 0 and link.dropped and fallback:
                 try:  # a larger-context model takes the whole conversation instead
-                    bigger = self._link(self.catalog.models[route.context_fallback], request, fits)
+                    bigger = self._link(self.catalog.models[fallback], request, fits, pii)
                 except ContextOverflowError:
                     bigger = None
                 if bigger is not None and not bigger.dropped:
                     return [bigger]
             links.append(link)
-        if not links and route.context_fallback:
+        if not links and fallback:
             try:
-                return [self._link(self.catalog.models[route.context_fallback], request, fits)]
+                return [self._link(self.catalog.models[fallback], request, fits, pii)]
             except ContextOverflowError as exc:
                 overflow = exc
         if not links:
@@ -361,12 +496,20 @@ class Gateway:
             v.raise_if_any()
         return links
 
-    def _link(self, model: Model, request: CompletionRequest, fits: dict[int, Any]) -> Link:
+    def _link(
+        self,
+        model: Model,
+        request: CompletionRequest,
+        fits: dict[tuple[int, bool], Any],
+        pii: PiiScreen,
+    ) -> Link:
         max_tokens = min(request.max_tokens or model.default_max_tokens, model.max_output_tokens)
         budget = model.context_window - max_tokens
-        fit = fits.get(budget)
+        redact = pii.redacted is not None and pii.policies[model.name] == "redact"
+        messages = pii.redacted if redact and pii.redacted is not None else request.messages
+        fit = fits.get((budget, redact))
         if fit is None:
-            fit = fits[budget] = fit_messages(request.messages, budget)
+            fit = fits[budget, redact] = fit_messages(messages, budget)
         kept: list[Message] = fit.kept
         body: dict[str, Any] = {
             "model": model.provider_model,
@@ -385,7 +528,8 @@ class Gateway:
         if fit.dropped_indices:
             metrics.TRUNCATIONS.labels(model.name).inc()
         provider = self.catalog.providers[model.provider]
-        return Link(model, provider, body, fit.total_tokens, tuple(fit.dropped_indices))
+        redacted = sum(pii.redactor.counts.values()) if redact and pii.redactor else 0
+        return Link(model, provider, body, fit.total_tokens, tuple(fit.dropped_indices), redacted)
 
     def _plan_cache(self, plan: Plan, request: CompletionRequest) -> None:
         policy = request.cache_policy
@@ -397,11 +541,14 @@ class Gateway:
         if not plan.cache_write:
             return
         plan.cache_ttl_s = request.cache_ttl_s
+        # Keyed on the prompt with placeholders: the key derives from no personal value, and
+        # the stored (redacted) answer serves any request that differs only in those values.
+        messages = plan.pii.redacted if plan.pii.redacted is not None else request.messages
         plan.cache_key = cache_key(
             current_identity().tenant,
             {
                 "route": plan.route.alias,
-                "messages": [[m.role, m.content] for m in request.messages],
+                "messages": [[m.role, m.content] for m in messages],
                 "max_tokens": request.max_tokens,
                 "temperature": request.temperature,
                 "top_p": request.top_p,
@@ -418,6 +565,7 @@ class Gateway:
             return None
         hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
         hit.route, hit.provider_request_id = plan.route.alias, ""
+        hit.redactions = plan.redactions(plan.links[0])
         return hit
 
     # -- accounting ---------------------------------------------------------------------------
@@ -447,6 +595,7 @@ class Gateway:
             cached=completion.cached,
             outcome=outcome,
             provider_request_id=completion.provider_request_id,
+            redactions=completion.redactions,
         )
         label = "cache_hit" if completion.cached else (metrics_outcome or "ok")
         metrics.child(metrics.REQUESTS, provider, model_name, label).inc()
@@ -466,7 +615,13 @@ class Gateway:
             else TenantLimiter.settlement(reservation, completion.cost_nanos, billed.total)
         )
         writes = [self.ledger.record(event, settlement)]
-        if store and not completion.cached and plan.cache_write and plan.cache_key is not None:
+        if (
+            store
+            and not completion.cached
+            and plan.cache_write
+            and plan.cache_key is not None
+            and plan.cacheable(link)
+        ):
             writes.append(self.cache.put(plan.cache_key, completion, plan.cache_ttl_s))
         try:
             if len(writes) == 1:
@@ -557,6 +712,23 @@ class Gateway:
                 retry_after=1.0,
             ) from None
         return UsageReport(rows, budget, remaining)
+
+
+def _observe_pii(route: Route, redactor: Redactor, outcome: str) -> None:
+    """Metric, span attributes and a log line with kinds and counts, never the values."""
+    summary = redactor.summary()
+    for kind, count in summary.items():
+        metrics.child(metrics.PII_REDACTIONS, kind, outcome).inc(count)
+    span = trace.get_current_span()
+    span.set_attribute("finsight.llm.pii.outcome", outcome)
+    span.set_attribute("finsight.llm.pii.count", sum(summary.values()))
+    span.set_attribute("finsight.llm.pii.kinds", list(summary))
+    for kind, count in summary.items():
+        span.set_attribute(f"finsight.llm.pii.{kind.lower()}", count)
+    log.info(
+        "personal data in prompt",
+        extra={"route": route.alias, "pii_outcome": outcome, "pii": summary},
+    )
 
 
 def _deadline() -> float | None:

@@ -17,6 +17,7 @@ from services.llm_gateway.catalog import build_catalog
 from services.llm_gateway.config import GatewaySettings
 from services.llm_gateway.gateway import Gateway
 from services.llm_gateway.limits import LimitPolicy, TenantLimiter
+from services.llm_gateway.pii import PiiDetector
 from services.llm_gateway.providers import ProviderClient
 from services.llm_gateway.retry import RetryPolicy
 from services.llm_gateway.router import Router
@@ -84,6 +85,8 @@ def build_gateway(settings: GatewaySettings, redis: Redis) -> tuple[Gateway, lis
         max_prompt_bytes=s.llm_gateway_max_prompt_bytes,
         cache_enabled=s.llm_gateway_cache_enabled,
         stream_max_s=s.llm_gateway_stream_max_s,
+        pii_policy=s.llm_gateway_pii_policy,
+        pii_detector=PiiDetector(phone_region=s.llm_gateway_pii_phone_region),
     )
     return gateway, list(clients.values())
 

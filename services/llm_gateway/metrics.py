@@ -74,6 +74,12 @@ TRUNCATIONS = Counter(
     "Prompts whose oldest turns were dropped to fit the window.",
     ("model",),
 )
+PII_REDACTIONS = Counter(
+    "llm_gateway_pii_redactions_total",
+    "Personal identifiers found in prompts, by kind and policy outcome (redacted, blocked, "
+    "allowed).",
+    ("kind", "outcome"),
+)
 PROMPT_TOKENS = Histogram(
     "llm_gateway_prompt_tokens",
     "Prompt tokens per request as counted by the gateway.",

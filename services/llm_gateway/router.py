@@ -56,6 +56,7 @@ class Link:
     body: dict[str, Any]
     prompt_tokens: int = 0  # as counted by the gateway, after fitting
     dropped: tuple[int, ...] = ()  # request message indices dropped to fit this model
+    redacted: int = 0  # identifiers replaced by placeholders in body (0: sent as written)
 
 
 @dataclass
@@ -255,6 +256,7 @@ def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, 
         "finsight.llm.provider": link.provider.name,
         "finsight.llm.attempt": attempt_no,
         "finsight.llm.stream": stream,
+        "finsight.llm.pii.redacted": link.redacted,
     }
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:

@@ -75,6 +75,7 @@ class LlmGatewayServicer:
             truncated=completion.truncated,
             dropped_message_indices=completion.dropped,
             provider_request_id=completion.provider_request_id,
+            redactions=_redactions(completion.redactions),
         )
 
     async def StreamComplete(
@@ -192,7 +193,12 @@ def _end(c: Completion) -> pb.CompletionEnd:
         truncated=c.truncated,
         dropped_message_indices=c.dropped,
         provider_request_id=c.provider_request_id,
+        redactions=_redactions(c.redactions),
     )
+
+
+def _redactions(counts: dict[str, int]) -> list[common_pb2.Redaction]:
+    return [common_pb2.Redaction(kind=kind, count=count) for kind, count in sorted(counts.items())]
 
 
 def _pricing(p: Pricing) -> pb.ModelPricing:

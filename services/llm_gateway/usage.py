@@ -64,6 +64,7 @@ class UsageEvent:
     cached: bool
     outcome: str  # ok | interrupted
     provider_request_id: str = ""
+    redactions: dict[str, int] = field(default_factory=dict)  # kind → count, never values
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -123,6 +124,7 @@ class UsageLedger:
             "cached": int(event.cached),
             "outcome": event.outcome,
             "provider_request_id": event.provider_request_id,
+            "redactions": ",".join(f"{k}:{n}" for k, n in sorted(event.redactions.items())),
         }
         s = settlement
         keys = [
