@@ -14,7 +14,7 @@ per kind over the defaults. `0` means "keep forever". docs/memory.md explains th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -132,6 +132,11 @@ class MemorySettings(CommonSettings):
     )
     memory_context_max_messages: int = Field(
         200, ge=1, le=2000, description="Most recent session messages BuildContext considers"
+    )
+    memory_flagged_facts: Literal["exclude", "quote"] = Field(
+        "exclude",
+        description="Recalled facts screened as possible instructions: exclude = left out of "
+        "BuildContext; quote = included in the facts block, quoted behind a flagged marker",
     )
 
     memory_audit_reads: bool = Field(

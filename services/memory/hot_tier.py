@@ -104,7 +104,7 @@ def encode(m: StoredMessage, incarnation: int = 0) -> str:
             "k": m.client_message_id,
             "m": m.metadata,
             "t": m.created_us,
-            "n": m.tokens,
+            "ct": m.tokens,  # fenced-shape cost; "n" (pre-fence cost) is no longer read
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -124,7 +124,7 @@ def decode(raw: bytes | str) -> tuple[StoredMessage, int | None]:
         client_message_id=d["k"],
         metadata=d["m"],
         created_us=d["t"],
-        tokens=d.get("n"),
+        tokens=d.get("ct"),
     ), d.get("i")
 
 

@@ -11,6 +11,12 @@ against it per request: a session's Redis window against the session's tail (one
 primary-key read, services/memory/hot_tier.py), a user's recall index against the user's
 facts version (one primary-key read, services/memory/recall_index.py). A write
 acknowledged by one replica is visible through every other on the next call.
+
+Facts and questions are not the operator's: every remembered fact is screened
+(`libs.common.untrusted.screen`) and stored with the signals it raised; BuildContext
+screens recalled facts again (rows stored before migration 004, or before a better
+screen), leaves flagged ones out or quotes them (MEMORY_FLAGGED_FACTS), and fences
+everything but the preamble (services/memory/context_builder.py).
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 
+from opentelemetry import trace
+
 from libs.common import context, tokens
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.tracing import tracer
+from libs.common.untrusted import screen
 from services.memory import metrics, pagination, recall
 from services.memory.batcher import Batcher
 from services.memory.config import MemorySettings
-from services.memory.context_builder import BuiltContext, build_context
+from services.memory.context_builder import BuiltContext, FlaggedFacts, build_context
 from services.memory.hot_tier import HotTier, Lookup, Window
 from services.memory.models import (
     Appended,
@@ -304,6 +313,8 @@ class MemoryManager:
     async def remember(self, user_id: str, facts: list[NewFact]) -> list[Remembered]:
         tenant = context.current_tenant()
         now = now_us()
+        with _tracer.start_as_current_span("memory.remember.screen"):
+            signals = await _screen_texts([f.text for f in facts])
         facts = [
             NewFact(
                 f.text,
@@ -312,9 +323,11 @@ class MemoryManager:
                 f.tags,
                 f.source_session_id,
                 self._expiry(tenant, f, now),
+                s,
             )
-            for f in facts
+            for f, s in zip(facts, signals, strict=True)
         ]
+        flagged = [f for f in facts if f.injection_signals]
         try:
             done = await self.store.remember_facts(
                 tenant, user_id, facts, now, self._audit("Remember", user_id)
@@ -332,7 +345,10 @@ class MemoryManager:
         stored = sum(1 for r in out if not r.deduplicated)
         metrics.FACTS_REMEMBERED.labels("stored").inc(stored)
         metrics.FACTS_REMEMBERED.labels("deduplicated").inc(len(out) - stored)
-        return out
+        _record_flagged_facts(tenant, flagged, len(facts))
+        return [
+            replace(r, flagged=bool(f.injection_signals)) for r, f in zip(out, facts, strict=True)
+        ]
 
     async def _recall(
         self, tenant: str, user_id: str, query: str, flt: FactFilter, k: int
@@ -435,16 +451,18 @@ class MemoryManager:
             if max_facts > 0
             else []
         )
+        mode = FlaggedFacts(self.settings.memory_flagged_facts)
         with _tracer.start_as_current_span("memory.context.fit"):
             try:
-                built = await asyncio.to_thread(
-                    build_context,
+                built, query_signals = await asyncio.to_thread(
+                    _fit_screened,
                     preamble=preamble,
                     facts=[s.fact for s in facts],
                     history=history,
                     query=query,
                     budget=budget,
                     facts_share=self.settings.memory_context_facts_share,
+                    flagged_facts=mode,
                 )
             except tokens.ContextOverflowError as exc:
                 raise InvalidArgument.field(
@@ -453,6 +471,7 @@ class MemoryManager:
                     f"tokens; budget is {budget}",
                 ) from None
         metrics.CONTEXT_TOKENS.observe(built.total_tokens)
+        _record_flagged_context(tenant, built, mode, query_signals)
         by_seq = {m.sequence: m.message_id for m in history}
         await self._audit_read(
             replace(
@@ -461,6 +480,7 @@ class MemoryManager:
                 + tuple(by_seq[s] for s in built.included_sequences),
                 detail={
                     "facts": len(built.included_fact_ids),
+                    "flagged_facts": len(built.flagged_fact_ids),
                     "messages": len(built.included_sequences),
                     "tokens": built.total_tokens,
                 },
@@ -538,6 +558,103 @@ class MemoryManager:
             },
         )
         return counts, cached
+
+
+# Texts up to this many characters in all are screened on the event loop (~0.25 ms per
+# 100 characters); more (100 facts of 4 KiB, a 32 KiB query) on a thread.
+_INLINE_SCREEN_CHARS = 4096
+
+
+def _screen_all(texts: list[str]) -> list[tuple[str, ...]]:
+    return [screen(t).signals for t in texts]
+
+
+async def _screen_texts(texts: list[str]) -> list[tuple[str, ...]]:
+    if sum(map(len, texts)) <= _INLINE_SCREEN_CHARS:
+        return _screen_all(texts)
+    return await asyncio.to_thread(_screen_all, texts)
+
+
+def _fit_screened(
+    *,
+    preamble: str,
+    facts: list[Fact],
+    history: list[StoredMessage],
+    query: str,
+    budget: int,
+    facts_share: float,
+    flagged_facts: FlaggedFacts,
+) -> tuple[BuiltContext, tuple[str, ...]]:
+    """`build_context` with the recalled facts' signals settled, and the query's signals:
+    all of it CPU-bound, run off the event loop."""
+    built = build_context(
+        preamble=preamble,
+        facts=[_screened(f) for f in facts],
+        history=history,
+        query=query,
+        budget=budget,
+        facts_share=facts_share,
+        flagged_facts=flagged_facts,
+    )
+    return built, screen(query).signals if query else ()
+
+
+def _screened(fact: Fact) -> Fact:
+    """The fact with the signals to act on: those stored at Remember, or, for a fact stored
+    unflagged (before migration 004, or before the screen learnt a pattern), a fresh screen."""
+    if fact.injection_signals:
+        return fact
+    return replace(fact, injection_signals=screen(fact.text).signals)
+
+
+def _record_flagged_facts(tenant: str, flagged: list[NewFact], total: int) -> None:
+    """Counts only: a flagged fact's text is personal data and never logged."""
+    trace.get_current_span().set_attributes(
+        {"memory.remember.facts": total, "memory.remember.flagged_facts": len(flagged)}
+    )
+    if not flagged:
+        return
+    by_signal: dict[str, int] = {}
+    for fact in flagged:
+        for signal in fact.injection_signals:
+            by_signal[signal] = by_signal.get(signal, 0) + 1
+    for signal, n in by_signal.items():
+        metrics.FACTS_FLAGGED.labels(signal).inc(n)
+    log.info(
+        "facts flagged as possible instructions",
+        extra={"tenant": tenant, "facts": total, "flagged": len(flagged), "signals": by_signal},
+    )
+
+
+def _record_flagged_context(
+    tenant: str, built: BuiltContext, mode: FlaggedFacts, query_signals: tuple[str, ...]
+) -> None:
+    quoted = len(built.quoted_fact_ids)
+    excluded = len(built.flagged_fact_ids) if mode is FlaggedFacts.EXCLUDE else 0
+    omitted = len(built.flagged_fact_ids) - quoted - excluded
+    trace.get_current_span().set_attributes(
+        {
+            "memory.context.flagged_facts": len(built.flagged_fact_ids),
+            "memory.context.flagged_facts_excluded": excluded,
+            "memory.context.flagged_facts_quoted": quoted,
+            "memory.context.query_flagged": bool(query_signals),
+        }
+    )
+    for action, n in (("excluded", excluded), ("quoted", quoted), ("omitted", omitted)):
+        if n:
+            metrics.CONTEXT_FLAGGED_FACTS.labels(action).inc(n)
+    if built.flagged_fact_ids or query_signals:
+        log.info(
+            "context built around flagged text",
+            extra={
+                "tenant": tenant,
+                "flagged_facts": len(built.flagged_fact_ids),
+                "excluded": excluded,
+                "quoted": quoted,
+                "query_signals": list(query_signals),
+                "mode": mode.value,
+            },
+        )
 
 
 def _incarnation(tail: SessionTail | None) -> int:

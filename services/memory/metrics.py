@@ -65,3 +65,16 @@ RECALL_INDEX_REFRESHES = Counter(
     "delta = the facts added since were applied, reload = facts were deleted, loaded again.",
     ("kind",),
 )
+FACTS_FLAGGED = Counter(
+    "finsight_memory_facts_flagged_total",
+    "Facts of Remember requests the screen flagged as possible instructions (stored and "
+    "marked, or deduplicated), by signal (libs.common.untrusted.SIGNALS; a fact may raise "
+    "several).",
+    ("signal",),
+)
+CONTEXT_FLAGGED_FACTS = Counter(
+    "finsight_memory_context_flagged_facts_total",
+    "Recalled facts BuildContext found flagged, by action: excluded (MEMORY_FLAGGED_FACTS="
+    "exclude), quoted (quote, and it fitted), omitted (quote, left out for lack of budget).",
+    ("action",),
+)

@@ -42,11 +42,11 @@ class StoredMessage:
     client_message_id: str | None
     metadata: dict[str, str]
     created_us: int
-    # What the message costs in a DeepSeek prompt when it is not the first system message
-    # of the prompt: `libs.common.tokens.message_costs` of it alone, plus
-    # EXTRA_SYSTEM_OVERHEAD for a system message (BuildContext always puts the preamble
-    # first). Counted once at append time; None for rows written before migration 003
-    # (counted when read).
+    # What the message costs as a turn of a built context, rendered as BuildContext renders
+    # it (`context_builder.render_turn`: user and system turns fenced as user-role data):
+    # `libs.common.tokens.message_costs` of the rendered turn. Counted once at append time
+    # (column `context_tokens`); None for rows written before migration 004 (counted when
+    # read).
     tokens: int | None = None
 
 
@@ -115,6 +115,9 @@ class NewFact:
     tags: tuple[str, ...]
     source_session_id: str | None
     expires_us: int | None
+    # What `libs.common.untrusted.screen` raised for the text (empty: not flagged); set by
+    # the manager before the write.
+    injection_signals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,13 @@ class Fact:
     source_session_id: str | None
     created_us: int
     expires_us: int | None
+    # Signals the screen raised when the fact was remembered (empty: not flagged, or stored
+    # before migration 004).
+    injection_signals: tuple[str, ...] = ()
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.injection_signals)
 
 
 # Facts and postings as the in-process recall index takes them (services/memory/
@@ -186,6 +196,8 @@ class IndexSnapshot:
 class Remembered:
     fact_id: str
     deduplicated: bool
+    # The request's fact was flagged by the screen (the manager sets it).
+    flagged: bool = False
 
 
 @dataclass(frozen=True)

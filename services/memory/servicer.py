@@ -76,6 +76,7 @@ def _fact_pb(f: Fact) -> pb.Fact:
         tags=list(f.tags),
         source_session_id=f.source_session_id or "",
         create_time=_ts(f.created_us),
+        injection_signals=list(f.injection_signals),
     )
     if f.expires_us is not None:
         out.expire_time.CopyFrom(_ts(f.expires_us))
@@ -267,7 +268,10 @@ class MemoryServicer:
         v.raise_if_any()
         out = await self.manager.remember(request.user_id, facts)
         return pb.RememberResponse(
-            facts=[pb.RememberedFact(fact_id=r.fact_id, deduplicated=r.deduplicated) for r in out]
+            facts=[
+                pb.RememberedFact(fact_id=r.fact_id, deduplicated=r.deduplicated, flagged=r.flagged)
+                for r in out
+            ]
         )
 
     async def Recall(self, request: pb.RecallRequest, ctx: Ctx) -> pb.RecallResponse:
@@ -343,6 +347,7 @@ class MemoryServicer:
             omitted_fact_ids=built.omitted_fact_ids,
             included_sequences=built.included_sequences,
             omitted_message_count=built.omitted_message_count,
+            flagged_fact_ids=built.flagged_fact_ids,
         )
 
     async def SetConsent(self, request: pb.SetConsentRequest, ctx: Ctx) -> pb.SetConsentResponse:

@@ -77,7 +77,7 @@ def insert_audit(cur: Cursor, record: AuditRecord, at_us: int) -> str:
 # -- sessions and messages -----------------------------------------------------------------
 _MESSAGE_COLUMNS = (
     "message_id, session_id, user_id, seq, role, content, client_message_id, "
-    "metadata, epoch_us(created_at), tokens"
+    "metadata, epoch_us(created_at), context_tokens"
 )
 
 
@@ -318,7 +318,7 @@ def _messages_table(rows: Sequence[tuple[int, str, StoredMessage]]) -> pa.Table:
             "client_message_id": pa.array([r[2].client_message_id for r in rows], pa.string()),
             "metadata": pa.array([_json(r[2].metadata) for r in rows], pa.string()),
             "created_at": pa.array([r[2].created_us for r in rows], pa.timestamp("us")),
-            "tokens": pa.array([r[2].tokens for r in rows], pa.int32()),
+            "context_tokens": pa.array([r[2].tokens for r in rows], pa.int32()),
         }
     )
 
@@ -369,7 +369,7 @@ def recent_of_session(
 # -- facts ---------------------------------------------------------------------------------
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, "
-    "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at)"
+    "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at), f.injection_signals"
 )
 
 
@@ -384,6 +384,7 @@ def _fact(row: Sequence[Any]) -> Fact:
         source_session_id=row[6],
         created_us=int(row[7]),
         expires_us=None if row[8] is None else int(row[8]),
+        injection_signals=tuple(row[9] or ()),
     )
 
 
@@ -486,6 +487,9 @@ def insert_facts(
                 "doc_len": pa.array(doc_lens, pa.int32()),
                 "created_us": pa.array(created, pa.int64()),
                 "expires_us": pa.array([r[1].expires_us for r in rows], pa.int64()),
+                "injection_signals": pa.array(
+                    [list(r[1].injection_signals) for r in rows], pa.list_(pa.string())
+                ),
             }
         ),
         pa.table(
@@ -504,7 +508,8 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
 
     `facts` has the columns of `insert_facts`' table: row (0..n-1), tenant, user_id,
     fact_id, text, text_hash, kind, importance, tags, source_session_id, doc_len,
-    created_us, expires_us; `postings` has term_key, row, tf. Term keys must be
+    created_us, expires_us and optionally injection_signals (absent: unflagged);
+    `postings` has term_key, row, tf. Term keys must be
     `recall.term_key(tenant, user_id, term)` of the fact's own user. Internal fact numbers
     come from `fact_no_seq` here."""
     n = facts.num_rows
@@ -533,6 +538,7 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
             },
             "created_at": facts["created_us"].cast(pa.timestamp("us")),
             "expires_at": facts["expires_us"].cast(pa.timestamp("us")),
+            "injection_signals": _signals_column(facts),
         }
     )
     arrow_postings = pa.table(
@@ -559,6 +565,12 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
         ),
         postings=arrow_postings.cast(INDEX_POSTINGS_SCHEMA),
     )
+
+
+def _signals_column(facts: pa.Table) -> pa.Array | pa.ChunkedArray:
+    if "injection_signals" in facts.column_names:
+        return facts["injection_signals"]
+    return pa.array([[] for _ in range(facts.num_rows)], pa.list_(pa.string()))
 
 
 def _insert_facts_script(cur: Cursor, arrow_facts: pa.Table, arrow_postings: pa.Table) -> None:

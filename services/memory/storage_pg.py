@@ -124,7 +124,7 @@ INSERT_AUDIT = """
 # Sessions and messages.
 _MESSAGE_COLUMNS = (
     "m.message_id, m.session_id, m.user_id, m.seq, m.role, m.content, m.client_message_id, "
-    f"m.metadata, {_us('m.created_at')}, m.tokens"
+    f"m.metadata, {_us('m.created_at')}, m.context_tokens"
 )
 LOCK_SESSIONS = """
     INSERT INTO sessions (tenant, session_id, user_id, last_seq, created_at, updated_at)
@@ -143,7 +143,7 @@ STORED_CLIENT_IDS = """
                    AND m.client_message_id = w.cid AND m.client_message_id IS NOT NULL"""
 INSERT_MESSAGES = """
     INSERT INTO messages (tenant, session_id, seq, user_id, message_id, role, content,
-                          client_message_id, metadata, created_at, tokens)
+                          client_message_id, metadata, created_at, context_tokens)
     SELECT u.tenant, u.session_id, u.seq, u.user_id, u.message_id, u.role, u.content, u.cid,
            u.metadata::jsonb, u.created_at, u.tokens
     FROM unnest(%(tenant)b::text[], %(session_id)b::text[], %(seq)b::bigint[],
@@ -185,7 +185,7 @@ RECENT_OF_SESSION = f"""
 # Facts.
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, f.source_session_id, "
-    f"{_us('f.created_at')}, {_us('f.expires_at')}"
+    f"{_us('f.created_at')}, {_us('f.expires_at')}, f.injection_signals"
 )
 # Filters with NULL meaning "no condition", so each statement stays one constant text.
 _FILTER = """
@@ -219,16 +219,18 @@ FACTS_BY_HASH = f"""
       AND f.text_hash = ANY(%(hashes)b::text[])"""
 INSERT_FACTS = """
     INSERT INTO facts (tenant, user_id, fact_no, fact_id, text, text_hash, kind, importance,
-                       tags, source_session_id, doc_len, created_at, expires_at)
+                       tags, source_session_id, doc_len, created_at, expires_at,
+                       injection_signals)
     SELECT %(tenant)s, %(user_id)s, u.fact_no, u.fact_id, u.text, u.text_hash, u.kind,
            u.importance, string_to_array(u.tags, %(sep)s), u.source, u.doc_len, u.created_at,
-           u.expires_at
+           u.expires_at, string_to_array(u.signals, %(sep)s)
     FROM unnest(%(fact_no)b::bigint[], %(fact_id)b::text[], %(text)b::text[],
                 %(text_hash)b::text[], %(kind)b::text[], %(importance)b::float8[],
                 %(tags)b::text[], %(source)b::text[], %(doc_len)b::integer[],
-                %(created_at)b::timestamptz[], %(expires_at)b::timestamptz[])
+                %(created_at)b::timestamptz[], %(expires_at)b::timestamptz[],
+                %(signals)b::text[])
          AS u(fact_no, fact_id, text, text_hash, kind, importance, tags, source, doc_len,
-              created_at, expires_at)"""
+              created_at, expires_at, signals)"""
 INSERT_POSTINGS = """
     INSERT INTO fact_terms (tenant, user_id, term_key, fact_no, tf)
     SELECT %(tenant)s, %(user_id)s, u.term_key, u.fact_no, u.tf
@@ -497,6 +499,7 @@ def _fact(row: Sequence[Any]) -> Fact:
         source_session_id=row[6],
         created_us=int(row[7]),
         expires_us=None if row[8] is None else int(row[8]),
+        injection_signals=tuple(row[9] or ()),
     )
 
 
@@ -689,6 +692,7 @@ def _fact_rows(
         "doc_len": doc_lens,
         "created_at": [_dt(c) for c in created],
         "expires_at": [_dt(r[1].expires_us) for r in rows],
+        "signals": [SEP.join(r[1].injection_signals) for r in rows],
     }
     postings = {
         "tenant": tenant,
@@ -827,6 +831,11 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
     version, first_no = await _bump(conn, tenant, user_id, n=n)
     fact_no = np.arange(first_no, first_no + n, dtype=np.int64)[facts["row"].to_numpy()]
     who = {"tenant": tenant, "user_id": user_id}
+    signals: list[list[str]] = (
+        facts["injection_signals"].to_pylist()
+        if "injection_signals" in facts.column_names
+        else [[] for _ in range(n)]
+    )
     await conn.execute(REGISTER_TENANTS, {"tenant": [tenant]})
     step = 50_000
     for lo in range(0, n, step):
@@ -847,6 +856,7 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
                 "doc_len": part["doc_len"].to_pylist(),
                 "created_at": [_dt(c) for c in part["created_us"].to_pylist()],
                 "expires_at": [_dt(e) for e in part["expires_us"].to_pylist()],
+                "signals": [SEP.join(s) for s in signals[lo : lo + step]],
             },
         )
     p_no = fact_no[postings["row"].to_numpy()]

@@ -25,6 +25,7 @@ from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common.errors import status_info
+from services.memory.context_builder import render_query, system_prompt
 from tests.fuzz.conftest import FUZZ_USERS, Seeded
 from tests.fuzz.protofuzz import SQL_PAYLOADS
 from tests.fuzz.targets import table_counts
@@ -140,7 +141,10 @@ async def test_memory_stores_payloads_verbatim_and_refuses_them_as_ids(seeded: S
         ),
         metadata=md,
     )
-    assert ctx.messages[0].content == PAYLOADS[1] and ctx.messages[-1].content == PAYLOADS[0]
+    # Verbatim, inside the shapes BuildContext gives them (preamble + data notice; the query
+    # fenced as data).
+    assert ctx.messages[0].content == system_prompt(PAYLOADS[1])
+    assert ctx.messages[-1].content == render_query(PAYLOADS[0])[1]
 
     exported = [
         item

@@ -1,5 +1,6 @@
 """BuildContext: preamble + recalled facts + recent turns + query, within the token budget,
-counted as the gateway counts them (libs.common.tokens)."""
+counted as the gateway counts them (libs.common.tokens); everything but the preamble fenced
+as data (libs.common.untrusted)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 
 from finsight.memory.v1 import memory_pb2 as pb
 from libs.common import tokens
-from services.memory.context_builder import FACTS_HEADER
+from libs.common.untrusted import fence, fence_open
+from services.memory.context_builder import (
+    FACTS_HEADER,
+    FACTS_LABEL,
+    TURN_LABELS,
+    render_query,
+    system_prompt,
+)
 from tests.memory.conftest import Memory, msg, rpc_error, sql
 
 ROLE = {1: "system", 2: "user", 3: "assistant"}
@@ -68,9 +76,12 @@ async def test_context_fits_the_budget_and_reports_what_was_left_out(memory: Mem
         )
         pairs = as_pairs(reply)
         assert reply.total_tokens == tokens.count_messages(pairs) <= budget
-        assert pairs[0] == ("system", memory.app.manager.settings.memory_system_preamble)
-        assert pairs[-1] == ("user", query)
-        assert pairs[1][0] == "system" and pairs[1][1].startswith(FACTS_HEADER)
+        preamble = memory.app.manager.settings.memory_system_preamble
+        assert pairs[0] == ("system", system_prompt(preamble))
+        assert pairs[-1] == render_query(query)
+        assert pairs[1][0] == "user" and pairs[1][1].startswith(fence_open(FACTS_LABEL))
+        assert FACTS_HEADER in pairs[1][1]
+        assert [role for role, _ in pairs].count("system") == 1
         seqs = list(reply.included_sequences)
         # The newest turns are kept, contiguous up to the last one, starting with a question.
         assert seqs == list(range(81 - len(seqs), 81))
@@ -110,7 +121,7 @@ async def test_context_fits_the_budget_and_reports_what_was_left_out(memory: Mem
         ),
         metadata=md,
     )
-    assert as_pairs(fresh)[0] == ("system", "Be brief.")
+    assert as_pairs(fresh)[0] == ("system", system_prompt("Be brief."))
     assert len(fresh.included_fact_ids) == 1 and list(fresh.included_sequences) == []
     # An empty query recalls by recency and importance: the most important fact first.
     no_query = await memory.stub.BuildContext(
@@ -130,6 +141,14 @@ def gateway_cost(role: str, content: str) -> int:
         content = content.rsplit("</think>", 1)[1]
     overhead = {"system": tokens.EXTRA_SYSTEM_OVERHEAD, "user": 1, "assistant": 2}[role]
     return tokens.count_text(content) + overhead
+
+
+def rendered(role: str, content: str) -> tuple[str, str]:
+    """A stored turn as docs/memory.md says BuildContext sends it: user and system turns as
+    fenced user data, assistant turns as they are."""
+    if role == "assistant":
+        return role, content
+    return "user", fence(TURN_LABELS[role], content)
 
 
 TURNS = [
@@ -152,10 +171,11 @@ async def test_token_costs_are_counted_once_and_stored(memory: Memory) -> None:
         metadata=md,
     )
     stored = await sql(
-        memory, "SELECT role, content, tokens FROM messages WHERE session_id = 'tok' ORDER BY seq"
+        memory,
+        "SELECT role, content, context_tokens FROM messages WHERE session_id = 'tok' ORDER BY seq",
     )
     assert [(r, c) for r, c, _ in stored] == [(r, c) for _, r, c in TURNS]
-    assert [n for _, _, n in stored] == [gateway_cost(r, c) for _, r, c in TURNS]
+    assert [n for _, _, n in stored] == [gateway_cost(*rendered(r, c)) for _, r, c in TURNS]
     window = await memory.app.hot.window_of("acme", "tok")  # the Redis copy carries them too
     assert window is not None
     assert [m.tokens for m in window.messages] == [n for _, _, n in stored]
@@ -163,7 +183,7 @@ async def test_token_costs_are_counted_once_and_stored(memory: Memory) -> None:
 
 async def test_fitting_with_stored_and_legacy_counts_is_exact(memory: Memory) -> None:
     """`total_tokens` equals what the gateway counts for the returned messages, whether the
-    turns carry stored counts or were written before migration 003 (NULL: counted when
+    turns carry stored counts or were written before migration 004 (NULL: counted when
     read), and both give the same context."""
     md = memory.md()
     for _ in range(6):
@@ -193,7 +213,7 @@ async def test_fitting_with_stored_and_legacy_counts_is_exact(memory: Memory) ->
         assert reply.omitted_message_count + len(reply.included_sequences) == 30
     assert stored[5000].omitted_message_count == 0 and stored[300].omitted_message_count > 0
 
-    await sql(memory, "UPDATE messages SET tokens = NULL WHERE seq % 2 = 0", write=True)
+    await sql(memory, "UPDATE messages SET context_tokens = NULL WHERE seq % 2 = 0", write=True)
     await memory.app.hot.invalidate([("acme", "fit")])  # read the legacy rows from the database
     for budget in budgets:
         legacy = await build(budget)

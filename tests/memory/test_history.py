@@ -229,7 +229,7 @@ async def test_a_batch_is_applied_as_if_each_request_ran_alone(
     stored = await memory.app.duck.read(
         "t",
         lambda cur: cur.execute(
-            "SELECT session_id, seq, tokens FROM messages ORDER BY session_id, seq"
+            "SELECT session_id, seq, context_tokens FROM messages ORDER BY session_id, seq"
         ).fetchall(),
     )
     assert [(s, q) for s, q, _ in stored] == [

@@ -132,7 +132,7 @@ async def test_startup_flushes_what_a_previous_process_left(
             "t",
             lambda cur: cur.execute(
                 "INSERT INTO messages SELECT sess_no, 2, tenant, session_id, user_id, "
-                "'msg_' || repeat('0', 32), 'user', 'two', NULL, '{}', created_at, NULL FROM messages"
+                "'msg_' || repeat('0', 32), 'user', 'two', NULL, '{}', created_at, NULL, NULL FROM messages"
             ),
         )
         await memory.app.duck.write(

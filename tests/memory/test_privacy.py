@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from finsight.memory.v1 import memory_pb2 as pb
+from services.memory.context_builder import render_query
 from tests.memory.conftest import Memory, counts, msg, rpc_error
 
 
@@ -160,7 +161,7 @@ async def test_a_second_tenant_with_the_same_user_id_sees_nothing(memory: Memory
         ),
         metadata=md,
     )
-    assert [m.content for m in context.messages][-1] == "what do I hold?"
+    assert [m.content for m in context.messages][-1] == render_query("what do I hold?")[1]
     assert len(context.messages) == 2 and list(context.included_sequences) == []
     # bob may even use the same session id: it is a different session.
     await memory.stub.AppendMessages(
