@@ -26,14 +26,16 @@ _SHARPE_WORDS: Final = (
 )
 
 
-def _pct(value: float, *, signed: bool = True, digits: int = 1) -> str:
+def format_percent(value: float, *, signed: bool = True, digits: int = 1) -> str:
+    """A fraction as a percentage, ``+12.3%`` (sign unless ``signed=False``); NaN is ``n/a``."""
     if not math.isfinite(value):
         return "n/a"
     sign = "+" if signed else ""
     return f"{value * 100:{sign},.{digits}f}%"
 
 
-def _num(value: float, digits: int = 2) -> str:
+def format_ratio(value: float, digits: int = 2) -> str:
+    """A ratio with ``digits`` decimals, ``1.23``; NaN is ``n/a``."""
     return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
 
@@ -46,16 +48,16 @@ def _sharpe_word(sharpe: float) -> str:
 def _performance_sentence(m: SymbolMetrics) -> str:
     return (
         f"{m.symbol} ({m.start_date.isoformat()} to {m.end_date.isoformat()}, "
-        f"{m.n_returns:,} returns): total return {_pct(m.total_return)}, "
-        f"{_pct(m.cagr)} a year compounded (CAGR), with annualised volatility of "
-        f"{_pct(m.volatility, signed=False)}."
+        f"{m.n_returns:,} returns): total return {format_percent(m.total_return)}, "
+        f"{format_percent(m.cagr)} a year compounded (CAGR), with annualised volatility of "
+        f"{format_percent(m.volatility, signed=False)}."
     )
 
 
 def _risk_adjusted_sentence(m: SymbolMetrics) -> str:
     return (
         f"Risk-adjusted performance was {_sharpe_word(m.sharpe)} "
-        f"(Sharpe {_num(m.sharpe)}, Sortino {_num(m.sortino)})."
+        f"(Sharpe {format_ratio(m.sharpe)}, Sortino {format_ratio(m.sortino)})."
     )
 
 
@@ -63,7 +65,7 @@ def _drawdown_sentence(dd: DrawdownInfo, end_label: str) -> str:
     if dd.peak_date is None or dd.trough_date is None:
         return "It never fell below a previous high (no drawdown)."
     where = (
-        f"The deepest drawdown was {_pct(dd.max_drawdown)}, from a peak on "
+        f"The deepest drawdown was {format_percent(dd.max_drawdown)}, from a peak on "
         f"{dd.peak_date.isoformat()} to a trough on {dd.trough_date.isoformat()}"
     )
     if dd.recovery_date is not None:
@@ -83,12 +85,12 @@ def _var_sentence(m: SymbolMetrics) -> str:
     if m.var_95 >= 0:
         return (
             f"Even its worst 5% of periods were not losses (95% historical VaR "
-            f"{_pct(m.var_95, digits=2)})."
+            f"{format_percent(m.var_95, digits=2)})."
         )
     return (
-        f"In the worst 5% of periods it lost {_pct(-m.var_95, signed=False, digits=2)} "
+        f"In the worst 5% of periods it lost {format_percent(-m.var_95, signed=False, digits=2)} "
         f"or more (95% historical VaR), "
-        f"{_pct(-m.cvar_95, signed=False, digits=2)} on average (CVaR)."
+        f"{format_percent(-m.cvar_95, signed=False, digits=2)} on average (CVaR)."
     )
 
 
@@ -97,8 +99,8 @@ def _benchmark_sentence(m: SymbolMetrics, benchmark: SymbolMetrics | None) -> st
     if rel is None:
         return None
     text = (
-        f"Against {rel.benchmark} it had a beta of {_num(rel.beta)}, an annualised alpha "
-        f"of {_pct(rel.alpha)} and an information ratio of {_num(rel.information_ratio)}"
+        f"Against {rel.benchmark} it had a beta of {format_ratio(rel.beta)}, an annualised alpha "
+        f"of {format_percent(rel.alpha)} and an information ratio of {format_ratio(rel.information_ratio)}"
     )
     if benchmark is not None and math.isfinite(m.cagr) and math.isfinite(benchmark.cagr):
         gap = (m.cagr - benchmark.cagr) * 100
