@@ -1,7 +1,10 @@
 """`finsight analyze` and `finsight chat`: questions about the metrics, answered by Analyze.
 
-Every answer shows where it came from (the LLM, or the rule-based summary when the gateway
-could not answer), the model, the tokens and the cost the gateway billed for the answer.
+Every answer shows where it came from (the LLM, or the rule-based answer when the gateway
+could not answer or the model's answer was rejected for its figures), the model, the tokens
+and the cost the gateway billed, the window the metrics cover, and in plain words the
+grounding check of its figures, personal data kept from the model and any question or
+recalled fact that read like instructions.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def answer_data(reply: pb.AnalyzeResponse, session: str, user: str, cost: float)
 def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: float) -> None:
     source = short_enum(pb.CommentarySource.Name(reply.commentary_source), "COMMENTARY_SOURCE_")
     color = "green" if source == "LLM" else "yellow"
+    if reply.commentary_source == pb.COMMENTARY_SOURCE_GROUNDING_REJECTED:
+        source = "RULES (model answer rejected)"
     out.print(
         Panel(
             Markdown(reply.narrative or "(no answer)"),
@@ -83,10 +88,42 @@ def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: floa
     facts.add_column(style="bold")
     facts.add_column()
     facts.add_row("source", f"[{color}]{source}[/]")
-    llm = reply.commentary_source == pb.COMMENTARY_SOURCE_LLM
-    facts.add_row("model", escape(reply.model) if llm else "- (rule-based summary)")
+    llm = reply.commentary_source != pb.COMMENTARY_SOURCE_RULES and bool(reply.model)
+    facts.add_row("model", escape(reply.model) if llm else "- (rule-based answer)")
     facts.add_row("tokens", tokens(reply.usage) if llm else "0")
     facts.add_row("cost", usd(cost))
+    if reply.window.HasField("start") or reply.window.HasField("end"):
+        start = day(reply.window.start) if reply.window.HasField("start") else "first day"
+        end = day(reply.window.end) if reply.window.HasField("end") else "last day"
+        facts.add_row("window", escape(f"{start} → {end} ({reply.window_source})"))
+    elif reply.window_source:
+        facts.add_row("window", escape(reply.window_source))
+    facts.add_row("figures", grounding_words(reply.grounding))
+    for u in reply.grounding.unverified_figures:
+        facts.add_row("[yellow]  unverified[/]", escape(f"“{u.text}”: {u.reason}"))
+    if reply.redactions:
+        kept = ", ".join(f"{r.count} {r.kind.lower().replace('_', ' ')}" for r in reply.redactions)
+        facts.add_row(
+            "personal data",
+            escape(f"kept from the model: {kept} (placeholders sent, restored in the answer)"),
+        )
+    if reply.question_injection_signals:
+        facts.add_row(
+            "[yellow]question[/]",
+            escape(
+                "read like instructions to the model ("
+                + ", ".join(reply.question_injection_signals)
+                + "); it was treated as data"
+            ),
+        )
+    if reply.flagged_fact_ids:
+        facts.add_row(
+            "[yellow]memory[/]",
+            escape(
+                f"{len(reply.flagged_fact_ids)} recalled fact(s) looked like instructions "
+                "and were kept out of (or quoted in) the prompt"
+            ),
+        )
     facts.add_row("session / user", escape(f"{session} / {user}"))
     if reply.trace_id:
         facts.add_row("trace id", reply.trace_id)
@@ -108,6 +145,29 @@ def render_answer(reply: pb.AnalyzeResponse, session: str, user: str, cost: floa
                 pct(m.drawdown.max_drawdown),
             )
         out.print(table)
+
+
+def grounding_words(g: pb.Grounding) -> str:
+    """The grounding check in plain words."""
+    n, bad = g.figures_checked, len(g.unverified_figures)
+    if g.outcome == pb.GROUNDING_OUTCOME_SKIPPED:
+        return "not checked (grounding policy off)"
+    if g.outcome == pb.GROUNDING_OUTCOME_VERIFIED:
+        if n == 0:
+            return "[green]no figures to check[/]"
+        how = ", each citing its metric" if g.cited else ""
+        return f"[green]all {n} checked against the computed metrics{how}[/]"
+    if g.outcome == pb.GROUNDING_OUTCOME_REJECTED:
+        return (
+            f"[yellow]the model's answer stated {bad} of {n} figures that did not match the "
+            "computed metrics, so the rule-based answer is shown[/]"
+        )
+    if g.outcome == pb.GROUNDING_OUTCOME_ANNOTATED:
+        return (
+            f"[yellow]{bad} of {n} did not match the computed metrics "
+            "(marked \\[unverified] in the answer)[/]"
+        )
+    return "-"
 
 
 # -- analyze ---------------------------------------------------------------------------------

@@ -1,15 +1,28 @@
-"""The Analyze flow: metrics -> memory context -> LLM narrative -> memory store.
+"""The Analyze flow: window -> metrics -> memory context -> LLM answer -> grounding -> store.
 
 Domain code: the memory service and the LLM gateway are reached through the two small
 ports below (`ConversationMemory`, `Completer`), implemented over gRPC in
 `downstream.py`. The LLM only writes prose around numbers computed here: the prompt hands
-it the metric values and tells it to use those and no others.
+it the metric values and tells it to use those and no others, and every figure of its
+answer is then checked against them (`services.analytics.grounding`).
+
+Steps:
+- the window: the request's range, else the period the question names ("in 2020", "over
+  the last 3 years"), resolved BEFORE the metrics are computed so everyone (the model, the
+  rule-based answer) sees the right numbers;
+- the question is screened for instructions (`libs.common.untrusted.screen`) and always
+  sent as fenced data, never in the system role;
+- the model is asked for the structured answer that cites the metric behind each figure
+  (one repair round on a schema failure; an answer that still ignores it is checked as
+  free text);
+- grounding, by ANALYTICS_GROUNDING_POLICY: `annotate` marks and lists unverified figures,
+  `reject` replaces a model answer that has any with the rule-based answer, `off`.
 
 Degradation, never darkness:
 - the gateway fails in a way a retry now would not fix (unavailable, no provider,
   budget or rate limit, its share of the deadline spent, anything else but a bad model
-  name): the narrative is `rules_commentary` of the same metrics, source RULES, and
-  `warnings` says why;
+  name): the narrative is the rule-based answer to the question
+  (`services.analytics.questions.answer_question`), source RULES, and `warnings` says why;
 - memory cannot build the context: the LLM gets the metrics and the question only;
 - memory cannot store the exchange: the answer is still returned, with a warning.
 """
@@ -21,15 +34,29 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Final, Literal, Protocol
+
+from opentelemetry import trace
 
 from libs.common.context import remaining_time
 from libs.common.errors import Violations
 from libs.common.tracing import current_trace_id, tracer
-from services.analytics.commentary import rules_commentary
+from libs.common.untrusted import DATA_NOTICE, fence, screen
+from services.analytics import grounding
+from services.analytics.grounding import GroundingPolicy, Report
 from services.analytics.market import DateWindow, MarketAnalytics, MetricParams, MetricsResult
 from services.analytics.metrics import SymbolMetrics
-from services.analytics.telemetry import COMMENTARY
+from services.analytics.periods import resolve_period
+from services.analytics.questions import answer_question, needs_correlation, parse_question
+from services.analytics.storage import TenantView
+from services.analytics.telemetry import (
+    COMMENTARY,
+    GROUNDING_FIGURES,
+    GROUNDING_OUTCOMES,
+    QUESTIONS_FLAGGED,
+    STRUCTURED_ANSWERS,
+)
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -45,7 +72,12 @@ SYSTEM_PROMPT: Final = (
     "do not invent, estimate or recompute figures, and do not use outside knowledge of "
     "prices or events. Quote numbers as given (percentages with their sign). If the "
     "metrics do not answer the question, say so plainly. Be concise (at most about 250 "
-    "words) and do not give personalised investment advice."
+    "words) and do not give personalised investment advice. Every figure you write is "
+    "checked against the metrics. " + DATA_NOTICE
+)
+REPAIR_PROMPT: Final = (
+    "Your reply did not follow the required JSON format ({error}). Reply again with only "
+    "the JSON object, same content."
 )
 
 
@@ -72,6 +104,8 @@ class Completion:
     content: str
     model: str
     usage: Usage
+    # Personal data the gateway kept from the model: (kind, count), never values.
+    redactions: tuple[tuple[str, int], ...] = ()
 
 
 class DownstreamFailed(Exception):
@@ -80,6 +114,15 @@ class DownstreamFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The messages memory built, and the recalled facts it flagged as possible
+    instructions (excluded or quoted)."""
+
+    turns: list[ChatTurn]
+    flagged_fact_ids: tuple[str, ...] = ()
 
 
 class ConversationMemory(Protocol):
@@ -91,7 +134,7 @@ class ConversationMemory(Protocol):
         system_preamble: str,
         token_budget: int,
         timeout: float | None,
-    ) -> list[ChatTurn]:
+    ) -> Context:
         """Preamble, recalled facts, recent turns and the query as the last user message."""
         ...
 
@@ -108,7 +151,12 @@ class ConversationMemory(Protocol):
 
 class Completer(Protocol):
     async def complete(
-        self, messages: list[ChatTurn], model: str, max_tokens: int, timeout: float | None
+        self,
+        messages: list[ChatTurn],
+        model: str,
+        max_tokens: int,
+        timeout: float | None,
+        json_object: bool = False,
     ) -> Completion: ...
 
 
@@ -125,15 +173,33 @@ class AnalyzeInput:
     model: str
 
 
+Source = Literal["llm", "rules", "rejected"]
+Outcome = Literal["verified", "annotated", "rejected", "skipped"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroundingResult:
+    policy: GroundingPolicy
+    outcome: Outcome
+    report: Report
+    cited: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class AnalyzeOutcome:
     metrics: MetricsResult
     narrative: str
-    source: Literal["llm", "rules"]
+    source: Source
     model: str
     usage: Usage | None
     trace_id: str
+    grounding: GroundingResult
+    window: DateWindow
+    window_source: str
     warnings: list[str] = field(default_factory=list)
+    question_signals: tuple[str, ...] = ()
+    flagged_fact_ids: tuple[str, ...] = ()
+    redactions: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +211,18 @@ class AnalyzeSettings:
     # the rule-based fallback and for storing the exchange.
     llm_deadline_share: float = 0.7
     memory_timeout_s: float = 3.0
+    grounding_policy: GroundingPolicy = "annotate"
+    structured_answers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    text: str
+    model: str
+    usage: Usage
+    citations: tuple[grounding.Citation, ...] = ()
+    cited: bool = False
+    redactions: tuple[tuple[str, int], ...] = ()
 
 
 def _pct(x: float) -> str:
@@ -155,7 +233,11 @@ def _num(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.3f}"
 
 
-def metrics_block(result: MetricsResult) -> str:
+def metrics_block(
+    result: MetricsResult,
+    correlations: dict[frozenset[str], float] | None = None,
+    window_label: str = "",
+) -> str:
     """The numbers the LLM may use, one compact line group per symbol."""
     c = result.conventions
     lines = [
@@ -165,8 +247,13 @@ def metrics_block(result: MetricsResult) -> str:
         f"{c.risk_free_annual * 100:.2f}%; VaR/CVaR are historical daily returns "
         "(negative = loss).",
     ]
+    if window_label:
+        lines.append(f"Window: {window_label}.")
     for m in result.metrics:
         lines.append(_symbol_lines(m))
+    for pair, value in sorted((correlations or {}).items(), key=lambda kv: sorted(kv[0])):
+        a, b = sorted(pair)
+        lines.append(f"- correlation of daily returns {a}/{b}: {_num(value)}")
     return "\n".join(lines)
 
 
@@ -238,22 +325,79 @@ class Analyzer:
     async def analyze(self, request: AnalyzeInput) -> AnalyzeOutcome:
         trace_id = current_trace_id()
         warnings: list[str] = []
+        signals = self._screen(request.question, warnings)
+        view = await self.market.view(request.tenant)
+        window, window_source = await self._window(view, request, warnings)
         result = await self.market.compute_metrics(
-            await self.market.view(request.tenant),
-            request.symbols,
-            request.window,
-            request.benchmark,
-            request.params,
+            view, request.symbols, window, request.benchmark, request.params
         )
-        block = metrics_block(result)
+        intent = parse_question(request.question, request.symbols, request.benchmark or None)
+        correlations = (
+            await self.market.correlations(view, request.symbols, window)
+            if needs_correlation(intent)
+            else {}
+        )
+        label = window_label(result, window_source)
+        facts = Facts(result, request, window, correlations, label)
+        block = metrics_block(result, correlations, label)
         context = await self._context(request, warnings)
-        messages = _prompt(context, block, request.question)
-        narrative, source, model, usage = await self._narrative(request, result, messages, warnings)
+        messages = _prompt(context.turns if context else None, block, request.question)
+        answer = await self._answer(request, messages, warnings)
+        narrative, source, checked = self._ground(facts, answer, warnings)
         await self._store(request, narrative, source, trace_id, warnings)
-        COMMENTARY.labels(source, "ok" if source == "llm" else _reason_label(warnings)).inc()
-        return AnalyzeOutcome(result, narrative, source, model, usage, trace_id, warnings)
+        COMMENTARY.labels(
+            "rules" if source == "rejected" else source,
+            "ok" if source == "llm" else _reason_label(warnings),
+        ).inc()
+        return AnalyzeOutcome(
+            result,
+            narrative,
+            source,
+            answer.model if answer else "",
+            answer.usage if answer else None,
+            trace_id,
+            checked,
+            window,
+            window_source,
+            warnings,
+            signals,
+            context.flagged_fact_ids if context else (),
+            answer.redactions if answer else (),
+        )
 
-    async def _context(self, request: AnalyzeInput, warnings: list[str]) -> list[ChatTurn] | None:
+    def _screen(self, question: str, warnings: list[str]) -> tuple[str, ...]:
+        """The question is data whatever it says; a flagged one is said so and counted."""
+        screening = screen(question)
+        for signal in screening.signals:
+            QUESTIONS_FLAGGED.labels(signal).inc()
+        if screening.flagged:
+            warnings.append(
+                "question_flagged: it reads like instructions to the model ("
+                + ", ".join(screening.signals)
+                + "); it was passed to the model only as data"
+            )
+            log.warning("question flagged", extra={"signals": list(screening.signals)})
+        return screening.signals
+
+    async def _window(
+        self, view: TenantView, request: AnalyzeInput, warnings: list[str]
+    ) -> tuple[DateWindow, str]:
+        """The request's range, else the period the question names, else all data."""
+        asked = request.window.start is not None or request.window.end is not None
+        anchor = None if asked else await self.market.data_end(view, request.symbols)
+        period = resolve_period(request.question, anchor or date.today())
+        if asked:
+            if period is not None:
+                warnings.append(
+                    f"question_period_ignored: the question names {period.label}; "
+                    "the request's range was used"
+                )
+            return request.window, "the request's range"
+        if period is None or anchor is None:
+            return request.window, "all data"
+        return DateWindow(period.start, period.end), f"the question: {period.label}"
+
+    async def _context(self, request: AnalyzeInput, warnings: list[str]) -> Context | None:
         with _tracer.start_as_current_span("analytics.analyze.build_context"):
             try:
                 return await self.memory.build_context(
@@ -269,32 +413,125 @@ class Analyzer:
                 log.warning("memory context unavailable", extra={"reason": exc.reason})
                 return None
 
-    async def _narrative(
-        self,
-        request: AnalyzeInput,
-        result: MetricsResult,
-        messages: list[ChatTurn],
-        warnings: list[str],
-    ) -> tuple[str, Literal["llm", "rules"], str, Usage | None]:
+    async def _answer(
+        self, request: AnalyzeInput, messages: list[ChatTurn], warnings: list[str]
+    ) -> _Answer | None:
+        """The model's answer (structured when asked and given), or None when no LLM could
+        answer (the rule-based answer is used)."""
+        structured = self.settings.structured_answers
+        if structured:
+            messages = [
+                *messages[:-1],
+                ChatTurn("system", grounding.STRUCTURED_INSTRUCTIONS),
+                messages[-1],
+            ]
         with _tracer.start_as_current_span("analytics.analyze.complete") as span:
-            timeout = _share(self.settings.llm_timeout_s, self.settings.llm_deadline_share)
             try:
-                if timeout <= 0.05:
-                    raise DownstreamFailed("no time left in the caller's deadline")
-                answer = await self.completer.complete(
-                    messages, request.model, self.settings.max_answer_tokens, timeout
-                )
-                if not answer.content.strip():
-                    raise DownstreamFailed("the model returned an empty answer")
+                first = await self._complete(request, messages, structured)
+                if not structured:
+                    span.set_attribute("analytics.commentary_source", "llm")
+                    return _Answer(
+                        first.content.strip(),
+                        first.model,
+                        first.usage,
+                        redactions=first.redactions,
+                    )
+                return await self._structured(request, messages, first, span)
             except DownstreamFailed as exc:
                 warnings.append(f"llm_unavailable: {exc.reason}")
                 span.set_attribute("analytics.commentary_source", "rules")
                 log.warning("llm unavailable; rule-based commentary", extra={"reason": exc.reason})
-                by_symbol = {m.symbol: m for m in result.metrics}
-                text = rules_commentary(by_symbol, request.benchmark or None)
-                return text, "rules", "", None
-            span.set_attribute("analytics.commentary_source", "llm")
-            return answer.content.strip(), "llm", answer.model, answer.usage
+                return None
+
+    async def _complete(
+        self, request: AnalyzeInput, messages: list[ChatTurn], json_object: bool
+    ) -> Completion:
+        timeout = _share(self.settings.llm_timeout_s, self.settings.llm_deadline_share)
+        if timeout <= 0.05:
+            raise DownstreamFailed("no time left in the caller's deadline")
+        answer = await self.completer.complete(
+            messages, request.model, self.settings.max_answer_tokens, timeout, json_object
+        )
+        if not answer.content.strip():
+            raise DownstreamFailed("the model returned an empty answer")
+        return answer
+
+    async def _structured(
+        self,
+        request: AnalyzeInput,
+        messages: list[ChatTurn],
+        first: Completion,
+        span: trace.Span,
+    ) -> _Answer:
+        """Parse the structured answer; one repair round on a schema failure; an answer
+        that still ignores the contract is checked as free text."""
+        span.set_attribute("analytics.commentary_source", "llm")
+        try:
+            parsed = grounding.parse_structured(first.content)
+            STRUCTURED_ANSWERS.labels("valid").inc()
+            return _Answer(
+                parsed.answer, first.model, first.usage, parsed.citations, True, first.redactions
+            )
+        except grounding.SchemaError as exc:
+            error = str(exc)
+        repair = [
+            *messages,
+            ChatTurn("assistant", first.content),
+            ChatTurn("user", REPAIR_PROMPT.format(error=error)),
+        ]
+        try:
+            second = await self._complete(request, repair, True)
+        except DownstreamFailed as exc:
+            log.info("structured answer repair failed", extra={"reason": exc.reason})
+            STRUCTURED_ANSWERS.labels("free_text").inc()
+            return _Answer(
+                _free_text(first.content), first.model, first.usage, redactions=first.redactions
+            )
+        usage = _add(first.usage, second.usage)
+        redactions = second.redactions or first.redactions
+        try:
+            parsed = grounding.parse_structured(second.content)
+        except grounding.SchemaError:
+            STRUCTURED_ANSWERS.labels("free_text").inc()
+            return _Answer(_free_text(second.content), second.model, usage, redactions=redactions)
+        STRUCTURED_ANSWERS.labels("repaired").inc()
+        return _Answer(parsed.answer, second.model, usage, parsed.citations, True, redactions)
+
+    def _ground(
+        self, facts: Facts, answer: _Answer | None, warnings: list[str]
+    ) -> tuple[str, Source, GroundingResult]:
+        """Check the answer's figures and apply the policy."""
+        policy = self.settings.grounding_policy
+        rules = facts.rules_answer()
+        source: Source = "llm" if answer is not None else "rules"
+        text = answer.text if answer is not None else rules
+        with _tracer.start_as_current_span("analytics.analyze.grounding"):
+            if policy == "off":
+                checked = GroundingResult(policy, "skipped", Report(0))
+                _observe(checked, source)
+                return text, source, checked
+            checker = grounding.Checker(facts.sources())
+            report = checker.check(text, answer.citations if answer else ())
+        cited = bool(answer and answer.cited)
+        if report.clean:
+            checked = GroundingResult(policy, "verified", report, cited)
+        elif policy == "reject" and answer is not None:
+            warnings.append(
+                f"grounding_rejected: {len(report.unverified)} of {report.figures_checked} "
+                "figures of the model's answer did not match the computed metrics; the "
+                "rule-based answer was returned"
+            )
+            checked = GroundingResult(policy, "rejected", report, cited)
+            text, source = rules, "rejected"
+        else:
+            text, report = grounding.annotate(text, report)
+            warnings.append(
+                f"grounding_unverified: {len(report.unverified)} of {report.figures_checked} "
+                f"figures did not match the computed metrics (marked{grounding.UNVERIFIED_MARK})"
+            )
+            checked = GroundingResult(policy, "annotated", report, cited)
+        _observe(checked, "rules" if source == "rejected" else source)
+        return text, source, checked
 
     async def _store(
         self,
@@ -324,18 +561,116 @@ class Analyzer:
                 log.warning("memory store failed", extra={"reason": exc.reason})
 
 
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What an answer may be built from and is checked against."""
+
+    result: MetricsResult
+    request: AnalyzeInput
+    window: DateWindow
+    correlations: dict[frozenset[str], float]
+    label: str
+
+    def rules_answer(self) -> str:
+        by_symbol = {m.symbol: m for m in self.result.metrics}
+        return answer_question(
+            self.request.question,
+            by_symbol,
+            self.request.benchmark or None,
+            self.label,
+            self.correlations or None,
+        )
+
+    def sources(self) -> grounding.Sources:
+        c = self.result.conventions
+        return grounding.Sources.from_metrics(
+            self.result.metrics,
+            question=self.request.question,
+            window=(self.window.start, self.window.end),
+            periods_per_year=c.periods_per_year,
+            risk_free=c.risk_free_annual,
+            correlations=self.correlations,
+        )
+
+
+def window_label(result: MetricsResult, window_source: str) -> str:
+    """ "2020-01-02 to 2020-12-31 (the question: 2020)": the dates the metrics cover."""
+    if not result.metrics:
+        return ""
+    first = min(m.start_date for m in result.metrics)
+    last = max(m.end_date for m in result.metrics)
+    return f"{first.isoformat()} to {last.isoformat()} ({window_source})"
+
+
+def _observe(checked: GroundingResult, source: str) -> None:
+    report = checked.report
+    unverified = len(report.unverified)
+    if report.figures_checked:
+        GROUNDING_FIGURES.labels(source, "verified").inc(report.figures_checked - unverified)
+    if unverified:
+        GROUNDING_FIGURES.labels(source, "unverified").inc(unverified)
+    GROUNDING_OUTCOMES.labels(checked.policy, checked.outcome).inc()
+    span = trace.get_current_span()
+    span.set_attribute("analytics.grounding.policy", checked.policy)
+    span.set_attribute("analytics.grounding.outcome", checked.outcome)
+    span.set_attribute("analytics.grounding.figures_checked", report.figures_checked)
+    span.set_attribute("analytics.grounding.unverified", unverified)
+    span.set_attribute("analytics.grounding.cited", checked.cited)
+    if unverified:
+        log.info(
+            "answer figures unverified",
+            extra={
+                "policy": checked.policy,
+                "outcome": checked.outcome,
+                "figures_checked": report.figures_checked,
+                "unverified": unverified,
+            },
+        )
+
+
+def _free_text(content: str) -> str:
+    """A reply that broke the contract, as text: its "answer" when it is a JSON object with
+    one, else the reply itself."""
+    try:
+        return grounding.parse_structured(content).answer
+    except grounding.SchemaError:
+        pass
+    match = re.search(r'"answer"\s*:\s*"((?:[^"\\]|\\.)*)"', content)
+    return match[1].encode().decode("unicode_escape") if match else content.strip()
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        a.prompt_tokens + b.prompt_tokens,
+        a.completion_tokens + b.completion_tokens,
+        a.cached_prompt_tokens + b.cached_prompt_tokens,
+        a.reasoning_tokens + b.reasoning_tokens,
+        a.total_tokens + b.total_tokens,
+        a.cost_nanos + b.cost_nanos,
+        a.currency,
+    )
+
+
 def _prompt(context: list[ChatTurn] | None, block: str, question: str) -> list[ChatTurn]:
-    """Context from memory (or just the question), with the metrics right before the question."""
+    """Context from memory (or just the question), with the metrics right before the question.
+    The operator's words (instructions, computed metrics) are system messages; the question
+    is data in a fenced user message (memory fences it, and the facts and history, itself)."""
     metrics = ChatTurn("system", block)
     if not context:
-        return [ChatTurn("system", SYSTEM_PROMPT), metrics, ChatTurn("user", question)]
+        return [
+            ChatTurn("system", SYSTEM_PROMPT),
+            metrics,
+            ChatTurn("user", fence("question", question)),
+        ]
     if context[-1].role == "user":
         return [*context[:-1], metrics, context[-1]]
-    return [*context, metrics, ChatTurn("user", question)]
+    return [*context, metrics, ChatTurn("user", fence("question", question))]
 
 
 def _reason_label(warnings: list[str]) -> str:
     for w in warnings:
         if w.startswith("llm_unavailable"):
             return "llm_unavailable"
+        if w.startswith("grounding_rejected"):
+            return "grounding_rejected"
     return "other"

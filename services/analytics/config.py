@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
@@ -67,6 +67,17 @@ class AnalyticsSettings(CommonSettings):
     )
     analytics_memory_timeout_s: float = Field(
         3.0, gt=0, le=60, description="Longest wait for each memory call in Analyze"
+    )
+    analytics_grounding_policy: Literal["annotate", "reject", "off"] = Field(
+        "annotate",
+        description="What Analyze does with an answer whose figures do not all match the "
+        "computed metrics: annotate (return it, unverified figures listed and marked), reject "
+        "(replace a model answer by the rule-based one), off (no check)",
+    )
+    analytics_structured_answers: bool = Field(
+        True,
+        description="Ask the model for a JSON answer citing the metric behind each figure "
+        "(checked exactly); false for providers without JSON output",
     )
 
     @property

@@ -18,7 +18,14 @@ from finsight.llm.v1 import llm_gateway_pb2, llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
 from libs.common.clients import known_unreachable
 from libs.common.errors import FinsightError, InvalidArgument, NotFound, status_info
-from services.analytics.analyze import ChatTurn, Completion, DownstreamFailed, Role, Usage
+from services.analytics.analyze import (
+    ChatTurn,
+    Completion,
+    Context,
+    DownstreamFailed,
+    Role,
+    Usage,
+)
 
 _ROLE_PB: Final = {
     "system": common_pb2.ROLE_SYSTEM,
@@ -58,7 +65,7 @@ class GrpcMemory:
         system_preamble: str,
         token_budget: int,
         timeout: float | None,
-    ) -> list[ChatTurn]:
+    ) -> Context:
         request = memory_pb2.BuildContextRequest(
             session_id=session_id,
             user_id=user_id,
@@ -78,11 +85,14 @@ class GrpcMemory:
             raise DownstreamFailed(_describe(exc)) from exc
         except FinsightError as exc:  # e.g. the caller's deadline already passed
             raise DownstreamFailed(exc.message) from exc
-        return [
-            ChatTurn(_ROLE.get(m.role, "user"), m.content)
-            for m in reply.messages
-            if m.role in _ROLE
-        ]
+        return Context(
+            [
+                ChatTurn(_ROLE.get(m.role, "user"), m.content)
+                for m in reply.messages
+                if m.role in _ROLE
+            ],
+            tuple(reply.flagged_fact_ids),
+        )
 
     async def append_exchange(
         self,
@@ -116,10 +126,23 @@ class GrpcCompleter:
         self.stub = llm_gateway_pb2_grpc.LlmGatewayServiceStub(channel)
 
     async def complete(
-        self, messages: list[ChatTurn], model: str, max_tokens: int, timeout: float | None
+        self,
+        messages: list[ChatTurn],
+        model: str,
+        max_tokens: int,
+        timeout: float | None,
+        json_object: bool = False,
     ) -> Completion:
         request = llm_gateway_pb2.CompleteRequest(
-            model=model, messages=_chat(messages), max_tokens=max_tokens, temperature=0.0
+            model=model,
+            messages=_chat(messages),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            response_format=(
+                llm_gateway_pb2.RESPONSE_FORMAT_JSON_OBJECT
+                if json_object
+                else llm_gateway_pb2.RESPONSE_FORMAT_TEXT
+            ),
         )
         _fail_fast(self.channel, "the LLM gateway")
         try:
@@ -145,4 +168,5 @@ class GrpcCompleter:
                 cost_nanos=reply.cost.units * 1_000_000_000 + reply.cost.nanos,
                 currency=reply.cost.currency_code or "USD",
             ),
+            tuple((r.kind, r.count) for r in reply.redactions),
         )

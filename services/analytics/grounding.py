@@ -612,8 +612,18 @@ class Checker:
         return False
 
 
+_FAMILY_LABELS: Final[dict[tuple[str, ...], str]] = {
+    ("cvar_95", "cvar_99"): "CVaR",
+    ("var_95", "var_99", "parametric_var_95", "parametric_var_99"): "VaR",
+    ("cagr", "alpha"): "annual return",
+    ("volatility", "tracking_error"): "volatility",
+    ("total_return", "cagr", "best_day", "worst_day", "alpha"): "return",
+}
+
+
 def _label(keys: Sequence[str]) -> str:
-    return keys[0].replace("_", " ") if len(keys) == 1 else "/".join(keys)
+    """How people call the metric(s) a figure was written about."""
+    return _FAMILY_LABELS.get(tuple(keys)) or keys[0].replace("_", " ")
 
 
 def annotate(text: str, report: Report) -> tuple[str, Report]:

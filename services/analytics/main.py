@@ -75,6 +75,8 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
             llm_timeout_s=settings.analytics_llm_timeout_s,
             llm_deadline_share=settings.analytics_llm_deadline_share,
             memory_timeout_s=settings.analytics_memory_timeout_s,
+            grounding_policy=settings.analytics_grounding_policy,
+            structured_answers=settings.analytics_structured_answers,
         ),
     )
     servicer = AnalyticsServicer(

@@ -336,6 +336,33 @@ class MarketAnalytics:
             version,
         )
 
+    async def correlations(
+        self, view: TenantView, symbols: Sequence[str], window: DateWindow
+    ) -> dict[frozenset[str], float]:
+        """Pearson correlation of daily simple returns for each pair of `symbols`, on the
+        days all of them have a return."""
+        columns = list(dict.fromkeys(symbols))
+        if len(columns) < 2:
+            return {}
+        matrix, _ = await self._matrix(view, columns, window)
+        with _tracer.start_as_current_span("analytics.correlations"):
+            corr = await asyncio.to_thread(
+                engine.correlation_matrix, engine.simple_returns(matrix.prices)
+            )
+        return {
+            frozenset((a, b)): float(corr[i, j])
+            for i, a in enumerate(columns)
+            for j, b in enumerate(columns)
+            if i < j
+        }
+
+    async def data_end(self, view: TenantView, symbols: Sequence[str]) -> date | None:
+        """The last day every one of `symbols` has data (None when one has none)."""
+        listed, _ = await self.list_symbols(view)
+        last = {s.symbol: s.last_day for s in listed}
+        days = [last.get(s) for s in symbols]
+        return None if any(d is None for d in days) else min(d for d in days if d is not None)
+
     async def portfolio(
         self,
         view: TenantView,

@@ -24,7 +24,7 @@ from finsight.common.v1 import common_pb2
 from libs.common.context import current_tenant
 from libs.common.errors import InvalidArgument, PermissionDenied, Violations
 from services.analytics import metrics as engine
-from services.analytics.analyze import AnalyzeInput, AnalyzeOutcome, Analyzer
+from services.analytics.analyze import AnalyzeInput, AnalyzeOutcome, Analyzer, GroundingResult
 from services.analytics.bars import BarColumns, Rejection, SeriesInput
 from services.analytics.cache import ResultCache
 from services.analytics.market import (
@@ -490,14 +490,21 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
             metrics=[series_metrics_pb(m) for m in outcome.metrics.metrics],
             conventions=conventions_pb(outcome.metrics.conventions),
             narrative=outcome.narrative,
-            commentary_source=(
-                pb.COMMENTARY_SOURCE_LLM if outcome.source == "llm" else pb.COMMENTARY_SOURCE_RULES
-            ),
+            commentary_source=_SOURCES[outcome.source],
             model=outcome.model,
             trace_id=outcome.trace_id,
             warnings=outcome.warnings,
             data_version=outcome.metrics.data_version,
+            grounding=grounding_pb(outcome.grounding),
+            window_source=outcome.window_source,
+            question_injection_signals=outcome.question_signals,
+            flagged_fact_ids=outcome.flagged_fact_ids,
+            redactions=[common_pb2.Redaction(kind=k, count=n) for k, n in outcome.redactions],
         )
+        if outcome.window.start is not None:
+            out.window.start.CopyFrom(to_pb_date(outcome.window.start))
+        if outcome.window.end is not None:
+            out.window.end.CopyFrom(to_pb_date(outcome.window.end))
         if outcome.usage is not None:
             u = outcome.usage
             out.usage.CopyFrom(
@@ -512,3 +519,34 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
             units, nanos = divmod(u.cost_nanos, 1_000_000_000)
             out.cost.CopyFrom(money_pb2.Money(currency_code=u.currency, units=units, nanos=nanos))
         return out
+
+
+_SOURCES: Final = {
+    "llm": pb.COMMENTARY_SOURCE_LLM,
+    "rules": pb.COMMENTARY_SOURCE_RULES,
+    "rejected": pb.COMMENTARY_SOURCE_GROUNDING_REJECTED,
+}
+_POLICIES: Final = {
+    "annotate": pb.GROUNDING_POLICY_ANNOTATE,
+    "reject": pb.GROUNDING_POLICY_REJECT,
+    "off": pb.GROUNDING_POLICY_OFF,
+}
+_OUTCOMES: Final = {
+    "verified": pb.GROUNDING_OUTCOME_VERIFIED,
+    "annotated": pb.GROUNDING_OUTCOME_ANNOTATED,
+    "rejected": pb.GROUNDING_OUTCOME_REJECTED,
+    "skipped": pb.GROUNDING_OUTCOME_SKIPPED,
+}
+
+
+def grounding_pb(g: GroundingResult) -> pb.Grounding:
+    return pb.Grounding(
+        figures_checked=g.report.figures_checked,
+        unverified_figures=[
+            pb.UnverifiedFigure(text=u.text, start=u.start, end=u.end, reason=u.reason)
+            for u in g.report.unverified
+        ],
+        policy=_POLICIES[g.policy],
+        outcome=_OUTCOMES[g.outcome],
+        cited=g.cited,
+    )

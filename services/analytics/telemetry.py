@@ -33,3 +33,26 @@ SAMPLE_LOADS = Counter(
     "it was there, loaded before or by another replica).",
     ("outcome",),
 )
+GROUNDING_FIGURES = Counter(
+    "finsight_analytics_grounding_figures_total",
+    "Figures of Analyze answers checked against the computed metrics, by commentary source "
+    "(llm, rules) and result (verified, unverified).",
+    ("source", "result"),
+)
+GROUNDING_OUTCOMES = Counter(
+    "finsight_analytics_grounding_outcomes_total",
+    "Grounding checks of Analyze answers, by policy (annotate, reject, off) and outcome "
+    "(verified, annotated, rejected, skipped).",
+    ("policy", "outcome"),
+)
+STRUCTURED_ANSWERS = Counter(
+    "finsight_analytics_structured_answers_total",
+    "Model answers asked for in the structured (cited) contract, by outcome (valid, "
+    "repaired, free_text).",
+    ("outcome",),
+)
+QUESTIONS_FLAGGED = Counter(
+    "finsight_analytics_questions_flagged_total",
+    "Analyze questions the instruction screen flagged, by signal.",
+    ("signal",),
+)

@@ -185,6 +185,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Asy
                 analytics_memory_target=f"127.0.0.1:{memory.bound_port}",
                 analytics_llm_gateway_target=f"127.0.0.1:{gateway.bound_port}",
                 analytics_load_sample_data=False,
+                # The dev provider echoes the question: plain text keeps the answers
+                # readable here (the structured contract is tested in test_analyze.py).
+                analytics_structured_answers=False,
                 finsight_rate_limit_enabled=False,
             )
             analytics = await start_service(

@@ -42,7 +42,8 @@ async def test_analyze_shows_answer_source_tokens_and_cost(cli: Any) -> None:
     assert r.code == 0, r.err
     data = r.json()
     assert data["commentary_source"] == "COMMENTARY_SOURCE_LLM"
-    assert data["narrative"] == "echo: Which one is riskier?"  # the dev provider echoes
+    # The dev provider echoes the last user message: the question, fenced as data.
+    assert data["narrative"].startswith("echo: ") and "Which one is riskier?" in data["narrative"]
     assert data["model"] == "deepseek-chat"
     assert data["usage"]["prompt_tokens"] > 0 and data["usage"]["completion_tokens"] > 0
     assert [m["symbol"] for m in data["metrics"]] == ["CLIX", "CLIY"]
@@ -54,8 +55,9 @@ async def test_analyze_shows_answer_source_tokens_and_cost(cli: Any) -> None:
 
     r = await cli("analyze", "CLIZ", "And this one?", "--user", "ana-1", "--session", "ana-s1")
     assert r.code == 0, r.err
-    for cell in ("Answer", "echo: And this one?", "LLM", "deepseek-chat", "cost",
-                 "prompt +", "ana-s1 / ana-1", "Metrics used", "CLIZ"):  # fmt: skip
+    for cell in ("Answer", "And this one?", "LLM", "deepseek-chat", "cost",
+                 "prompt +", "ana-s1 / ana-1", "Metrics used", "CLIZ", "window",
+                 "all data", "figures", "no figures to check"):  # fmt: skip
         assert cell in r.out
     lines = await export_lines(cli, "ana-1")
     messages = [x["message"] for x in lines if x["type"] == "message"]
@@ -71,9 +73,31 @@ async def test_analyze_rule_based_answer_when_the_llm_fails(cli: Any, stack: Sta
     finally:
         stack.provider.state.reset()
     assert r.code == 0, r.err
-    assert "RULES" in r.out and "rule-based summary" in r.out
+    assert "RULES" in r.out and "rule-based answer" in r.out
+    assert "checked against the computed metrics" in r.out  # the rules' figures verify
     assert "warning" in r.out and "llm" in r.out.lower()
     assert "$0.000000" in r.out  # no model was paid for
+
+
+async def test_analyze_says_in_plain_words_what_grounding_and_redaction_found(
+    cli: Any, stack: Stack
+) -> None:
+    stack.provider.state.script(
+        [{"content": "CLIX returned +987.6% in total; I mailed [EMAIL_1] about it."}]
+    )
+    try:
+        r = await cli(
+            "analyze", "CLIX", "How did it do? Reply to ana@example.com", "--user", "ana-4"
+        )
+    finally:
+        stack.provider.state.reset()
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "+987.6% [unverified]" in text
+    assert "1 of 1 did not match the computed metrics" in text
+    assert "“+987.6%”: does not match the return computed" in text
+    assert "kept from the model: 1 email" in text
+    assert "ana@example.com" in text  # restored in the answer for the caller
 
 
 async def test_analyze_errors(cli: Any) -> None:
@@ -110,18 +134,18 @@ async def test_chat_keeps_one_session(cli: Any, monkeypatch: pytest.MonkeyPatch)
     turns = [json.loads(line) for line in r.out.splitlines()]
     assert len(turns) == 3
     first, failed, last = turns
-    assert first["narrative"] == "echo: Which is riskier?"
+    assert "Which is riskier?" in first["narrative"]
     assert failed["error"]["code"] == "NOT_FOUND"
-    assert last["narrative"] == "echo: Beta?"
+    assert "Beta?" in last["narrative"]
     assert last["metrics"][0]["relative"]["benchmark"] == "CLIBM"
     assert first["session_id"] == last["session_id"] and first["session_id"].startswith("cli-")
     assert "no symbols yet" in r.err and "Traceback" not in r.err
 
     lines = await export_lines(cli, "chat-1")
     messages = [x["message"] for x in lines if x["type"] == "message"]
-    assert [m["message"]["content"] for m in messages] == [
-        "Which is riskier?", "echo: Which is riskier?", "Beta?", "echo: Beta?"
-    ]  # fmt: skip
+    contents = [m["message"]["content"] for m in messages]
+    assert contents[0::2] == ["Which is riskier?", "Beta?"]
+    assert ["Which is riskier?" in contents[1], "Beta?" in contents[3]] == [True, True]
     assert {m["session_id"] for m in messages} == {first["session_id"]}
 
 
@@ -131,7 +155,7 @@ async def test_chat_symbols_option_and_end_of_input(
     monkeypatch.setattr(sys, "stdin", io.StringIO("How volatile?\n"))  # EOF ends the chat
     r = await cli("chat", "--symbols", "CLIX", "--user", "chat-2", "--session", "chat-s2")
     assert r.code == 0, r.err
-    assert "echo: How volatile?" in r.out and "chat-s2 / chat-2" in r.out
+    assert "How volatile?" in r.out and "chat-s2 / chat-2" in r.out
     assert "bye (session chat-s2)" in r.err
 
 
@@ -161,9 +185,8 @@ async def test_memory_export_and_erase(cli: Any, tmp_path: Path) -> None:
     assert r.json()["message"] == 2 and r.json()["consent"] == 1
     items = [json.loads(line) for line in out.read_text().splitlines()]
     assert items[0]["type"] == "consent"
-    assert [x["message"]["message"]["content"] for x in items if x["type"] == "message"] == [
-        "Remember this", "echo: Remember this"
-    ]  # fmt: skip
+    question, answer = [x["message"]["message"]["content"] for x in items if x["type"] == "message"]
+    assert question == "Remember this" and answer.startswith("echo: ") and question in answer
     assert list(tmp_path.iterdir()) == [out]  # no partial file left
 
     r = await cli("memory", "erase", "mem-1")
