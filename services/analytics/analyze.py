@@ -505,11 +505,11 @@ class Analyzer:
         rules = facts.rules_answer()
         source: Source = "llm" if answer is not None else "rules"
         text = answer.text if answer is not None else rules
+        if policy == "off":
+            checked = GroundingResult(policy, "skipped", Report(0))
+            _observe(checked, source)
+            return text, source, checked
         with _tracer.start_as_current_span("analytics.analyze.grounding"):
-            if policy == "off":
-                checked = GroundingResult(policy, "skipped", Report(0))
-                _observe(checked, source)
-                return text, source, checked
             checker = grounding.Checker(facts.sources())
             report = checker.check(text, answer.citations if answer else ())
         cited = bool(answer and answer.cited)

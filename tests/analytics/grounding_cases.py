@@ -16,7 +16,7 @@ are wrong and must be flagged, the others must not). In a template:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -76,8 +76,8 @@ def build_metrics() -> dict[str, SymbolMetrics]:
 METRICS: Final = build_metrics()
 
 
-def value(symbol: str, metric: str) -> float:
-    m = METRICS[symbol]
+def value(symbol: str, metric: str, metrics: Mapping[str, SymbolMetrics] = METRICS) -> float:
+    m = metrics[symbol]
     if metric in SPECS:
         v = SPECS[metric].get(m)
         assert v is not None, (symbol, metric)
@@ -153,7 +153,9 @@ class Case:
     wrong: tuple[tuple[int, int], ...]  # spans of the figures that must be flagged
 
 
-def render(template: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+def render(
+    template: str, metrics: Mapping[str, SymbolMetrics] = METRICS
+) -> tuple[str, tuple[tuple[int, int], ...]]:
     out: list[str] = []
     wrong: list[tuple[int, int]] = []
     pos = length = 0
@@ -163,7 +165,7 @@ def render(template: str) -> tuple[str, tuple[tuple[int, int], ...]]:
         if m[5] is not None:
             text, bad = m[5], True
         else:
-            text, bad = FORMATS[m[4]](value(m[2], m[3])), bool(m[1])
+            text, bad = FORMATS[m[4]](value(m[2], m[3], metrics)), bool(m[1])
         if bad:
             wrong.append((length, length + len(text)))
         out.append(text)
@@ -173,13 +175,13 @@ def render(template: str) -> tuple[str, tuple[tuple[int, int], ...]]:
     return "".join(out), tuple(wrong)
 
 
-def cases() -> list[Case]:
+def cases(metrics: Mapping[str, SymbolMetrics] = METRICS) -> list[Case]:
     found = []
     for i, raw in enumerate(CORPUS.read_text().splitlines(), start=1):
         if not raw.strip() or raw.startswith("#"):
             continue
         label, template = raw.split("\t", 1)
-        text, wrong = render(template)
+        text, wrong = render(template, metrics)
         assert (label == "bad") == bool(wrong), f"line {i}: label {label} but wrong={wrong}"
         found.append(Case(i, label, text, wrong))
     return found

@@ -9,15 +9,18 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from google.type import date_pb2
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from finsight.analytics.v1 import analytics_pb2 as pb
+from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
 from libs.common.errors import status_info
 from libs.common.server import ServiceHost, start_service
@@ -35,6 +38,7 @@ from services.llm_gateway.main import setup as gateway_setup
 from services.memory.config import MemorySettings
 from services.memory.main import POLICIES as MEMORY_POLICIES
 from services.memory.main import setup as memory_setup
+from tests.analytics import grounding_cases
 from tests.analytics.conftest import Running, start_analytics, write_analytics_keys
 from tests.analytics.test_service_metrics import columns
 from tests.conftest import make_settings
@@ -69,7 +73,7 @@ class Stack:
 def sample_series() -> list[pb.BarSeries]:
     bars = read_bars(SAMPLE_DIR / "sp500_dataset.csv.gz", layout="wide").bars
     bars += read_bars(SAMPLE_DIR / "sp500_index.csv.gz", layout="wide").bars
-    groups, _ = group_by_symbol([b for b in bars if b.symbol in {*SYMBOLS, "SP500"}])
+    groups, _ = group_by_symbol([b for b in bars if b.symbol in {*SYMBOLS, "XOM", "SP500"}])
     out = []
     for g in groups:
         s = pb.BarSeries(symbol=g.symbol)
@@ -123,7 +127,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Asy
             iter([pb.IngestBarsRequest(series=sample_series())]),
             metadata=keys.md(keys.writer_a),
         )
-        assert reply.inserted == 3 * 8313
+        assert reply.inserted == 4 * 8313
         yield Stack(analytics, memory_host, gateway_host, provider, control)
         await analytics.channel.close()
         await analytics.host.drain_and_stop()
@@ -223,6 +227,15 @@ async def test_llm_answers_from_the_computed_numbers_and_memory_keeps_the_exchan
         s.name for s in _EXPORTER.get_finished_spans()
         if format(s.context.trace_id, "032x") == reply.trace_id
     }  # fmt: skip
+    analyze_span = next(
+        s for s in _EXPORTER.get_finished_spans()
+        if s.name == "/finsight.analytics.v1.AnalyticsService/Analyze"
+        and format(s.context.trace_id, "032x") == reply.trace_id
+    )  # fmt: skip
+    attributes = dict(analyze_span.attributes or {})
+    assert attributes["analytics.grounding.outcome"] == "verified"
+    assert attributes["analytics.grounding.figures_checked"] == 2
+    assert attributes["analytics.grounding.cited"] is True
     assert {
         "/finsight.analytics.v1.AnalyticsService/Analyze",
         "/finsight.memory.v1.MemoryService/BuildContext",
@@ -413,15 +426,16 @@ async def test_a_wrong_figure_is_marked_and_a_reply_ignoring_the_contract_is_rep
     assert history.messages[1].message.content == reply.narrative
 
 
+@pytest.mark.parametrize("policy", ["reject", "off"])
 async def test_reject_policy_replaces_an_answer_with_a_wrong_figure_by_the_rules(
-    stack: Stack, tmp_path: Path, redis_url: str
+    stack: Stack, tmp_path: Path, redis_url: str, policy: str
 ) -> None:
     rejecting = await start_analytics(
         tmp_path,
         redis_url,
         stack.analytics.keys,
         analytics_load_sample_data=False,
-        analytics_grounding_policy="reject",
+        analytics_grounding_policy=policy,
         analytics_memory_target=f"127.0.0.1:{stack.memory_host.bound_port}",
         analytics_llm_gateway_target=f"127.0.0.1:{stack.gateway_host.bound_port}",
     )
@@ -431,17 +445,29 @@ async def test_reject_policy_replaces_an_answer_with_a_wrong_figure_by_the_rules
             iter([pb.IngestBarsRequest(series=sample_series())]), metadata=keys.md(keys.writer_a)
         )
         await stack.control.reset()
-        question = "Which one had the deeper drawdown?"
+        question = f"Which one had the deeper drawdown ({policy})?"  # not a cache hit
         wrong = structured(
             "MSFT had the deeper drawdown, -12.0%.", ("-12.0%", "MSFT", "max_drawdown")
         )
         await stack.control.script(wrong)
         reply = await rejecting.stub.Analyze(
-            request("sess-reject", question=question), metadata=keys.md(keys.reader_a), timeout=20
+            request(f"sess-{policy}", question=question),
+            metadata=keys.md(keys.reader_a),
+            timeout=20,
         )
     finally:
         await rejecting.channel.close()
         await rejecting.host.drain_and_stop()
+    if policy == "off":  # not checked: the model's answer as given
+        assert reply.commentary_source == pb.COMMENTARY_SOURCE_LLM
+        assert reply.narrative == "MSFT had the deeper drawdown, -12.0%."
+        g = reply.grounding
+        assert (g.policy, g.outcome, g.figures_checked) == (
+            pb.GROUNDING_POLICY_OFF,
+            pb.GROUNDING_OUTCOME_SKIPPED,
+            0,
+        )
+        return
     assert reply.commentary_source == pb.COMMENTARY_SOURCE_GROUNDING_REJECTED
     assert reply.narrative == expected_rules(question)
     g = reply.grounding
@@ -533,3 +559,67 @@ async def test_personal_data_in_the_question_is_kept_from_the_model_and_reported
     assert reply.narrative == f"I cannot send e-mail to {email}."  # restored for the caller
     for entry in await stack.control.requests():
         assert email not in json.dumps(entry["body"])
+
+
+def _letters(n: int) -> str:
+    """A number as letters (a question must not gain a number the corpus could match)."""
+    out = ""
+    while True:
+        n, r = divmod(n, 26)
+        out = chr(97 + r) + out
+        if n == 0:
+            return out
+
+
+async def test_the_grounding_corpus_through_analyze_and_the_dev_provider(stack: Stack) -> None:
+    """Every answer of tests/analytics/data/grounding_answers.tsv, rendered with the metrics
+    of the real sample data, scripted as the model's answer: correct figures in their many
+    roundings are never flagged, every wrong, invented or sign-flipped one is."""
+    symbols = ["AAPL", "MSFT", "XOM", "SP500"]
+    prices, dates = columns(symbols)
+    # A window where the corpus' signs hold (XOM fell, the others rose).
+    first, last = date(2014, 6, 1), date(2020, 12, 31)
+    keep = (dates >= np.datetime64(first)) & (dates <= np.datetime64(last))
+    prices, dates = prices[keep], dates[keep]
+    metrics = engine.compute_metrics(
+        prices, dates, symbols, benchmark=prices[:, 3], benchmark_symbol="SP500", risk_free=0.02
+    )
+    metrics["SPX"] = metrics["SP500"]  # the corpus calls the benchmark SPX
+    a = stack.analytics
+    md = a.keys.md(a.keys.reader_a)
+    false_flags: list[tuple[int, str]] = []
+    missed: list[tuple[int, str]] = []
+    corpus = grounding_cases.cases(metrics)
+    window = common_pb2.DateRange(
+        start=date_pb2.Date(year=first.year, month=first.month, day=first.day),
+        end=date_pb2.Date(year=last.year, month=last.month, day=last.day),
+    )
+    await stack.control.reset()
+    for case in corpus:
+        text = case.text.replace("SPX", "SP500")
+        wrong = sorted(case.text[s:e] for s, e in case.wrong)
+        await stack.control.script(structured(text))
+        reply = await a.stub.Analyze(
+            request(
+                f"sess-corpus-{case.line}",
+                symbols=symbols,
+                question=f"{grounding_cases.QUESTION} (case {_letters(case.line)})",
+                risk_free_rate=0.02,
+                range=window,
+            ),
+            metadata=md,
+            timeout=20,
+        )
+        assert reply.commentary_source == pb.COMMENTARY_SOURCE_LLM, reply.warnings
+        flagged = [u.text for u in reply.grounding.unverified_figures]
+        for u in reply.grounding.unverified_figures:
+            assert reply.narrative[u.start : u.end] == u.text
+        false_flags += [(case.line, t) for t in flagged if t not in wrong]
+        missed += [(case.line, t) for t in wrong if t not in flagged]
+    print(
+        f"\ngrounding corpus through Analyze: {len(corpus)} answers, "
+        f"{sum(len(c.wrong) for c in corpus)} wrong figures; false flags {len(false_flags)}, "
+        f"missed {len(missed)}"
+    )
+    assert not false_flags, false_flags
+    assert not missed, missed
