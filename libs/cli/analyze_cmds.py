@@ -155,7 +155,7 @@ def grounding_words(g: pb.Grounding) -> str:
     if g.outcome == pb.GROUNDING_OUTCOME_VERIFIED:
         if n == 0:
             return "[green]no figures to check[/]"
-        how = ", each citing its metric" if g.cited else ""
+        how = " (the model cited the metric behind its figures)" if g.cited else ""
         return f"[green]all {n} checked against the computed metrics{how}[/]"
     if g.outcome == pb.GROUNDING_OUTCOME_REJECTED:
         return (

@@ -384,8 +384,9 @@ class Analyzer:
     ) -> tuple[DateWindow, str]:
         """The request's range, else the period the question names, else all data."""
         asked = request.window.start is not None or request.window.end is not None
-        anchor = None if asked else await self.market.data_end(view, request.symbols)
-        period = resolve_period(request.question, anchor or date.today())
+        # Whether the question names a period does not depend on the anchor; its dates do
+        # (relative periods end on the last day with data), so the anchor is read only then.
+        period = resolve_period(request.question, date.today())
         if asked:
             if period is not None:
                 warnings.append(
@@ -393,7 +394,11 @@ class Analyzer:
                     "the request's range was used"
                 )
             return request.window, "the request's range"
-        if period is None or anchor is None:
+        if period is None:
+            return request.window, "all data"
+        anchor = await self.market.data_end(view, request.symbols)
+        period = resolve_period(request.question, anchor) if anchor else None
+        if period is None:
             return request.window, "all data"
         return DateWindow(period.start, period.end), f"the question: {period.label}"
 

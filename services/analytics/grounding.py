@@ -38,7 +38,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Final, Literal
 
@@ -135,12 +135,12 @@ _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     (r"excess kurtosis|kurtosis", ("kurtosis",)),
     (r"skew(?:ness)?", ("skew",)),
     (
-        r"best (?:single |trading )?days?|best daily (?:return|gain)"
+        r"best (?:single |trading )?(?:days?|sessions?)|best daily (?:return|gain)"
         r"|biggest (?:one-day |daily |single-day )gain",
         ("best_day",),
     ),
     (
-        r"worst (?:single |trading )?days?|worst daily (?:return|loss)"
+        r"worst (?:single |trading )?(?:days?|sessions?)|worst daily (?:return|loss)"
         r"|biggest (?:one-day |daily |single-day )(?:loss|drop|fall)",
         ("worst_day",),
     ),
@@ -210,7 +210,7 @@ _NUMBER: Final = re.compile(
     r"(?P<sign>(?<![\w.,])[+\-\u2212\u2013](?=\s?[$€£]?\d))?\s?"
     r"(?P<cur>[$€£])?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-    r"(?P<unit>\s?%|\s?(?:per\s?cent|percent)\b|\s?(?:percentage\s+points?|pp|pts?|points?)\b"
+    r"(?P<unit>\s?%|\s?(?:per\s?cent|percent)\b|\s?(?:percentage\s+points?|pp|pts?|points)\b"
     r"|\s?(?:bps|basis\s+points?)\b|\s?(?:USD|EUR|GBP|dollars?)\b|x\b)?",
     re.IGNORECASE,
 )
@@ -230,6 +230,7 @@ class Figure:
     sign: int  # +1 / -1 when written (sign or words), 0 when not
     explicit_sign: bool
     metrics: tuple[str, ...] = ()  # the metric(s) the words around it name
+    symbol: str = ""  # the ticker the words attribute it to ("MSFT's volatility"), if any
 
 
 def _month(word: str) -> int:
@@ -265,7 +266,11 @@ def _dates(text: str) -> list[Figure]:
 
 
 _CLAUSE_END: Final = re.compile(
-    r"[.!?;,:](?:\s|$)|\n|\(|\b(?:and|but|while|whereas|against|versus|vs\.?|compared with)\s",
+    r"[.!?;,:|](?:\s|$)|\n|\|"
+    r"|\b(?:and|but|while|whereas|compared with)\s"
+    # "against"/"versus" before a ticker is "relative to" ("alpha versus SPX was"); before
+    # anything else it starts the other side of a comparison.
+    r"|\b(?:against|versus|vs\.?)\s(?![A-Z][A-Z0-9.^-]{0,9}\b(?!'s|\u2019s))",
     re.IGNORECASE,
 )
 # Confidence levels ("95% VaR", "at 99%"): conventions, and no bound between a metric's name
@@ -290,24 +295,89 @@ def _names(words: str) -> list[tuple[int, int, tuple[str, ...]]]:
     return out
 
 
-def _tie(before: str, after: str) -> tuple[str, ...]:
-    """The metric the words right around a figure name: the last name before it in its
-    clause, else a name right after it (same clause, no punctuation in between)."""
+# Words that may stand between a metric's name and its figure ("volatility of 27%",
+# "Sharpe was about 0.8", "worst session (-6.8%").
+_LINK: Final = re.compile(
+    r"(?:\s|[(:]|\b(?:of|was|were|is|at|stood|came|in|around|about|roughly|nearly|"
+    r"approximately|almost|just|some|reached|hit|a|an|the|to|by)\b)*",
+    re.IGNORECASE,
+)
+# A ticker owning the metric named right after it: "MSFT's annualised volatility", "XOM's
+# 95% VaR", "AAPL volatility".
+_OWNER: Final = re.compile(r"\b([A-Z][A-Z0-9.^-]{0,9})(?:(?:'s|\u2019s)\s+(?:\S+\s+){0,2}?|\s+)$")
+# What may stand between a figure and the name right after it ("27% annualised volatility",
+# "34% max drawdown", "-3.1% daily VaR").
+_BETWEEN: Final = re.compile(r"\s*(?:(?:in|of|on|its|the|a|an|historical|daily)\s+)*", re.I)
+_AFTER_SPLIT: Final = re.compile(
+    r"[,;:.!?)\n]|\band\b|\bwhile\b|\bbut\b|\bvs\.?\b|\bversus\b|\bagainst\b"
+)
+
+
+def _owner(before: str, name_start: int) -> str:
+    m = _OWNER.search(before[:name_start])
+    return m[1] if m else ""
+
+
+def _tie(before: str, after: str) -> tuple[tuple[str, ...], str]:
+    """The metric the words right around a figure name, and the ticker owning it: a name
+    just before it ("volatility of 27%"), else one right after it ("27% annualised
+    volatility", "+8.1% a year compounded"), else the last name before it in its clause."""
     names = _names(before)
+    if names and _LINK.fullmatch(before[names[-1][1] :]):
+        start, _, keys = names[-1]
+        return keys, _owner(before, start)
+    near = _AFTER_SPLIT.split(after, maxsplit=1)[0]
+    following = _names(near[:40])
+    if following and _BETWEEN.fullmatch(near[: following[0][0]]):
+        return following[0][2], ""
     if names:
-        return names[-1][2]
-    near = re.split(
-        r"[,;:.!?)\n]|\band\b|\bwhile\b|\bbut\b|\bvs\.?\b|\bversus\b|\bagainst\b", after, maxsplit=1
-    )[0]
-    names = _names(near[:40])
-    return names[0][2] if names else ()
+        start, _, keys = names[-1]
+        return keys, _owner(before, start)
+    return (following[0][2], "") if following else ((), "")
+
+
+# Names of the dates of the metrics ("peaked on", "trough", "worst day came on").
+_DATE_NAMES: Final = (
+    (re.compile(r"\bpeak(?:ed|s)?\b|\btopped\b", re.I), "peak_date"),
+    (re.compile(r"\btrough\b|\bbottom(?:ed|s)?\b|\blow point\b", re.I), "trough_date"),
+    (
+        re.compile(
+            r"(?<!not )(?<!not been )(?<!never )(?<!no )(?<!without )(?<!without a )"
+            r"\b(?:recover(?:ed|y)|regained)\b",
+            re.I,
+        ),
+        "recovery_date",
+    ),
+    (re.compile(r"\bworst (?:single |trading )?(?:day|session)s?\b", re.I), "worst_date"),
+    (re.compile(r"\bbest (?:single |trading )?(?:day|session)s?\b", re.I), "best_date"),
+)
+_DATE_CLAUSE_END: Final = re.compile(
+    r"[.!?;,:](?:\s|$)|\n|\b(?:and|but|while|whereas|against|versus|vs\.?|than)\s", re.I
+)
+
+
+def _date_tie(text: str, start: int, floor: int) -> tuple[tuple[str, ...], str]:
+    """The metric date the words before a date name ("bottomed on 2009-03-09"), back to the
+    previous date or the clause start, and the ticker owning it."""
+    head = text[floor:start]
+    cut = max((m.end() for m in _DATE_CLAUSE_END.finditer(head)), default=0)
+    words = head[cut:][-80:]
+    found = [(m.start(), key) for rx, key in _DATE_NAMES for m in rx.finditer(words)]
+    if not found:
+        return (), ""
+    at, key = max(found)
+    return (key,), _owner(words, at)
 
 
 def extract(text: str) -> list[Figure]:
     """Every figure of `text`, in order."""
     dates = _dates(text)
     spans = [(f.start, f.end) for f in dates]
-    figures: list[Figure] = list(dates)
+    figures: list[Figure] = []
+    for f in dates:
+        floor = max((e for s, e in spans if e <= f.start), default=0)
+        metrics, owner = _date_tie(text, f.start, floor) if f.kind == "date" else ((), "")
+        figures.append(replace(f, metrics=metrics, symbol=owner))
     numbers = [
         m
         for m in _NUMBER.finditer(text)
@@ -361,8 +431,10 @@ def _number_figure(text: str, m: re.Match[str], bounds: list[tuple[int, int]]) -
         kind, value = "year", number
     else:
         kind, value = "number", number
-    metrics = _tie(before, after) if kind in ("percent", "points", "number") else ()
-    return Figure(text[start:end], start, end, kind, value, decimals, sign, explicit, metrics)
+    metrics, owner = _tie(before, after) if kind in ("percent", "points", "number") else ((), "")
+    return Figure(
+        text[start:end], start, end, kind, value, decimals, sign, explicit, metrics, owner
+    )
 
 
 # -- sources -------------------------------------------------------------------------------
@@ -379,6 +451,8 @@ class Sources:
     first_year: int = 0
     last_year: int = 0
     question: tuple[Figure, ...] = ()
+    dated: Mapping[tuple[str, str], int] = field(default_factory=dict)  # peak_date, ... ordinals
+    symbols: frozenset[str] = frozenset()
 
     @classmethod
     def from_metrics(
@@ -392,6 +466,7 @@ class Sources:
         correlations: Mapping[frozenset[str], float] | None = None,
     ) -> Sources:
         values: dict[tuple[str, str], float] = {}
+        dated: dict[tuple[str, str], int] = {}
         numbers: set[float] = {float(len(metrics)), periods_per_year}
         dates: set[date] = {d for d in window if d is not None}
         for m in metrics:
@@ -409,6 +484,15 @@ class Sources:
                 if d is not None
             )
             dates.update((m.best.date, m.worst.date))
+            for key, d in (
+                ("peak_date", dd.peak_date),
+                ("trough_date", dd.trough_date),
+                ("recovery_date", dd.recovery_date),
+                ("best_date", m.best.date),
+                ("worst_date", m.worst.date),
+            ):
+                if d is not None:
+                    dated[(m.symbol, key)] = d.toordinal()
         for pair, v in (correlations or {}).items():
             if math.isfinite(v):
                 values[("|".join(sorted(pair)), "correlation")] = v
@@ -423,6 +507,8 @@ class Sources:
             first_year=min(years),
             last_year=max(years),
             question=asked,
+            dated=dated,
+            symbols=frozenset(m.symbol for m in metrics),
         )
 
     def of(self, keys: Iterable[str], symbol: str | None = None) -> list[tuple[str, float]]:
@@ -480,10 +566,12 @@ def _matches(f: Figure, key: str, value: float) -> bool:
         written, scale = f.value * 100, value * 100
     elif f.kind == "number":
         written, scale = f.value, value
-        if spec.unit == "pct" and abs(f.value) >= 2:
-            return False  # "34" is not how anyone writes 0.34; "34" alone is a count
+        if spec.unit == "pct" and abs(f.value) >= 2 and f.decimals == 0:
+            return False  # "34" is not how anyone writes 0.34 (but 2.24 may be 224%)
     else:
         return False
+    if f.sign != 0 and not f.explicit_sign and (spec.nonnegative or spec.unit == "ratio"):
+        return False  # "gained 52%" states a change: not a volatility, a share or a ratio
     if f.sign != 0:
         return _close(f.sign * abs(written), scale, f.decimals)
     if spec.loss or not f.metrics:
@@ -524,7 +612,7 @@ class Checker:
     def _reason(self, f: Figure, citation: Citation | None) -> str:
         src = self.sources
         if f.kind == "date":
-            return "" if int(f.value) in src.dates else "date not among the computed dates"
+            return self._date_reason(f)
         if f.kind == "month":
             months = {date.fromordinal(d).year * 12 + date.fromordinal(d).month for d in src.dates}
             return (
@@ -547,12 +635,15 @@ class Checker:
         if f.kind == "points":
             return "" if self._points(f) else "gap not between two computed values"
         if f.metrics:
-            keys = [k for k in f.metrics if any(k == key for (_, key) in src.values)]
-            if any(_matches(f, k, v) for k, v in src.of(f.metrics)):
+            owner = f.symbol if f.symbol in src.symbols else None
+            candidates = src.of(f.metrics, owner)
+            if any(_matches(f, k, v) for k, v in candidates):
                 return ""
-            if not keys:
-                return f"{_label(f.metrics)} was not computed"
-            return f"does not match the {_label(f.metrics)} computed"
+            if not candidates:
+                return f"{_label(f.metrics)} was not computed" + (f" for {owner}" if owner else "")
+            return f"does not match the {_label(f.metrics)} computed" + (
+                f" for {owner}" if owner else ""
+            )
         if any(_matches(f, k, v) for (_, k), v in src.values.items()):
             return ""
         if f.kind == "percent" and any(
@@ -565,6 +656,19 @@ class Checker:
         ):
             return ""
         return "not among the computed figures"
+
+    def _date_reason(self, f: Figure) -> str:
+        src = self.sources
+        if not f.metrics:
+            return "" if int(f.value) in src.dates else "date not among the computed dates"
+        key = f.metrics[0]
+        owner = f.symbol if f.symbol in src.symbols else None
+        found = [d for (s, k), d in src.dated.items() if k == key and owner in (None, s)]
+        label = key.removesuffix("_date").replace("_", " ") + " date"
+        whose = f" of {owner}" if owner else ""
+        if int(f.value) in found:
+            return ""
+        return f"not the {label}{whose} computed" if found else f"no {label}{whose} was computed"
 
     def _check_citation(self, f: Figure, c: Citation) -> str:
         key = c.metric.strip().lower()

@@ -175,9 +175,9 @@ def render(
     return "".join(out), tuple(wrong)
 
 
-def cases(metrics: Mapping[str, SymbolMetrics] = METRICS) -> list[Case]:
+def cases(metrics: Mapping[str, SymbolMetrics] = METRICS, corpus: Path = CORPUS) -> list[Case]:
     found = []
-    for i, raw in enumerate(CORPUS.read_text().splitlines(), start=1):
+    for i, raw in enumerate(corpus.read_text().splitlines(), start=1):
         if not raw.strip() or raw.startswith("#"):
             continue
         label, template = raw.split("\t", 1)

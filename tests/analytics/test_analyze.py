@@ -507,6 +507,22 @@ async def test_a_period_in_the_question_sets_the_window_before_the_metrics(stack
         assert m.start_date.year in (2019, 2020) and m.end_date.year == 2020
     assert "2020" in reply.narrative.split("\n\n")[0]
     assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
+    # A relative period ends on the last day with data for the symbols, not today.
+    try:
+        await stack.control.set_default({"status": 503})
+        recent = await a.stub.Analyze(
+            request("sess-3y", question="How risky were they over the last 3 years?"),
+            metadata=a.keys.md(a.keys.reader_a),
+            timeout=20,
+        )
+    finally:
+        await stack.control.reset()
+    last = max(m.end_date.ToDatetime().date() if hasattr(m.end_date, "ToDatetime") else
+               date(m.end_date.year, m.end_date.month, m.end_date.day) for m in recent.metrics)  # fmt: skip
+    end = recent.window.end
+    assert date(end.year, end.month, end.day) == last
+    assert recent.window.start.year == last.year - 3
+    assert recent.window_source.startswith("the question: ")
     # The request's range wins over the question's period, and says so.
     try:
         await stack.control.set_default({"status": 503})

@@ -21,7 +21,7 @@ from services.analytics.grounding import (
     extract,
     parse_structured,
 )
-from tests.analytics.grounding_cases import BENCHMARK, METRICS, QUESTION, cases
+from tests.analytics.grounding_cases import BENCHMARK, CORPUS, METRICS, QUESTION, cases
 
 
 def checker(question: str = QUESTION) -> Checker:
@@ -197,3 +197,39 @@ def test_extract_reads_kinds() -> None:
         ("percent", "12%"),
     ]
     assert date(2020, 3, 23).toordinal() == extract("2020-03-23")[0].value
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+# Corpora written by helpers who had not seen the checker or the corpus above. Measured
+# blind, before the checker learnt from them: heldout 2 of 191 correct figures falsely
+# flagged, 34/45 wrong ones flagged; heldout2 5 of 226 falsely flagged, 39/45 flagged. The
+# checker was then improved on what they showed (tables, possessive tickers, "no recovery
+# by", figures named after them, decimals for returns), so they are regression sets now.
+# (file, most false flags, least share of wrong figures flagged)
+HELD_OUT = [("grounding_heldout.tsv", 0, 0.9), ("grounding_heldout2.tsv", 0, 0.85)]
+
+
+@pytest.mark.parametrize(("name", "max_false", "min_flagged"), HELD_OUT)
+def test_held_out_corpora(name: str, max_false: int, min_flagged: float) -> None:
+    corpus = cases(corpus=CORPUS.parent / name)
+    check = checker()
+    false_flags, flagged, wrong = [], 0, 0
+    for case in corpus:
+        report = check.check(case.text)
+        spans = [(u.start, u.end) for u in report.unverified]
+        false_flags += [
+            (case.line, case.text[s:e])
+            for s, e in spans
+            if not any(_overlaps((s, e), w) for w in case.wrong)
+        ]
+        flagged += sum(any(_overlaps(w, s) for s in spans) for w in case.wrong)
+        wrong += len(case.wrong)
+    print(
+        f"\n{name}: {len(corpus)} answers, {wrong} wrong figures: flagged {flagged}/{wrong} "
+        f"({flagged / wrong:.0%}), false flags {len(false_flags)} {false_flags}"
+    )
+    assert len(false_flags) <= max_false, false_flags
+    assert flagged / wrong >= min_flagged

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.analytics.commentary import rules_commentary
+from services.analytics.grounding import Checker, Sources
 from services.analytics.metrics import BenchmarkRelative, DatedReturn, DrawdownInfo, SymbolMetrics
 from services.analytics.periods import resolve_period
 from services.analytics.questions import (
@@ -397,3 +398,23 @@ def test_the_same_question_gives_the_same_answer() -> None:
 def test_impossible_period_words_do_not_change_the_metric_either() -> None:
     intent = parse_question("which fell the most in the last 30 trading days", ["AAPL", "GE"], None)
     assert intent.metric == "max_drawdown"
+
+
+def test_every_rule_based_answer_in_the_table_is_fully_grounded() -> None:
+    """The rule-based answers quote only metric values: the grounding checker verifies every
+    figure of all of them (the same check Analyze runs on each answer)."""
+    checked = 0
+    for case in CASES:
+        metrics = _subset(case)
+        answer = answer_question(case.question, metrics, case.benchmark, WINDOW, CORRELATIONS)
+        first, last = WINDOW.split(" to ")
+        sources = Sources.from_metrics(
+            list(metrics.values()),
+            question=case.question,
+            window=(date.fromisoformat(first), date.fromisoformat(last)),
+            correlations=CORRELATIONS,
+        )
+        report = Checker(sources).check(answer)
+        checked += report.figures_checked
+        assert report.clean, (case.line, case.question, report.unverified)
+    assert checked > 1000
