@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -172,3 +173,14 @@ def make_settings(
         **overrides,
     }
     return cls(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def weekdays(first: date, n: int) -> list[date]:
+    """`n` consecutive Monday-to-Friday days from `first` (synthetic trading days)."""
+    days: list[date] = []
+    d = first
+    while len(days) < n:
+        if d.weekday() < 5:
+            days.append(d)
+        d += timedelta(days=1)
+    return days

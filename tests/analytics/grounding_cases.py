@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Final
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from services.analytics.grounding import SPECS
 from services.analytics.metrics import SymbolMetrics, compute_metrics
+from tests.conftest import weekdays
 
 CORPUS: Final = Path(__file__).parent / "data" / "grounding_answers.tsv"
 SYMBOLS: Final = ("AAPL", "MSFT", "XOM")
@@ -39,19 +40,9 @@ def _prices(seed: int, drift: float, vol: float, n: int) -> np.ndarray:
     return 100.0 * np.cumprod(1.0 + returns)
 
 
-def _business_days(first: date, n: int) -> list[date]:
-    days: list[date] = []
-    d = first
-    while len(days) < n:
-        if d.weekday() < 5:
-            days.append(d)
-        d += timedelta(days=1)
-    return days
-
-
 def build_metrics() -> dict[str, SymbolMetrics]:
     n = 1260
-    days = _business_days(date(2018, 1, 2), n)
+    days = weekdays(date(2018, 1, 2), n)
     columns = [
         _prices(11, 0.0009, 0.021, n),
         _prices(12, 0.0006, 0.017, n),

@@ -254,17 +254,18 @@ async def test_llm_answers_from_the_computed_numbers_and_memory_keeps_the_exchan
     assert "And the drawdowns?" in contents[-1]
 
 
-async def test_gateway_failure_falls_back_to_rules(stack: Stack) -> None:
+async def without_llm(stack: Stack, req: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
+    """Analyze while the provider answers every call 503 (the rule-based answer)."""
     a = stack.analytics
     await stack.control.set_default({"status": 503})
     try:
-        reply = await a.stub.Analyze(
-            request("sess-503", question="Is the 503 case handled?"),
-            metadata=a.keys.md(a.keys.reader_a),
-            timeout=20,
-        )
+        return await a.stub.Analyze(req, metadata=a.keys.md(a.keys.reader_a), timeout=20)
     finally:
         await stack.control.reset()
+
+
+async def test_gateway_failure_falls_back_to_rules(stack: Stack) -> None:
+    reply = await without_llm(stack, request("sess-503", question="Is the 503 case handled?"))
     assert reply.commentary_source == pb.COMMENTARY_SOURCE_RULES
     assert reply.narrative == expected_rules("Is the 503 case handled?")
     assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
@@ -486,16 +487,9 @@ async def test_reject_policy_replaces_an_answer_with_a_wrong_figure_by_the_rules
 
 
 async def test_a_period_in_the_question_sets_the_window_before_the_metrics(stack: Stack) -> None:
-    await stack.control.set_default({"status": 503})
-    a = stack.analytics
-    try:
-        reply = await a.stub.Analyze(
-            request("sess-2020", question="And over 2020 only, which fell further?"),
-            metadata=a.keys.md(a.keys.reader_a),
-            timeout=20,
-        )
-    finally:
-        await stack.control.reset()
+    reply = await without_llm(
+        stack, request("sess-2020", question="And over 2020 only, which fell further?")
+    )
     assert reply.window_source == "the question: 2020"
     assert (reply.window.start.year, reply.window.start.month, reply.window.start.day) == (
         2020,
@@ -508,29 +502,16 @@ async def test_a_period_in_the_question_sets_the_window_before_the_metrics(stack
     assert "2020" in reply.narrative.split("\n\n")[0]
     assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
     # A relative period ends on the last day with data for the symbols, not today.
-    try:
-        await stack.control.set_default({"status": 503})
-        recent = await a.stub.Analyze(
-            request("sess-3y", question="How risky were they over the last 3 years?"),
-            metadata=a.keys.md(a.keys.reader_a),
-            timeout=20,
-        )
-    finally:
-        await stack.control.reset()
-    last = max(m.end_date.ToDatetime().date() if hasattr(m.end_date, "ToDatetime") else
-               date(m.end_date.year, m.end_date.month, m.end_date.day) for m in recent.metrics)  # fmt: skip
+    recent = await without_llm(
+        stack, request("sess-3y", question="How risky were they over the last 3 years?")
+    )
+    last = max(date(m.end_date.year, m.end_date.month, m.end_date.day) for m in recent.metrics)
     end = recent.window.end
     assert date(end.year, end.month, end.day) == last
     assert recent.window.start.year == last.year - 3
     assert recent.window_source.startswith("the question: ")
     # The request's range wins over the question's period, and says so.
-    try:
-        await stack.control.set_default({"status": 503})
-        ranged = await a.stub.Analyze(
-            _ranged_request(), metadata=a.keys.md(a.keys.reader_a), timeout=20
-        )
-    finally:
-        await stack.control.reset()
+    ranged = await without_llm(stack, _ranged_request())
     assert ranged.window_source == "the request's range"
     assert any(w.startswith("question_period_ignored") for w in ranged.warnings)
 

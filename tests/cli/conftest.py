@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from services.llm_gateway.main import setup as gateway_setup
 from services.memory.config import MemorySettings
 from services.memory.main import POLICIES as MEMORY_POLICIES
 from services.memory.main import setup as memory_setup
-from tests.conftest import make_settings
+from tests.conftest import make_settings, weekdays
 
 # Synthetic daily prices the analytics service is loaded with (the sample data is off: it
 # takes seconds to load and tests must not depend on its contents).
@@ -88,13 +88,7 @@ def write_cli_keys(path: Path) -> CliKeys:
 
 
 def trading_days(n: int) -> list[date]:
-    days: list[date] = []
-    d = FIRST_DAY
-    while len(days) < n:
-        if d.weekday() < 5:
-            days.append(d)
-        d += timedelta(days=1)
-    return days
+    return weekdays(FIRST_DAY, n)
 
 
 def synthetic_closes(seed: int, n: int) -> list[int]:
