@@ -267,7 +267,7 @@ class Chat:
             )
         except grpc.aio.AioRpcError as error:
             self.failures += 1
-            info, lines = describe_error(error)
+            info, lines = describe_error(error, self.conn)
             if self.args.json:
                 print(json.dumps(error_json(info)), flush=True)
             else:

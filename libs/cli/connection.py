@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +24,61 @@ HEALTH_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+class KeyFileError(Exception):
+    """`--key-file` names a file that cannot be used: a usage error (exit 2)."""
+
+
+@dataclass
 class Connection:
-    """Where the services are and who the CLI is (same auth as any caller)."""
+    """Where the services are and who the CLI is (same auth as any caller).
+
+    The key: `--key-file` when given (a file that cannot be read is an error, never a silent
+    fall-back to another key), else `FINSIGHT_API_KEY`, else `$FINSIGHT_DATA_DIR/dev-api-key`
+    (default `./var/dev-api-key`, relative to the current directory, written by `make run`).
+    `looked` says where it looked, for the error of a call that was refused.
+    """
 
     host: str
     key: str | None
     ca_file: Path | None
     timeout: float
+    key_source: str = ""
+    looked: tuple[str, ...] = ()
+    # Per-service "host:port" overrides; "*" is `--target` (the service a command calls).
+    targets: dict[str, str] = field(default_factory=dict)
+    last_service: str = ""  # the service of the last channel opened (for error hints)
 
     @classmethod
     def from_env(
-        cls, *, host: str | None, key_file: Path | None, ca_file: Path | None, timeout: float
+        cls,
+        *,
+        host: str | None,
+        key_file: Path | None,
+        ca_file: Path | None,
+        timeout: float,
+        targets: dict[str, str] | None = None,
     ) -> Connection:
-        key = os.environ.get("FINSIGHT_API_KEY")
-        data_dir = Path(os.environ.get("FINSIGHT_DATA_DIR", "var"))
-        for candidate in (key_file, data_dir / "dev-api-key"):
-            if not key and candidate is not None and candidate.is_file():
-                key = candidate.read_text().strip()
-        return cls(host or os.environ.get("FINSIGHT_HOST", "127.0.0.1"), key, ca_file, timeout)
+        key, source, looked = _find_key(key_file)
+        return cls(
+            host or os.environ.get("FINSIGHT_HOST", "127.0.0.1"),
+            key,
+            ca_file,
+            timeout,
+            source,
+            looked,
+            dict(targets or {}),
+        )
 
     def target(self, service: str) -> str:
+        if service in self.targets:
+            return self.targets[service]
+        if "*" in self.targets:
+            return self.targets["*"]
         port = os.environ.get(PORT_VARS[service], str(DEFAULT_PORTS[service]))
         return f"{self.host}:{port}"
 
     def channel(self, service: str) -> grpc.aio.Channel:
+        self.last_service = service
         target = self.target(service)
         if self.ca_file is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes())
@@ -60,11 +90,71 @@ class Connection:
         return (("authorization", f"Bearer {self.key}"),) if self.key else ()
 
 
+def _find_key(key_file: Path | None) -> tuple[str | None, str, tuple[str, ...]]:
+    """The key, where it came from, and where the CLI looked (in order)."""
+    if key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as err:
+            raise KeyFileError(
+                f"--key-file {key_file}: cannot read it ({err.strerror or err})"
+            ) from err
+        if not key:
+            raise KeyFileError(f"--key-file {key_file}: the file is empty")
+        return key, f"--key-file {key_file}", (f"--key-file {key_file}",)
+    looked = []
+    env_key = os.environ.get("FINSIGHT_API_KEY", "").strip()
+    if env_key:
+        return env_key, "FINSIGHT_API_KEY", ("FINSIGHT_API_KEY",)
+    looked.append("FINSIGHT_API_KEY (not set)")
+    looked.append("--key-file (not given)")
+    dev = (Path(os.environ.get("FINSIGHT_DATA_DIR", "var")) / "dev-api-key").absolute()
+    if dev.is_file():
+        key = dev.read_text().strip()
+        if key:
+            return key, str(dev), (*looked, str(dev))
+        looked.append(f"{dev} (empty)")
+    else:
+        looked.append(f"{dev} (not found: `make run` writes it, in the project directory)")
+    return None, "", tuple(looked)
+
+
+# How a channel reports that nothing answered (no server behind the address).
+_NO_SERVER = ("failed to connect", "connection refused", "dns resolution failed", "unreachable")
+
+
+def hints(info: StatusInfo, conn: Connection | None) -> list[str]:
+    """What the CLI knows that the server's words do not say: where it looked for a key,
+    which address it tried."""
+    if conn is None:
+        return []
+    code = info.code.name
+    if code == "UNAUTHENTICATED":
+        if conn.key is None:
+            return ["  no API key was sent; looked in: " + "; ".join(conn.looked)]
+        return [f"  the key from {conn.key_source} was refused"]
+    if code == "PERMISSION_DENIED" and conn.key_source:
+        return [f"  (the key from {conn.key_source})"]
+    text = info.message.lower()
+    if code == "UNAVAILABLE" and not info.reason and any(w in text for w in _NO_SERVER):
+        service = conn.last_service or "the service"
+        flag = f"--{service.replace('_', '-')}-target" if conn.last_service else "--target"
+        return [
+            f"  nothing answered at {conn.target(service) if conn.last_service else conn.host} "
+            f"({service}): is the suite running? Start it with `make run`, or point --host "
+            f"or {flag} at it"
+        ]
+    return []
+
+
 MAX_SHOWN_VIOLATIONS = 20
 
 
-def describe_error(error: grpc.aio.AioRpcError) -> tuple[StatusInfo, list[str]]:
-    """The status of a failed call in plain words, field violations included."""
+def describe_error(
+    error: grpc.aio.AioRpcError, conn: Connection | None = None
+) -> tuple[StatusInfo, list[str]]:
+    """The status of a failed call in plain words, field violations included, and what the
+    CLI knows about why (`hints`)."""
     info = status_info(error)
     lines = [f"{info.code.name}: {info.message}"]
     if info.reason and info.reason != info.code.name:
@@ -77,6 +167,7 @@ def describe_error(error: grpc.aio.AioRpcError) -> tuple[StatusInfo, list[str]]:
     lines += [f"  - quota {q.subject}: {q.description}" for q in info.quota]
     if info.retry_after is not None:
         lines.append(f"  retry after {info.retry_after:.1f}s")
+    lines += hints(info, conn)
     return info, lines
 
 

@@ -26,23 +26,77 @@ from rich.console import Console
 from rich.markup import escape
 
 from libs.cli import analytics_cmds, analyze_cmds, commands, llm_cmds, memory_cmds
-from libs.cli.connection import Connection, describe_error, error_json
+from libs.cli.connection import (
+    DEFAULT_PORTS,
+    Connection,
+    KeyFileError,
+    describe_error,
+    error_json,
+)
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a closed pipe
 Handler = Callable[[argparse.Namespace, Connection], Coroutine[Any, Any, Any]]
 
 
+def _global_options(parser: argparse.ArgumentParser, *, on_command: bool = False) -> None:
+    """Options every command takes, before or after its name. On a command's parser their
+    default is SUPPRESS, so one given before the command is not reset by the command's."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if on_command else value
+
+    add = parser.add_argument
+    add("--host", default=default(None), help="where the services run (default 127.0.0.1)")
+    add(
+        "--key-file",
+        type=Path,
+        default=default(None),
+        help="API key file (else FINSIGHT_API_KEY, else ./var/dev-api-key); unreadable: error",
+    )
+    add("--ca-file", type=Path, default=default(None), help="CA certificate: connect with TLS")
+    add("--timeout", type=float, default=default(30.0), help="deadline per call, seconds")
+    add("--json", action="store_true", default=default(False), help="machine-readable output")
+    add(
+        "--target",
+        metavar="HOST:PORT",
+        default=default(None),
+        help="address of the service the command calls (as importer_cli's --target)",
+    )
+    for service, port in DEFAULT_PORTS.items():
+        add(
+            f"--{service.replace('_', '-')}-target",
+            metavar="HOST:PORT",
+            dest=f"{service}_target",
+            default=default(None),
+            help=f"address of {service} (default HOST:{port})",
+        )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finsight", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", help="where the services run (default 127.0.0.1)")
-    parser.add_argument("--key-file", type=Path, help="API key file (default var/dev-api-key)")
-    parser.add_argument("--ca-file", type=Path, help="CA certificate: connect with TLS")
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (commands, analytics_cmds, analyze_cmds, llm_cmds, memory_cmds):
         module.register(sub)
+    for child in _subparsers(parser):
+        _global_options(child, on_command=True)
     return parser
+
+
+def targets_of(args: argparse.Namespace) -> dict[str, str]:
+    found = {s: getattr(args, f"{s}_target") for s in DEFAULT_PORTS}
+    if args.target:
+        found["*"] = args.target
+    return {s: t for s, t in found.items() if t}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, highlight=False)
     try:
         conn = Connection.from_env(
-            host=args.host, key_file=args.key_file, ca_file=args.ca_file, timeout=args.timeout
+            host=args.host,
+            key_file=args.key_file,
+            ca_file=args.ca_file,
+            timeout=args.timeout,
+            targets=targets_of(args),
         )
         handler: Handler = args.handler
         result: Any = asyncio.run(handler(args, conn))
     except grpc.aio.AioRpcError as err:
-        info, lines = describe_error(err)
+        info, lines = describe_error(err, conn)
         if args.json:
             print(json.dumps(error_json(info)))
         else:
@@ -66,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # the reader went away (`finsight memory export u | head`)
         return EXIT_BROKEN_PIPE
-    except (commands.CliError, OSError) as err:
+    except (commands.CliError, KeyFileError, OSError) as err:
         if args.json:
             print(json.dumps({"error": {"code": "USAGE", "message": str(err)}}))
         else:

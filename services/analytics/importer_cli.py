@@ -349,9 +349,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("file", help="CSV (optionally .gz) or Parquet file")
     parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto")
     parser.add_argument("--symbol", help="symbol of a single-symbol OHLCV file (e.g. ^GSPC)")
-    parser.add_argument("--target", default="127.0.0.1:50053", help="analytics host:port")
+    parser.add_argument(
+        "--target",
+        "--analytics-target",
+        default="127.0.0.1:50053",
+        help="analytics host:port (the finsight CLI's --target / --analytics-target)",
+    )
     parser.add_argument("--api-key", help="API key with scope analytics.write")
-    parser.add_argument("--api-key-file", type=Path, default=Path("var/dev-api-key"))
+    parser.add_argument(
+        "--key-file",
+        "--api-key-file",
+        dest="api_key_file",
+        type=Path,
+        default=Path("var/dev-api-key"),
+        help="API key file (the finsight CLI's --key-file; --api-key-file is the old name)",
+    )
     parser.add_argument(
         "--reject-all", action="store_true", help="write nothing if any row is invalid"
     )

@@ -221,10 +221,60 @@ async def test_usage_errors_exit_2(cli: Any) -> None:
 async def test_unreachable_service_is_unavailable(
     cli: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ANALYTICS_GRPC_PORT", str(free_port()))
+    port = free_port()
+    monkeypatch.setenv("ANALYTICS_GRPC_PORT", str(port))
     r = await cli("--timeout", "5", "metrics", "CLIX")
     assert r.code == 1
     assert "UNAVAILABLE" in r.err and "Traceback" not in r.err
+    text = " ".join(r.err.split())
+    assert f"nothing answered at 127.0.0.1:{port} (analytics)" in text
+    assert "is the suite running? Start it with `make run`" in text
+    assert "--analytics-target" in text
+
+
+async def test_target_options_choose_the_address(cli: Any, stack: Stack) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    here = f"127.0.0.1:{stack.ports['analytics']}"
+    r = await cli("--timeout", "5", "symbols", "--analytics-target", nowhere)
+    assert r.code == 1 and nowhere in " ".join(r.err.split())
+    r = await cli("--timeout", "5", "--target", nowhere, "symbols", "--analytics-target", here)
+    assert r.code == 0, r.err  # the per-service option beats --target
+    r = await cli("--timeout", "5", "symbols", "--target", nowhere)
+    assert r.code == 1 and nowhere in " ".join(r.err.split())
+
+
+async def test_an_unreadable_key_file_is_a_usage_error_naming_it(
+    cli: Any, stack: Stack, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope"
+    for argv in (("--key-file", str(missing), "symbols"), ("symbols", "--key-file", str(missing))):
+        r = await cli(*argv)
+        assert r.code == 2, (argv, r.err)
+        assert str(missing) in " ".join(r.err.split()) and "Traceback" not in r.err
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    r = await cli("symbols", "--key-file", str(empty))
+    assert r.code == 2 and "empty" in r.err
+    # A readable one is used, before or after the command, over FINSIGHT_API_KEY.
+    good = tmp_path / "key"
+    good.write_text(stack.keys.admin + "\n")
+    r = await cli("--json", "symbols", "--key-file", str(good), key="fsk_wrong")
+    assert r.code == 0, r.err
+
+
+async def test_a_refused_or_missing_key_says_where_the_cli_looked(
+    cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    r = await cli("symbols", key="fsk_not_a_key")
+    assert r.code == 1 and "UNAUTHENTICATED" in r.err
+    assert "the key from FINSIGHT_API_KEY was refused" in " ".join(r.err.split())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FINSIGHT_DATA_DIR", raising=False)
+    r = await cli("symbols", key="")
+    text = " ".join(r.err.split())
+    assert r.code == 1 and "no API key was sent" in text
+    assert "FINSIGHT_API_KEY (not set)" in text and "--key-file (not given)" in text
+    assert f"{tmp_path / 'var' / 'dev-api-key'} (not found" in text
 
 
 # -- portfolio -------------------------------------------------------------------------------
