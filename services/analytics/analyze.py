@@ -314,11 +314,14 @@ class Analyzer:
         for name, value in (("session_id", session_id), ("user_id", user_id)):
             v.check(bool(ID_RE.fullmatch(value)), name, "1-128 characters of [A-Za-z0-9._:@-]")
         size = len(question.encode("utf-8"))
-        v.check(
-            0 < size <= MAX_QUESTION_BYTES and bool(question.strip()),
-            "question",
-            f"1 to {MAX_QUESTION_BYTES} bytes of text, got {size}",
-        )
+        if not question.strip():
+            v.add("question", "must not be empty" + (" (only whitespace)" if question else ""))
+        else:
+            v.check(
+                size <= MAX_QUESTION_BYTES,
+                "question",
+                f"at most {MAX_QUESTION_BYTES} bytes of text, got {size}",
+            )
         v.check("\x00" not in question, "question", "must not contain NUL characters")
         v.check(len(model) <= MAX_MODEL_CHARS, "model", f"at most {MAX_MODEL_CHARS} characters")
 

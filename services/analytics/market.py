@@ -263,7 +263,36 @@ class MarketAnalytics:
             raise _unknown(panel.missing)
         with _tracer.start_as_current_span("analytics.pivot"):
             matrix = pivot(panel, panel.symbols)
+        priced = np.isfinite(matrix.prices).sum(axis=0)
+        empty = [c for c, n in zip(matrix.symbols, priced.tolist(), strict=True) if n < 2]
+        if empty and (window.start is not None or window.end is not None):
+            raise await self._outside(view, empty, window)
         return matrix, panel.data_version
+
+    async def _outside(
+        self, view: TenantView, symbols: list[str], window: DateWindow
+    ) -> InvalidArgument:
+        """The error of a window in which some symbols have fewer than two prices (no
+        return): which ones, and the range each does have."""
+        listed, _ = await self.store.list_symbols(view)
+        have = {s.symbol: s for s in listed}
+        asked = f"{window.start or 'the first day'} to {window.end or 'the last day'}"
+        parts = [
+            f"{s} has data from {have[s].first_day} to {have[s].last_day}"
+            if s in have
+            else f"{s} has no data"
+            for s in symbols
+        ]
+        message = (
+            f"not enough data in the range {asked} for {', '.join(symbols)} (at least two "
+            f"prices are needed): {'; '.join(parts)}"
+        )
+        return InvalidArgument(
+            message,
+            [FieldViolation("range", message)],
+            reason="NO_DATA_IN_RANGE",
+            metadata={"symbols": ",".join(symbols)},
+        )
 
     # -- metrics ------------------------------------------------------------------------
     async def compute_metrics(

@@ -340,6 +340,13 @@ async def test_bad_analyze_requests_name_the_field(analytics: Running) -> None:
         "question", "session_id", "symbols", "user_id"]  # fmt: skip
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await analytics.stub.Analyze(
+            request("sess-x", question="   "), metadata=analytics.keys.md(analytics.keys.reader_a)
+        )
+    assert [(v.field, v.description) for v in status_info(err.value).field_violations] == [
+        ("question", "must not be empty (only whitespace)")
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await analytics.stub.Analyze(
             request("sess-x", symbols=["NOSUCH"]),
             metadata=analytics.keys.md(analytics.keys.reader_a),
         )

@@ -222,12 +222,16 @@ async def test_bad_metric_requests_name_the_field(analytics: Running) -> None:
         ["symbols"],
     )
 
-    empty = pb.ComputeMetricsRequest(symbols=["AAPL"])
+    # A window without data says which series has none and the range each does have (not
+    # numpy's "need a non-empty 2-D array"), for the benchmark too.
+    empty = pb.ComputeMetricsRequest(symbols=["AAPL"], benchmark="SP500")
     empty.range.start.CopyFrom(d("2030-01-01"))
-    assert (await bad(analytics, "ComputeMetrics", empty))[:2] == (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        ["symbols"],
-    )
+    code, fields, info = await bad(analytics, "ComputeMetrics", empty)
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["range"])
+    assert info.reason == "NO_DATA_IN_RANGE"  # type: ignore[attr-defined]
+    assert info.metadata["symbols"] == "AAPL,SP500"  # type: ignore[attr-defined]
+    assert "AAPL has data from 1990-01-02 to " in info.message  # type: ignore[attr-defined]
+    assert "array" not in info.message  # type: ignore[attr-defined]
 
     code, fields, _ = await bad(
         analytics, "ComputeMetrics",
