@@ -33,7 +33,9 @@ def usage_table(reply: pb.GetUsageResponse) -> Table:
         )
     else:
         budget = "no daily budget (unlimited)"
-    table = Table(title="LLM usage (UTC days)", caption=budget, show_footer=bool(reply.rows))
+    if not reply.rows:
+        budget = "no usage yet in this range; " + budget
+    table = Table(title="LLM usage (UTC days)", caption=budget, show_footer=True)
     total = reply.total_usage
     columns: list[tuple[str, str]] = [
         ("day", "total"),

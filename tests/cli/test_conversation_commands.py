@@ -172,6 +172,10 @@ async def test_usage_table_and_range_errors(cli: Any) -> None:
     assert r.code == 0, r.err
     for cell in ("LLM usage", "deepseek-chat", "total", "daily budget $5.00", "remaining today"):
         assert cell in r.out
+    # A range without calls says so, with the total row (zero) still there.
+    r = await cli("usage", "--from", "2021-01-01", "--to", "2021-01-31")
+    assert r.code == 0, r.err
+    assert "no usage yet in this range" in r.out and "total" in r.out and "$0.000000" in r.out
 
     r = await cli("usage", "--from", "2020-01-01", "--to", "2022-01-01")  # > 366 days
     assert r.code == 1 and "INVALID_ARGUMENT" in r.err and "- range" in r.err
