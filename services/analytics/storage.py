@@ -64,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -254,6 +254,9 @@ class MarketStore:
         self.cache_max_rows = cache_max_rows
         self.cache_max_tenants = cache_max_tenants
         self._owners: OrderedDict[str, tuple[dict[str, str], dict[str, int]]] = OrderedDict()
+        # ListSymbols aggregates every bar of a tenant: served from here while the versions
+        # it was read at are the view's.
+        self._symbols: OrderedDict[str, tuple[list[SymbolSummary], dict[str, int]]] = OrderedDict()
         self._series: OrderedDict[tuple[str, str], tuple[Series, int]] = OrderedDict()
         self._rows = 0
         # Sole-writer mode only: versions learnt from this process's commits and reads.
@@ -350,10 +353,15 @@ class MarketStore:
 
     async def list_symbols(self, view: TenantView) -> tuple[list[SymbolSummary], int]:
         """The caller's symbols and the data version they are from."""
+        cached = self._symbols.get(view.tenant)
+        if cached is not None and cached[1] == view.versions:
+            self._symbols.move_to_end(view.tenant)
+            return list(cached[0]), view.data_version
         epoch = self._epoch
         symbols, at = await self.backend.list_symbols(view.tenant)
+        _keep(self._symbols, view.tenant, (symbols, dict(at)), self.cache_max_tenants)
         self._seen(epoch, view, at)
-        return symbols, view.data_version
+        return list(symbols), view.data_version
 
     async def resolve(self, view: TenantView, symbols: Sequence[str]) -> dict[str, str]:
         """Owner tenant of each symbol the caller can read; unknown symbols are absent."""
@@ -432,10 +440,7 @@ class MarketStore:
         view.advance(at)
 
     def _keep_owners(self, tenant: str, owners: dict[str, str], at: Versions) -> None:
-        self._owners[tenant] = (owners, dict(at))
-        self._owners.move_to_end(tenant)
-        while len(self._owners) > self.cache_max_tenants:
-            self._owners.popitem(last=False)
+        _keep(self._owners, tenant, (owners, dict(at)), self.cache_max_tenants)
 
     def _cached_series(self, key: tuple[str, str], version: int) -> Series | None:
         entry = self._series.get(key)
@@ -471,3 +476,15 @@ __all__ = [
     "Versions",
     "readable_tenants",
 ]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _keep(cache: OrderedDict[K, V], key: K, value: V, most: int) -> None:
+    """Store `value` as the newest entry of the LRU `cache`, keeping at most `most`."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > most:
+        cache.popitem(last=False)

@@ -210,3 +210,28 @@ def version_reads(db: str) -> float:
         "finsight_db_query_seconds_count", {"db": db, "statement": "data_version"}
     )
     return value or 0.0
+
+
+def list_symbols_reads() -> float:
+    value = REGISTRY.get_sample_value(
+        "finsight_db_query_seconds_count", {"db": "analytics", "statement": "list_symbols"}
+    )
+    return value or 0.0
+
+
+async def test_list_symbols_is_served_from_memory_until_a_commit(small: Running) -> None:
+    k = small.keys.writer_a
+    await ingest(small, k, bars("LSA", prices(3)))
+
+    async def listed() -> dict[str, int]:
+        reply = await small.stub.ListSymbols(pb.ListSymbolsRequest(), metadata=small.keys.md(k))
+        return {s.symbol: s.bar_count for s in reply.symbols}
+
+    assert (await listed())["LSA"] == len(DAYS)
+    reads = list_symbols_reads()
+    for _ in range(3):  # no aggregate over the bars table while the data version holds
+        assert (await listed())["LSA"] == len(DAYS)
+    assert list_symbols_reads() == reads
+    await ingest(small, k, bars("LSB", prices(4)))
+    assert set(await listed()) >= {"LSA", "LSB"}  # a commit: read again, the new symbol in
+    assert list_symbols_reads() == reads + 1
