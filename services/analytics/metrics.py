@@ -517,6 +517,19 @@ def _require_min_returns(n: IntArray, symbols: Sequence[str], field: str) -> Non
         )
 
 
+def _require_min_common(n: IntArray, symbols: Sequence[str], benchmark: str) -> None:
+    """The benchmark's fault, said so: it shares too few returns with these symbols."""
+    short = [f"{s} ({count})" for s, count in zip(symbols, n.tolist(), strict=True)]
+    short = [x for x, count in zip(short, n.tolist(), strict=True) if count < MIN_RETURNS]
+    if short:
+        listed = ", ".join(short[:10]) + (" ..." if len(short) > 10 else "")
+        raise MetricsInputError(
+            "benchmark",
+            f"the benchmark {benchmark} shares fewer than {MIN_RETURNS} returns in the window "
+            f"with {listed}: it has too little data there",
+        )
+
+
 # ---------------------------------------------------------------------------
 # Vectorised metric blocks (all operate on (K, T) arrays along axis 1)
 # ---------------------------------------------------------------------------
@@ -795,7 +808,7 @@ def compute_metrics(
     if benchmark is not None:
         bench = _benchmark_panel(benchmark, checked_kind, matrix.shape[0], benchmark_symbol)
         relative = _relative(panel, bench.returns, bench.valid, rf_p, p)
-        _require_min_returns(relative.n_common, names, "benchmark")
+        _require_min_common(relative.n_common, names, benchmark_symbol)
     table = _metric_table(panel, rf_p, p)
     return _assemble(names, day_array, panel, table, relative, benchmark_symbol)
 

@@ -814,3 +814,12 @@ def test_rules_commentary_handles_missing_values_and_no_benchmark() -> None:
     assert "Sharpe n/a" in text
     assert "no drawdown" in text
     assert rules_commentary({}, None) == "No metrics were available to comment on."
+
+
+def test_a_benchmark_without_enough_common_returns_is_blamed_itself() -> None:
+    bench = np.full(GOOD.shape[0], np.nan)
+    bench[-2:] = [100.0, 101.0]  # one return, on the last day only
+    with pytest.raises(m.MetricsInputError, match="the benchmark IDX shares fewer than") as err:
+        m.compute_metrics(GOOD, GOOD_DAYS, ["A", "B"], benchmark=bench, benchmark_symbol="IDX")
+    assert err.value.field == "benchmark"
+    assert "A (1), B (1)" in str(err.value) and "too little data there" in str(err.value)
