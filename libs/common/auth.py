@@ -12,12 +12,12 @@ most once a second), so adding or revoking a key needs no restart; a file that
 fails to parse keeps the previous keys and is logged.
 
 Scopes: `*` grants everything, `memory.*` grants every `memory.` scope, else exact.
-Generate a key with `python -m libs.common.auth new-key --caller NAME --tenant T --scopes a,b`.
+Generate a key with `python -m libs.common.auth new-key --caller NAME --tenant T --scopes a,b`
+(`--add-to FILE` adds its entry to a keys file, `--json` for scripts: libs/common/keytool.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -187,7 +187,8 @@ def key_entry(
     key_id: str | None = None,
 ) -> dict[str, object]:
     entry: dict[str, object] = {
-        "id": key_id or f"{caller}-{datetime.now(UTC):%Y%m%d%H%M%S}",
+        # The random suffix keeps ids unique for keys minted in the same second.
+        "id": key_id or f"{caller}-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(3)}",
         "caller": caller,
         "tenant": tenant,
         "scopes": scopes,
@@ -199,25 +200,10 @@ def key_entry(
 
 
 def _main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m libs.common.auth")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    gen = sub.add_parser("new-key", help="print a new key and its keys-file entry")
-    gen.add_argument("--caller", required=True)
-    gen.add_argument("--tenant", required=True)
-    gen.add_argument("--scopes", default="*")
-    gen.add_argument("--not-after", default=None, help="ISO time the key stops working")
-    args = parser.parse_args()
-    key = new_key()
-    entry = key_entry(
-        key,
-        caller=args.caller,
-        tenant=args.tenant,
-        scopes=args.scopes.split(","),
-        not_after=args.not_after,
-    )
-    print(f"key (give to the caller, store nowhere else): {key}")
-    print("entry (add to the keys file):")
-    print(json.dumps(entry, indent=2))
+    # The tool lives in its own module; `python -m libs.common.auth new-key` stays its name.
+    from libs.common.keytool import main
+
+    raise SystemExit(main())
 
 
 if __name__ == "__main__":

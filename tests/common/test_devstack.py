@@ -24,13 +24,14 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path, st
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("REDIS_", "FINSIGHT_", "MEMORY_", "ANALYTICS_"))
+        if not k.startswith(("REDIS_", "FINSIGHT_", "MEMORY_", "ANALYTICS_", "DEVSTACK_"))
     }
     ports = {}
     for spec in SERVICES:
         ports[spec.name] = free_port()
         env[spec.port_var] = str(ports[spec.name])
         env[spec.metrics_var] = str(free_port())
+    env["DEVSTACK_REDIS_PORT"] = str(free_port())  # never the default 16379
     env["FINSIGHT_DATA_DIR"] = str(tmp_path / "var")
     env["FINSIGHT_DRAIN_DELAY_S"] = "0.2"
     proc = await asyncio.create_subprocess_exec(
@@ -69,6 +70,7 @@ async def test_devstack_brings_up_the_suite_and_stops_cleanly(tmp_path: Path, st
             await proc.wait()
     tail = rest.decode()
     assert "all stopped" in tail and "redis | stopped" in tail
+    assert f"redis://127.0.0.1:{env['DEVSTACK_REDIS_PORT']}" in "".join(lines)
     for spec in topology(store):
         assert f"{spec.name} SERVING after" in "".join(lines)
     if store == "postgres":
