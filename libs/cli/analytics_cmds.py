@@ -346,8 +346,18 @@ def portfolio_tables(reply: pb.ComputePortfolioResponse) -> list[Table]:
         reply.conventions, reply.data_version
     )
     tables = [metrics_table([reply.metrics], "Portfolio metrics", caption)]
+    # Two volatilities that differ on purpose: the metrics table's is the realised one of
+    # the portfolio's own return series (weights drift between rebalances); this one is
+    # sqrt(w' S w) at the target weights over the days every asset has a return.
     risk = Table(
-        title=f"Risk contributions (portfolio volatility {pct(reply.portfolio_volatility)})"
+        title=(
+            f"Risk contributions (volatility at the target weights {pct(reply.portfolio_volatility)})"
+        ),
+        caption=(
+            f"sqrt(w'Σw) at the target weights, on the days every asset has a return; the "
+            f"portfolio metrics' {pct(reply.metrics.volatility)} is the realised volatility of "
+            f"the portfolio's returns, weights drifting between rebalances"
+        ),
     )
     for name in ("symbol", "weight", "contribution", "share of risk"):
         risk.add_column(name, justify="right" if name != "symbol" else "left")

@@ -300,6 +300,8 @@ async def test_portfolio_json_and_tables(cli: Any) -> None:
 
     r = await cli("portfolio", "CLIX=0.5", "CLIY=0.5", "--benchmark", BENCHMARK)
     assert r.code == 0, r.err
+    flat = " ".join(r.out.split())
+    assert "volatility at the target weights" in flat and "realised volatility" in flat
     for cell in ("Portfolio metrics", "Risk contributions", "Correlation",
                  "rebalanced monthly", f"beta vs {BENCHMARK}", "50.0%"):  # fmt: skip
         assert cell in r.out
