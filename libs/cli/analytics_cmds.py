@@ -122,6 +122,7 @@ async def ingest(args: argparse.Namespace, conn: Connection) -> int:
                     path,
                     layout=args.layout,
                     symbol=args.symbol,
+                    date_format=args.date_format,
                     reject_all=args.reject_all,
                     metadata=conn.metadata,
                     batch_rows=args.batch_rows,
@@ -430,6 +431,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("file", metavar="FILE", help="CSV (optionally .gz) or Parquet file")
     p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto")
     p.add_argument("--symbol", help="symbol of a single-symbol OHLCV file (e.g. ^GSPC)")
+    # As importer_cli's option (not imported from there: pyarrow loads only for ingest).
+    p.add_argument(
+        "--date-format",
+        choices=("iso", "mdy", "dmy"),
+        default="iso",
+        help="dates with slashes and the year last: mdy (01/05/2024 = 5 Jan, US) or dmy "
+        "(= 1 May); default iso: only YYYY-MM-DD, a file with others is refused",
+    )
     p.add_argument(
         "--reject-all",
         action="store_true",

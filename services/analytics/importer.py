@@ -97,6 +97,14 @@ import pyarrow.parquet as pa_parquet
 
 Layout = Literal["auto", "long", "wide"]
 FileFormat = Literal["auto", "csv", "parquet"]
+# How a date with slashes and the year last is read: "iso" refuses it (only YYYY-MM-DD and
+# YYYY/MM/DD), "mdy" reads 01/05/2024 as 5 January (US), "dmy" as 1 May.
+DateFormat = Literal["iso", "mdy", "dmy"]
+DATE_FORMATS: tuple[DateFormat, ...] = ("iso", "mdy", "dmy")
+# Formats people try that are not CSV or Parquet (spreadsheets, archives, JSON, ...).
+_UNSUPPORTED_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers", ".json", ".jsonl",
+                         ".zip", ".feather", ".arrow", ".pdf", ".txt.zip")  # fmt: skip
+_ZIP_MAGIC = b"PK\x03\x04"
 Source = str | os.PathLike[str] | bytes | BinaryIO
 
 DEFAULT_BATCH_SIZE: Final = 50_000
@@ -215,30 +223,47 @@ def _is_missing(text: str | None) -> bool:
     return text is None or text.strip().lower() in _MISSING_TEXT
 
 
-def parse_date(text: str) -> date:
-    """ISO ``YYYY-MM-DD[...]``, ``YYYY/MM/DD`` or US ``M/D/YYYY``; ValueError otherwise."""
+class DayMonthOrderError(ImportFormatError):
+    """A date like 01/05/2024 in a file read without a day/month order: refused, not
+    guessed (is it 5 January or 1 May?)."""
+
+
+def parse_date(text: str, date_format: DateFormat = "mdy") -> date:
+    """ISO ``YYYY-MM-DD[...]`` or ``YYYY/MM/DD`` always; ``M/D/YYYY`` with "mdy",
+    ``D/M/YYYY`` with "dmy"; with "iso" such a date is a DayMonthOrderError. ValueError for
+    text that is no date."""
     s = text.strip()
     if "/" in s:
         parts = s.split(" ", 1)[0].split("/")
         if len(parts) != 3:
             raise ValueError(f"bad date {text!r}")
         a, b, c = (int(x) for x in parts)
-        return date(a, b, c) if len(parts[0]) == 4 else date(c, a, b)
+        if len(parts[0]) == 4:
+            return date(a, b, c)
+        if date_format == "iso":
+            raise DayMonthOrderError(
+                f"dates like {s!r} put the day and the month in an order the file does not "
+                "say: give --date-format mdy (month/day/year, US) or dmy (day/month/year)"
+            )
+        return date(c, a, b) if date_format == "mdy" else date(c, b, a)
     return date.fromisoformat(s[:10])
 
 
 class _DateCache:
     """Dates repeat once per symbol in long files; parse each distinct text once."""
 
-    def __init__(self) -> None:
+    def __init__(self, date_format: DateFormat = "mdy") -> None:
         self.seen: dict[str, date] = {}
+        self.date_format = date_format
 
     def try_parse(self, text: str | None) -> bool:
         """Parse and remember; False when the text is not a date."""
         if text is None or text in self.seen:
             return text is not None
         try:
-            self.seen[text] = parse_date(text)
+            self.seen[text] = parse_date(text, self.date_format)
+        except DayMonthOrderError:
+            raise  # the whole file is ambiguous, not this row
         except ValueError:
             return False
         return True
@@ -357,6 +382,13 @@ def _head(path: str | None, data: bytes | None) -> bytes:
 def _detect_format(path: str | None, data: bytes | None, forced: FileFormat) -> str:
     if forced != "auto":
         return forced
+    name = (path or "").lower()
+    if name.endswith(_UNSUPPORTED_SUFFIXES) or _head(path, data) == _ZIP_MAGIC:
+        kind = Path(name).suffix or "a ZIP archive (a spreadsheet?)"
+        raise ImportFormatError(
+            f"unsupported format {kind}: give a CSV (optionally .gz) or a Parquet file "
+            "(a spreadsheet: save it as CSV)"
+        )
     if path is not None and path.lower().endswith((".parquet", ".pq")):
         return "parquet"
     return "parquet" if _head(path, data) == _PARQUET_MAGIC else "csv"
@@ -726,6 +758,7 @@ def iter_batches(
     symbol: str | None = None,
     file_format: FileFormat = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
+    date_format: DateFormat = "mdy",
 ) -> Iterator[ImportBatch]:
     """Yield the file's bars (and rejected rows) in batches of at most ``batch_size`` rows.
 
@@ -736,13 +769,19 @@ def iter_batches(
     malformed = _Malformed()
     names, batches = _open(source, file_format, batch_size, malformed)
     plan = _plan(names, layout, symbol)
-    yield from _convert(batches, plan, batch_size, malformed)
+    yield from _convert(batches, plan, batch_size, malformed, date_format)
 
 
 def _convert(
-    batches: Iterable[pa.RecordBatch], plan: _Plan, batch_size: int, malformed: _Malformed
+    batches: Iterable[pa.RecordBatch],
+    plan: _Plan,
+    batch_size: int,
+    malformed: _Malformed,
+    date_format: DateFormat = "mdy",
 ) -> Iterator[ImportBatch]:
-    dates = _DateCache()
+    if date_format not in DATE_FORMATS:
+        raise ImportFormatError(f"date_format must be one of {DATE_FORMATS}")
+    dates = _DateCache(date_format)
     convert = _long_rows if plan.layout == "long" else _wide_rows
     next_row = 1
     for record_batch in batches:
@@ -762,6 +801,7 @@ def read_bars(
     layout: Layout = "auto",
     symbol: str | None = None,
     file_format: FileFormat = "auto",
+    date_format: DateFormat = "mdy",
 ) -> ImportResult:
     """The whole file at once: all bars, all rejections and the layout used."""
     _check_options(layout, file_format, DEFAULT_BATCH_SIZE)
@@ -769,7 +809,7 @@ def read_bars(
     names, batches = _open(source, file_format, DEFAULT_BATCH_SIZE, malformed)
     plan = _plan(names, layout, symbol)
     result = ImportResult(plan.layout)
-    for batch in _convert(batches, plan, DEFAULT_BATCH_SIZE, malformed):
+    for batch in _convert(batches, plan, DEFAULT_BATCH_SIZE, malformed, date_format):
         result.bars.extend(batch.bars)
         result.rejected.extend(batch.rejected)
     return result

@@ -49,7 +49,14 @@ from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
 from libs.common.errors import status_info
 from services.analytics.file_bars import MicrosConverter, SymbolColumns, group_by_symbol
-from services.analytics.importer import ImportBatch, ImportFormatError, Layout, iter_batches
+from services.analytics.importer import (
+    DATE_FORMATS,
+    DateFormat,
+    ImportBatch,
+    ImportFormatError,
+    Layout,
+    iter_batches,
+)
 
 console = Console(stderr=True)
 
@@ -199,12 +206,24 @@ def _service_rejection(r: pb.RejectedBar) -> RowRejection:
     return RowRejection("service", r.reason, r.symbol, day)
 
 
+def add_date_format(parser: argparse.ArgumentParser) -> None:
+    """`--date-format`: the same option here and in `finsight ingest`."""
+    parser.add_argument(
+        "--date-format",
+        choices=DATE_FORMATS,
+        default="iso",
+        help="dates with slashes and the year last: mdy (01/05/2024 = 5 Jan, US) or dmy "
+        "(= 1 May); default iso: only YYYY-MM-DD (or YYYY/MM/DD), a file with others refused",
+    )
+
+
 async def stream_file(
     stub: analytics_pb2_grpc.AnalyticsServiceStub,
     path: Path,
     *,
     layout: Layout = "auto",
     symbol: str | None = None,
+    date_format: DateFormat = "iso",
     reject_all: bool = False,
     metadata: Sequence[tuple[str, str]] = (),
     timeout: float | None = None,
@@ -223,7 +242,7 @@ async def stream_file(
     if reject_all:
         stream_rows = sys.maxsize  # all or nothing: one stream, one transaction
     batches: Iterator[ImportBatch] = iter_batches(
-        path, layout=layout, symbol=symbol, batch_size=batch_rows
+        path, layout=layout, symbol=symbol, batch_size=batch_rows, date_format=date_format
     )
     first = await asyncio.to_thread(next, batches, None)
     totals = Totals()
@@ -303,6 +322,7 @@ async def run(args: argparse.Namespace) -> int:
                     path,
                     layout=args.layout,
                     symbol=args.symbol,
+                    date_format=args.date_format,
                     reject_all=args.reject_all,
                     metadata=metadata,
                     batch_rows=args.batch_rows,
@@ -349,6 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("file", help="CSV (optionally .gz) or Parquet file")
     parser.add_argument("--layout", choices=("auto", "long", "wide"), default="auto")
     parser.add_argument("--symbol", help="symbol of a single-symbol OHLCV file (e.g. ^GSPC)")
+    add_date_format(parser)
     parser.add_argument(
         "--target",
         "--analytics-target",

@@ -52,7 +52,11 @@ def parse_samples(directory: Path = SAMPLE_DIR) -> ValidatedStream:
     convert = MicrosConverter()
     for file_index, spec in enumerate(SAMPLE_FILES):
         bars: list[Bar] = []
-        for batch in iter_batches(directory / spec.name, layout=spec.layout, symbol=spec.symbol):
+        # The sample files write US dates (1/4/1999 is 4 January).
+        batches = iter_batches(
+            directory / spec.name, layout=spec.layout, symbol=spec.symbol, date_format="mdy"
+        )
+        for batch in batches:
             bars.extend(batch.bars)
             if batch.rejected:
                 log.warning(

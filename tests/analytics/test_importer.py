@@ -366,3 +366,34 @@ def test_parse_date_formats() -> None:
     assert im.parse_date("2020/02/03") == date(2020, 2, 3)
     with pytest.raises(ValueError):
         im.parse_date("03.02.2020")
+
+
+SLASHED = "date,symbol,close\n01/05/2024,DMY,10\n02/05/2024,DMY,11\n"
+
+
+def test_day_month_order_is_never_guessed_unless_told() -> None:
+    with pytest.raises(im.DayMonthOrderError, match="--date-format mdy") as err:
+        im.read_bars(SLASHED.encode(), date_format="iso")
+    assert "'01/05/2024'" in str(err.value)
+    us = im.read_bars(SLASHED.encode(), date_format="mdy").bars
+    eu = im.read_bars(SLASHED.encode(), date_format="dmy").bars
+    assert [b.date for b in us] == [date(2024, 1, 5), date(2024, 2, 5)]
+    assert [b.date for b in eu] == [date(2024, 5, 1), date(2024, 5, 2)]
+    iso = b"date,symbol,close\n2024-05-01,ISO,10\n2024/05/02,ISO,11\n"
+    assert [b.date for b in im.read_bars(iso, date_format="iso").bars] == [
+        date(2024, 5, 1),
+        date(2024, 5, 2),
+    ]
+
+
+@pytest.mark.parametrize("name", ["prices.xlsx", "prices.xls", "prices.json", "prices.zip"])
+def test_unsupported_files_say_so(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04 not a price file")
+    with pytest.raises(im.ImportFormatError, match="unsupported format"):
+        im.read_bars(path)
+    # A spreadsheet renamed .csv is still recognised by its ZIP bytes.
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_bytes(b"PK\x03\x04 not a price file")
+    with pytest.raises(im.ImportFormatError, match="a spreadsheet"):
+        im.read_bars(renamed)

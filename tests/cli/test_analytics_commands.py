@@ -49,6 +49,23 @@ def png_pixels(path: Path) -> Any:
 
 
 # -- ingest ----------------------------------------------------------------------------------
+async def test_ingest_refuses_day_month_dates_unless_told_the_order(
+    cli: Any, stack: Stack, tmp_path: Path
+) -> None:
+    path = tmp_path / "eu.csv"
+    path.write_text("date,symbol,close\n01/05/2024,IGDMY,10\n02/05/2024,IGDMY,11\n")
+    r = await cli("ingest", str(path))
+    assert r.code == 2 and "Traceback" not in r.err
+    assert "--date-format mdy" in " ".join(r.err.split())
+    assert await stored_closes(stack, "IGDMY") is None  # nothing written
+    r = await cli("--json", "ingest", str(path), "--date-format", "dmy")
+    assert r.code == 0, r.err
+    sheet = tmp_path / "prices.xlsx"
+    sheet.write_bytes(b"PK\x03\x04")
+    r = await cli("ingest", str(sheet))
+    assert r.code == 2 and "unsupported format .xlsx" in r.err
+
+
 async def test_ingest_reports_parser_and_service_rejections(
     cli: Any, stack: Stack, tmp_path: Path
 ) -> None:
