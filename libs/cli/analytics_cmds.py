@@ -63,6 +63,7 @@ def ingest_summary(path: Path, t: Totals) -> dict[str, Any]:
         "inserted": t.inserted,
         "updated": t.updated,
         "unchanged": t.unchanged,
+        "duplicates_collapsed": t.duplicates_collapsed,
         "rejected": t.rejected,
         "rejected_by_parser": t.rejected_by_parser,
         "rejected_by_service": t.rejected_by_service,
@@ -85,6 +86,10 @@ def ingest_tables(summary: dict[str, Any]) -> list[Table]:
         )
     counts.add_row(*(f"{summary[k]:,}" for k in ("sent", "inserted", "updated", "unchanged")),
                    rejected_cell)  # fmt: skip
+    if summary["duplicates_collapsed"]:
+        counts.caption = (
+            f"{summary['duplicates_collapsed']:,} exact duplicate row(s) kept once, not rejected"
+        )
     if not summary["written"]:
         counts.caption = "[red]nothing written: --reject-all and the file has invalid rows[/]"
     tables = [counts]

@@ -124,6 +124,8 @@ class ValidatedStream:
     bars: BarColumns
     rejections: list[Rejection]
     received: int
+    # Exact copies of a row sent in the same stream: one kept, the others dropped here.
+    duplicates_collapsed: int = 0
 
 
 def dates_from_parts(
@@ -216,42 +218,70 @@ def validate_stream(series: Sequence[SeriesInput]) -> ValidatedStream:
         )
         origins.append((s, keep))
     bars = BarColumns.concat(parts)
-    bars, duplicates = _drop_duplicate_keys(bars, origins)
+    bars, duplicates, collapsed = _drop_duplicate_keys(bars, origins)
     rejections.extend(duplicates)
     rejections.sort(key=lambda r: (r.message_index, r.series_index, r.row_index))
-    return ValidatedStream(bars, rejections, received)
+    return ValidatedStream(bars, rejections, received, collapsed)
 
 
 def _drop_duplicate_keys(
     bars: BarColumns, origins: list[tuple[SeriesInput, npt.NDArray[np.intp]]]
-) -> tuple[BarColumns, list[Rejection]]:
+) -> tuple[BarColumns, list[Rejection], int]:
+    """Rows sharing a (symbol, date): identical copies collapse to the first (counted);
+    copies that differ are all rejected, each naming where the others are."""
     if len(bars) < 2:
-        return bars, []
+        return bars, [], 0
     _, symbol_codes = np.unique(bars.symbols.astype(str), return_inverse=True)
     keys = symbol_codes.astype(np.int64) * 4_000_000 + bars.days.astype(np.int64)
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     dup = counts[inverse] > 1
     if not dup.any():
-        return bars, []
+        return bars, [], 0
+    where = _positions(origins)  # (message, series, row) of each kept row
+    values = np.column_stack(
+        [bars.open, bars.high, bars.low, bars.close, bars.adj_close, bars.volume]
+    )
+    drop = np.zeros(len(bars), dtype=bool)
     out: list[Rejection] = []
-    offset = 0
-    for s, keep in origins:
-        rows = dup[offset : offset + keep.shape[0]]
-        for i in np.flatnonzero(rows).tolist():
-            row = int(keep[i])
-            day = bars.days[offset + i].item()
+    collapsed = 0
+    groups: dict[int, list[int]] = {}
+    for i in np.flatnonzero(dup).tolist():
+        groups.setdefault(int(inverse[i]), []).append(i)
+    for members in groups.values():
+        first = values[members[0]]
+        if all(np.array_equal(values[i], first) for i in members[1:]):
+            drop[members[1:]] = True
+            collapsed += len(members) - 1
+            continue
+        drop[members] = True
+        for i in members:
+            others = "; ".join(_where(where[j]) for j in members if j != i)
+            message, series, row = where[i]
             out.append(
                 Rejection(
-                    s.message_index,
-                    s.series_index,
+                    message,
+                    series,
                     row,
-                    s.symbol,
-                    day,
-                    "duplicate (symbol, date) in the stream (every copy rejected)",
+                    str(bars.symbols[i]),
+                    bars.days[i].item(),
+                    f"conflicting duplicate (symbol, date): the copies differ (also at {others}); "
+                    "every copy rejected",
                 )
             )
-        offset += keep.shape[0]
-    return bars.take(~dup), out
+    return bars.take(~drop), out, collapsed
+
+
+def _positions(
+    origins: list[tuple[SeriesInput, npt.NDArray[np.intp]]],
+) -> list[tuple[int, int, int]]:
+    return [
+        (s.message_index, s.series_index, int(row)) for s, keep in origins for row in keep.tolist()
+    ]
+
+
+def _where(position: tuple[int, int, int]) -> str:
+    message, series, row = position
+    return f"message {message} series {series} row {row}"
 
 
 def decimal_to_micros(value: Decimal) -> int | None:

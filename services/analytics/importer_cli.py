@@ -91,6 +91,7 @@ class Totals:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    duplicates_collapsed: int = 0  # identical copies of a row the service kept once
     rejected_by_service: int = 0
     rejected_by_parser: int = 0
     streams: int = 0
@@ -296,6 +297,7 @@ async def stream_file(
         totals.inserted += reply.inserted
         totals.updated += reply.updated
         totals.unchanged += reply.unchanged
+        totals.duplicates_collapsed += reply.duplicates_collapsed
         totals.rejected_by_service += reply.rejected
         totals.data_version = max(totals.data_version, reply.data_version)
         room = MAX_REJECTION_DETAILS - len(totals.service_rejections)

@@ -117,6 +117,7 @@ class IngestSummary:
     rejected: int
     rejections: list[Rejection]  # the first MAX_REJECTIONS_LISTED
     data_version: int
+    duplicates_collapsed: int = 0
 
 
 # -- request validation helpers --------------------------------------------------------------
@@ -236,6 +237,7 @@ class MarketAnalytics:
             rejected=len(checked.rejections),
             rejections=checked.rejections[:MAX_REJECTIONS_LISTED],
             data_version=counts.data_version,
+            duplicates_collapsed=checked.duplicates_collapsed,
         )
 
     async def view(self, tenant: str) -> TenantView:

@@ -282,6 +282,7 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
             rejected=summary.rejected,
             rejections=[rejection_pb(r) for r in summary.rejections],
             data_version=summary.data_version,
+            duplicates_collapsed=summary.duplicates_collapsed,
         )
 
     async def ListSymbols(

@@ -82,20 +82,25 @@ async def test_invalid_rows_are_reported_and_skipped(analytics: Running) -> None
         ],
     )
     bad.dates[5].CopyFrom(bad.dates[5].__class__(year=2023, month=2, day=30))  # no such day
-    dup = series("SKIP1", [ROWS[2], ROWS[2]])  # the same key twice in the stream
+    dup = series("SKIP1", [ROWS[2], ROWS[2]])  # the same row twice: one copy kept
+    day, o, h, lo, c, adj, vol = ROWS[0]
+    changed = (day, o * 2, h * 2, lo * 2, c * 2, adj * 2, vol * 2)
+    conflict = series("SKIP2", [ROWS[0], changed])  # one key, two different bars
     bad_symbol = series("bad symbol!", [ROWS[0]])
-    reply = await ingest(analytics, analytics.keys.writer_a, bad, dup, bad_symbol)
-    assert reply.received == 9
-    assert reply.inserted == 1 and reply.rejected == 8
+    reply = await ingest(analytics, analytics.keys.writer_a, bad, dup, conflict, bad_symbol)
+    assert reply.received == 11
+    assert reply.inserted == 2 and reply.rejected == 8 and reply.duplicates_collapsed == 1
     reasons = {(r.series_index, r.row_index): r.reason for r in reply.rejections}
     assert reasons[(0, 1)] == "low > high"
     assert reasons[(0, 2)] == "close outside [low, high]"
     assert reasons[(0, 3)] == "volume must be >= 0"
     assert reasons[(0, 4)] == "prices must be > 0"
     assert reasons[(0, 5)].startswith("invalid date")
-    assert reasons[(1, 0)].startswith("duplicate (symbol, date)")
-    assert reasons[(1, 1)].startswith("duplicate (symbol, date)")
-    assert reasons[(2, -1)].startswith("invalid symbol")
+    assert (1, 0) not in reasons and (1, 1) not in reasons
+    assert reasons[(2, 0)].startswith("conflicting duplicate (symbol, date)")
+    assert "also at message 0 series 2 row 1" in reasons[(2, 0)]
+    assert "also at message 0 series 2 row 0" in reasons[(2, 1)]
+    assert reasons[(3, -1)].startswith("invalid symbol")
     dated = next(r for r in reply.rejections if r.row_index == 1 and r.series_index == 0)
     assert (dated.symbol, dated.date.year, dated.date.month, dated.date.day) == (
         "SKIP1",
@@ -104,7 +109,7 @@ async def test_invalid_rows_are_reported_and_skipped(analytics: Running) -> None
         3,
     )
     pages = await get_bars(analytics, analytics.keys.writer_a, "SKIP1")
-    assert [(d.month, d.day) for p in pages for d in p.dates] == [(1, 2)]
+    assert [(d.month, d.day) for p in pages for d in p.dates] == [(1, 2), (1, 4)]
 
 
 async def test_reject_all_writes_nothing(analytics: Running) -> None:
