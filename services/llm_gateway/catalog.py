@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, cast
 
-from services.llm_gateway.config import DEEPSEEK, ProviderSpec
 from services.llm_gateway.pii import PiiPolicy
 from services.llm_gateway.pricing import DEFAULT_MODELS, DEFAULT_ROUTES, Pricing
+from services.llm_gateway.specs import DEEPSEEK, ProviderSpec
 
 if TYPE_CHECKING:
     from services.llm_gateway.config import GatewaySettings

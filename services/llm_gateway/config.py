@@ -17,92 +17,33 @@ may override single facts of a shipped model (e.g. only its prices).
 
 from __future__ import annotations
 
-import os
-from datetime import date
 from decimal import Decimal
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import phonenumbers
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from libs.common.config import CommonSettings
+from services.llm_gateway.catalog import CatalogError, build_catalog
 from services.llm_gateway.pii import DEFAULT_PHONE_REGION, PiiPolicy
+from services.llm_gateway.specs import (
+    DEEPSEEK,
+    DEEPSEEK_DEFAULT_BASE_URL,
+    ModelSpec,
+    ProviderSpec,
+    RouteSpec,
+    TenantLimitsSpec,
+)
 
-DEEPSEEK = "deepseek"
-DEEPSEEK_DEFAULT_BASE_URL = "https://api.deepseek.com"
-
-
-class ProviderSpec(BaseModel):
-    """An OpenAI-compatible provider. Unset knobs take the LLM_GATEWAY_* defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str = Field(description="Base URL; `/chat/completions` is appended")
-    api_key: SecretStr | None = Field(None, description="Key inline (prefer api_key_env/_file)")
-    api_key_env: str | None = Field(None, description="Environment variable holding the key")
-    api_key_file: Path | None = Field(None, description="File holding the key (secret mount)")
-    requires_key: bool = Field(True, description="False for keyless local servers (vLLM, Ollama)")
-    system: str | None = Field(None, description="gen_ai.system value; default: the name")
-    max_connections: int | None = Field(None, ge=1, le=10_000)
-    attempt_timeout_s: float | None = Field(None, gt=0, le=3600)
-    max_retries: int | None = Field(None, ge=0, le=10)
-    external: bool = Field(
-        True,
-        description="Outside the deployment: LLM_GATEWAY_PII_POLICY applies (false for a "
-        "model server you run yourself)",
-    )
-
-    def resolved_key(self) -> str | None:
-        if self.api_key is not None and self.api_key.get_secret_value():
-            return self.api_key.get_secret_value()
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            return os.environ[self.api_key_env]
-        if self.api_key_file is not None:
-            return self.api_key_file.read_text(encoding="utf-8").strip() or None
-        return None
-
-
-class ModelSpec(BaseModel):
-    """Facts about a model; every field optional so an entry can override a shipped default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    provider: str | None = None
-    provider_model: str | None = Field(None, description="Id sent upstream; default: the name")
-    context_window: int | None = Field(None, ge=256)
-    max_output_tokens: int | None = Field(None, ge=1)
-    default_max_tokens: int | None = Field(None, ge=1)
-    input_cache_hit_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
-    input_cache_miss_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
-    output_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
-    prices_as_of: date | None = None
-
-
-class RouteSpec(BaseModel):
-    """An alias and its ordered chain of model names."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    models: list[str] = Field(min_length=1)
-    context_fallback: str | None = Field(
-        None, description="Larger-context model for prompts that do not fit the first model"
-    )
-    pii_policy: PiiPolicy | None = Field(
-        None,
-        description="allow | redact | block for every provider of this route; unset = "
-        "LLM_GATEWAY_PII_POLICY for external providers, allow for the others",
-    )
-
-
-class TenantLimitsSpec(BaseModel):
-    """Per-tenant overrides of the default limits (unset = the default; 0 = unlimited)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rpm: int | None = Field(None, ge=0)
-    tpm: int | None = Field(None, ge=0)
-    daily_budget_usd: Decimal | None = Field(None, ge=0)
+__all__ = [
+    "DEEPSEEK",
+    "DEEPSEEK_DEFAULT_BASE_URL",
+    "GatewaySettings",
+    "ModelSpec",
+    "ProviderSpec",
+    "RouteSpec",
+    "TenantLimitsSpec",
+]
 
 
 class GatewaySettings(CommonSettings):
@@ -228,9 +169,6 @@ class GatewaySettings(CommonSettings):
 
     @model_validator(mode="after")
     def _check_catalog(self) -> GatewaySettings:
-        # Imported here: the catalog module imports this one for the spec types.
-        from services.llm_gateway.catalog import CatalogError, build_catalog
-
         try:
             build_catalog(self)
         except CatalogError as exc:

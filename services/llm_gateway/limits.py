@@ -36,8 +36,8 @@ from libs.common.errors import QuotaViolation, ResourceExhausted, Unavailable
 from libs.common.logging import ThrottledLog
 from libs.common.ratelimit import script_batcher
 from services.llm_gateway import metrics
-from services.llm_gateway.config import TenantLimitsSpec
 from services.llm_gateway.pricing import nanos_to_units, usd_to_nanos
+from services.llm_gateway.specs import TenantLimitsSpec
 
 log = logging.getLogger(__name__)
 redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
