@@ -98,8 +98,11 @@ def _benchmark_sentence(m: SymbolMetrics, benchmark: SymbolMetrics | None) -> st
     rel = m.relative
     if rel is None:
         return None
-    text = (
-        f"Against {rel.benchmark} it had a beta of {format_ratio(rel.beta)}, an annualised alpha "
+    text = f"Against {rel.benchmark}"
+    if rel.n_common < m.n_returns:  # the relative figures cover only the common days
+        text += f" (over the {rel.n_common:,} returns it shares with the benchmark)"
+    text += (
+        f" it had a beta of {format_ratio(rel.beta)}, an annualised alpha "
         f"of {format_percent(rel.alpha)} and an information ratio of {format_ratio(rel.information_ratio)}"
     )
     if benchmark is not None and math.isfinite(m.cagr) and math.isfinite(benchmark.cagr):

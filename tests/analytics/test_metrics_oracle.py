@@ -808,6 +808,21 @@ def test_rules_commentary_is_deterministic_and_built_from_the_numbers(sample, re
     assert "negative (Sharpe -0.30" in rules_commentary(changed, "SP500")
 
 
+def test_relative_figures_over_fewer_days_say_so(sample, results) -> None:
+    symbols, prices, dates, bench = sample
+    short = bench.copy()
+    short[: len(short) // 2] = np.nan  # the benchmark starts half-way
+    aapl = prices[:, [symbols.index("AAPL")]]
+    res = m.compute_metrics(aapl, dates, ["AAPL"], benchmark=short, benchmark_symbol="SP500")
+    n = res["AAPL"].relative.n_common
+    assert n < res["AAPL"].n_returns
+    assert f"Against SP500 (over the {n:,} returns it shares with the benchmark)" in (
+        rules_commentary(res, "SP500")
+    )
+    full = rules_commentary({"AAPL": results["AAPL"]}, "SP500")
+    assert "Against SP500 it had" in full  # every return in common: nothing to say
+
+
 def test_rules_commentary_handles_missing_values_and_no_benchmark() -> None:
     res = m.compute_metrics(np.array([0.01] * 5), _days(5), ["F"], kind="returns")
     text = rules_commentary(res, None)
