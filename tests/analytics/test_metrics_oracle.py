@@ -814,7 +814,9 @@ def test_relative_figures_over_fewer_days_say_so(sample, results) -> None:
     short[: len(short) // 2] = np.nan  # the benchmark starts half-way
     aapl = prices[:, [symbols.index("AAPL")]]
     res = m.compute_metrics(aapl, dates, ["AAPL"], benchmark=short, benchmark_symbol="SP500")
-    n = res["AAPL"].relative.n_common
+    relative = res["AAPL"].relative
+    assert relative is not None
+    n = relative.n_common
     assert n < res["AAPL"].n_returns
     assert f"Against SP500 (over the {n:,} returns it shares with the benchmark)" in (
         rules_commentary(res, "SP500")
