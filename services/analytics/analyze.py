@@ -493,7 +493,10 @@ class Analyzer:
             log.info("structured answer repair failed", extra={"reason": exc.reason})
             STRUCTURED_ANSWERS.labels("free_text").inc()
             return _Answer(
-                _free_text(first.content), first.model, first.usage, redactions=first.redactions
+                grounding.answer_text(first.content),
+                first.model,
+                first.usage,
+                redactions=first.redactions,
             )
         usage = _add(first.usage, second.usage)
         redactions = second.redactions or first.redactions
@@ -501,7 +504,9 @@ class Analyzer:
             parsed = grounding.parse_structured(second.content)
         except grounding.SchemaError:
             STRUCTURED_ANSWERS.labels("free_text").inc()
-            return _Answer(_free_text(second.content), second.model, usage, redactions=redactions)
+            return _Answer(
+                grounding.answer_text(second.content), second.model, usage, redactions=redactions
+            )
         STRUCTURED_ANSWERS.labels("repaired").inc()
         return _Answer(parsed.answer, second.model, usage, parsed.citations, True, redactions)
 
@@ -510,9 +515,8 @@ class Analyzer:
     ) -> tuple[str, Source, GroundingResult]:
         """Check the answer's figures and apply the policy."""
         policy = self.settings.grounding_policy
-        rules = facts.rules_answer()
         source: Source = "llm" if answer is not None else "rules"
-        text = answer.text if answer is not None else rules
+        text = answer.text if answer is not None else facts.rules_answer()
         if policy == "off":
             checked = GroundingResult(policy, "skipped", Report(0))
             _observe(checked, source)
@@ -530,7 +534,7 @@ class Analyzer:
                 "rule-based answer was returned"
             )
             checked = GroundingResult(policy, "rejected", report, cited)
-            text, source = rules, "rejected"
+            text, source = facts.rules_answer(), "rejected"
         else:
             text, report = grounding.annotate(text, report)
             warnings.append(
@@ -634,17 +638,6 @@ def _observe(checked: GroundingResult, source: str) -> None:
                 "unverified": unverified,
             },
         )
-
-
-def _free_text(content: str) -> str:
-    """A reply that broke the contract, as text: its "answer" when it is a JSON object with
-    one, else the reply itself."""
-    try:
-        return grounding.parse_structured(content).answer
-    except grounding.SchemaError:
-        pass
-    match = re.search(r'"answer"\s*:\s*"((?:[^"\\]|\\.)*)"', content)
-    return match[1].encode().decode("unicode_escape") if match else content.strip()
 
 
 def _add(a: Usage, b: Usage) -> Usage:

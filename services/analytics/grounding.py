@@ -153,8 +153,9 @@ _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     (r"correlat\w*", ("correlation",)),
     (r"\breturns?\b|returned", ("total_return", "cagr", "best_day", "worst_day", "alpha")),
 )
-_NAME_RE: Final = re.compile("|".join(f"(?:{p})" for p, _ in _NAMES), re.IGNORECASE)
-_NAME_PARTS: Final = [re.compile(p, re.IGNORECASE) for p, _ in _NAMES]
+# One group per name (the patterns have none of their own): the group that matched says
+# which metric keys the words name.
+_NAME_RE: Final = re.compile("|".join(f"({p})" for p, _ in _NAMES), re.IGNORECASE)
 
 _NEG_WORDS: Final = (
     r"down|fell|falls?|falling|lost|lose|loses|losing|loss(?:es)? of|declined?|declines|"
@@ -286,13 +287,9 @@ def _clause_before(text: str, start: int, floor: int) -> str:
 
 
 def _names(words: str) -> list[tuple[int, int, tuple[str, ...]]]:
-    out = []
-    for m in _NAME_RE.finditer(words):
-        for part, (_, keys) in zip(_NAME_PARTS, _NAMES, strict=True):
-            if part.fullmatch(m[0]):
-                out.append((m.start(), m.end(), keys))
-                break
-    return out
+    return [
+        (m.start(), m.end(), _NAMES[(m.lastindex or 1) - 1][1]) for m in _NAME_RE.finditer(words)
+    ]
 
 
 # Words that may stand between a metric's name and its figure ("volatility of 27%",
@@ -766,14 +763,28 @@ class SchemaError(ValueError):
     """The model's reply is not the structured answer; the message says why (for a repair)."""
 
 
-def parse_structured(content: str) -> StructuredAnswer:
-    """The structured answer in `content` (a JSON object, optionally in a code fence)."""
+def _json(content: str) -> object:
+    """`content` as JSON (optionally in a code fence); json.JSONDecodeError otherwise."""
     body = content.strip()
     fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
-    if fenced:
-        body = fenced[1]
+    return json.loads(fenced[1] if fenced else body)
+
+
+def answer_text(content: str) -> str:
+    """A reply that broke the contract, as text to check: its "answer" when it is a JSON
+    object with one (its "figures" malformed), else the reply itself."""
     try:
-        data = json.loads(body)
+        data = _json(content)
+    except json.JSONDecodeError:
+        return content.strip()
+    answer = data.get("answer") if isinstance(data, dict) else None
+    return answer.strip() if isinstance(answer, str) and answer.strip() else content.strip()
+
+
+def parse_structured(content: str) -> StructuredAnswer:
+    """The structured answer in `content` (a JSON object, optionally in a code fence)."""
+    try:
+        data = _json(content)
     except json.JSONDecodeError as exc:
         raise SchemaError(f"not JSON: {exc.msg} at character {exc.pos}") from exc
     if not isinstance(data, dict):
