@@ -49,7 +49,12 @@ ALPHABET_SYMBOLS = ["A--", "^--", "X=1", "A.B-C^D", "SELECT", "DROP_TABLE"]
 EVIL_FILES = [Path("/tmp/evil.duckdb"), Path("/tmp/leak.csv")]
 
 
-_COLUMNS = "SELECT table_name, column_name FROM information_schema.columns"
+# Durable tables only: a PostgreSQL temporary table (analytics' per-connection staged_bars,
+# ON COMMIT DELETE ROWS) is listed under pg_temp_N by whichever pooled connection made it.
+_COLUMNS = (
+    "SELECT table_name, column_name FROM information_schema.columns "
+    "WHERE left(table_schema, 7) <> 'pg_temp'"
+)
 
 
 def _schema(cur: Any) -> list[tuple[str, str]]:
