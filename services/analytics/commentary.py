@@ -94,13 +94,21 @@ def _var_sentence(m: SymbolMetrics) -> str:
     )
 
 
-def _benchmark_sentence(m: SymbolMetrics, benchmark: SymbolMetrics | None) -> str | None:
+def _benchmark_sentence(
+    m: SymbolMetrics, benchmark: SymbolMetrics | None, benchmark_symbol: str | None
+) -> str | None:
     rel = m.relative
-    if rel is None:
-        return None
+    if rel is None:  # the detail (dates, counts) is in the response's relative_unavailable
+        if not m.relative_unavailable:
+            return None
+        name = benchmark_symbol or "the benchmark"
+        return f"There are no figures against {name}: it has too little data in this window."
     text = f"Against {rel.benchmark}"
     if rel.n_common < m.n_returns:  # the relative figures cover only the common days
-        text += f" (over the {rel.n_common:,} returns it shares with the benchmark)"
+        text += (
+            f" (over the {rel.n_common:,} returns it shares with the benchmark, "
+            f"{rel.first_date.isoformat()} to {rel.last_date.isoformat()})"
+        )
     text += (
         f" it had a beta of {format_ratio(rel.beta)}, an annualised alpha "
         f"of {format_percent(rel.alpha)} and an information ratio of {format_ratio(rel.information_ratio)}"
@@ -112,14 +120,16 @@ def _benchmark_sentence(m: SymbolMetrics, benchmark: SymbolMetrics | None) -> st
     return text + "."
 
 
-def _paragraph(m: SymbolMetrics, benchmark: SymbolMetrics | None) -> str:
+def _paragraph(
+    m: SymbolMetrics, benchmark: SymbolMetrics | None, benchmark_symbol: str | None
+) -> str:
     sentences = [
         _performance_sentence(m),
         _risk_adjusted_sentence(m),
         _drawdown_sentence(m.drawdown, m.end_date.isoformat()),
         _var_sentence(m),
     ]
-    relative = _benchmark_sentence(m, benchmark)
+    relative = _benchmark_sentence(m, benchmark, benchmark_symbol)
     if relative is not None:
         sentences.append(relative)
     return " ".join(sentences)
@@ -146,5 +156,5 @@ def rules_commentary(
     for name in _ordered_symbols(list(metrics_by_symbol), benchmark_symbol):
         own = metrics_by_symbol[name]
         compare = None if name == benchmark_symbol else benchmark
-        paragraphs.append(_paragraph(own, compare))
+        paragraphs.append(_paragraph(own, compare, benchmark_symbol))
     return "\n\n".join(paragraphs)

@@ -475,6 +475,7 @@ class Sources:
             numbers.update((m.n_returns, dd.duration_periods, dd.duration_days))
             if m.relative is not None:
                 numbers.add(m.relative.n_common)
+                dates.update((m.relative.first_date, m.relative.last_date))
             dates.update(
                 d
                 for d in (m.start_date, m.end_date, dd.peak_date, dd.trough_date, dd.recovery_date)

@@ -12,6 +12,7 @@ result and the version it reports (and is cached under) always belong together.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -258,8 +259,14 @@ class MarketAnalytics:
         return bars
 
     async def _matrix(
-        self, view: TenantView, columns: list[str], window: DateWindow
-    ) -> tuple[_Matrix, int]:
+        self, view: TenantView, columns: list[str], window: DateWindow, benchmark: str = ""
+    ) -> tuple[_Matrix, int, str]:
+        """The price matrix of `columns` in the window, its data version, and why the
+        `benchmark` column (one of them, optional) cannot serve ("" when it can).
+
+        A window in which a symbol has fewer than two prices is the caller's error, naming
+        the symbols and their ranges; when only the benchmark lacks them, the absolute
+        figures still stand, so that is no error but the returned reason."""
         panel = await self.store.adj_closes(view, columns, window.start, window.end)
         if panel.missing:
             raise _unknown(panel.missing)
@@ -267,9 +274,24 @@ class MarketAnalytics:
             matrix = pivot(panel, panel.symbols)
         priced = np.isfinite(matrix.prices).sum(axis=0)
         empty = [c for c, n in zip(matrix.symbols, priced.tolist(), strict=True) if n < 2]
-        if empty and (window.start is not None or window.end is not None):
+        if not empty or (window.start is None and window.end is None):
+            return matrix, panel.data_version, ""
+        if empty != [benchmark]:
             raise await self._outside(view, empty, window)
-        return matrix, panel.data_version
+        ranges = await self._ranges(view, empty, window)
+        return matrix, panel.data_version, f"the benchmark {ranges[0]}, so no relative figures"
+
+    async def _ranges(self, view: TenantView, symbols: list[str], window: DateWindow) -> list[str]:
+        """Per symbol: "X has data from A to B" (or "X has no data")."""
+        listed, _ = await self.store.list_symbols(view)
+        have = {s.symbol: s for s in listed}
+        return [
+            f"{s} has data from {have[s].first_day} to {have[s].last_day}, not in the range "
+            f"{_asked(window)}"
+            if s in have
+            else f"{s} has no data"
+            for s in symbols
+        ]
 
     async def _outside(
         self, view: TenantView, symbols: list[str], window: DateWindow
@@ -278,7 +300,7 @@ class MarketAnalytics:
         return): which ones, and the range each does have."""
         listed, _ = await self.store.list_symbols(view)
         have = {s.symbol: s for s in listed}
-        asked = f"{window.start or 'the first day'} to {window.end or 'the last day'}"
+        asked = _asked(window)
         parts = [
             f"{s} has data from {have[s].first_day} to {have[s].last_day}"
             if s in have
@@ -306,9 +328,9 @@ class MarketAnalytics:
         params: MetricParams,
     ) -> MetricsResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
-        matrix, version = await self._matrix(view, columns, window)
+        matrix, version, unusable = await self._matrix(view, columns, window, benchmark)
         values = matrix.prices[:, [columns.index(s) for s in symbols]]
-        bench = matrix.prices[:, columns.index(benchmark)] if benchmark else None
+        bench = matrix.prices[:, columns.index(benchmark)] if benchmark and not unusable else None
         with _tracer.start_as_current_span("analytics.compute_metrics") as span:
             span.set_attribute("analytics.symbols", len(symbols))
             span.set_attribute("analytics.rows", int(matrix.days.shape[0]))
@@ -326,7 +348,8 @@ class MarketAnalytics:
                 )
             except engine.MetricsInputError as exc:
                 raise engine_error(exc) from exc
-        return MetricsResult([result[s] for s in symbols], params.conventions(), version)
+        out = [_without_benchmark(result[s], unusable) for s in symbols]
+        return MetricsResult(out, params.conventions(), version)
 
     async def rolling(
         self,
@@ -339,7 +362,7 @@ class MarketAnalytics:
         params: MetricParams,
     ) -> RollingResult:
         columns = list(dict.fromkeys([symbol, *([benchmark] if metric == "beta" else [])]))
-        matrix, version = await self._matrix(view, columns, window)
+        matrix, version, _ = await self._matrix(view, columns, window)
         returns = engine.simple_returns(matrix.prices)
         bench = returns[:, columns.index(benchmark)] if metric == "beta" else None
         with _tracer.start_as_current_span("analytics.rolling_metric"):
@@ -375,7 +398,7 @@ class MarketAnalytics:
         columns = list(dict.fromkeys(symbols))
         if len(columns) < 2:
             return {}
-        matrix, _ = await self._matrix(view, columns, window)
+        matrix, _, _ = await self._matrix(view, columns, window)
         with _tracer.start_as_current_span("analytics.correlations"):
             corr = await asyncio.to_thread(
                 engine.correlation_matrix, engine.simple_returns(matrix.prices)
@@ -406,14 +429,16 @@ class MarketAnalytics:
         params: MetricParams,
     ) -> PortfolioResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
-        matrix, version = await self._matrix(view, columns, window)
+        matrix, version, unusable = await self._matrix(view, columns, window, benchmark)
         asset_cols = [columns.index(s) for s in symbols]
         prices = matrix.prices[:, asset_cols]
         # Asset rows only (a benchmark-only day is not a portfolio day), from the first day
         # on which every asset has a price.
         has_any = ~np.isnan(prices).all(axis=1)
         prices, days = prices[has_any], matrix.days[has_any]
-        bench = matrix.prices[has_any, columns.index(benchmark)] if benchmark else None
+        bench = (
+            matrix.prices[has_any, columns.index(benchmark)] if benchmark and not unusable else None
+        )
         first = _first_rows(prices)
         if window.start is not None and first.max(initial=0) > 0:
             late = [s for s, row in zip(symbols, first.tolist(), strict=True) if row > 0]
@@ -442,7 +467,19 @@ class MarketAnalytics:
                 )
             except engine.MetricsInputError as exc:
                 raise engine_error(exc, {"weights": "holdings"}) from exc
+        if unusable:
+            metrics = _without_benchmark(analysis.metrics, unusable)
+            analysis = dataclasses.replace(analysis, metrics=metrics)
         return PortfolioResult(analysis, params.conventions(), version)
+
+
+def _asked(window: DateWindow) -> str:
+    return f"{window.start or 'the first day'} to {window.end or 'the last day'}"
+
+
+def _without_benchmark(m: engine.SymbolMetrics, reason: str) -> engine.SymbolMetrics:
+    """`m` with the reason its relative figures are missing, when there is one."""
+    return dataclasses.replace(m, relative_unavailable=reason) if reason else m
 
 
 def _first_rows(prices: npt.NDArray[np.float64]) -> npt.NDArray[np.intp]:

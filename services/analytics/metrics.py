@@ -228,6 +228,8 @@ class BenchmarkRelative:
     tracking_error: float  # annualised
     information_ratio: float  # annualised
     n_common: int
+    first_date: date  # the common window: first and last day both have a return
+    last_date: date
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +259,8 @@ class SymbolMetrics:
     worst: DatedReturn
     positive_share: float
     relative: BenchmarkRelative | None
+    # Why `relative` is None although a benchmark was asked for ("" otherwise).
+    relative_unavailable: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,17 +521,13 @@ def _require_min_returns(n: IntArray, symbols: Sequence[str], field: str) -> Non
         )
 
 
-def _require_min_common(n: IntArray, symbols: Sequence[str], benchmark: str) -> None:
-    """The benchmark's fault, said so: it shares too few returns with these symbols."""
-    short = [f"{s} ({count})" for s, count in zip(symbols, n.tolist(), strict=True)]
-    short = [x for x, count in zip(short, n.tolist(), strict=True) if count < MIN_RETURNS]
-    if short:
-        listed = ", ".join(short[:10]) + (" ..." if len(short) > 10 else "")
-        raise MetricsInputError(
-            "benchmark",
-            f"the benchmark {benchmark} shares fewer than {MIN_RETURNS} returns in the window "
-            f"with {listed}: it has too little data there",
-        )
+def too_few_common(benchmark: str, symbol: str, n_common: int) -> str:
+    """Why a symbol has no relative figures: the benchmark's fault, said so."""
+    return (
+        f"the benchmark {benchmark} shares {n_common} return{'s' * (n_common != 1)} with "
+        f"{symbol} in the window (at least {MIN_RETURNS} are needed): it has too little data "
+        "there; the absolute figures are unaffected"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -693,6 +693,8 @@ class _Relative:
     tracking_error: FloatArray
     information_ratio: FloatArray
     n_common: IntArray
+    first: IntArray  # (K,) period of the first / last common return (the common window)
+    last: IntArray
 
 
 def _beta_from(cov: FloatArray, var: FloatArray) -> FloatArray:
@@ -715,12 +717,14 @@ def _relative(
     b = bench[panel.offset :]
     b_valid = bench_valid[panel.offset :]
     if panel.mask is None and bool(b_valid.all()):
-        return _relative_dense(panel.x, b, rf_p, p)
+        return _relative_dense(panel.x, b, rf_p, p, panel.offset)
     joint = b_valid[np.newaxis, :] if panel.mask is None else panel.mask & b_valid
-    return _relative_masked(panel.x, b, np.broadcast_to(joint, panel.x.shape), rf_p, p)
+    return _relative_masked(
+        panel.x, b, np.broadcast_to(joint, panel.x.shape), rf_p, p, panel.offset
+    )
 
 
-def _relative_dense(x: FloatArray, b: FloatArray, rf_p: float, p: float) -> _Relative:
+def _relative_dense(x: FloatArray, b: FloatArray, rf_p: float, p: float, offset: int) -> _Relative:
     """Every symbol and the benchmark observed on the same periods: vector algebra."""
     k, t = x.shape
     n = np.full(k, t, dtype=np.intp)
@@ -731,11 +735,13 @@ def _relative_dense(x: FloatArray, b: FloatArray, rf_p: float, p: float) -> _Rel
     # mean(r - rf - beta (b - rf)) = mean(r) - rf - beta (mean(b) - rf)
     residual_mean = x.sum(axis=1) / t - rf_p - beta * (b_mean - rf_p)
     tracking_error, information_ratio = _active_stats(x - b, None, n, p)
-    return _Relative(beta, (1.0 + residual_mean) ** p - 1.0, tracking_error, information_ratio, n)
+    first, last = np.full(k, offset, dtype=np.intp), np.full(k, offset + t - 1, dtype=np.intp)
+    alpha = (1.0 + residual_mean) ** p - 1.0
+    return _Relative(beta, alpha, tracking_error, information_ratio, n, first, last)
 
 
 def _relative_masked(
-    x: FloatArray, b: FloatArray, joint: BoolArray, rf_p: float, p: float
+    x: FloatArray, b: FloatArray, joint: BoolArray, rf_p: float, p: float, offset: int
 ) -> _Relative:
     """General case: each symbol uses the periods it shares with the benchmark."""
     n = joint.sum(axis=1).astype(np.intp)
@@ -748,7 +754,10 @@ def _relative_masked(
     residual = (xx - rf_p) - beta[:, np.newaxis] * (bb - rf_p)
     residual_mean = np.where(joint, residual, 0.0).sum(axis=1) / n
     tracking_error, information_ratio = _active_stats(xx - bb, joint, n, p)
-    return _Relative(beta, (1.0 + residual_mean) ** p - 1.0, tracking_error, information_ratio, n)
+    first = offset + np.argmax(joint, axis=1)
+    last = offset + joint.shape[1] - 1 - np.argmax(joint[:, ::-1], axis=1)
+    alpha = (1.0 + residual_mean) ** p - 1.0
+    return _Relative(beta, alpha, tracking_error, information_ratio, n, first, last)
 
 
 # ---------------------------------------------------------------------------
@@ -808,7 +817,6 @@ def compute_metrics(
     if benchmark is not None:
         bench = _benchmark_panel(benchmark, checked_kind, matrix.shape[0], benchmark_symbol)
         relative = _relative(panel, bench.returns, bench.valid, rf_p, p)
-        _require_min_common(relative.n_common, names, benchmark_symbol)
     table = _metric_table(panel, rf_p, p)
     return _assemble(names, day_array, panel, table, relative, benchmark_symbol)
 
@@ -906,7 +914,10 @@ def _drawdown_infos(dd: _Drawdowns, days: list[date], last: list[int]) -> list[D
     return out
 
 
-def _relative_infos(rel: _Relative | None, name: str, k: int) -> list[BenchmarkRelative | None]:
+def _relative_infos(
+    rel: _Relative | None, name: str, k: int, days: list[date]
+) -> list[BenchmarkRelative | None]:
+    """Per symbol: its relative figures, or None when it shares too few returns."""
     if rel is None:
         return [None] * k
     rows = zip(
@@ -915,9 +926,20 @@ def _relative_infos(rel: _Relative | None, name: str, k: int) -> list[BenchmarkR
         rel.tracking_error.tolist(),
         rel.information_ratio.tolist(),
         rel.n_common.tolist(),
+        [days[i] for i in rel.first.tolist()],
+        [days[i] for i in rel.last.tolist()],
         strict=True,
     )
-    return [BenchmarkRelative(name, *row) for row in rows]
+    return [BenchmarkRelative(name, *row) if row[4] >= MIN_RETURNS else None for row in rows]
+
+
+def _unavailable(names: tuple[str, ...], rel: _Relative | None, bench_name: str) -> list[str]:
+    if rel is None:
+        return [""] * len(names)
+    return [
+        "" if n >= MIN_RETURNS else too_few_common(bench_name, s, n)
+        for s, n in zip(names, rel.n_common.tolist(), strict=True)
+    ]
 
 
 def _dated(panel: _Panel, rows: IntArray, days: list[date]) -> list[DatedReturn]:
@@ -959,7 +981,8 @@ def _assemble(
         _dated(panel, tab.best, days),
         _dated(panel, tab.worst, days),
         tab.positive_share.tolist(),
-        _relative_infos(rel, bench_name, len(names)),
+        _relative_infos(rel, bench_name, len(names), days),
+        _unavailable(names, rel, bench_name),
         strict=True,
     )
     return {row[0]: SymbolMetrics(*row) for row in columns}

@@ -542,6 +542,17 @@ def _relative_value(attr: str) -> Callable[[SymbolMetrics], float]:
     return lambda m: math.nan if m.relative is None else float(getattr(m.relative, attr))
 
 
+def _common_window(m: SymbolMetrics) -> str:
+    """The days a relative figure covers, when fewer than the symbol's own."""
+    rel = m.relative
+    if rel is None or rel.n_common >= m.n_returns:
+        return ""
+    return (
+        f" (over the {rel.n_common:,} returns in common with {rel.benchmark}, "
+        f"{rel.first_date.isoformat()} to {rel.last_date.isoformat()})"
+    )
+
+
 def _drawdown_detail(m: SymbolMetrics) -> str:
     dd = m.drawdown
     if dd.peak_date is None or dd.trough_date is None:
@@ -595,7 +606,9 @@ _SPECS: Final[dict[MetricName, _Spec]] = {
     "calmar": _Spec(
         "Calmar ratio", "Calmar ratio", _HIGH, _LOW, lambda m: m.calmar, 1.0, _ratio, True
     ),
-    "beta": _Spec("beta", "beta", _HIGH, _LOW, _relative_value("beta"), 1.0, _ratio, None),
+    "beta": _Spec(
+        "beta", "beta", _HIGH, _LOW, _relative_value("beta"), 1.0, _ratio, None, _common_window
+    ),
     "alpha": _Spec(
         "annualised alpha",
         "annualised alpha",
@@ -605,6 +618,7 @@ _SPECS: Final[dict[MetricName, _Spec]] = {
         1.0,
         _signed,
         True,
+        _common_window,
     ),
     "tracking_error": _Spec(
         "tracking error",
@@ -615,6 +629,7 @@ _SPECS: Final[dict[MetricName, _Spec]] = {
         1.0,
         _unsigned,
         False,
+        _common_window,
     ),
     "information_ratio": _Spec(
         "information ratio",
@@ -625,6 +640,7 @@ _SPECS: Final[dict[MetricName, _Spec]] = {
         1.0,
         _ratio,
         True,
+        _common_window,
     ),
     "var": _Spec(
         "95% historical VaR (daily)",
@@ -818,6 +834,11 @@ def _value_answer(intent: Intent, ms: Sequence[SymbolMetrics], benchmark: str | 
         elif intent.metric in _RELATIVE and (benchmark is None or m.symbol == benchmark):
             against = "no benchmark was given" if benchmark is None else "it is the benchmark"
             parts.append(f"{m.symbol}'s {spec.name} is not available: {against}.")
+        elif intent.metric in _RELATIVE and m.relative_unavailable:
+            parts.append(
+                f"{m.symbol}'s {spec.name} is not available: the benchmark {benchmark} has too "
+                "little data in this window."
+            )
         else:
             parts.append(f"{m.symbol}'s {spec.name} is n/a (undefined for this window).")
     return " ".join(parts)

@@ -141,6 +141,7 @@ def series_metrics_pb(m: engine.SymbolMetrics) -> pb.SeriesMetrics:
         best=pb.DatedReturn(value=m.best.value, date=to_pb_date(m.best.date)),
         worst=pb.DatedReturn(value=m.worst.value, date=to_pb_date(m.worst.date)),
         positive_share=m.positive_share,
+        relative_unavailable=m.relative_unavailable,
     )
     if m.relative is not None:
         r = m.relative
@@ -152,6 +153,8 @@ def series_metrics_pb(m: engine.SymbolMetrics) -> pb.SeriesMetrics:
                 tracking_error=r.tracking_error,
                 information_ratio=r.information_ratio,
                 common_periods=r.n_common,
+                first_common_date=to_pb_date(r.first_date),
+                last_common_date=to_pb_date(r.last_date),
             )
         )
     return out

@@ -725,7 +725,6 @@ GOOD_DAYS = _days(4)
         ({"symbols": ["A"]}, "symbols"),
         ({"symbols": ["A", "A"]}, "symbols"),
         ({"benchmark": np.array([1.0, 2.0])}, "benchmark"),
-        ({"benchmark": np.array([1.0, np.nan, np.nan, 2.0])}, "benchmark"),
     ],
 )
 def test_compute_metrics_rejects_bad_input(kwargs: dict, field: str) -> None:
@@ -818,9 +817,16 @@ def test_relative_figures_over_fewer_days_say_so(sample, results) -> None:
     assert relative is not None
     n = relative.n_common
     assert n < res["AAPL"].n_returns
-    assert f"Against SP500 (over the {n:,} returns it shares with the benchmark)" in (
+    window = f"{relative.first_date.isoformat()} to {relative.last_date.isoformat()}"
+    assert f"Against SP500 (over the {n:,} returns it shares with the benchmark, {window})" in (
         rules_commentary(res, "SP500")
     )
+    nothing = np.full_like(bench, np.nan)
+    nothing[-2:] = bench[-2:]  # one common return: no relative figures, said in words
+    res = m.compute_metrics(aapl, dates, ["AAPL"], benchmark=nothing, benchmark_symbol="SP500")
+    text = rules_commentary(res, "SP500")
+    assert "There are no figures against SP500: it has too little data in this window." in text
+    assert "beta" not in text
     full = rules_commentary({"AAPL": results["AAPL"]}, "SP500")
     assert "Against SP500 it had" in full  # every return in common: nothing to say
 
@@ -833,10 +839,36 @@ def test_rules_commentary_handles_missing_values_and_no_benchmark() -> None:
     assert rules_commentary({}, None) == "No metrics were available to comment on."
 
 
-def test_a_benchmark_without_enough_common_returns_is_blamed_itself() -> None:
+def test_a_benchmark_without_enough_common_returns_is_blamed_and_the_rest_stands() -> None:
     bench = np.full(GOOD.shape[0], np.nan)
     bench[-2:] = [100.0, 101.0]  # one return, on the last day only
-    with pytest.raises(m.MetricsInputError, match="the benchmark IDX shares fewer than") as err:
-        m.compute_metrics(GOOD, GOOD_DAYS, ["A", "B"], benchmark=bench, benchmark_symbol="IDX")
-    assert err.value.field == "benchmark"
-    assert "A (1), B (1)" in str(err.value) and "too little data there" in str(err.value)
+    res = m.compute_metrics(GOOD, GOOD_DAYS, ["A", "B"], benchmark=bench, benchmark_symbol="IDX")
+    alone = m.compute_metrics(GOOD, GOOD_DAYS, ["A", "B"])
+    for s in ("A", "B"):
+        assert res[s].relative is None
+        assert res[s].relative_unavailable.startswith(
+            f"the benchmark IDX shares 1 return with {s} in the window"
+        )
+        assert "too little data there" in res[s].relative_unavailable
+        # The absolute figures are those computed without a benchmark.
+        assert dataclasses.replace(res[s], relative_unavailable="") == alone[s]
+
+
+def test_the_common_window_is_the_first_and_last_day_both_have_a_return(sample) -> None:
+    symbols, prices, dates, bench = sample
+    short = bench.copy()
+    short[:300] = np.nan  # the benchmark starts late ...
+    short[-50:] = np.nan  # ... and ends early
+    res = m.compute_metrics(prices, dates, symbols, benchmark=short, benchmark_symbol="SP500")
+    b_ret = np.isfinite(short[1:]) & np.isfinite(short[:-1])
+    for i, s in enumerate(symbols):
+        p = prices[:, i]
+        joint = b_ret & np.isfinite(p[1:]) & np.isfinite(p[:-1])
+        rows = np.flatnonzero(joint) + 1  # a return is dated by its second price
+        rel = res[s].relative
+        assert rel is not None
+        assert rel.n_common == joint.sum()
+        assert (rel.first_date, rel.last_date) == (dates[rows[0]], dates[rows[-1]])
+    dense = m.compute_metrics(prices[:, :1], dates, symbols[:1], benchmark=bench)
+    rel = dense[symbols[0]].relative
+    assert rel is not None and rel.last_date == dense[symbols[0]].end_date

@@ -57,7 +57,9 @@ def _metrics(
     positive: float,
     rel: tuple[float, float, float, float] | None,
 ) -> SymbolMetrics:
-    relative = None if rel is None else BenchmarkRelative(BENCH, *rel, 2014)
+    relative = (
+        None if rel is None else BenchmarkRelative(BENCH, *rel, 2014, date(2015, 1, 5), ANCHOR)
+    )
     return SymbolMetrics(
         symbol=symbol,
         start_date=date(2015, 1, 2),

@@ -132,6 +132,54 @@ async def test_a_date_range_selects_the_prices_inside_it(analytics: Running) -> 
     assert reply.metrics[0].start_date == d("2008-01-02")
 
 
+async def test_relative_figures_state_their_common_window(analytics: Running) -> None:
+    # ^GSPC ends on 2018-12-31: from 2015 on AAPL has four more years than it shares.
+    request = pb.ComputeMetricsRequest(symbols=["AAPL", "MSFT"], benchmark="^GSPC")
+    request.range.start.CopyFrom(d("2015-01-01"))
+    reply = await analytics.stub.ComputeMetrics(
+        request, metadata=analytics.keys.md(analytics.keys.reader_a)
+    )
+    for m in reply.metrics:
+        rel = m.relative
+        assert rel.common_periods < m.return_count
+        assert (rel.first_common_date, rel.last_common_date) == (d("2015-01-05"), d("2018-12-31"))
+        assert m.start_date == d("2015-01-02") and m.end_date == d("2022-12-28")
+        assert m.relative_unavailable == ""
+
+
+async def test_a_benchmark_without_data_in_the_range_costs_only_the_relative_figures(
+    analytics: Running,
+) -> None:
+    md = analytics.keys.md(analytics.keys.reader_a)
+
+    def ranged(request: pb.ComputeMetricsRequest | pb.ComputePortfolioRequest) -> None:
+        request.range.start.CopyFrom(d("2019-06-01"))
+        request.range.end.CopyFrom(d("2020-12-31"))
+
+    with_bench = pb.ComputeMetricsRequest(symbols=["AAPL", "KO"], benchmark="^GSPC")
+    alone = pb.ComputeMetricsRequest(symbols=["AAPL", "KO"])
+    for r in (with_bench, alone):
+        ranged(r)
+    got = await analytics.stub.ComputeMetrics(with_bench, metadata=md)
+    want = await analytics.stub.ComputeMetrics(alone, metadata=md)
+    for g, w in zip(got.metrics, want.metrics, strict=True):
+        assert not g.HasField("relative")
+        assert g.relative_unavailable == (
+            "the benchmark ^GSPC has data from 1999-01-04 to 2018-12-31, not in the range "
+            "2019-06-01 to 2020-12-31, so no relative figures"
+        )
+        g.relative_unavailable = ""
+        assert g == w  # the absolute figures are untouched
+
+    holdings = [pb.Holding(symbol="AAPL", weight=0.6), pb.Holding(symbol="KO", weight=0.4)]
+    portfolio = pb.ComputePortfolioRequest(holdings=holdings, benchmark="^GSPC")
+    ranged(portfolio)
+    reply = await analytics.stub.ComputePortfolio(portfolio, metadata=md)
+    assert not reply.metrics.HasField("relative")
+    assert "the benchmark ^GSPC has data from 1999-01-04" in reply.metrics.relative_unavailable
+    assert math.isfinite(reply.metrics.volatility)
+
+
 async def test_rolling_metrics_equal_the_engine(analytics: Running) -> None:
     md = analytics.keys.md(analytics.keys.reader_a)
     prices, dates = columns(["JPM", "SP500"])

@@ -47,3 +47,34 @@ def test_money_timestamps_maps_and_oneofs() -> None:
 
 def test_pct() -> None:
     assert pct(0.12345) == "12.35%" and pct(math.nan) == "n/a" and pct(-0.5, 0) == "-50%"
+
+
+def test_metrics_table_states_the_common_window_and_why_relative_figures_are_missing() -> None:
+    from google.type import date_pb2
+    from rich.console import Console
+
+    from libs.cli.analytics_cmds import metrics_table
+
+    def day(y: int, m: int, d: int) -> date_pb2.Date:
+        return date_pb2.Date(year=y, month=m, day=d)
+
+    shared = pb.SeriesMetrics(symbol="AAPL", return_count=2011)
+    shared.relative.CopyFrom(
+        pb.BenchmarkRelative(
+            benchmark="^GSPC",
+            beta=1.2,
+            common_periods=1005,
+            first_common_date=day(2015, 1, 5),
+            last_common_date=day(2018, 12, 31),
+        )
+    )
+    alone = pb.SeriesMetrics(
+        symbol="KO", return_count=2011, relative_unavailable="the benchmark ^GSPC has no data"
+    )
+    console = Console(width=200, record=True)
+    console.print(metrics_table([shared, alone], "Metrics"))
+    text = console.export_text()
+    assert "common window vs ^GSPC" in text and "2015-01-05 → 2018-12-31" in text
+    beta = next(line for line in text.splitlines() if "beta vs ^GSPC" in line)
+    assert "1.20" in beta and "n/a" in beta  # KO's cell is n/a, not the proto default 0.00
+    assert "no relative figures for KO: the benchmark ^GSPC has no data" in text
