@@ -17,6 +17,7 @@ from rich.table import Table
 
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
+from finsight.common.v1 import common_pb2
 from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, rate
@@ -209,6 +210,10 @@ RELATIVE_ROWS: Final[list[Row]] = [
     ("tracking error", lambda m: pct(m.relative.tracking_error)),
     ("information ratio", lambda m: num(m.relative.information_ratio)),
     ("common returns", lambda m: f"{m.relative.common_periods:,}"),
+    (
+        "common window",
+        lambda m: f"{day(m.relative.first_common_date)} → {day(m.relative.last_common_date)}",
+    ),
 ]
 
 
@@ -229,10 +234,19 @@ def metrics_table(
     rows = list(METRIC_ROWS)
     if any(m.HasField("relative") for m in metrics):
         benchmark = next(m.relative.benchmark for m in metrics if m.HasField("relative"))
-        rows += [(f"{label} vs {benchmark}", get) for label, get in RELATIVE_ROWS]
+        rows += [(f"{label} vs {benchmark}", _if_relative(get)) for label, get in RELATIVE_ROWS]
     for label, get in rows:
         table.add_row(label, *(get(m) for m in metrics))
+    missing = [f"{m.symbol}: {m.relative_unavailable}" for m in metrics if m.relative_unavailable]
+    if missing:
+        notes = "no relative figures for " + "; ".join(missing)
+        table.caption = f"{table.caption}\n{notes}" if table.caption else notes
     return table
+
+
+def _if_relative(get: Callable[[pb.SeriesMetrics], str]) -> Callable[[pb.SeriesMetrics], str]:
+    """A relative row's cell: n/a for a series without relative figures (not proto zeros)."""
+    return lambda m: get(m) if m.HasField("relative") else "n/a"
 
 
 async def fetch_prices(
@@ -381,6 +395,39 @@ def portfolio_tables(reply: pb.ComputePortfolioResponse) -> list[Table]:
     return tables
 
 
+async def plot_portfolio(
+    args: argparse.Namespace,
+    conn: Connection,
+    stub: analytics_pb2_grpc.AnalyticsServiceStub,
+    reply: pb.ComputePortfolioResponse,
+) -> None:
+    """The --plot chart. The response has no benchmark series: its prices come from GetBars
+    over the portfolio's own period (metrics start to end date)."""
+    from libs.cli import plots
+
+    points = [(from_pb_date(p.date), p.value) for p in reply.returns]
+    returns = plots.Series(
+        "portfolio",
+        [d for d, _ in points if d is not None],
+        np.asarray([v for d, v in points if d is not None], dtype=np.float64),
+    )
+    benchmark = None
+    if args.benchmark and len(returns.values):
+        rng = common_pb2.DateRange(start=reply.metrics.start_date, end=reply.metrics.end_date)
+        days, closes = await fetch_prices(stub, conn, args.benchmark, rng)
+        benchmark = plots.Series(args.benchmark, days, closes)
+    plots.portfolio_chart(
+        Path(args.plot),
+        list(reply.correlation.symbols),
+        matrix(reply.correlation),
+        returns,
+        {r.symbol: r.weight for r in reply.risk_contributions},
+        from_pb_date(reply.metrics.start_date),
+        rebalance=pb.Rebalance.Name(reply.rebalance).removeprefix("REBALANCE_").lower(),
+        benchmark=benchmark,
+    )
+
+
 async def portfolio(args: argparse.Namespace, conn: Connection) -> int:
     request = pb.ComputePortfolioRequest(
         holdings=[pb.Holding(symbol=s, weight=w) for s, w in args.holdings],
@@ -392,28 +439,13 @@ async def portfolio(args: argparse.Namespace, conn: Connection) -> int:
         include_returns=bool(args.plot),
     )
     async with conn.channel("analytics") as channel:
-        reply = await stub_for(channel).ComputePortfolio(
-            request, metadata=conn.metadata, timeout=conn.timeout
-        )
+        stub = stub_for(channel)
+        reply = await stub.ComputePortfolio(request, metadata=conn.metadata, timeout=conn.timeout)
+        if args.plot:
+            await plot_portfolio(args, conn, stub, reply)
     data = plain(reply)
     data.pop("returns", None)  # asked for only to draw the chart
     if args.plot:
-        from libs.cli import plots
-
-        points = [(from_pb_date(p.date), p.value) for p in reply.returns]
-        returns = plots.Series(
-            "portfolio",
-            [d for d, _ in points if d is not None],
-            np.asarray([v for d, v in points if d is not None], dtype=np.float64),
-        )
-        plots.portfolio_chart(
-            Path(args.plot),
-            list(reply.correlation.symbols),
-            matrix(reply.correlation),
-            returns,
-            {r.symbol: r.weight for r in reply.risk_contributions},
-            from_pb_date(reply.metrics.start_date),
-        )
         data["plot"] = args.plot
     if args.json:
         emit(args, data, None)
@@ -487,5 +519,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--allow-short", action="store_true", help="allow negative weights")
     add_range(p)
     p.add_argument("--rf", type=rate, default=0.0, help="annual risk-free rate: 0.04 or 4%%")
-    p.add_argument("--plot", metavar="FILE.png", help="correlation heat map and drawdown chart")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="correlation heat map, cumulative return and drawdown (with the benchmark)",
+    )
     p.set_defaults(handler=portfolio)
