@@ -64,11 +64,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from libs.common import lru
 from services.analytics.bars import BarColumns
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class MarketStore:
             return list(cached[0]), view.data_version
         epoch = self._epoch
         symbols, at = await self.backend.list_symbols(view.tenant)
-        _keep(self._symbols, view.tenant, (symbols, dict(at)), self.cache_max_tenants)
+        lru.keep(self._symbols, view.tenant, (symbols, dict(at)), self.cache_max_tenants)
         self._seen(epoch, view, at)
         return list(symbols), view.data_version
 
@@ -440,7 +441,7 @@ class MarketStore:
         view.advance(at)
 
     def _keep_owners(self, tenant: str, owners: dict[str, str], at: Versions) -> None:
-        _keep(self._owners, tenant, (owners, dict(at)), self.cache_max_tenants)
+        lru.keep(self._owners, tenant, (owners, dict(at)), self.cache_max_tenants)
 
     def _cached_series(self, key: tuple[str, str], version: int) -> Series | None:
         entry = self._series.get(key)
@@ -476,15 +477,3 @@ __all__ = [
     "Versions",
     "readable_tenants",
 ]
-
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-def _keep(cache: OrderedDict[K, V], key: K, value: V, most: int) -> None:
-    """Store `value` as the newest entry of the LRU `cache`, keeping at most `most`."""
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > most:
-        cache.popitem(last=False)

@@ -23,11 +23,13 @@ services/memory/recall_index.py).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 import pyarrow as pa
 
+from libs.common import lru
 from libs.common.duck import Database
 from libs.common.pg import PgDatabase
 from services.memory import storage
@@ -199,14 +201,30 @@ class MemoryStore(Protocol):
         ...
 
 
+CONSENT_CACHE_MAX: Final = 65_536  # users; a Consent is ~0.3 KiB with its key
+
+
 class DuckStore:
-    """`MemoryStore` on the embedded DuckDB file (services/memory/storage.py)."""
+    """`MemoryStore` on the embedded DuckDB file (services/memory/storage.py).
+
+    One process owns the file, so what it has written is all there is: consent, read on
+    every GetConsent (~5 ms of DuckDB under load against ~0.2 ms for the service's other
+    work, benchmarks/bench_simple_reads.py), is kept in a bounded in-process LRU that the
+    two writes of consent (SetConsent, erasure) invalidate. A read that overlaps one of
+    them is not kept (the generation changed), so a stale value is never cached.
+    """
 
     backend = "duckdb"
     shared = False  # one process owns the file
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._consent: OrderedDict[tuple[str, str], Consent] = OrderedDict()
+        self._consent_generation = 0
+
+    def _consent_changed(self, tenant: str, user_id: str) -> None:
+        self._consent.pop((tenant, user_id), None)
+        self._consent_generation += 1
 
     async def append_batch(self, requests: list[AppendRequest]) -> list[AppendResult]:
         return await self.db.write("append_batch", storage.append_batch, requests)
@@ -325,14 +343,25 @@ class DuckStore:
         )
 
     async def get_consent(self, tenant: str, user_id: str) -> Consent:
-        return await self.db.read("get_consent", storage.get_consent, tenant, user_id)
+        key = (tenant, user_id)
+        cached = lru.fresh(self._consent, key)
+        if cached is not None:
+            return cached
+        generation = self._consent_generation
+        consent = await self.db.read("get_consent", storage.get_consent, tenant, user_id)
+        if generation == self._consent_generation:
+            lru.keep(self._consent, key, consent, CONSENT_CACHE_MAX)
+        return consent
 
     async def set_consent(
         self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
     ) -> tuple[Consent, int]:
-        return await self.db.write(
-            "set_consent", storage.set_consent, tenant, user_id, long_term_memory, now_us, audit
-        )
+        try:
+            return await self.db.write(
+                "set_consent", storage.set_consent, tenant, user_id, long_term_memory, now_us, audit
+            )
+        finally:  # committed or not: the next read asks the database
+            self._consent_changed(tenant, user_id)
 
     async def export_facts(self, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:
         return await self.db.read(
@@ -356,7 +385,12 @@ class DuckStore:
     async def erase_user(
         self, tenant: str, user_id: str, now_us: int, audit: AuditRecord
     ) -> ErasureCounts:
-        return await self.db.write("erase_user", storage.erase_user, tenant, user_id, now_us, audit)
+        try:
+            return await self.db.write(
+                "erase_user", storage.erase_user, tenant, user_id, now_us, audit
+            )
+        finally:
+            self._consent_changed(tenant, user_id)
 
     async def retention_tenants(self) -> list[str]:
         return await self.db.read("retention_tenants", storage.retention_tenants)

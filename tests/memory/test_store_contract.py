@@ -363,3 +363,43 @@ async def test_purge_applies_retention_per_tenant(store: MemoryStore) -> None:
     # Numbering continues after the purge removed a session's prefix.
     more = await store.append_batch([request("mixed", "u1", "")])
     assert seqs(more) == [[(3, False)]]
+
+
+def _consent_reads(store: MemoryStore) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"db": store.db.name, "statement": "get_consent"}  # type: ignore[attr-defined]
+    return REGISTRY.get_sample_value("finsight_db_query_seconds_count", labels) or 0.0
+
+
+async def test_consent_reads_follow_every_write_of_consent(store: MemoryStore) -> None:
+    """GetConsent's answer follows SetConsent and erasure at once, on both backends; the
+    DuckDB store (the file's only writer) answers repeated reads without the database."""
+    assert not (await store.get_consent("acme", "c1")).long_term_memory
+    await store.set_consent("acme", "c1", True, NOW, AUDIT)
+    reads = _consent_reads(store)
+    for _ in range(3):
+        assert (await store.get_consent("acme", "c1")).long_term_memory
+    repeated = _consent_reads(store) - reads
+    assert repeated == (3 if store.shared else 1)
+    await store.set_consent("acme", "c1", False, NOW + 1, AUDIT)
+    assert not (await store.get_consent("acme", "c1")).long_term_memory
+    assert not (await store.get_consent("beta", "c1")).long_term_memory  # per tenant
+    await store.set_consent("acme", "c1", True, NOW + 2, AUDIT)
+    assert (await store.get_consent("acme", "c1")).updated_us == NOW + 2
+    await store.erase_user("acme", "c1", NOW + 3, AUDIT)
+    assert (await store.get_consent("acme", "c1")).updated_us is None
+
+
+async def test_a_consent_read_overlapping_a_write_is_not_kept(store: MemoryStore) -> None:
+    await store.set_consent("acme", "c2", True, NOW, AUDIT)
+    # Reads and a withdrawal in flight together: whatever a read saw, the next one (after
+    # the withdrawal is acknowledged) must see the withdrawal.
+    for i in range(20):
+        wanted = i % 2 == 0
+        before = [asyncio.ensure_future(store.get_consent("acme", "c2")) for _ in range(5)]
+        written, _ = await store.set_consent("acme", "c2", wanted, NOW + i + 1, AUDIT)
+        after = [asyncio.ensure_future(store.get_consent("acme", "c2")) for _ in range(5)]
+        await asyncio.gather(*before, *after)
+        assert written.long_term_memory == wanted
+        assert (await store.get_consent("acme", "c2")).long_term_memory == wanted
