@@ -40,10 +40,13 @@ RUN mkdir -p .build/proto-deps/google/type .build/proto-deps/google/rpc \
 
 # The project itself (a regular, non-editable install into the venv), then
 # drop pip from the runtime venv: nothing installs anything at run time.
+# libs/ includes libs.devprovider, the stdlib-only stand-in for DeepSeek that the
+# dev overlay runs from this same image (`python -m libs.devprovider`); no service
+# imports it (tests/llm_gateway/test_layering.py).
 COPY libs libs
 COPY services services
 RUN /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/python -c "import finsight.memory.v1.memory_pb2_grpc, services.memory.main, services.analytics.main, services.llm_gateway.main" \
+ && /opt/venv/bin/python -c "import finsight.memory.v1.memory_pb2_grpc, services.memory.main, services.analytics.main, services.llm_gateway.main, libs.devprovider.cli" \
  && /opt/venv/bin/pip uninstall --yes pip
 
 

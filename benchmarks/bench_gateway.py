@@ -4,7 +4,7 @@
         [--json PATH]
 
 Processes on this machine: the dev provider (fixed 50 ms latency,
-`services.llm_gateway.devprovider`), the gateway (`python -m services.llm_gateway`, auth,
+`libs.devprovider`), the gateway (`python -m services.llm_gateway`, auth,
 per-caller rate limit, per-tenant RPM/TPM/budget and usage accounting on, against an
 embedded Valkey), a second gateway on httpx's own transport (httpcore, sharded clients) for
 comparison, and this process, which generates the load. For each concurrency (1, 10, 50,
@@ -49,7 +49,7 @@ from finsight.llm.v1 import llm_gateway_pb2 as pb
 from finsight.llm.v1 import llm_gateway_pb2_grpc as pb_grpc
 from libs.common.auth import key_entry
 from libs.common.server import wait_for_serving
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProviderProcess, run_load
+from libs.devprovider import DEFAULT_API_KEY, DevProviderProcess, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "benchmark ping with a few words"

@@ -35,7 +35,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from benchmarks.bench_gateway import free_port
 from libs.common.ratelimit import ScriptBatcher
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProviderProcess
+from libs.devprovider import DEFAULT_API_KEY, DevProviderProcess
 from services.llm_gateway.transport import AiohttpTransport
 
 BODY = json.dumps(

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import scipy.stats as st
 
-from services.analytics import importer
+from libs.barfiles import reader as importer
 from services.analytics import metrics as m
 
 ROOT = Path(__file__).resolve().parents[1]

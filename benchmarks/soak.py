@@ -59,7 +59,7 @@ from finsight.analytics.v1 import analytics_pb2 as apb
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as gpb
 from finsight.memory.v1 import memory_pb2 as mpb
-from services.llm_gateway.devprovider import DEFAULT_API_KEY
+from libs.devprovider import DEFAULT_API_KEY
 from tests.system.harness import SERVICE_NAMES, Suite
 
 ROOT = Path(__file__).resolve().parents[1]

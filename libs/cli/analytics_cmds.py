@@ -18,13 +18,14 @@ from rich.table import Table
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
 from finsight.common.v1 import common_pb2
+from libs.barfiles.options import add_ingest_options
 from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, rate
 from libs.cli.render import day, from_pb_date, num, pct, plain
 
 if TYPE_CHECKING:
-    from services.analytics.importer_cli import RowRejection, Totals
+    from libs.barfiles.ingest import RowRejection, Totals
 
 err_console = Console(stderr=True)
 
@@ -47,6 +48,7 @@ def stub_for(channel: grpc.aio.Channel) -> analytics_pb2_grpc.AnalyticsServiceSt
 def _rejection_row(r: RowRejection) -> dict[str, Any]:
     return {
         "source": r.source,
+        "line": r.line,
         "row": r.row,
         "symbol": r.symbol,
         "date": r.day.isoformat() if r.day else None,
@@ -98,13 +100,16 @@ def ingest_tables(summary: dict[str, Any]) -> list[Table]:
     if shown:
         more = summary["rejected"] - len(shown)
         rejected = Table(title=f"First rejected rows{f' ({more:,} more)' if more > 0 else ''}")
-        for name in ("by", "row", "symbol", "date", "reason", "value"):
+        for name in ("by", "line", "symbol", "date", "reason", "value"):
             rejected.add_column(name)
         for r in shown:
-            value = "" if r["value"] is None else f"{r['column']}={r['value']!r}"
+            value = "" if r["value"] is None else repr(r["value"])
+            if r["column"] and r["value"] is not None:
+                value = f"{r['column']}={value}"
+            where = "" if r["row"] is None else f"row {r['row']}"  # Parquet: no lines
             rejected.add_row(
                 r["source"],
-                "" if r["row"] is None else str(r["row"]),
+                where if r["line"] is None else str(r["line"]),
                 escape(r["symbol"] or ""),
                 r["date"] or "",
                 escape(r["reason"]),
@@ -116,10 +121,12 @@ def ingest_tables(summary: dict[str, Any]) -> list[Table]:
 
 async def ingest(args: argparse.Namespace, conn: Connection) -> int:
     # Imported here: pyarrow and the parser are only needed by this command.
-    from services.analytics.importer import ImportFormatError
-    from services.analytics.importer_cli import RichProgress, stream_file
+    from libs.barfiles.ingest import RichProgress, field_flag, stream_file
+    from libs.barfiles.reader import ImportFormatError
 
     path = Path(args.file)
+    # A field violation of the stream (too many rows) names the flag that sizes it.
+    conn.field_flag = lambda name: field_flag(name, args.reject_all)
     async with conn.channel("analytics") as channel:
         try:
             with RichProgress(path, err_console) as progress:
@@ -466,25 +473,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "rows and why). Exit status 1 when rows were rejected.",
     )
     p.add_argument("file", metavar="FILE", help="CSV (optionally .gz) or Parquet file")
-    p.add_argument("--layout", choices=("auto", "long", "wide"), default="auto")
-    p.add_argument("--symbol", help="symbol of a single-symbol OHLCV file (e.g. ^GSPC)")
-    # As importer_cli's option (not imported from there: pyarrow loads only for ingest).
-    p.add_argument(
-        "--date-format",
-        choices=("iso", "mdy", "dmy"),
-        default="iso",
-        help="dates with slashes and the year last: mdy (01/05/2024 = 5 Jan, US) or dmy "
-        "(= 1 May); default iso: only YYYY-MM-DD, a file with others is refused",
-    )
-    p.add_argument(
-        "--reject-all",
-        action="store_true",
-        help="all or nothing: write nothing if any row is invalid",
-    )
-    p.add_argument("--batch-rows", type=int, default=50_000, help="rows per stream message")
-    p.add_argument(
-        "--stream-rows", type=int, default=1_000_000, help="bars per IngestBars transaction"
-    )
+    add_ingest_options(p)  # the same options as importer_cli's (no pyarrow imported)
     p.set_defaults(handler=ingest)
 
     p = sub.add_parser("symbols", help="the symbols with data, their date range and bar count")

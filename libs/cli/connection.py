@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class Connection:
     # Per-service "host:port" overrides; "*" is `--target` (the service a command calls).
     targets: dict[str, str] = field(default_factory=dict)
     last_service: str = ""  # the service of the last channel opened (for error hints)
+    # The running command's flag behind a request field, for field violations: a user of
+    # the CLI set a flag, not a field (the field stays in --json, the API's contract).
+    field_flag: Callable[[str], str | None] = field(default=lambda _name: None, repr=False)
 
     @classmethod
     def from_env(
@@ -161,7 +165,8 @@ def describe_error(
         lines[0] += f" (reason {info.reason})"
     lines += [f"  {key}: {value}" for key, value in sorted(info.metadata.items())]
     shown = info.field_violations[:MAX_SHOWN_VIOLATIONS]
-    lines += [f"  - {v.field}: {v.description}" for v in shown]
+    flag = conn.field_flag if conn is not None else (lambda _name: None)
+    lines += [f"  - {flag(v.field) or v.field}: {v.description}" for v in shown]
     if len(info.field_violations) > len(shown):
         lines.append(f"  … and {len(info.field_violations) - len(shown)} more (see --json)")
     lines += [f"  - quota {q.subject}: {q.description}" for q in info.quota]

@@ -284,14 +284,5 @@ def _where(position: tuple[int, int, int]) -> str:
     return f"message {message} series {series} row {row}"
 
 
-def decimal_to_micros(value: Decimal) -> int | None:
-    """Exact micro-units of a decimal price, or None when it has more than 6 decimals."""
-    scaled = value.scaleb(PRICE_SCALE)
-    integral = scaled.to_integral_value()
-    if scaled != integral:
-        return None
-    return int(integral)
-
-
 def micros_to_decimal(value: int) -> Decimal:
     return Decimal(value).scaleb(-PRICE_SCALE)

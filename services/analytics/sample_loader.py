@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+import numpy as np
+
+from libs.barfiles.columns import MicrosConverter, SymbolColumns, group_by_symbol
+from libs.barfiles.reader import Bar, Layout, iter_batches
 from libs.common.errors import Unavailable
 from services.analytics.bars import BarColumns, SeriesInput, ValidatedStream, validate_stream
-from services.analytics.file_bars import MicrosConverter, group_by_symbol
-from services.analytics.importer import Bar, Layout, iter_batches
 from services.analytics.storage import SHARED_TENANT, MarketStore
 from services.analytics.telemetry import SAMPLE_LOAD_SECONDS, SAMPLE_LOADS
 
@@ -44,6 +46,25 @@ SAMPLE_FILES: Final = (
     SampleFile("sp500_ohlcv.csv.gz", "long", "^GSPC"),
     SampleFile("nasdaq_ohlcv.csv.gz", "long", "^IXIC"),
 )
+
+
+def series_input(group: SymbolColumns, message_index: int, series_index: int) -> SeriesInput:
+    """One symbol's columns as the service's validation input (as if sent over IngestBars)."""
+    ymd = np.array([(d.year, d.month, d.day) for d in group.days], dtype=np.int64).reshape(-1, 3)
+    return SeriesInput(
+        message_index,
+        series_index,
+        group.symbol,
+        ymd[:, 0],
+        ymd[:, 1],
+        ymd[:, 2],
+        np.array(group.open, dtype=np.int64),
+        np.array(group.high, dtype=np.int64),
+        np.array(group.low, dtype=np.int64),
+        np.array(group.close, dtype=np.int64),
+        np.array(group.adj_close, dtype=np.int64),
+        np.array(group.volume, dtype=np.int64),
+    )
 
 
 def parse_samples(directory: Path = SAMPLE_DIR) -> ValidatedStream:
@@ -68,7 +89,7 @@ def parse_samples(directory: Path = SAMPLE_DIR) -> ValidatedStream:
             log.warning(
                 "sample rows too precise", extra={"file": spec.name, "rows": len(too_precise)}
             )
-        series.extend(g.to_series_input(file_index, i) for i, g in enumerate(groups))
+        series.extend(series_input(g, file_index, i) for i, g in enumerate(groups))
     return validate_stream(series)
 
 

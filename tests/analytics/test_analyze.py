@@ -22,18 +22,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
+from libs.barfiles.columns import group_by_symbol
+from libs.barfiles.reader import read_bars
 from libs.common.errors import status_info
 from libs.common.server import ServiceHost, start_service
 from libs.common.tracing import configure_tracing
 from libs.common.untrusted import DATA_NOTICE
+from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.analytics import metrics as engine
 from services.analytics.commentary import rules_commentary
-from services.analytics.file_bars import group_by_symbol
-from services.analytics.importer import read_bars
 from services.analytics.questions import answer_question
 from services.analytics.sample_loader import SAMPLE_DIR
 from services.llm_gateway.config import GatewaySettings
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.main import setup as gateway_setup
 from services.memory.config import MemorySettings
 from services.memory.main import POLICIES as MEMORY_POLICIES

@@ -1,4 +1,5 @@
-"""Importer: layouts, exact Decimals, the sample files, and rejected rows."""
+"""The bar file reader (libs/barfiles/reader.py): layouts, exact Decimals, the sample
+files, rejected rows and their editor lines, and the column messages."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.analytics import importer as im
+from libs.barfiles import reader as im
 from services.analytics import metrics as m
 
 SAMPLE = Path(__file__).resolve().parents[2] / "services" / "analytics" / "sample_data"
@@ -102,8 +103,10 @@ def test_index_ohlcv_files(name: str, symbol: str) -> None:
 
 
 def test_index_ohlcv_without_symbol_is_a_format_error() -> None:
-    with pytest.raises(im.ImportFormatError, match="symbol="):
+    # The message names the command line's flag, not the Python keyword.
+    with pytest.raises(im.ImportFormatError, match="give --symbol") as err:
         im.read_bars(SAMPLE / "sp500_ohlcv.csv.gz")
+    assert "symbol=" not in str(err.value)
 
 
 def test_bars_feed_the_metric_engine() -> None:
@@ -308,19 +311,20 @@ def test_bad_rows_are_rejected_with_reasons() -> None:
         ("GOOD", date(2020, 1, 2), Decimal("1")),
         ("GOOD", date(2020, 1, 16), Decimal("2.000")),
     ]
-    reasons = {(r.row, r.reason, r.column, r.value) for r in result.rejected}
+    reasons = {(r.line, r.row, r.reason, r.column, r.value) for r in result.rejected}
+    # line: as an editor shows it (the header is line 1); row: among the well-formed rows.
     assert reasons == {
-        (None, "expected 8 fields, got 6", None, "BAD,2020-01-14,1,1,1,1"),
-        (2, "non-numeric price", "open", "abc"),
-        (3, "empty symbol", "symbol", ""),
-        (4, "unparsable date", "date", "2020-13-01"),
-        (5, "adj_close must be > 0", "adj_close", "0"),
-        (6, "negative open", "open", "-1"),
-        (7, "negative volume", "volume", "-5"),
-        (8, "volume is not an integer", "volume", "1.5"),
-        (9, "non-finite price", "adj_close", "inf"),
-        (10, "missing price", "adj_close", ""),
-        (11, "non-numeric price", "open", "1,000"),
+        (12, None, "expected 8 fields, got 6", None, "BAD,2020-01-14,1,1,1,1"),
+        (3, 2, "non-numeric price", "open", "abc"),
+        (4, 3, "empty symbol", "symbol", ""),
+        (5, 4, "unparsable date", "date", "2020-13-01"),
+        (6, 5, "adj_close must be > 0", "adj_close", "0"),
+        (7, 6, "negative open", "open", "-1"),
+        (8, 7, "negative volume", "volume", "-5"),
+        (9, 8, "volume is not an integer", "volume", "1.5"),
+        (10, 9, "non-finite price", "adj_close", "inf"),
+        (11, 10, "missing price", "adj_close", ""),
+        (13, 11, "non-numeric price", "open", "1,000"),
     }
     assert all(r.symbol == "BAD" for r in result.rejected if r.row not in (None, 3))
 
@@ -329,11 +333,101 @@ def test_bad_wide_cells_are_rejected_individually() -> None:
     data = b"Date,A,B\n2020-01-01,1.5,x\nnot-a-date,1,1\n2020-01-03,0,2\n"
     result = im.read_bars(data)
     assert [(b.symbol, b.date.day) for b in result.bars] == [("A", 1), ("B", 3)]
-    assert [(r.row, r.symbol, r.reason) for r in result.rejected] == [
-        (1, "B", "non-numeric price"),
-        (2, None, "unparsable date"),
-        (3, "A", "adj_close must be > 0"),
+    assert [(r.line, r.row, r.symbol, r.reason) for r in result.rejected] == [
+        (2, 1, "B", "non-numeric price"),
+        (3, 2, None, "unparsable date"),
+        (4, 3, "A", "adj_close must be > 0"),
     ]
+
+
+def test_a_rejection_cites_the_line_an_editor_shows() -> None:
+    data = b"date,symbol,close\n2024-01-02,A,10\n2024-01-03,A,ten\n"
+    (rejected,) = im.read_bars(data).rejected
+    assert (rejected.line, rejected.row, rejected.value) == (3, 2, "ten")
+
+
+# Blank lines, a quoted newline, a malformed line and CRLF endings: the line is where the
+# record starts in the file, whatever Arrow's row count says.
+AWKWARD = (
+    b"symbol,date,close,note\r\n"  # 1
+    b"A,2024-01-02,10,plain\r\n"  # 2
+    b"\r\n"  # 3: blank
+    b'A,2024-01-03,11,"two\r\nlines"\r\n'  # 4-5: one record
+    b"A,2024-01-04,x,bad price\r\n"  # 6
+    b"A,2024-01-05\r\n"  # 7: too few fields
+    b"\r\n"  # 8: blank
+    b'A,2024-01-08,-1,"a ""quoted"" note"\r\n'  # 9
+)
+
+
+@pytest.mark.parametrize("batch_size", [1, 50_000])
+def test_lines_count_blank_lines_and_quoted_newlines(batch_size: int, tmp_path: Path) -> None:
+    rejected = [r for b in im.iter_batches(AWKWARD, batch_size=batch_size) for r in b.rejected]
+    assert sorted((r.line, r.reason) for r in rejected) == [
+        (6, "non-numeric price"),
+        (7, "expected 4 fields, got 2"),
+        (9, "adj_close must be > 0"),
+    ]
+    # The same from gzip bytes and from a gzip file on disk.
+    path = tmp_path / "awkward.csv.gz"
+    path.write_bytes(gzip.compress(AWKWARD))
+    lines = [r.line for r in im.read_bars(AWKWARD).rejected]
+    assert [r.line for r in im.read_bars(gzip.compress(AWKWARD)).rejected] == lines
+    assert [r.line for r in im.read_bars(path).rejected] == lines
+
+
+def test_parquet_rejections_have_rows_not_lines(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"date": ["2024-01-02", "2024-01-03"], "X": ["1", "y"]}), path)
+    (rejected,) = im.read_bars(path).rejected
+    assert (rejected.line, rejected.row) == (None, 2)
+
+
+# ---------------------------------------------------------------------------
+# Column names
+# ---------------------------------------------------------------------------
+
+ACCEPTED = "accepted: date, open, high, low, close, adj_close, volume, symbol (aliases: "
+
+
+@pytest.mark.parametrize(
+    ("header", "wrong", "meant"),
+    [
+        ("symbol,date,close,Adj Closing", "Adj Closing", "adj_close"),  # ignored before
+        ("Tickr,Date,Close", "Tickr", "symbol"),  # was "no symbol column"
+    ],
+)
+def test_a_misspelt_column_names_the_accepted_ones(header: str, wrong: str, meant: str) -> None:
+    data = f"{header}\nA,2024-01-02,1,1\n".encode()
+    with pytest.raises(im.ImportFormatError) as err:
+        im.read_bars(data)
+    message = str(err.value)
+    assert f"unknown column {wrong!r}: did you mean {meant}?" in message
+    assert ACCEPTED in message and "ticker = symbol" in message
+
+
+def test_unrelated_extra_columns_are_ignored() -> None:
+    data = b"Date,Open,High,Low,Close,Volume,Dividends,Stock Splits\n2024-01-02,1,2,1,2,5,0,0\n"
+    (bar,) = im.read_bars(data, symbol="X").bars
+    assert (bar.close, bar.adj_close, bar.volume) == (Decimal(2), Decimal(2), 5)
+
+
+def test_an_ohlcv_file_with_a_misspelt_close_is_not_read_as_wide() -> None:
+    data = b"Date,Open,High,Low,Closing,Volume\n2024-01-02,1,2,1,2,5\n"
+    with pytest.raises(im.ImportFormatError) as err:
+        im.read_bars(data)  # was: a wide file of the symbols Open, High, Low, Closing, Volume
+    message = str(err.value)
+    assert "needs a close or adj_close column" in message
+    assert "'Closing' is no accepted name; the closest is close" in message
+    assert "--layout wide" in message and ACCEPTED in message
+    assert im.read_bars(data, layout="wide").layout == "wide"  # when it is meant
+
+
+def test_missing_columns_list_the_accepted_names() -> None:
+    with pytest.raises(im.ImportFormatError) as err:
+        im.read_bars(b"Dt,Close\n2024-01-02,1\n")
+    assert "'Dt' is no accepted name; the closest is date" in str(err.value)
+    assert "accepted: date (aliases: datetime, timestamp = date;" in str(err.value)
 
 
 @pytest.mark.parametrize(

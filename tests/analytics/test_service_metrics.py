@@ -18,9 +18,9 @@ from google.type import date_pb2
 from redis.asyncio import Redis
 
 from finsight.analytics.v1 import analytics_pb2 as pb
+from libs.barfiles.reader import PriceMatrix, read_bars, to_price_matrix
 from libs.common.errors import status_info
 from services.analytics import metrics as engine
-from services.analytics.importer import PriceMatrix, read_bars, to_price_matrix
 from services.analytics.sample_loader import SAMPLE_DIR
 from tests.analytics.conftest import Running
 

@@ -27,11 +27,11 @@ from finsight.analytics.v1 import analytics_pb2_grpc
 from libs.cli.main import main
 from libs.common.auth import key_entry
 from libs.common.server import ServiceHost, start_service, wait_for_serving
+from libs.devprovider import DEFAULT_API_KEY, DevProvider
 from services.analytics.config import AnalyticsSettings
 from services.analytics.main import POLICIES as ANALYTICS_POLICIES
 from services.analytics.main import setup as analytics_setup
 from services.llm_gateway.config import GatewaySettings
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider
 from services.llm_gateway.main import setup as gateway_setup
 from services.memory.config import MemorySettings
 from services.memory.main import POLICIES as MEMORY_POLICIES

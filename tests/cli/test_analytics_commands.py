@@ -77,6 +77,8 @@ async def test_ingest_reports_parser_and_service_rejections(
     for cell in ("inserted", "unchanged", "3 (2 parser, 1 service)", "First rejected rows"):
         assert cell in r.out
     assert "non-numeric volume" in r.out and "volume='abc'" in r.out
+    # The line column is the file's line as an editor shows it (header = line 1).
+    assert any(row.split("│")[2].strip() == "7" for row in r.out.splitlines() if "abc" in row)
     assert "more than 6 decimal places" in r.out  # never rounded
     assert "open outside [low, high]" in r.out  # the service's reason, markup-safe
     assert await stored_closes(stack, "IGA") == [10_700_000, 10_950_000, 11_150_000]
@@ -90,11 +92,13 @@ async def test_ingest_reports_parser_and_service_rejections(
     assert (summary["rejected_by_parser"], summary["rejected_by_service"]) == (2, 1)
     assert summary["written"] is True
     first = summary["rejections"][0]
-    assert first["source"] == "parser" and first["row"] == 6 and first["value"] == "abc"
+    assert first["source"] == "parser" and first["value"] == "abc"
+    assert (first["line"], first["row"]) == (7, 6)  # line 7 in an editor, data row 6
     service = [x for x in summary["rejections"] if x["source"] == "service"]
     assert service == [
         {
             "source": "service",
+            "line": None,
             "row": None,
             "symbol": "IGB",
             "date": "2024-01-03",

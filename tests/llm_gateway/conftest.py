@@ -13,8 +13,8 @@ from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from finsight.llm.v1 import llm_gateway_pb2_grpc as pb_grpc
 from libs.common.server import ServiceHost, start_service
+from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.config import GatewaySettings
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.main import setup
 from tests.conftest import Keys, make_settings
 

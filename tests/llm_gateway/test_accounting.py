@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
-from services.llm_gateway.devprovider import DevProvider, DevProviderControl
+from libs.devprovider import DevProvider, DevProviderControl
 from tests.conftest import Keys, RedisProcess
 from tests.llm_gateway.conftest import GatewayFactory, Gw, start_gateway, system, user
 

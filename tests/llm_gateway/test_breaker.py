@@ -9,9 +9,9 @@ from typing import Any
 import pybreaker
 import pytest
 
+from libs.devprovider import DEFAULT_API_KEY, DevProvider
 from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
 from services.llm_gateway.catalog import Provider
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider
 from services.llm_gateway.providers import ProviderClient, ProviderError
 
 BODY: dict[str, Any] = {

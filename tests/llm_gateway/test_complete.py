@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from libs.common.tokens import count_messages
-from services.llm_gateway.devprovider import DevProvider, DevProviderControl
+from libs.devprovider import DevProvider, DevProviderControl
 from services.llm_gateway.pricing import Pricing, Usage
 from tests.conftest import Keys, free_port
 from tests.llm_gateway.conftest import GatewayFactory, Gw, start_gateway, system, user

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from libs.common.tracing import configure_tracing
-from services.llm_gateway.devprovider import DevProviderControl
+from libs.devprovider import DevProviderControl
 from services.llm_gateway.pricing import Pricing, Usage
 from services.llm_gateway.providers import ProviderError, parse_retry_after
 from services.llm_gateway.retry import RetryPolicy

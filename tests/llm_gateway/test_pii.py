@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from libs.common.tracing import configure_tracing
+from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.config import GatewaySettings
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from tests.conftest import Keys, RedisProcess, make_settings
 from tests.llm_gateway.conftest import GatewayFactory, Gw, start_gateway, system, user
 from tests.llm_gateway.test_stream import collect, stream

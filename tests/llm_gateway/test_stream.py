@@ -11,7 +11,7 @@ import pytest
 
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
-from services.llm_gateway.devprovider import DevProvider, DevProviderControl
+from libs.devprovider import DevProvider, DevProviderControl
 from tests.llm_gateway.conftest import GatewayFactory, Gw, user
 
 LONG = " ".join(f"w{i}" for i in range(40))

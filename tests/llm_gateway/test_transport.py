@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.catalog import Provider
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.providers import ProviderClient, ProviderError
 from services.llm_gateway.transport import AiohttpTransport, env_proxy
 from tests.conftest import free_port

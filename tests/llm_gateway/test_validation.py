@@ -10,7 +10,7 @@ import pytest
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
-from services.llm_gateway.devprovider import DevProviderControl
+from libs.devprovider import DevProviderControl
 from tests.llm_gateway.conftest import GatewayFactory, Gw, user
 
 CASES: list[tuple[dict[str, Any], list[str]]] = [

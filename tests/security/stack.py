@@ -33,11 +33,11 @@ from finsight.llm.v1 import llm_gateway_pb2
 from finsight.memory.v1 import memory_pb2
 from libs.common.auth import key_entry
 from libs.common.server import ServiceHost, start_service, wait_for_serving
+from libs.devprovider import DEFAULT_API_KEY, DevProvider
 from services.analytics import main as analytics_main
 from services.analytics.config import AnalyticsSettings
 from services.llm_gateway import main as gateway_main
 from services.llm_gateway.config import GatewaySettings
-from services.llm_gateway.devprovider import DEFAULT_API_KEY, DevProvider
 from services.memory import main as memory_main
 from services.memory.config import MemorySettings
 from services.memory.main import MemoryApp

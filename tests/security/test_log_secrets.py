@@ -31,7 +31,7 @@ from finsight.llm.v1 import llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2 as mpb
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common.logging import JsonFormatter, redact
-from services.llm_gateway.devprovider import DEFAULT_API_KEY
+from libs.devprovider import DEFAULT_API_KEY
 from tests.security.conftest import VICTIM_SESSION, VICTIM_SYMBOLS, VICTIM_USER
 from tests.security.requests import rpc_key, user_message, valid_requests
 from tests.security.stack import Stack, call_raw, every_method

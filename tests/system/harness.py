@@ -3,7 +3,7 @@
 `Suite` starts, on free 127.0.0.1 ports under one directory:
 
 * a Valkey server (`tests.conftest.RedisProcess`: stop/start on the same port),
-* the dev LLM provider in its own process (`services.llm_gateway.devprovider`), scripted
+* the dev LLM provider in its own process (`libs.devprovider`), scripted
   through `suite.control` (`DevProviderControl`),
 * `python -m services.llm_gateway|memory|analytics`, each its own process, spawned by
   `libs.common.devstack.DevStack` exactly as `make run` spawns them, with the keys file of
@@ -69,7 +69,7 @@ from finsight.common.v1 import admin_pb2_grpc, common_pb2
 from finsight.llm.v1 import llm_gateway_pb2, llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
 from libs.common.devstack import REPLICATED, SERVICES, DevStack, ServiceSpec, topology
-from services.llm_gateway.devprovider import (
+from libs.devprovider import (
     DEFAULT_API_KEY,
     DevProviderControl,
     DevProviderProcess,

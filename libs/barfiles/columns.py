@@ -1,8 +1,10 @@
-"""Importer bars (exact decimals) -> per-symbol integer columns, for the wire and the loader.
+"""Reader bars (exact decimals) -> per-symbol integer columns, for the wire and the loader.
 
-Shared by the CLI importer (which sends the columns over IngestBars) and the sample data
-loader (which writes them directly). A price with more than 6 decimals cannot be stored
-exactly in DECIMAL(18,6): such a row is rejected with a reason, never rounded.
+Shared by the ingest client (libs/barfiles/ingest.py, which sends the columns over
+IngestBars) and the analytics service's sample data loader (which writes them directly).
+Prices become micro-units (1e-6), the unit of the wire's `*_micros` fields and of the
+service's DECIMAL(18,6) columns: a price with more than 6 decimals cannot be carried
+exactly, so such a row is rejected with a reason, never rounded.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
+from typing import Final
 
-import numpy as np
+from libs.barfiles.reader import Bar
 
-from services.analytics.bars import SeriesInput, decimal_to_micros
-from services.analytics.importer import Bar
+PRICE_SCALE: Final = 6  # micro-units: the wire's *_micros fields
+
+
+def decimal_to_micros(value: Decimal) -> int | None:
+    """Exact micro-units of a decimal price, or None when it has more than 6 decimals."""
+    scaled = value.scaleb(PRICE_SCALE)
+    integral = scaled.to_integral_value()
+    if scaled != integral:
+        return None
+    return int(integral)
 
 
 @dataclass(slots=True)
@@ -33,23 +44,6 @@ class SymbolColumns:
 
     def __len__(self) -> int:
         return len(self.days)
-
-    def to_series_input(self, message_index: int, series_index: int) -> SeriesInput:
-        ymd = np.array([(d.year, d.month, d.day) for d in self.days], dtype=np.int64).reshape(-1, 3)
-        return SeriesInput(
-            message_index,
-            series_index,
-            self.symbol,
-            ymd[:, 0],
-            ymd[:, 1],
-            ymd[:, 2],
-            np.array(self.open, dtype=np.int64),
-            np.array(self.high, dtype=np.int64),
-            np.array(self.low, dtype=np.int64),
-            np.array(self.close, dtype=np.int64),
-            np.array(self.adj_close, dtype=np.int64),
-            np.array(self.volume, dtype=np.int64),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,11 @@
 """Parse price files into :class:`Bar` records (pure parsing, no gRPC, no database).
 
+The one reader of CSV / Parquet bar files: `finsight ingest` and
+``python -m services.analytics.importer_cli`` (through :mod:`libs.barfiles.ingest`) and
+the analytics service's sample loader all parse with it.  Messages name the command
+line's options (``--symbol``, ``--date-format``); the Python keyword of each option is
+its flag's name (``symbol=``, ``date_format=``).
+
 Sources and formats
 -------------------
 ``source`` is a path (``str`` / ``os.PathLike``), the file's bytes, or a binary
@@ -17,18 +23,27 @@ Layouts (``layout="auto"`` detects, or force ``"long"`` / ``"wide"``)
   low, close, adj_close, volume.  Headers are matched case-insensitively,
   ignoring spaces, ``_``, ``-`` and ``.`` (``Adj Close``, ``adj_close``,
   ``AdjClose`` and ``Adjusted Close`` are all adj_close; ``ticker`` is an
-  alias of symbol).  A file without a symbol column is a single-symbol
-  OHLCV file (e.g. ``Date,Open,High,Low,Close,Adj Close,Volume``); its symbol
-  must be given with ``symbol=`` (``"^GSPC"``).  Missing columns are
-  derived: adj_close <- close (and close <- adj_close), open/high/low <-
-  close, volume <- 0.  At least one of close / adj_close is required.
+  alias of symbol; see :data:`ACCEPTED_COLUMNS` and ``_ALIASES``).  A file
+  without a symbol column is a single-symbol OHLCV file (e.g.
+  ``Date,Open,High,Low,Close,Adj Close,Volume``); its symbol must be given
+  with ``--symbol`` (``symbol="^GSPC"``).  Missing columns are derived:
+  adj_close <- close (and close <- adj_close), open/high/low <- close,
+  volume <- 0.  At least one of close / adj_close is required.  Other columns
+  are ignored (``Dividends``, ``Stock Splits``), except one whose name is a
+  near miss of an accepted name the file lacks (``Adj Closing``, ``Tickr``):
+  the fallback would silently store other numbers, so that is an
+  :class:`ImportFormatError` naming the closest accepted name and listing
+  them all.
 * **wide**: a date column plus one column per symbol holding the adjusted
   close; each non-empty cell becomes a bar with open = high = low = close =
   adj_close = the value and volume 0.  An empty cell means "no price that
-  day" and is skipped silently.  With a single value column ``symbol=``
+  day" and is skipped silently.  With a single value column ``--symbol``
   renames it.
 * auto: a symbol column means long; otherwise a close or adj_close column
-  means single-symbol long; otherwise wide.
+  means single-symbol long; so do two or more of open / high / low / volume
+  (an OHLCV file whose close column is misspelt gets the column message, not
+  a wide import of symbols "Open", "High", ...; a wide file of such tickers
+  needs ``--layout wide``); otherwise wide.
 
 Values
 ------
@@ -54,13 +69,18 @@ date``, ``unparsable date``, ``missing price``, ``non-numeric price``,
 ``non-finite price``, ``adj_close must be > 0``, ``negative open|high|low|
 close``, ``non-numeric volume``, ``volume is not an integer``, ``negative
 volume``, ``empty symbol``, and (CSV) ``expected N fields, got M`` for a line
-with the wrong number of fields.  ``RejectedRow.row`` is the 1-based position
-of the row among the file's well-formed data rows (header excluded; equal to
-the line number minus 1 when the file has no blank or malformed lines); it is
+with the wrong number of fields.  ``RejectedRow.line`` (CSV) is the line an
+editor shows the row on: 1-based, the header is line 1, blank lines count,
+and a record with a quoted newline is at the line where it starts.  It is
+found by reading the file once more with the stdlib ``csv`` module, lazily and
+only as far as the last rejection (a clean file is read once).
+``RejectedRow.row`` is the 1-based position of the row among the file's
+well-formed data rows (for Parquet, which has no lines, the row number); it is
 ``None`` for malformed lines, whose raw text is in ``value``.  Structural
 problems (unreadable file, no date column, duplicate headers, single-symbol
-file without ``symbol=``) raise :class:`ImportFormatError`.  Duplicate
-(symbol, date) rows are passed through; de-duplication belongs to storage.
+file without ``--symbol``, a misspelt column) raise :class:`ImportFormatError`;
+messages about columns list the accepted names.  Duplicate (symbol, date) rows
+are passed through; de-duplication belongs to the service.
 
 Speed
 -----
@@ -76,17 +96,21 @@ development machine.
 from __future__ import annotations
 
 import contextlib
+import csv
+import difflib
+import gzip
 import io
 import math
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from itertools import repeat
 from pathlib import Path
-from typing import BinaryIO, Final, Literal, TypeVar, get_args
+from typing import IO, BinaryIO, Final, Literal, TypeVar, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -95,12 +119,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pa_parquet
 
-Layout = Literal["auto", "long", "wide"]
+from libs.barfiles.options import DATE_FORMATS, DateFormat, Layout
+
 FileFormat = Literal["auto", "csv", "parquet"]
-# How a date with slashes and the year last is read: "iso" refuses it (only YYYY-MM-DD and
-# YYYY/MM/DD), "mdy" reads 01/05/2024 as 5 January (US), "dmy" as 1 May.
-DateFormat = Literal["iso", "mdy", "dmy"]
-DATE_FORMATS: tuple[DateFormat, ...] = ("iso", "mdy", "dmy")
 # Formats people try that are not CSV or Parquet (spreadsheets, archives, JSON, ...).
 _UNSUPPORTED_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers", ".json", ".jsonl",
                          ".zip", ".feather", ".arrow", ".pdf", ".txt.zip")  # fmt: skip
@@ -124,6 +145,14 @@ _NONZERO_MANTISSA: Final = r"^[^eE]*[1-9]"
 _VOLUME_PATTERN: Final = r"^[0-9]{1,18}$"
 _T = TypeVar("_T")
 
+# The fields a long file's columns map to, in the order messages list them.
+ACCEPTED_COLUMNS: Final = ("date", "open", "high", "low", "close", "adj_close", "volume", "symbol")
+# How close (difflib ratio of normalised names) an unknown column must be to an accepted
+# name to be "did you mean" in a message, and to refuse a long file that lacks that field.
+_SUGGEST_CUTOFF: Final = 0.6
+_NEAR_MISS_CUTOFF: Final = 0.75
+# Fields that, two or more of them and no close, make an auto-detected file long.
+_OHLV: Final = frozenset({"open", "high", "low", "volume"})
 # Normalised header -> canonical field name.
 _ALIASES: Final[dict[str, str]] = {
     "symbol": "symbol",
@@ -174,6 +203,7 @@ class RejectedRow:
     symbol: str | None = None
     column: str | None = None  # header of the offending column, as in the file
     value: str | None = None  # offending text (the whole line for malformed lines)
+    line: int | None = None  # CSV: the line an editor shows it on (header = line 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +387,77 @@ class _Malformed:
         return out
 
 
+class _CsvLines:
+    """The editor line of each CSV record, for rejections: the file read once more with the
+    stdlib csv module (which, like Arrow, skips blank lines and keeps a quoted newline in
+    its field), lazily and only as far as the rows asked about.
+
+    Records with the header's number of fields are the well-formed data rows (Arrow's
+    batches), the others the malformed lines (its invalid-row handler), each in file order.
+    A file the csv module cannot read to the row asked about gives None.
+    """
+
+    def __init__(self, path: str | None, data: bytes | None) -> None:
+        self._path, self._data = path, data
+        self._records: Iterator[tuple[int, int]] | None = None
+        self._fields: int | None = None
+        self._good = array("q")  # start line of the k-th well-formed data row
+        self._bad = array("q")  # start line of the j-th malformed line
+        self._done = False
+
+    def _text(self) -> IO[str]:
+        raw: IO[bytes]
+        if self._data is None:
+            assert self._path is not None
+            raw = open(self._path, "rb")  # noqa: SIM115 - closed with the text wrapper
+        else:
+            raw = io.BytesIO(self._data)
+        name = (self._path or "").lower()
+        if name.endswith(".gz") or _head(self._path, self._data)[:2] == _GZIP_MAGIC:
+            raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+        return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+
+    def _scan(self) -> Iterator[tuple[int, int]]:
+        """(first line, number of fields) of every non-blank record."""
+        with self._text() as handle:
+            reader = csv.reader(handle)
+            consumed = 0
+            for record in reader:
+                first, consumed = consumed + 1, reader.line_num
+                if record:
+                    yield first, len(record)
+
+    def _advance(self, good: int, bad: int) -> None:
+        """Read on until the good-th well-formed and the bad-th malformed line are known."""
+        if self._records is None:
+            self._records = self._scan()
+        try:
+            while not self._done and (len(self._good) <= good or len(self._bad) <= bad):
+                item = next(self._records, None)
+                if item is None:
+                    self._done = True
+                    break
+                first, fields = item
+                if self._fields is None:
+                    self._fields = fields  # the header
+                elif fields == self._fields:
+                    self._good.append(first)
+                else:
+                    self._bad.append(first)
+        except (csv.Error, OSError, EOFError):
+            self._done = True  # the reader's own error (if any) is Arrow's to report
+
+    def good(self, index: int) -> int | None:
+        """Line of the index-th (0-based) well-formed data row."""
+        self._advance(index, -1)
+        return self._good[index] if index < len(self._good) else None
+
+    def bad(self, index: int) -> int | None:
+        """Line of the index-th (0-based) malformed line."""
+        self._advance(-1, index)
+        return self._bad[index] if index < len(self._bad) else None
+
+
 def _load_source(source: Source) -> tuple[str | None, bytes | None]:
     """(path, None) for paths; (None, data) for bytes and file objects."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -469,34 +570,101 @@ def _canonical_headers(names: Sequence[str]) -> dict[str, str]:
     return found
 
 
+def accepted_columns(fields: Iterable[str] = ACCEPTED_COLUMNS) -> str:
+    """The accepted column names of `fields`, with their aliases, for messages."""
+    wanted = tuple(fields)
+    aliases = {
+        f: [a for a, c in _ALIASES.items() if c == f and a != f.replace("_", "")] for f in wanted
+    }
+    listed = "; ".join(f"{', '.join(a)} = {f}" for f, a in aliases.items() if a)
+    return (
+        f"accepted: {', '.join(wanted)} ({f'aliases: {listed}; ' if listed else ''}"
+        "case, spaces and _ - . do not matter)"
+    )
+
+
+def closest_column(
+    names: Iterable[str], fields: Iterable[str], cutoff: float = _SUGGEST_CUTOFF
+) -> tuple[str, str] | None:
+    """The first of `names` that is no accepted name but near one of `fields` (or an alias
+    of one), and that field; None when none is near enough (difflib ratio >= cutoff)."""
+    wanted = set(fields)
+    keys = [a for a, c in _ALIASES.items() if c in wanted]
+    for name in names:
+        norm = normalise_header(name)
+        if not norm or norm in _ALIASES:
+            continue
+        match = difflib.get_close_matches(norm, keys, n=1, cutoff=cutoff)
+        if match:
+            return name, _ALIASES[match[0]]
+    return None
+
+
+def _suggestion(names: Sequence[str], fields: Iterable[str]) -> str:
+    near = closest_column(names, fields)
+    if near is None:
+        return ""
+    return f" ({near[0]!r} is no accepted name; the closest is {near[1]})"
+
+
 def _plan(names: Sequence[str], layout: Layout, symbol: str | None) -> _Plan:
     if len(set(names)) != len(names):
         raise ImportFormatError(f"duplicate column names in {list(names)}")
     headers = _canonical_headers(names)
     if "date" not in headers:
-        raise ImportFormatError(f"no date column among {list(names)}")
+        raise ImportFormatError(
+            f"no date column among {list(names)}{_suggestion(names, ['date'])}; "
+            + accepted_columns(["date"])
+        )
     has_price = "close" in headers or "adj_close" in headers
     chosen = layout
     if chosen == "auto":
-        chosen = "long" if "symbol" in headers or has_price else "wide"
+        ohlcv = "symbol" in headers or has_price or len(_OHLV & headers.keys()) >= 2
+        chosen = "long" if ohlcv else "wide"
     if chosen == "long":
-        return _long_plan(headers, has_price, symbol)
+        return _long_plan(names, headers, has_price, symbol, detected=layout == "auto")
     # Blank headers (e.g. from a trailing comma) are not symbols.
     values = tuple(n for n in names if n != headers["date"] and n.strip())
     if not values:
         raise ImportFormatError("wide file has no value columns")
     if symbol is not None and len(values) != 1:
-        raise ImportFormatError("symbol= renames a wide file's only value column")
+        raise ImportFormatError(
+            f"--symbol renames a wide file's only value column; this file has {len(values)}"
+        )
     return _Plan("wide", headers, headers["date"], values, symbol)
 
 
-def _long_plan(headers: dict[str, str], has_price: bool, symbol: str | None) -> _Plan:
+def _long_plan(
+    names: Sequence[str],
+    headers: dict[str, str],
+    has_price: bool,
+    symbol: str | None,
+    detected: bool,
+) -> _Plan:
+    # A misspelt column would be ignored and its field derived from another column (or the
+    # file refused for a reason that hides the typo): refuse it, naming the right name.
+    missing = [f for f in ACCEPTED_COLUMNS if f not in headers]
+    near = closest_column(names, missing, _NEAR_MISS_CUTOFF)
+    if near is not None:
+        raise ImportFormatError(
+            f"unknown column {near[0]!r}: did you mean {near[1]}? (the file has no {near[1]} "
+            f"column; rename the column); {accepted_columns()}"
+        )
     if not has_price:
-        raise ImportFormatError("long layout needs a close or adj_close column")
+        wide = "; for a wide file (one column per symbol) give --layout wide" if detected else ""
+        raise ImportFormatError(
+            f"long layout needs a close or adj_close column, none among {list(names)}"
+            f"{_suggestion(names, ['close', 'adj_close'])}{wide}; {accepted_columns()}"
+        )
     if "symbol" in headers and symbol is not None:
-        raise ImportFormatError("file has a symbol column; do not pass symbol=")
+        raise ImportFormatError(
+            f"the file has a symbol column ({headers['symbol']!r}); do not give --symbol"
+        )
     if "symbol" not in headers and not (symbol and symbol.strip()):
-        raise ImportFormatError("file has no symbol column; pass symbol= (e.g. '^GSPC')")
+        raise ImportFormatError(
+            "the file has no symbol column: give --symbol for a single-symbol file (e.g. "
+            f"--symbol ^GSPC){_suggestion(names, ['symbol'])}; {accepted_columns(['symbol'])}"
+        )
     return _Plan("long", headers, headers["date"], (), symbol.strip() if symbol else None)
 
 
@@ -743,12 +911,12 @@ def detect_layout(column_names: Sequence[str], symbol: str | None = None) -> str
 
 def _open(
     source: Source, file_format: FileFormat, batch_size: int, malformed: _Malformed
-) -> tuple[list[str], Iterator[pa.RecordBatch]]:
-    """Column names and a lazy iterator of text-typed record batches."""
+) -> tuple[list[str], Iterator[pa.RecordBatch], _CsvLines | None]:
+    """Column names, a lazy iterator of text-typed record batches, and (CSV) the lines."""
     path, data = _load_source(source)
     if _detect_format(path, data, file_format) == "parquet":
-        return _parquet_batches(path, data, batch_size)
-    return _csv_batches(path, data, malformed)
+        return (*_parquet_batches(path, data, batch_size), None)
+    return (*_csv_batches(path, data, malformed), _CsvLines(path, data))
 
 
 def iter_batches(
@@ -767,9 +935,9 @@ def iter_batches(
     """
     _check_options(layout, file_format, batch_size)
     malformed = _Malformed()
-    names, batches = _open(source, file_format, batch_size, malformed)
+    names, batches, lines = _open(source, file_format, batch_size, malformed)
     plan = _plan(names, layout, symbol)
-    yield from _convert(batches, plan, batch_size, malformed, date_format)
+    yield from _convert(batches, plan, batch_size, malformed, date_format, lines)
 
 
 def _convert(
@@ -778,21 +946,38 @@ def _convert(
     batch_size: int,
     malformed: _Malformed,
     date_format: DateFormat = "mdy",
+    lines: _CsvLines | None = None,
 ) -> Iterator[ImportBatch]:
     if date_format not in DATE_FORMATS:
         raise ImportFormatError(f"date_format must be one of {DATE_FORMATS}")
     dates = _DateCache(date_format)
     convert = _long_rows if plan.layout == "long" else _wide_rows
     next_row = 1
+    malformed_seen = 0
+
+    def located(rejected: list[RejectedRow]) -> tuple[RejectedRow, ...]:
+        """The rejections with their editor lines (CSV)."""
+        nonlocal malformed_seen
+        if lines is None:
+            return tuple(rejected)
+        out = []
+        for r in rejected:
+            if r.row is None:
+                line, malformed_seen = lines.bad(malformed_seen), malformed_seen + 1
+            else:
+                line = lines.good(r.row - 1)
+            out.append(replace(r, line=line))
+        return tuple(out)
+
     for record_batch in batches:
         for start in range(0, record_batch.num_rows, batch_size):
             chunk = record_batch.slice(start, batch_size)
             bars, rejected = convert(chunk, plan, next_row, dates)
             next_row += chunk.num_rows
-            yield ImportBatch(plan.layout, tuple(bars), tuple(malformed.drain() + rejected))
+            yield ImportBatch(plan.layout, tuple(bars), located(malformed.drain() + rejected))
     leftovers = malformed.drain()
     if leftovers:
-        yield ImportBatch(plan.layout, (), tuple(leftovers))
+        yield ImportBatch(plan.layout, (), located(leftovers))
 
 
 def read_bars(
@@ -806,10 +991,10 @@ def read_bars(
     """The whole file at once: all bars, all rejections and the layout used."""
     _check_options(layout, file_format, DEFAULT_BATCH_SIZE)
     malformed = _Malformed()
-    names, batches = _open(source, file_format, DEFAULT_BATCH_SIZE, malformed)
+    names, batches, lines = _open(source, file_format, DEFAULT_BATCH_SIZE, malformed)
     plan = _plan(names, layout, symbol)
     result = ImportResult(plan.layout)
-    for batch in _convert(batches, plan, DEFAULT_BATCH_SIZE, malformed, date_format):
+    for batch in _convert(batches, plan, DEFAULT_BATCH_SIZE, malformed, date_format, lines):
         result.bars.extend(batch.bars)
         result.rejected.extend(batch.rejected)
     return result

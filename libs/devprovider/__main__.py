@@ -1,0 +1,5 @@
+import sys
+
+from libs.devprovider.cli import main
+
+sys.exit(main())
