@@ -88,6 +88,10 @@ fuzz: $(PROTO_STAMP)  ## the full property-based fuzzing and security suites (sl
 soak: $(PROTO_STAMP)  ## mixed-workload soak and capacity probe (SOAK_DURATION_S, default 600 s)
 	$(PY) -m benchmarks.soak
 
+.PHONY: restore-drill
+restore-drill: $(PROTO_STAMP)  ## back up memory and analytics under writes, restore, verify, time the recovery (STORE=postgres: pg_dump/pg_restore; RESTORE_DRILL_ARGS=--json)
+	@$(PY) -m libs.common.restore_drill --store $(STORE) $(RESTORE_DRILL_ARGS)
+
 .PHONY: docs
 docs: $(PROTO_STAMP)  ## regenerate docs/api.md from the proto comments
 	$(PY) -m libs.common.apidoc > docs/api.md

@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import grpc
@@ -76,9 +77,21 @@ def metric_names(expr: str) -> set[str]:
     return {t for t in tokens if t not in _PROMQL_WORDS}
 
 
+def _rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+
+
 def rule_exprs() -> dict[str, str]:
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    return {r["alert"]: r["expr"] for g in groups for r in g["rules"]}
+    """Each alert's expression, by alert name."""
+    return {r["alert"]: r["expr"] for r in _rules() if "alert" in r}
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [r for r in _rules() if "record" in r]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in recording_rules()}
 
 
 def dashboard_exprs() -> dict[str, str]:
@@ -215,16 +228,54 @@ def observed(
 
 
 def test_alert_and_dashboard_metrics_are_exported(observed: Observed) -> None:
+    """Recording rules read exported series only (the error budgets are constants);
+    alerts and panels read exported or recorded ones."""
     exported = set().union(*(exported_names(text) for text in observed.metrics.values()))
     assert "grpc_server_handled_total" in exported
+    recorded = recorded_names()
     missing = {}
+    for rule in recording_rules():
+        where = f"{rule['record']}{rule.get('labels', {})}"
+        unknown = metric_names(rule["expr"]) - exported - PROMETHEUS_NAMES
+        if unknown:
+            missing[where] = sorted(unknown)
     for where, expr in {**rule_exprs(), **dashboard_exprs()}.items():
         names = metric_names(expr)
         assert names, f"{where}: no metric found in {expr!r}"
-        unknown = names - exported - PROMETHEUS_NAMES
+        unknown = names - exported - PROMETHEUS_NAMES - recorded
         if unknown:
             missing[where] = sorted(unknown)
     assert not missing, f"metrics no running service exports: {missing}"
+
+
+def test_recording_rules_are_named_and_used() -> None:
+    """`level:metric:operations` names (Prometheus' convention), each recorded series read
+    by an alert, and no two rules writing the same series."""
+    used = set().union(*(metric_names(e) for e in rule_exprs().values()))
+    seen = set()
+    for rule in recording_rules():
+        assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", rule["record"]), rule["record"]
+        assert rule["record"] in used, f"{rule['record']} is recorded but no alert reads it"
+        key = (rule["record"], tuple(sorted(rule.get("labels", {}).items())))
+        assert key not in seen, f"{key} is recorded twice"
+        seen.add(key)
+        assert "alert" not in rule and "annotations" not in rule and "for" not in rule
+
+
+def test_rule_expressions_are_balanced() -> None:
+    """No PromQL parser ships with the dev tools (promtool is not installed): catch the
+    typos a parser would, brackets and quotes that do not pair up."""
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for rule in _rules():
+        expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', rule["expr"])
+        assert '"' not in expr.replace('""', ""), f"unclosed string in {rule}"
+        stack: list[str] = []
+        for ch in expr:
+            if ch in "([{":
+                stack.append(ch)
+            elif ch in pairs:
+                assert stack and stack.pop() == pairs[ch], f"unbalanced {ch!r} in {rule}"
+        assert not stack, f"unclosed {stack} in {rule}"
 
 
 def test_the_name_extractor_sees_through_promql() -> None:
@@ -251,6 +302,8 @@ def test_every_alert_has_severity_summary_and_a_runbook_section() -> None:
     }
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
+            if "record" in rule:
+                continue
             assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
             assert rule["annotations"]["summary"]
             link = rule["annotations"]["runbook"]
@@ -310,3 +363,160 @@ def test_backup_job_fails_without_the_admin_scope(
     assert done.returncode != 0
     assert "PERMISSION_DENIED" in done.stderr
     assert sorted(observed.backup_dirs["memory"].iterdir()) == before
+
+
+# -- SLOs per RPC class (docs/deployment.md, "Service level objectives") ----------------------
+
+SLO_CLASSES = ("read", "write", "llm")
+SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+SLO_SLIS = {"finsight:slo_errors": "availability", "finsight:slo_slow": "latency"}
+# RPCs in no SLO class: operator calls and the bulk export (docs/deployment.md says why).
+SLO_EXCLUDED = {"Backup", "PurgeExpired", "ExportUserData"}
+# The workbook's pairs: (burn rate, long window, short window) per alert.
+SLO_BURNS = {
+    "Fast": {(14.4, "1h", "5m"), (6.0, "6h", "30m")},
+    "Slow": {(3.0, "1d", "2h"), (1.0, "3d", "6h")},
+}
+
+
+def finsight_rpcs() -> dict[str, bool]:
+    """Every RPC of the Finsight protos: method name -> unary (neither side streams)."""
+    from finsight.analytics.v1 import analytics_pb2
+    from finsight.common.v1 import admin_pb2
+    from finsight.llm.v1 import llm_gateway_pb2
+    from finsight.memory.v1 import memory_pb2
+
+    rpcs = {}
+    for module in (analytics_pb2, admin_pb2, llm_gateway_pb2, memory_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for m in service.methods:
+                assert m.name not in rpcs, f"{m.name} is in two services: classes need a label"
+                rpcs[m.name] = not (m.client_streaming or m.server_streaming)
+    return rpcs
+
+
+def _slo_methods(expr: str) -> set[str]:
+    found = {m for m in re.findall(r'grpc_method=~"([^"]+)"', expr)}
+    assert len(found) == 1, f"one grpc_method set per rule, got {found}"
+    return set(found.pop().split("|"))
+
+
+def slo_ratio_rules() -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(recorded metric without window, class, window) -> rule."""
+    out = {}
+    for rule in recording_rules():
+        metric, _, window = rule["record"].rpartition(":ratio_rate")
+        if metric in SLO_SLIS:
+            key = (metric, rule["labels"]["slo_class"], window)
+            assert key not in out, key
+            out[key] = rule
+    return out
+
+
+def test_slo_classes_cover_every_rpc_once() -> None:
+    """Each class has a ratio per window for both SLIs over the same methods; the classes
+    are disjoint and, with the excluded operator RPCs, name every RPC of the protos; the
+    latency ratios count unary calls only, each class at one threshold for every window."""
+    rules = slo_ratio_rules()
+    assert set(rules) == {(m, c, w) for m in SLO_SLIS for c in SLO_CLASSES for w in SLO_WINDOWS}
+    rpcs = finsight_rpcs()
+    classes: dict[str, set[str]] = {}
+    for (metric, cls, window), rule in rules.items():
+        expr = rule["expr"]
+        assert set(re.findall(r"\[(\w+)\]", expr)) == {window}, rule["record"]
+        methods = _slo_methods(expr)
+        assert classes.setdefault(cls, methods) == methods, f"{cls}: {rule['record']}"
+        assert set(rule["labels"]) == {"slo_class"}
+        assert "sum by (namespace, grpc_service)" in expr
+        if SLO_SLIS[metric] == "latency":
+            assert expr.count('grpc_type="unary"') == 2, rule["record"]
+            les = {
+                le
+                for (m, c, _), r in rules.items()
+                if c == cls and SLO_SLIS[m] == "latency"
+                for le in re.findall(r"le=~?\"([^\"]+)\"", r["expr"])
+            }
+            assert len(les) == 1, f"{cls}: latency thresholds {les}"
+            assert any(rpcs[m] for m in methods), f"{cls}: no unary RPC to time"
+        else:
+            codes = re.findall(r'grpc_code=~"([^"]+)"', expr)
+            assert codes == [
+                rule_exprs()["FinsightHighErrorRatio"].split('grpc_code=~"')[1].split('"')[0]
+            ], "server-side codes as FinsightHighErrorRatio"
+    named = [m for methods in classes.values() for m in methods]
+    assert len(named) == len(set(named)), f"an RPC in two classes: {sorted(named)}"
+    assert set(named) | SLO_EXCLUDED == set(rpcs), (
+        f"not classified: {sorted(set(rpcs) - set(named) - SLO_EXCLUDED)}; "
+        f"not an RPC: {sorted(set(named) - set(rpcs))}"
+    )
+    assert not set(named) & SLO_EXCLUDED
+    budgets = {
+        (r["labels"]["slo_class"], r["labels"]["sli"]): r["expr"]
+        for r in recording_rules()
+        if r["record"] == "finsight:slo_error_budget:ratio"
+    }
+    assert set(budgets) == {(c, s) for c in SLO_CLASSES for s in SLO_SLIS.values()}
+    for expr in budgets.values():
+        value = float(re.fullmatch(r"vector\(([\d.]+)\)", expr.strip())[1])  # type: ignore[index]
+        assert 0 < value < 0.05
+
+
+def test_slo_alerts_pair_a_long_and_a_short_window() -> None:
+    """Every burn-rate alert ORs the workbook's two window pairs, each pair the same
+    burn rate on a long window and on one 1/12 as long, of one SLI."""
+    arm = re.compile(
+        r"(finsight:slo_\w+):ratio_rate(\w+) > on \(slo_class\) group_left \(\) "
+        r'\(([\d.]+) \* finsight:slo_error_budget:ratio\{sli="(\w+)"\}\)'
+    )
+    seconds = {"m": 60, "h": 3600, "d": 86400}
+    alerts = {a: e for a, e in rule_exprs().items() if "BudgetBurn" in a}
+    assert sorted(alerts) == sorted(
+        f"Finsight{sli}BudgetBurn{speed}" for sli in ("Error", "Latency") for speed in SLO_BURNS
+    )
+    for name, expr in alerts.items():
+        found = arm.findall(expr)
+        assert len(found) == 4 and re.findall(r"^or$", expr, re.M) == ["or"], name
+        metrics = {m for m, _, _, _ in found}
+        (metric,) = metrics
+        assert {s for _, _, _, s in found} == {SLO_SLIS[metric]}, name
+        assert (SLO_SLIS[metric] == "latency") == name.startswith("FinsightLatency")
+        pairs = set()
+        for (_, long, f1, _), (_, short, f2, _) in zip(found[::2], found[1::2], strict=True):
+            assert f1 == f2, name
+            assert seconds[long[-1]] * int(long[:-1]) == 12 * seconds[short[-1]] * int(short[:-1])
+            pairs.add((float(f1), long, short))
+        assert pairs == SLO_BURNS[name.rsplit("BudgetBurn", 1)[1]], name
+
+
+def _prometheus3_le(value: str) -> str:
+    """How Prometheus 3 stores a classic bucket's `le` (normalised: 60.0 -> 60)."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def test_slo_latency_thresholds_are_histogram_buckets(observed: Observed) -> None:
+    """A latency SLI counts the calls in its threshold's bucket: the threshold must be a
+    bucket boundary of grpc_server_handling_seconds as exported, and the matcher must find
+    it in both spellings (the client's `60.0`, Prometheus 3's `60`)."""
+    exported = {
+        s.labels["le"]
+        for text in observed.metrics.values()
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "grpc_server_handling_seconds_bucket"
+    }
+    assert exported and "+Inf" in exported
+    for (metric, cls, window), rule in slo_ratio_rules().items():
+        if SLO_SLIS[metric] != "latency":
+            continue
+        ((op, pattern),) = set(re.findall(r'le(=~?)"([^"]+)"', rule["expr"]))
+        pattern = pattern.replace("\\\\", "\\")
+        hits = [
+            le
+            for le in exported
+            if all(
+                (re.fullmatch(pattern, form) if op == "=~" else form == pattern)
+                for form in (le, _prometheus3_le(le))
+            )
+        ]
+        assert len(hits) == 1, f"{cls} {window}: le{op}{pattern!r} matches buckets {hits}"
