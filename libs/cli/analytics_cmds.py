@@ -23,6 +23,7 @@ from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, rate
 from libs.cli.render import day, from_pb_date, num, pct, plain
+from libs.cli.table_views import DEFAULT_DRAWDOWNS, drawdown_spans, drawdown_table, monthly_table
 
 if TYPE_CHECKING:
     from libs.barfiles.ingest import RowRejection, Totals
@@ -278,6 +279,7 @@ async def plot_metrics(
     conn: Connection,
     stub: analytics_pb2_grpc.AnalyticsServiceStub,
     symbols: list[str],
+    drawdown_periods: dict[str, list[tuple[date, date]]] | None = None,
 ) -> dict[str, Any]:
     from libs.cli import plots
 
@@ -315,7 +317,9 @@ async def plot_metrics(
             )
         )
     path = Path(args.plot)
-    plots.metrics_chart(path, prices, rolling, window, args.benchmark)
+    plots.metrics_chart(
+        path, prices, rolling, window, args.benchmark, drawdown_periods=drawdown_periods
+    )
     return {"plot": str(path), "window": window}
 
 
@@ -325,6 +329,8 @@ async def metrics(args: argparse.Namespace, conn: Connection) -> int:
         range=date_range(args),
         benchmark=args.benchmark or "",
         risk_free_rate=args.rf,
+        drawdown_table_size=args.drawdowns,
+        period_returns=args.monthly,
     )
     async with conn.channel("analytics") as channel:
         stub = stub_for(channel)
@@ -334,12 +340,19 @@ async def metrics(args: argparse.Namespace, conn: Connection) -> int:
             symbols = [*args.symbols]
             if args.benchmark and args.benchmark not in symbols:
                 symbols.append(args.benchmark)
-            plot = await plot_metrics(args, conn, stub, symbols)
+            spans = drawdown_spans(reply.metrics) if args.drawdowns else None
+            plot = await plot_metrics(args, conn, stub, symbols, spans)
     data = plain(reply)
     if plot:
         data["plot"] = plot["plot"]
     caption = conventions_caption(reply.conventions, reply.data_version)
     emit(args, data, metrics_table(reply.metrics, "Metrics", caption))
+    if not args.json:
+        for m in reply.metrics:
+            if args.drawdowns:
+                out.print(drawdown_table(m))
+            if args.monthly:
+                out.print(monthly_table(m))
     if plot and not args.json:
         out.print(f"chart written to {plot['plot']}")
     return 0
@@ -493,6 +506,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--window", type=int, default=63, help="rolling volatility window in returns (63)"
+    )
+    p.add_argument(
+        "--drawdowns",
+        type=int,
+        nargs="?",
+        const=DEFAULT_DRAWDOWNS,
+        default=0,
+        metavar="N",
+        help=f"table of the N deepest drawdowns per symbol (N = {DEFAULT_DRAWDOWNS} if not "
+        "given, at most 50); with --plot they are shaded on the drawdown panel",
+    )
+    p.add_argument(
+        "--monthly",
+        action="store_true",
+        help="year x month grid of compounded returns per symbol, with the yearly return",
     )
     p.set_defaults(handler=metrics)
 

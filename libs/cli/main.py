@@ -25,7 +25,15 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 
-from libs.cli import analytics_cmds, analyze_cmds, commands, llm_cmds, memory_cmds
+from libs.cli import (
+    analytics_cmds,
+    analyze_cmds,
+    commands,
+    factor_cmds,
+    llm_cmds,
+    memory_cmds,
+    optimise_cmds,
+)
 from libs.cli.connection import (
     DEFAULT_PORTS,
     Connection,
@@ -85,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finsight", description=__doc__.splitlines()[0])
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (commands, analytics_cmds, analyze_cmds, llm_cmds, memory_cmds):
+    modules = (
+        commands,
+        analytics_cmds,
+        factor_cmds,
+        optimise_cmds,
+        analyze_cmds,
+        llm_cmds,
+        memory_cmds,
+    )
+    for module in modules:
         module.register(sub)
     for child in _subparsers(parser):
         _global_options(child, on_command=True)

@@ -1,4 +1,4 @@
-"""PNG charts for `finsight metrics --plot` and `finsight portfolio --plot`.
+"""PNG charts for the `--plot` option of `finsight metrics`, `portfolio` and `factors`.
 
 Pure drawing over plain arrays (no gRPC here). matplotlib's object API drawn on the Agg
 canvas explicitly (the Agg backend, whatever MPLBACKEND says): no pyplot global state and
@@ -21,13 +21,15 @@ Layout rules shared by both charts:
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
+import matplotlib.style
 import numpy as np
 import numpy.typing as npt
 from matplotlib.axes import Axes
@@ -37,12 +39,30 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 FloatArray = npt.NDArray[np.float64]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def house_style(draw: Callable[P, R]) -> Callable[P, R]:
+    """Draw (and save) with matplotlib's own defaults, whatever the process's rcParams say:
+    a user's matplotlibrc, or a library that sets a style when imported (QuantStats does),
+    would otherwise change colours, fonts and sizes of our charts."""
+
+    @functools.wraps(draw)
+    def styled(*args: P.args, **kwargs: P.kwargs) -> R:
+        with matplotlib.style.context("default"):
+            return draw(*args, **kwargs)
+
+    return styled
+
 
 LOG_SCALE_RATIO: Final = 10.0
 """Growth panels switch to a log scale when max(growth) / min(growth) reaches this."""
 MAX_DATE_TICKS: Final = 8
 TITLE_HOLDINGS: Final = 8
 """Holdings named with their weights in a portfolio title; the rest are counted."""
+DRAWDOWN_SPAN_GID: Final = "drawdown-period"
+"""gid of the shaded drawdown periods of `metrics_figure` (tests count them)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +156,7 @@ def _drawdown_panel(ax: Axes) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -146,13 +166,20 @@ def _save(fig: Figure, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@house_style
 def metrics_figure(
     prices: list[Series],
     rolling_vol: list[Series],
     window: int,
     benchmark: str | None = None,
+    *,
+    drawdown_periods: dict[str, list[tuple[date, date]]] | None = None,
 ) -> Figure:
-    """Growth, drawdown and rolling volatility, one line per symbol, on one date axis."""
+    """Growth, drawdown and rolling volatility, one line per symbol, on one date axis.
+
+    `drawdown_periods` (`--drawdowns`): per symbol, the (peak, recovery or last day) spans
+    of its drawdown table, shaded in the symbol's colour on the drawdown panel (each span
+    an `axvspan` patch with gid `DRAWDOWN_SPAN_GID`)."""
     fig = Figure(figsize=(11, 9), layout="constrained")
     FigureCanvasAgg(fig)
     ax_cum, ax_dd, ax_vol = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 2])
@@ -171,13 +198,22 @@ def metrics_figure(
             ax_dd.fill_between(s.dates, dd, 0.0, color=colors[s.symbol], alpha=0.12)  # type: ignore[arg-type]
     _growth_panel(ax_cum, lines)
     _drawdown_panel(ax_dd)
+    shaded = 0
+    for symbol, spans in (drawdown_periods or {}).items():
+        for start, end in spans:
+            ax_dd.axvspan(start, end, color=colors.get(symbol, "grey"), alpha=0.12, linewidth=0,  # type: ignore[arg-type]
+                          gid=DRAWDOWN_SPAN_GID)  # fmt: skip
+            shaded += 1
     for s in rolling_vol:
         ax_vol.plot(s.dates, s.values, color=colors.get(s.symbol), label=s.symbol, linewidth=1.2)  # type: ignore[arg-type]
     ax_vol.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax_vol.set_ylabel("volatility")
     ax_vol.grid(True, alpha=0.3)
     ax_cum.set_title("Cumulative return" + (" (log scale)" if _is_log(ax_cum) else ""))
-    ax_dd.set_title("Drawdown from running peak")
+    ax_dd.set_title(
+        "Drawdown from running peak"
+        + (f" (shaded: the {shaded} deepest drawdown periods)" if shaded else "")
+    )
     ax_vol.set_title(f"Rolling volatility ({window}-day window, annualised)")
     _date_axis(ax_vol)
     names = ", ".join(s.symbol for s in prices if s.symbol != benchmark) or "no data"
@@ -190,16 +226,19 @@ def metrics_figure(
     return fig
 
 
+@house_style
 def metrics_chart(
     path: Path,
     prices: list[Series],
     rolling_vol: list[Series],
     window: int,
     benchmark: str | None = None,
+    *,
+    drawdown_periods: dict[str, list[tuple[date, date]]] | None = None,
 ) -> Figure:
     """`metrics_figure` written to `path` as a PNG; returns the figure."""
-    fig = metrics_figure(prices, rolling_vol, window, benchmark)
-    _save(fig, path)
+    fig = metrics_figure(prices, rolling_vol, window, benchmark, drawdown_periods=drawdown_periods)
+    save_png(fig, path)
     return fig
 
 
@@ -214,6 +253,7 @@ def _holdings_text(weights: dict[str, float]) -> str:
     return ", ".join(items)
 
 
+@house_style
 def portfolio_figure(
     symbols: list[str],
     correlation: FloatArray,
@@ -289,6 +329,7 @@ def portfolio_figure(
     return fig
 
 
+@house_style
 def portfolio_chart(
     path: Path,
     symbols: list[str],
@@ -304,5 +345,60 @@ def portfolio_chart(
     fig = portfolio_figure(
         symbols, correlation, returns, weights, start, rebalance=rebalance, benchmark=benchmark
     )
-    _save(fig, path)
+    save_png(fig, path)
+    return fig
+
+
+@house_style
+def factor_figure(
+    subject: str,
+    loadings: list[Series],
+    r_squared: Series | None,
+    window: int,
+    full_loadings: dict[str, float] | None = None,
+) -> Figure:
+    """`finsight factors --plot`: rolling loadings (one line per factor, the full-period
+    loading dotted in the same colour) over the rolling R², on one date axis."""
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_beta, ax_r2 = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    for i, s in enumerate(loadings):
+        color = f"C{i}"
+        ax_beta.plot(s.dates, s.values, color=color, linewidth=1.3, label=s.symbol)  # type: ignore[arg-type]
+        if full_loadings and s.symbol in full_loadings:
+            ax_beta.axhline(full_loadings[s.symbol], color=color, linestyle=":", linewidth=1.0)
+    ax_beta.axhline(0.0, color="black", linewidth=0.6)
+    ax_beta.set_ylabel("loading (beta)")
+    ax_beta.set_title(
+        f"Rolling factor loadings ({window}-return window; dotted: full-period loading)"
+    )
+    ax_beta.grid(True, alpha=0.3)
+    ax_beta.legend(loc="best", fontsize="small")
+    if r_squared is not None:
+        ax_r2.plot(r_squared.dates, r_squared.values, color="black", linewidth=1.0)  # type: ignore[arg-type]
+    ax_r2.set_ylim(0.0, 1.0)
+    ax_r2.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax_r2.set_ylabel("R²")
+    ax_r2.set_title("Rolling R²")
+    ax_r2.grid(True, alpha=0.3)
+    _date_axis(ax_r2)
+    parts = [f"Finsight factor exposure: {subject} on {', '.join(s.symbol for s in loadings)}"]
+    if span := period(s.dates for s in loadings):
+        parts.append(span)
+    fig.suptitle(" · ".join(parts))
+    return fig
+
+
+@house_style
+def factor_chart(
+    path: Path,
+    subject: str,
+    loadings: list[Series],
+    r_squared: Series | None,
+    window: int,
+    full_loadings: dict[str, float] | None = None,
+) -> Figure:
+    """`factor_figure` written to `path` as a PNG; returns the figure."""
+    fig = factor_figure(subject, loadings, r_squared, window, full_loadings)
+    save_png(fig, path)
     return fig

@@ -22,9 +22,17 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from libs.common.errors import FieldViolation, InvalidArgument, NotFound, Violations
+from libs.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Violations,
+)
 from libs.common.tracing import tracer
+from services.analytics import factors as factor_engine
 from services.analytics import metrics as engine
+from services.analytics import tables as table_engine
 from services.analytics.bars import (
     MICROS,
     SYMBOL_RULE,
@@ -48,9 +56,40 @@ RETURNS_RULE: Final = (
 TAIL_RULE: Final = (
     "historical VaR = (1-c) percentile with linear interpolation (negative = loss); "
     "historical CVaR = mean of the worst floor((n-1)(1-c))+1 returns; "
-    "parametric VaR = mean + z(1-c)*std(ddof=1)"
+    "parametric VaR = mean + z(1-c)*std(ddof=1); "
+    "parametric CVaR = mean - std*phi(z(1-c))/(1-c) (Gaussian expected shortfall)"
 )
 REFERENCE: Final = "empyrical(-reloaded) definitions; docs/analytics.md"
+MOMENTS_RULE: Final = (
+    "population skewness m3/m2^1.5 and excess kurtosis m4/m2^2 - 3 (scipy.stats skew / "
+    "kurtosis defaults, bias=True; not pandas' bias-corrected estimators)"
+)
+WIN_RATE_RULE: Final = (
+    "count(r > 0) / count(r != 0): zero returns are neither wins nor losses "
+    "(QuantStats' win_rate); positive_share keeps them in the denominator"
+)
+CAPTURE_RULE: Final = (
+    "empyrical: up/down capture = ann(r)/ann(b) over the common periods with b > 0 / b < 0, "
+    "ann(x) = prod(1+x)^(P/n) - 1; capture_ratio = up/down; total_capture over all common "
+    "periods"
+)
+TAIL_RATIO_RULE: Final = (
+    "|95th percentile| / |5th percentile| of returns, linear interpolation "
+    "(empyrical and QuantStats defaults)"
+)
+TREYNOR_RULE: Final = (
+    "mean(r - rf_p) * P / beta over the common periods (arithmetic annualised excess return, "
+    "the numerator of Sharpe; QuantStats uses the total compounded return - rf)"
+)
+CORNISH_FISHER_RULE: Final = (
+    "VaR = mean + z_cf*std(ddof=1), z_cf = z + (z^2-1)S/6 + (z^3-3z)K/24 - (2z^3-5z)S^2/36 "
+    "with population skew S and excess kurtosis K; CVaR = mean of that VaR over tail levels "
+    "u <= 1-c (closed form)"
+)
+CALENDAR_RULE: Final = (
+    "calendar months / years compounded from the returns dated in them (a return belongs to "
+    "the period of its closing price); a partial first or last period counts"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +107,35 @@ class Conventions:
     returns_rule: str = RETURNS_RULE
     tail_rule: str = TAIL_RULE
     reference: str = REFERENCE
+    omega_threshold_annual: float = 0.0
+    omega_threshold_per_period: float = 0.0
+    moments_rule: str = MOMENTS_RULE
+    win_rate_rule: str = WIN_RATE_RULE
+    capture_rule: str = CAPTURE_RULE
+    tail_ratio_rule: str = TAIL_RATIO_RULE
+    treynor_rule: str = TREYNOR_RULE
+    cornish_fisher_rule: str = CORNISH_FISHER_RULE
+    calendar_rule: str = CALENDAR_RULE
 
 
 @dataclass(frozen=True, slots=True)
 class MetricParams:
     periods_per_year: float
     risk_free: float
+    # The Omega ratio's threshold as an annual rate; None = the risk-free rate.
+    omega_threshold: float | None = None
 
     def conventions(self) -> Conventions:
+        threshold = self.risk_free if self.omega_threshold is None else self.omega_threshold
         return Conventions(
             self.periods_per_year,
             1,
             self.risk_free,
             engine.per_period_risk_free(self.risk_free, self.periods_per_year),
+            omega_threshold_annual=threshold,
+            omega_threshold_per_period=engine.omega_threshold_per_period(
+                self.omega_threshold, self.risk_free, self.periods_per_year
+            ),
         )
 
 
@@ -89,6 +144,8 @@ class MetricsResult:
     metrics: list[engine.SymbolMetrics]  # request order
     conventions: Conventions
     data_version: int
+    # Drawdown / period tables by symbol (empty when none were requested).
+    tables: dict[str, table_engine.SeriesTables] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +162,25 @@ class RollingResult:
 @dataclass(frozen=True, slots=True)
 class PortfolioResult:
     analysis: engine.PortfolioAnalysis
+    conventions: Conventions
+    data_version: int
+    tables: table_engine.SeriesTables | None = None  # of the portfolio series, if requested
+
+
+FACTOR_RETURNS_RULE: Final = (
+    "simple returns of adjusted close between consecutive days on which the subject and "
+    "every factor have a price (one common interval per observation); excess returns = "
+    "return - per-period risk-free, except for factors flagged excess_return"
+)
+FACTOR_REFERENCE: Final = (
+    "OLS with an intercept as statsmodels OLS / RollingOLS (classic or HAC Newey-West "
+    "standard errors); docs/analytics.md, Factor exposure"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FactorExposureResult:
+    exposure: factor_engine.FactorExposure
     conventions: Conventions
     data_version: int
 
@@ -142,6 +218,18 @@ def check_params(v: Violations, periods_per_year: float, risk_free: float) -> Me
     return MetricParams(ppy, rf)
 
 
+def check_omega_threshold(v: Violations, params: MetricParams, threshold: float) -> MetricParams:
+    """`params` with the Omega threshold (an annual rate in (-1, 1)) when it is valid."""
+    value = float(threshold)
+    if not v.check(
+        math.isfinite(value) and -1.0 < value < 1.0,
+        "omega_threshold_annual",
+        f"annual rate as a fraction in (-1, 1), got {threshold!r}",
+    ):
+        return params
+    return dataclasses.replace(params, omega_threshold=value)
+
+
 def check_window(v: Violations, window: DateWindow, field: str = "range") -> None:
     if window.start is not None and window.end is not None and window.start > window.end:
         v.add(f"{field}.start", f"start {window.start} is after end {window.end}")
@@ -172,6 +260,7 @@ _ENGINE_FIELDS: Final = {
     "returns": "range",
     "dates": "range",
     "risk_free": "risk_free_rate",
+    "omega_threshold": "omega_threshold_annual",
 }
 
 
@@ -326,6 +415,7 @@ class MarketAnalytics:
         window: DateWindow,
         benchmark: str,
         params: MetricParams,
+        tables: TableRequest | None = None,
     ) -> MetricsResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
         matrix, version, unusable = await self._matrix(view, columns, window, benchmark)
@@ -345,11 +435,13 @@ class MarketAnalytics:
                     benchmark_symbol=benchmark or "benchmark",
                     periods_per_year=params.periods_per_year,
                     risk_free=params.risk_free,
+                    omega_threshold=params.omega_threshold,
                 )
             except engine.MetricsInputError as exc:
                 raise engine_error(exc) from exc
         out = [_without_benchmark(result[s], unusable) for s in symbols]
-        return MetricsResult(out, params.conventions(), version)
+        extra = await _tables(values, matrix.days, list(symbols), "prices", tables)
+        return MetricsResult(out, params.conventions(), version, extra)
 
     async def rolling(
         self,
@@ -361,10 +453,11 @@ class MarketAnalytics:
         benchmark: str,
         params: MetricParams,
     ) -> RollingResult:
-        columns = list(dict.fromkeys([symbol, *([benchmark] if metric == "beta" else [])]))
+        relative = metric in engine.BENCHMARK_ROLLING_METRICS
+        columns = list(dict.fromkeys([symbol, *([benchmark] if relative else [])]))
         matrix, version, _ = await self._matrix(view, columns, window)
         returns = engine.simple_returns(matrix.prices)
-        bench = returns[:, columns.index(benchmark)] if metric == "beta" else None
+        bench = returns[:, columns.index(benchmark)] if relative else None
         with _tracer.start_as_current_span("analytics.rolling_metric"):
             try:
                 series = await asyncio.to_thread(
@@ -427,6 +520,7 @@ class MarketAnalytics:
         benchmark: str,
         allow_short: bool,
         params: MetricParams,
+        tables: TableRequest | None = None,
     ) -> PortfolioResult:
         columns = list(dict.fromkeys([*symbols, *([benchmark] if benchmark else [])]))
         matrix, version, unusable = await self._matrix(view, columns, window, benchmark)
@@ -470,7 +564,117 @@ class MarketAnalytics:
         if unusable:
             metrics = _without_benchmark(analysis.metrics, unusable)
             analysis = dataclasses.replace(analysis, metrics=metrics)
-        return PortfolioResult(analysis, params.conventions(), version)
+        extra = await _tables(analysis.returns, analysis.dates, ["portfolio"], "returns", tables)
+        return PortfolioResult(analysis, params.conventions(), version, extra.get("portfolio"))
+
+    async def factor_exposure(
+        self,
+        view: TenantView,
+        subject: str | factor_engine.PortfolioSubject,
+        factors: Sequence[tuple[str, bool]],
+        window: DateWindow,
+        params: MetricParams,
+        *,
+        rolling_window: int = 0,
+        standard_errors: factor_engine.StandardErrorType = "classic",
+        hac_lags: int = 0,
+    ) -> FactorExposureResult:
+        """OLS of the subject's excess returns on the factors' (see `factors.py`)."""
+        names = [f for f, _ in factors]
+        held = (
+            list(subject.symbols)
+            if isinstance(subject, factor_engine.PortfolioSubject)
+            else [subject]
+        )
+        columns = list(dict.fromkeys([*held, *names]))
+        matrix, version, _ = await self._matrix(view, columns, window)
+        with _tracer.start_as_current_span("analytics.factor_exposure") as span:
+            span.set_attribute(
+                "analytics.subject_kind", "symbol" if isinstance(subject, str) else "portfolio"
+            )
+            span.set_attribute("analytics.factors", len(names))
+            span.set_attribute("analytics.rows", int(matrix.days.shape[0]))
+            span.set_attribute("analytics.rolling_window", rolling_window)
+            span.set_attribute("analytics.standard_errors", standard_errors)
+            try:
+                exposure = await asyncio.to_thread(
+                    factor_engine.exposure_from_matrix,
+                    matrix.prices,
+                    matrix.days,
+                    matrix.symbols,
+                    subject,
+                    names,
+                    excess=[e for _, e in factors],
+                    periods_per_year=params.periods_per_year,
+                    risk_free=params.risk_free,
+                    rolling_window=rolling_window,
+                    standard_errors=standard_errors,
+                    hac_lags=hac_lags,
+                )
+            except factor_engine.CollinearFactorsError as exc:
+                span.set_attribute("analytics.collinear", ",".join(exc.factors))
+                raise FailedPrecondition(
+                    exc.message,
+                    reason="COLLINEAR_FACTORS",
+                    metadata={"factors": ",".join(exc.factors)},
+                ) from exc
+            except engine.MetricsInputError as exc:
+                raise engine_error(exc, {"weights": "portfolio.holdings"}) from exc
+            span.set_attribute("analytics.observations", exposure.observations)
+        conventions = dataclasses.replace(
+            params.conventions(),
+            returns_rule=FACTOR_RETURNS_RULE,
+            tail_rule="",
+            reference=FACTOR_REFERENCE,
+        )
+        return FactorExposureResult(exposure, conventions, version)
+
+
+@dataclass(frozen=True, slots=True)
+class TableRequest:
+    """The drawdown / period tables a metric request asks for (see tables.py)."""
+
+    drawdowns: int = 0  # table size, 0-MAX_DRAWDOWN_TABLE
+    periods: bool = False  # monthly and yearly returns
+
+    @property
+    def wanted(self) -> bool:
+        return self.drawdowns > 0 or self.periods
+
+
+def check_tables(v: Violations, drawdowns: int, periods: bool) -> TableRequest:
+    """`drawdown_table_size` must be 0-MAX_DRAWDOWN_TABLE."""
+    v.check(
+        0 <= drawdowns <= table_engine.MAX_DRAWDOWN_TABLE,
+        "drawdown_table_size",
+        f"must be 0-{table_engine.MAX_DRAWDOWN_TABLE} (0 = no drawdown table), got {drawdowns}",
+    )
+    return TableRequest(drawdowns, periods)
+
+
+async def _tables(
+    values: npt.NDArray[np.float64],
+    days: npt.NDArray[np.datetime64],
+    symbols: list[str],
+    kind: engine.InputKind,
+    request: TableRequest | None,
+) -> dict[str, table_engine.SeriesTables]:
+    """The requested tables of the columns (none: an empty dict), off the event loop."""
+    if request is None or not request.wanted:
+        return {}
+    with _tracer.start_as_current_span("analytics.compute_tables"):
+        try:
+            return await asyncio.to_thread(
+                table_engine.compute_tables,
+                values,
+                days,
+                symbols,
+                kind=kind,
+                drawdowns=request.drawdowns,
+                periods=request.periods,
+            )
+        except engine.MetricsInputError as exc:
+            raise engine_error(exc, {"drawdowns": "drawdown_table_size"}) from exc
 
 
 def _asked(window: DateWindow) -> str:

@@ -56,3 +56,21 @@ QUESTIONS_FLAGGED = Counter(
     "Analyze questions the instruction screen flagged, by signal.",
     ("signal",),
 )
+FACTOR_REGRESSIONS = Counter(
+    "finsight_analytics_factor_regressions_total",
+    "ComputeFactorExposure regressions computed (result-cache hits not counted), by subject "
+    "(symbol, portfolio) and outcome (ok, collinear, invalid, not_found).",
+    ("subject", "outcome"),
+)
+OPTIMIZATIONS = Counter(
+    "finsight_analytics_optimizations_total",
+    "OptimizePortfolio problems solved (result-cache hits not counted), by objective and "
+    "outcome (optimal, infeasible, not_converged, invalid, error).",
+    ("objective", "outcome"),
+)
+OPTIMIZATION_SECONDS = Histogram(
+    "finsight_analytics_optimization_seconds",
+    "Time of one OptimizePortfolio computation (read, estimate, solve, evaluate), by objective.",
+    ("objective",),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

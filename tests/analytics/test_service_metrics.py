@@ -312,6 +312,10 @@ async def test_bad_rolling_and_portfolio_requests(analytics: Running) -> None:
     assert (await bad(analytics, "ComputePortfolio", portfolio(0.7, 0.5, -0.2)))[1] == [
         "holdings[2].weight"
     ]
+    # Weights whose exact sum overflows a float (math.fsum raises): the sum is named, not
+    # an INTERNAL error.
+    huge = await bad(analytics, "ComputePortfolio", portfolio(1e308, 1e308, -1e308, short=True))
+    assert huge[:2] == (grpc.StatusCode.INVALID_ARGUMENT, ["holdings"])
     shorted = await analytics.stub.ComputePortfolio(
         portfolio(0.7, 0.5, -0.2, short=True), metadata=analytics.keys.md(analytics.keys.reader_a)
     )

@@ -103,6 +103,8 @@ def without_version(message: Message) -> bytes:
     copy = type(message)()
     copy.CopyFrom(message)
     copy.ClearField("data_version")  # type: ignore[arg-type]
+    if isinstance(copy, pb.OptimizePortfolioResponse):
+        copy.solver.ClearField("seconds")  # wall time of the solve, not a result
     return copy.SerializeToString(deterministic=True)
 
 
@@ -132,6 +134,23 @@ async def test_answers_equal_the_duckdb_service(replicas: Replicas, analytics: R
                 "RollingMetrics",
                 pb.RollingMetricsRequest(
                     symbol="JPM", metric=pb.ROLLING_METRIC_BETA, window=63, benchmark="SP500"
+                ),
+            ),
+            (
+                "ComputeFactorExposure",
+                pb.ComputeFactorExposureRequest(
+                    symbol="AAPL",
+                    factors=[pb.Factor(symbol="SP500"), pb.Factor(symbol="MSFT")],
+                    rolling_window=63,
+                ),
+            ),
+            (
+                "OptimizePortfolio",
+                pb.OptimizePortfolioRequest(
+                    symbols=["AAPL", "KO", "JPM", "XOM"],
+                    objective=pb.OPTIMIZATION_OBJECTIVE_MAX_SHARPE,
+                    max_weight=0.6,
+                    benchmark="SP500",
                 ),
             ),
             (

@@ -199,3 +199,18 @@ async def test_portfolio_plot_draws_the_benchmark_end_to_end(
     assert f"{BENCHMARK} (benchmark)" in line_labels(by_title(fig, "cumulative return"))
     title = fig.get_suptitle()
     assert "CLIX 60%" in title and "rebalanced quarterly" in title and "2023-02-01" in title
+
+
+def test_charts_ignore_a_global_matplotlib_style(tmp_path: Path) -> None:
+    """A style set process-wide (a user's matplotlibrc; QuantStats sets one on import) does
+    not reach our charts: the PNG has matplotlib's default colours and background."""
+    import matplotlib as mpl
+    from matplotlib.image import imread
+
+    with mpl.style.context("dark_background"), mpl.rc_context({"font.size": 23.0}):
+        metrics_fig(tmp_path, 300)
+        assert mpl.rcParams["font.size"] == 23.0  # the caller's style is left as it was
+    rgb = imread(tmp_path / "metrics.png")[..., :3]
+    assert (rgb[0, 0] == 1.0).all()  # a white figure, not the style's black
+    c0 = np.abs(rgb - np.array([0x1F, 0x77, 0xB4]) / 255).sum(axis=-1) < 0.05
+    assert c0.sum() > 200  # the first symbol's line in the default C0 blue

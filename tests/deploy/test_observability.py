@@ -367,7 +367,7 @@ def test_backup_job_fails_without_the_admin_scope(
 
 # -- SLOs per RPC class (docs/deployment.md, "Service level objectives") ----------------------
 
-SLO_CLASSES = ("read", "write", "llm")
+SLO_CLASSES = ("read", "compute", "write", "llm")
 SLO_WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 SLO_SLIS = {"finsight:slo_errors": "availability", "finsight:slo_slow": "latency"}
 # RPCs in no SLO class: operator calls and the bulk export (docs/deployment.md says why).

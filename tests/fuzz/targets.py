@@ -113,6 +113,20 @@ def analytics_hints() -> dict[str, Any]:
         "model": st.sampled_from(["", "default"]),
         "user_id": st.sampled_from(FUZZ_USERS),
         "session_id": st.sampled_from(FUZZ_SESSIONS),
+        # OptimizePortfolio (bounds and groups share the weight names)
+        "objective": st.integers(0, 5),
+        "evaluation_range": _range(start, 200),
+        "return_estimator": st.integers(0, 2),
+        "covariance_estimator": st.integers(0, 3),
+        "half_life": st.sampled_from([0.0, 5.0, 63.0]),
+        "min_weight": st.sampled_from([0.0, 0.1, -0.2]),
+        "max_weight": st.sampled_from([0.05, 0.3, 0.6, 1.0]),
+        "target_return": st.sampled_from([0.0, 0.1, 5.0]),
+        "target_volatility": st.sampled_from([0.001, 0.1, 0.5]),
+        "max_turnover": st.sampled_from([0.1, 1.0]),
+        "cvar_confidence": st.sampled_from([0.0, 0.95, 0.99]),
+        "frontier_points": st.sampled_from([0, 3]),
+        "name": st.sampled_from(["tech", "g1"]),
     }
 
 

@@ -251,6 +251,24 @@ async def test_analytics_symbols_are_refused_or_echoed_verbatim(seeded: Seeded) 
             ),
             "holdings",
         )
+        await _expect_invalid(
+            an.ComputeFactorExposure(
+                apb.ComputeFactorExposureRequest(symbol="FZA", factors=[apb.Factor(symbol=p)]),
+                metadata=md,
+            ),
+            "factors[0].symbol",
+        )
+        await _expect_invalid(
+            an.OptimizePortfolio(
+                apb.OptimizePortfolioRequest(
+                    symbols=[p, "FZA"],
+                    objective=apb.OPTIMIZATION_OBJECTIVE_MIN_VARIANCE,
+                    groups=[apb.WeightGroup(name=p[:64] or "g", symbols=[p], max_weight=0.5)],
+                ),
+                metadata=md,
+            ),
+            "symbols[0]",
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in an.GetBars(apb.GetBarsRequest(symbol=p), metadata=md):
                 pass

@@ -73,6 +73,27 @@ def valid_requests(
         "AnalyticsService.ComputePortfolio": [
             apb.ComputePortfolioRequest(holdings=holdings, include_returns=True)
         ],
+        "AnalyticsService.OptimizePortfolio": [
+            apb.OptimizePortfolioRequest(
+                symbols=[a, b],
+                objective=apb.OPTIMIZATION_OBJECTIVE_MIN_VARIANCE,
+                max_weight=0.8,
+                frontier_points=3,
+            ),
+            apb.OptimizePortfolioRequest(
+                symbols=[a, b], objective=apb.OPTIMIZATION_OBJECTIVE_RISK_PARITY, benchmark=bench
+            ),
+        ],
+        "AnalyticsService.ComputeFactorExposure": [
+            apb.ComputeFactorExposureRequest(
+                symbol=a, factors=[apb.Factor(symbol=bench)], rolling_window=20
+            ),
+            apb.ComputeFactorExposureRequest(
+                portfolio=apb.FactorPortfolio(holdings=holdings),
+                factors=[apb.Factor(symbol=bench, excess_return=True)],
+                standard_errors=apb.STANDARD_ERROR_TYPE_HAC,
+            ),
+        ],
         "AnalyticsService.Analyze": [
             apb.AnalyzeRequest(session_id=session, user_id=user, symbols=[a], question="risky?")
         ],

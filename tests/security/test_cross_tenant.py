@@ -245,6 +245,28 @@ class Attacker:
         )
         return [await self.an.ComputePortfolio(req, metadata=self.md, timeout=10)]
 
+    async def op_factors(self, r: random.Random) -> list[Message]:
+        subject, factor = r.sample(A_SYMBOLS, k=2)
+        req = apb.ComputeFactorExposureRequest(
+            symbol=subject, factors=[apb.Factor(symbol=factor)], rolling_window=r.choice([0, 10])
+        )
+        reply = await self.an.ComputeFactorExposure(req, metadata=self.md, timeout=10)
+        # Only B's own series (30 bars, 29 returns) can have answered; A's has 60 bars.
+        assert reply.observations == B_BARS - 1, reply.observations
+        return [reply]
+
+    async def op_optimize(self, r: random.Random) -> list[Message]:
+        req = apb.OptimizePortfolioRequest(
+            symbols=list(A_SYMBOLS[:2]),
+            objective=r.choice(
+                [apb.OPTIMIZATION_OBJECTIVE_MIN_VARIANCE, apb.OPTIMIZATION_OBJECTIVE_HRP]
+            ),
+        )
+        reply = await self.an.OptimizePortfolio(req, metadata=self.md, timeout=20)
+        # Only B's own series (30 bars, 29 returns) can have answered; A's has 60 bars.
+        assert reply.estimation_periods == B_BARS - 1, reply.estimation_periods
+        return [reply]
+
     async def op_analyze(self, r: random.Random) -> list[Message]:
         session, user = self.session(r)
         req = apb.AnalyzeRequest(
@@ -261,6 +283,9 @@ class Attacker:
     # -- gateway -------------------------------------------------------------------------
     async def op_usage(self, r: random.Random) -> list[Message]:
         return [await self.gw.GetUsage(gpb.GetUsageRequest(), metadata=self.md, timeout=10)]
+
+
+ATTACKER_OPS = [name for name in dir(Attacker) if name.startswith("op_")]
 
 
 async def ingest_as(attacker: Attacker, symbol: str) -> apb.IngestBarsResponse:
@@ -360,7 +385,7 @@ async def test_cross_tenant_quick_on_postgresql(tmp_path: Path, pg_server: Postg
 async def test_cross_tenant_full(tmp_path: Path) -> None:
     ops = int(os.environ.get("CROSS_TENANT_FULL_OPS", "3000"))
     result = await _cross_tenant(tmp_path, ops, "full")
-    assert len(result["by_operation"]) == 19
+    assert len(result["by_operation"]) == len(ATTACKER_OPS)
 
 
 @pytest.mark.slow
@@ -369,4 +394,4 @@ async def test_cross_tenant_full_on_postgresql(tmp_path: Path, pg_server: Postgr
     urls = (pg_server.create_database("xt_mem"), pg_server.create_database("xt_an"))
     ops = int(os.environ.get("CROSS_TENANT_FULL_OPS", "3000"))
     result = await _cross_tenant(tmp_path, ops, "full-postgresql", urls)
-    assert len(result["by_operation"]) == 19
+    assert len(result["by_operation"]) == len(ATTACKER_OPS)
