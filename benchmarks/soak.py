@@ -1,7 +1,8 @@
 """Soak and capacity of the whole system, run as separate processes (`make soak`).
 
     .venv/bin/python -m benchmarks.soak [--duration 600] [--rate 20] [--warmup 30]
-        [--capacity | --no-capacity] [--step-s 8] [--provider-latency-ms 50] [--out FILE]
+        [--retention-s 300] [--capacity | --no-capacity] [--step-s 8]
+        [--provider-latency-ms 50] [--out FILE]
 
 The system is started with the process harness of the system suites
 (`tests/system/harness.py`: Valkey, the dev LLM provider in its own process, the three
@@ -31,6 +32,15 @@ fully used core would serve. The load generator runs in this process on the same
 so the figures are a lower bound for the services.
 
 Duration: --duration or SOAK_DURATION_S (default 600 s; 0: the capacity probe only).
+
+Data size: the workload appends messages and audit rows all the time, and DuckDB's memory
+grows with the data it holds, which is no leak. So that the RSS figures show per-request
+growth alone, memory's retention is shortened to --retention-s (SOAK_RETENTION_S, default
+300 s; a purge every fifth of it, at least 10 s): after that long, rows purged balance rows
+written and the data size stays level. 0 keeps every row (the production behaviour: the
+data grows for the whole run). The RSS series (after the warm-up, at each quarter of the
+run, at the end) and the growth over the second half are reported: a retained or cached
+amount levels off, a leak does not.
 Results: printed, and written to --out (default .build/reliability/soak.json). Exit status
 1 when a soak target is missed.
 """
@@ -343,12 +353,14 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
     warm_end = time.perf_counter() - t0
     samples.take(suite, warm_end)
     duck_start = await duckdb_memory(suite)
+    heap_start = await native_heap(suite)
     rec = Recorder()
     elapsed = await drive(args.rate, args.duration, pick, rec, tick)
     await asyncio.sleep(IDLE_BEFORE_END_SAMPLE_S)  # let in-flight work and pools settle
     end = time.perf_counter() - t0
     samples.take(suite, end)
     duck_end = await duckdb_memory(suite)
+    heap_end = await native_heap(suite)
 
     processes: dict[str, Any] = {}
     for name in SERVICE_NAMES:
@@ -365,10 +377,17 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
             "sockets_start": sock0,
             "sockets_end": sock1,
             "sockets_peak": max(r[3] for r in samples.samples[name]),
+            # A bounded rise (caches, DuckDB's eviction queues) is over by then; a leak is not.
+            "rss_growth_second_half_pct": round(
+                100 * (rss1 - samples.at(name, (warm_end + end) / 2)[1]) / rss0, 1
+            ),
         }
         if name in duck_start and name in duck_end:  # how much of the RSS is DuckDB's
             processes[name]["duckdb_start_mib"] = round(duck_start[name] / 2**20, 1)
             processes[name]["duckdb_end_mib"] = round(duck_end[name] / 2**20, 1)
+        if name in heap_start and name in heap_end:  # allocated native memory (not freed)
+            processes[name]["heap_in_use_start_mib"] = round(heap_start[name] / 2**20, 1)
+            processes[name]["heap_in_use_end_mib"] = round(heap_end[name] / 2**20, 1)
     per_rpc = rec.summary(elapsed)
     errors = sum(rec.errors.values())
     leaks = scan_logs(suite)
@@ -397,6 +416,7 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
         "late_starts": rec.late_starts,
         "rpcs": per_rpc,
         "processes": processes,
+        "rss_series_mib": rss_series(samples, warm_end, end),
         "timeline": {  # (s, RSS MiB, fds, sockets)
             name: [(round(t, 1), round(r / 2**20, 1), f, k) for t, r, f, k in rows]
             for name, rows in samples.samples.items()
@@ -406,6 +426,18 @@ async def soak(suite: Suite, workload: Workload, args: argparse.Namespace) -> di
     }
 
 
+def rss_series(samples: ProcessSamples, start: float, end: float) -> dict[str, dict[str, float]]:
+    """RSS (MiB) of each process after the warm-up, at each quarter of the run, at the end."""
+    marks = {"warm-up": start}
+    marks |= {f"{q * 25}%": start + q * (end - start) / 4 for q in (1, 2, 3)}
+    out: dict[str, dict[str, float]] = {}
+    for name in samples.samples:
+        row = {label: round(samples.at(name, t)[1] / 2**20, 1) for label, t in marks.items()}
+        row["end"] = round(samples.samples[name][-1][1] / 2**20, 1)
+        out[name] = row
+    return out
+
+
 async def duckdb_memory(suite: Suite) -> dict[str, float]:
     """DuckDB's buffer memory of the stateful services (`finsight_db_memory_bytes`, set by
     their readiness rounds), to tell its growth from the rest of the RSS."""
@@ -413,6 +445,16 @@ async def duckdb_memory(suite: Suite) -> dict[str, float]:
     for name in ("memory", "analytics"):
         with contextlib.suppress(Exception):
             out[name] = await suite.metric(name, "finsight_db_memory_bytes")
+    return out
+
+
+async def native_heap(suite: Suite) -> dict[str, float]:
+    """malloc's bytes in use in each service (`finsight_native_heap_bytes`): a rise of the
+    RSS that is not in use is fragmentation, one that is, is held by someone."""
+    out: dict[str, float] = {}
+    for name in SERVICE_NAMES:
+        with contextlib.suppress(Exception):
+            out[name] = await suite.metric(name, "finsight_native_heap_bytes", {"state": "in_use"})
     return out
 
 
@@ -550,6 +592,11 @@ async def main_async(args: argparse.Namespace) -> int:
         "LLM_GATEWAY_TPM": "0",
         "FINSIGHT_DB_WORKERS": "4",
     }
+    if args.retention_s > 0:  # a fixed data size (see the module's docstring)
+        days = f"{args.retention_s / 86_400:.9f}"
+        env["MEMORY_MESSAGE_RETENTION_DAYS"] = days
+        env["MEMORY_AUDIT_RETENTION_DAYS"] = days
+        env["MEMORY_PURGE_INTERVAL_S"] = f"{max(10.0, args.retention_s / 5):g}"
     suite = Suite(root, env=env, provider_latency_ms=args.provider_latency_ms)
     started = time.perf_counter()
     await suite.up()
@@ -564,7 +611,12 @@ async def main_async(args: argparse.Namespace) -> int:
         await exercise_credentials(suite)
         print(
             f"soak: {args.rate} rps for {args.duration:.0f}s after {args.warmup:.0f}s warm-up, "
-            f"symbols {symbols}, provider delay {args.provider_latency_ms} ms",
+            f"symbols {symbols}, provider delay {args.provider_latency_ms} ms, "
+            + (
+                f"memory retention {args.retention_s:g}s (fixed data size)"
+                if args.retention_s > 0
+                else "no retention (the data grows)"
+            ),
             flush=True,
         )
         if args.duration > 0:
@@ -610,19 +662,27 @@ def print_soak(r: dict[str, Any]) -> None:
         )
     print(
         f"{'process':<12} {'RSS start':>10} {'RSS end':>9} {'peak':>7} {'growth':>7} "
-        f"{'fds':>9} {'sockets':>9} {'peak':>5}"
+        f"{'fds':>9} {'sockets':>9} {'peak':>5} {'2nd half':>8}"
     )
     for name, p in r["processes"].items():
         print(
             f"{name:<12} {p['rss_start_mib']:>9}M {p['rss_end_mib']:>8}M {p['rss_peak_mib']:>6}M "
             f"{p['rss_growth_pct']:>6}% {p['fds_start']:>4}->{p['fds_end']:<4} "
-            f"{p['sockets_start']:>4}->{p['sockets_end']:<4} {p['sockets_peak']:>5}"
+            f"{p['sockets_start']:>4}->{p['sockets_end']:<4} {p['sockets_peak']:>5} "
+            f"{p['rss_growth_second_half_pct']:>7}%"
             + (
                 f"  duckdb {p['duckdb_start_mib']}M->{p['duckdb_end_mib']}M"
                 if "duckdb_start_mib" in p
                 else ""
             )
+            + (
+                f"  heap in use {p['heap_in_use_start_mib']}M->{p['heap_in_use_end_mib']}M"
+                if "heap_in_use_start_mib" in p
+                else ""
+            )
         )
+    for name, series in r["rss_series_mib"].items():
+        print(f"RSS {name}: " + ", ".join(f"{k} {v}M" for k, v in series.items()))
     scan = r["log_scan"]
     print(
         f"log scan: {scan['lines']} lines in {len(scan['files'])} files, {len(scan['found'])} secrets"
@@ -639,6 +699,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", "20")))
     p.add_argument("--warmup", type=float, default=float(os.environ.get("SOAK_WARMUP_S", "30")))
+    p.add_argument(
+        "--retention-s",
+        type=float,
+        default=float(os.environ.get("SOAK_RETENTION_S", "300")),
+        help="memory's message and audit retention during the run (0: keep every row)",
+    )
     p.add_argument("--provider-latency-ms", type=float, default=50.0)
     p.add_argument("--capacity", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--step-s", type=float, default=8.0, help="seconds per capacity step")

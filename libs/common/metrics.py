@@ -83,6 +83,13 @@ DB_MEMORY_BYTES = Gauge(
     "bounded by FINSIGHT_DB_MEMORY_LIMIT.",
     ("db",),
 )
+NATIVE_HEAP_BYTES = Gauge(
+    "finsight_native_heap_bytes",
+    "glibc malloc's heap (mallinfo2), read every readiness round: in_use = allocated now "
+    "(DuckDB, gRPC, Python objects over 512 bytes), free = held by malloc but not in use "
+    "(fragmentation; only this part could malloc_trim return). Absent without glibc.",
+    ("state",),
+)
 DB_BATCH_SIZE = Histogram(
     "finsight_db_commit_batch_size",
     "Jobs committed together by the group committer.",
