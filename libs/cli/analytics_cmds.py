@@ -19,7 +19,7 @@ from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.analytics.v1 import analytics_pb2_grpc
 from finsight.common.v1 import common_pb2
 from libs.barfiles.options import add_ingest_options
-from libs.cli.commands import CliError, emit, out
+from libs.cli.commands import CliError, emit, out, show
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, rate
 from libs.cli.render import day, from_pb_date, num, pct, plain
@@ -465,16 +465,7 @@ async def portfolio(args: argparse.Namespace, conn: Connection) -> int:
             await plot_portfolio(args, conn, stub, reply)
     data = plain(reply)
     data.pop("returns", None)  # asked for only to draw the chart
-    if args.plot:
-        data["plot"] = args.plot
-    if args.json:
-        emit(args, data, None)
-    else:
-        for table in portfolio_tables(reply):
-            out.print(table)
-        if args.plot:
-            out.print(f"chart written to {args.plot}")
-    return 0
+    return show(args, data, lambda: portfolio_tables(reply), args.plot)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

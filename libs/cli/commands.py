@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -25,6 +26,26 @@ def emit(args: argparse.Namespace, data: Any, table: Table | None) -> None:
         print(json.dumps(data, indent=2, default=str))
     else:
         out.print(table)
+
+
+def show(
+    args: argparse.Namespace,
+    data: dict[str, Any],
+    tables: Callable[[], Iterable[Table]],
+    plot: str | None = None,
+) -> int:
+    """A command's result: `data` as JSON with `--json` (with the chart's path when one was
+    written), else `tables()` and where the chart went. Exit status 0."""
+    if plot:
+        data["plot"] = plot
+    if args.json:
+        emit(args, data, None)
+        return 0
+    for table in tables():
+        out.print(table)
+    if plot:
+        out.print(f"chart written to {plot}")
+    return 0
 
 
 # -- health ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from finsight.analytics.v1 import analytics_pb2 as pb
 from libs.cli.analytics_cmds import REBALANCE, holding, stub_for
-from libs.cli.commands import CliError, emit, out
+from libs.cli.commands import CliError, show
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, rate
 from libs.cli.render import day, from_pb_date, num, pct, plain
@@ -139,17 +139,7 @@ async def factors(args: argparse.Namespace, conn: Connection) -> int:
         )
     if args.plot:
         plot_exposure(Path(args.plot), reply)
-    data = plain(reply)
-    if args.plot:
-        data["plot"] = args.plot
-    if args.json:
-        emit(args, data, None)
-    else:
-        for table in exposure_tables(reply):
-            out.print(table)
-        if args.plot:
-            out.print(f"chart written to {args.plot}")
-    return 0
+    return show(args, plain(reply), lambda: exposure_tables(reply), args.plot)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -22,7 +22,7 @@ from rich.table import Table
 from finsight.analytics.v1 import analytics_pb2 as pb
 from finsight.common.v1 import common_pb2
 from libs.cli.analytics_cmds import REBALANCE, metrics_table, stub_for
-from libs.cli.commands import emit, out
+from libs.cli.commands import show
 from libs.cli.connection import Connection
 from libs.cli.options import add_range, date_range, iso_date, rate
 from libs.cli.render import day, num, pb_date, pct, plain
@@ -269,15 +269,7 @@ async def optimise(args: argparse.Namespace, conn: Connection) -> int:
         from libs.cli import frontier_plot
 
         frontier_plot.frontier_chart(Path(args.plot), reply)
-        data["plot"] = args.plot
-    if args.json:
-        emit(args, data, None)
-        return 0
-    for table in tables(reply):
-        out.print(table)
-    if args.plot:
-        out.print(f"chart written to {args.plot}")
-    return 0
+    return show(args, data, lambda: tables(reply), args.plot)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -139,6 +139,26 @@ def _say(source: str, line: str) -> None:
     sys.stdout.flush()
 
 
+# Prefixes of every Finsight setting (and of the libraries it configures): a stack started
+# for a test or a drill clears them from the caller's environment, so a developer's settings
+# never leak into the system under test.
+SETTING_PREFIXES = (
+    "FINSIGHT_",
+    "REDIS_",
+    "LLM_GATEWAY_",
+    "MEMORY_",
+    "ANALYTICS_",
+    "DEEPSEEK_",
+    "OTEL_",
+    "SENTRY_",
+)
+
+
+def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without any Finsight setting (see SETTING_PREFIXES)."""
+    return {k: v for k, v in environ.items() if not k.startswith(SETTING_PREFIXES)}
+
+
 DEV_KEY_ID = "dev"
 LOCK_FILE = "devstack.lock"
 LOG_TAIL_LINES = 15

@@ -71,7 +71,13 @@ from finsight.analytics.v1 import analytics_pb2_grpc
 from finsight.common.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from finsight.memory.v1 import memory_pb2 as mem
 from finsight.memory.v1 import memory_pb2_grpc
-from libs.common.devstack import DevStack, ServiceSpec, ensure_dev_key, topology
+from libs.common.devstack import (
+    DevStack,
+    ServiceSpec,
+    ensure_dev_key,
+    topology,
+    without_settings,
+)
 from libs.common.pg import describe_url, with_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,17 +87,6 @@ SESSIONS = 4  # the load's appends rotate over this many sessions
 BARS = 20  # rows per ingested series
 SEED_APPENDS, SEED_STREAMS, SEED_FACTS = 20, 5, 5
 CALL_TIMEOUT_S = 20.0
-# The caller's settings never reach the drill's services (as tests/system/harness.py).
-_CLEARED = (
-    "FINSIGHT_",
-    "REDIS_",
-    "LLM_GATEWAY_",
-    "MEMORY_",
-    "ANALYTICS_",
-    "DEEPSEEK_",
-    "OTEL_",
-    "SENTRY_",
-)
 
 
 # -- checksums -------------------------------------------------------------------------------
@@ -431,7 +426,7 @@ def free_port() -> int:
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED)}
+    env = without_settings(os.environ)  # the caller's settings never reach the drill
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(

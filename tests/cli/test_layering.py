@@ -9,13 +9,11 @@ inside functions, under `if TYPE_CHECKING:`, relative ones resolved, and
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 from typing import Final
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.imports import ROOT, file_imports, imported_names, is_under, module_name
 
 # module -> why it may import services.* (each entry must still be needed: see below).
 EXEMPT: Final = {
@@ -28,53 +26,8 @@ EXEMPT: Final = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imported_names(source: str, module: str, *, is_package: bool = False) -> set[str]:
-    """Every module name `source` (the text of `module`) imports, at any depth."""
-    package = module if is_package else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = parts[: len(parts) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-        elif (
-            isinstance(node, ast.Call)
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-            and (
-                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                or (isinstance(node.func, ast.Name) and node.func.id == "__import__")
-            )
-        ):
-            names.add(node.args[0].value)
-    return names
-
-
-def _is_under(name: str, package: str) -> bool:
-    return name == package or name.startswith(package + ".")
-
-
 def _library_imports() -> dict[str, set[str]]:
-    return {
-        _module_name(path): imported_names(
-            path.read_text(encoding="utf-8"),
-            _module_name(path),
-            is_package=path.name == "__init__.py",
-        )
-        for path in sorted((ROOT / "libs").rglob("*.py"))
-    }
+    return {module_name(path): file_imports(path) for path in sorted((ROOT / "libs").rglob("*.py"))}
 
 
 def test_the_scan_sees_every_form_of_import() -> None:
@@ -107,9 +60,9 @@ def test_no_library_imports_the_services() -> None:
     imports = _library_imports()
     assert "libs.cli.analytics_cmds" in imports and "libs.barfiles.reader" in imports
     offenders = {
-        module: sorted(n for n in names if _is_under(n, "services"))
+        module: sorted(n for n in names if is_under(n, "services"))
         for module, names in imports.items()
-        if module not in EXEMPT and any(_is_under(n, "services") for n in names)
+        if module not in EXEMPT and any(is_under(n, "services") for n in names)
     }
     assert offenders == {}, "libs/ must not import services.*: move the shared code to libs/"
 
@@ -117,7 +70,7 @@ def test_no_library_imports_the_services() -> None:
 def test_every_exemption_is_still_needed_and_contained() -> None:
     imports = _library_imports()
     for module in EXEMPT:
-        assert any(_is_under(n, "services") for n in imports[module]), f"{module}: drop it"
+        assert any(is_under(n, "services") for n in imports[module]), f"{module}: drop it"
         importers = [m for m, names in imports.items() if module in names and m != module]
         assert importers == [], f"{module} is exempt only while no library imports it"
 

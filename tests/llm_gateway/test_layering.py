@@ -3,11 +3,12 @@ and the dev provider (libs/devprovider) and the services do not import each othe
 
 from __future__ import annotations
 
-import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.imports import ROOT, file_imports, imported_names, is_under, module_name
 
 
 def test_the_catalog_does_not_import_the_settings_module() -> None:
@@ -21,44 +22,16 @@ def test_the_catalog_does_not_import_the_settings_module() -> None:
 
 # -- the dev provider (libs/devprovider) is a development tool, not part of the gateway --
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVPROVIDER = "libs.devprovider"
 _DEV_RE = rf"{re.escape(DEVPROVIDER)}(?:\.\w+)*"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _imports(source: str, module: str, *, is_package: bool = False) -> set[str]:
-    """Absolute names of every module `module` imports (at any depth, under TYPE_CHECKING
-    too, relative imports resolved), plus string constants that name a dev provider module
-    (`-m libs.devprovider`, `importlib.import_module(...)`)."""
-    package = module if is_package else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.update(re.findall(rf"(?:^|(?<=-m ))({_DEV_RE})$", node.value.strip()))
-    return names
+    return imported_names(source, module, is_package=is_package, named_in_strings=_DEV_RE)
 
 
 def _file_imports(path: Path) -> set[str]:
-    source = path.read_text(encoding="utf-8")
-    return _imports(source, _module_name(path), is_package=path.name == "__init__.py")
-
-
-def _is_under(name: str, package: str) -> bool:
-    return name == package or name.startswith(package + ".")
+    return file_imports(path, named_in_strings=_DEV_RE)
 
 
 def test_the_import_scan_sees_every_form() -> None:
@@ -90,13 +63,13 @@ def test_no_production_code_imports_the_dev_provider() -> None:
         path
         for folder in ("services", "libs")
         for path in sorted((ROOT / folder).rglob("*.py"))
-        if not _is_under(_module_name(path), DEVPROVIDER)
+        if not is_under(module_name(path), DEVPROVIDER)
     ]
-    assert any(_module_name(p) == "services.llm_gateway.providers" for p in production)
+    assert any(module_name(p) == "services.llm_gateway.providers" for p in production)
     offenders = {
         str(path.relative_to(ROOT)): found
         for path in production
-        if (found := sorted(n for n in _file_imports(path) if _is_under(n, DEVPROVIDER)))
+        if (found := sorted(n for n in _file_imports(path) if is_under(n, DEVPROVIDER)))
     }
     assert offenders == {}
     assert not (ROOT / "services" / "llm_gateway" / "devprovider.py").exists()
@@ -115,7 +88,7 @@ def test_the_dev_provider_needs_nothing_from_the_services() -> None:
             foreign := sorted(
                 n
                 for n in _file_imports(path)
-                if not _is_under(n, DEVPROVIDER)
+                if not is_under(n, DEVPROVIDER)
                 and n.partition(".")[0] not in sys.stdlib_module_names
                 and n != "httpx"
             )

@@ -68,7 +68,14 @@ from finsight.analytics.v1 import analytics_pb2, analytics_pb2_grpc
 from finsight.common.v1 import admin_pb2_grpc, common_pb2
 from finsight.llm.v1 import llm_gateway_pb2, llm_gateway_pb2_grpc
 from finsight.memory.v1 import memory_pb2, memory_pb2_grpc
-from libs.common.devstack import REPLICATED, SERVICES, DevStack, ServiceSpec, topology
+from libs.common.devstack import (
+    REPLICATED,
+    SERVICES,
+    DevStack,
+    ServiceSpec,
+    topology,
+    without_settings,
+)
 from libs.devprovider import (
     DEFAULT_API_KEY,
     DevProviderControl,
@@ -86,18 +93,6 @@ CLOSED = llm_gateway_pb2.CIRCUIT_STATE_CLOSED
 OPEN = llm_gateway_pb2.CIRCUIT_STATE_OPEN
 HALF_OPEN = llm_gateway_pb2.CIRCUIT_STATE_HALF_OPEN
 
-# Variables of the caller's environment never passed to the services (a developer's
-# settings must not leak into the system under test).
-_CLEARED_PREFIXES = (
-    "FINSIGHT_",
-    "REDIS_",
-    "LLM_GATEWAY_",
-    "MEMORY_",
-    "ANALYTICS_",
-    "DEEPSEEK_",
-    "OTEL_",
-    "SENTRY_",
-)
 
 # Settings of the suite (over the services' defaults), chosen so faults show up within
 # seconds: short drain and readiness intervals, quick retries, a 2 s absolute attempt
@@ -232,7 +227,7 @@ class Suite:
 
     # -- lifecycle of the whole suite ---------------------------------------------------------
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES)}
+        env = without_settings(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         env.update(DEFAULT_ENV)
