@@ -40,15 +40,30 @@ from typing import Final, Literal, Protocol
 from opentelemetry import trace
 
 from libs.common.context import remaining_time
-from libs.common.errors import Violations
+from libs.common.errors import FinsightError, Violations
 from libs.common.tracing import current_trace_id, tracer
 from libs.common.untrusted import DATA_NOTICE, fence, screen
 from services.analytics import grounding
+from services.analytics import optimize as opt
 from services.analytics.grounding import GroundingPolicy, Report
 from services.analytics.market import DateWindow, MarketAnalytics, MetricParams, MetricsResult
 from services.analytics.metrics import SymbolMetrics
 from services.analytics.periods import resolve_period
-from services.analytics.questions import answer_question, needs_correlation, parse_question
+from services.analytics.portfolio_optimization import (
+    OptimizeInput,
+    OptimizeResult,
+    check_input,
+    optimize_portfolio,
+)
+from services.analytics.questions import (
+    Intent,
+    OptimizationObjective,
+    OptimizedMix,
+    answer_question,
+    needs_correlation,
+    optimization_objective,
+    parse_question,
+)
 from services.analytics.storage import TenantView
 from services.analytics.telemetry import (
     COMMENTARY,
@@ -200,6 +215,9 @@ class AnalyzeOutcome:
     question_signals: tuple[str, ...] = ()
     flagged_fact_ids: tuple[str, ...] = ()
     redactions: tuple[tuple[str, int], ...] = ()
+    # The optimised mix of a question asking for one (what OptimizePortfolio answers for
+    # the same symbols, objective and window); None otherwise or when it failed (a warning).
+    optimization: OptimizeResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,15 +294,84 @@ def _symbol_lines(m: SymbolMetrics) -> str:
         f"skew {_num(m.skew)}, excess kurtosis {_num(m.kurtosis)}, "
         f"best day {_pct(m.best.value)} ({m.best.date}), worst day {_pct(m.worst.value)} "
         f"({m.worst.date}), positive days {_pct(m.positive_share)}",
+        f"Omega ratio {_num(m.omega)}, tail ratio {_num(m.tail_ratio)}, stability "
+        f"{_num(m.stability)}, win rate {_pct(m.win_rate)}",
+        f"Gaussian CVaR95 {_pct(m.parametric_cvar_95)}, Cornish-Fisher VaR95 "
+        f"{_pct(m.cornish_fisher_var_95)}, Cornish-Fisher CVaR95 {_pct(m.cornish_fisher_cvar_95)}",
     ]
+    periods = [
+        f"{label} {_pct(p.value)} ({p.period_start.strftime(fmt)})"
+        for label, p, fmt in (
+            ("best month", m.best_month, "%B %Y"),
+            ("worst month", m.worst_month, "%B %Y"),
+            ("best year", m.best_year, "%Y"),
+            ("worst year", m.worst_year, "%Y"),
+        )
+        if p is not None
+    ]
+    if periods:
+        parts.append(", ".join(periods))
     if m.relative is not None:
         r = m.relative
         parts.append(
             f"vs {r.benchmark}: beta {_num(r.beta)}, alpha (annual) {_pct(r.alpha)}, "
             f"tracking error {_pct(r.tracking_error)}, information ratio "
-            f"{_num(r.information_ratio)}"
+            f"{_num(r.information_ratio)}, upside capture {_num(r.up_capture)}, downside "
+            f"capture {_num(r.down_capture)}, capture ratio {_num(r.capture_ratio)}, Treynor "
+            f"ratio {_num(r.treynor)}"
         )
     return "; ".join(parts)
+
+
+_OBJECTIVE_NAMES: Final[dict[OptimizationObjective, str]] = {
+    "min_variance": "minimum variance (lowest volatility)",
+    "max_sharpe": "maximum Sharpe ratio",
+    "min_cvar": "minimum 95% CVaR of daily returns",
+}
+
+
+def optimization_block(
+    objective: OptimizationObjective, result: OptimizeResult | None, failure: str = ""
+) -> str:
+    """The optimised mix the question asks for, as the LLM is given it."""
+    head = f"OPTIMISED MIX (asked by the question; objective: {_OBJECTIVE_NAMES[objective]})"
+    if result is None:
+        return (
+            f"{head}: it could not be computed ({failure or 'no result'}). Say so; do not "
+            "propose weights of your own."
+        )
+    sol, spec = result.solution, result.spec
+    weights = ", ".join(
+        f"{s} {w * 100:.2f}%"
+        for s, w in sorted(
+            zip(spec.symbols, sol.weights.tolist(), strict=True), key=lambda sw: (-sw[1], sw[0])
+        )
+    )
+    return (
+        f"{head}, computed by Finsight's optimiser (long-only, weights sum to 100%), "
+        f"estimated from the {result.estimates.returns.shape[0]} daily returns "
+        f"{result.estimation_first} to {result.estimation_last} on which every symbol has one "
+        f"({opt.describe(spec)}): weights {weights}; expected annualised return "
+        f"{_pct(sol.expected_return)}, expected annualised volatility "
+        f"{_pct(sol.volatility)}, expected Sharpe ratio {_num(sol.sharpe)}. Write a weight as "
+        '"SYMBOL 12.3%" and the mix\'s figures as "expected volatility", "expected return", '
+        '"expected Sharpe"; cite weights as metric "weight" of the symbol and the expected '
+        f'figures as metric "expected_return"/"expected_volatility"/"expected_sharpe" of '
+        f'symbol "{grounding.PORTFOLIO}".'
+    )
+
+
+def optimized_mix(objective: OptimizationObjective, result: OptimizeResult) -> OptimizedMix:
+    sol = result.solution
+    return OptimizedMix(
+        objective,
+        tuple(zip(result.spec.symbols, sol.weights.tolist(), strict=True)),
+        sol.expected_return,
+        sol.volatility,
+        sol.sharpe,
+        result.estimation_first,
+        result.estimation_last,
+    )
 
 
 def _share(seconds: float, share: float = 1.0) -> float:
@@ -341,8 +428,17 @@ class Analyzer:
             else {}
         )
         label = window_label(result, window_source)
-        facts = Facts(result, request, window, correlations, label)
+        objective = optimization_objective(request.question)
+        optimization: OptimizeResult | None = None
+        failure = ""
+        if objective is not None:
+            optimization, failure = await self._optimize(
+                view, request, intent, window, objective, warnings
+            )
+        facts = Facts(result, request, window, correlations, label, objective, optimization)
         block = metrics_block(result, correlations, label)
+        if objective is not None:
+            block += "\n" + optimization_block(objective, optimization, failure)
         context = await self._context(request, warnings)
         messages = _prompt(context.turns if context else None, block, request.question)
         answer = await self._answer(request, messages, warnings)
@@ -366,7 +462,41 @@ class Analyzer:
             signals,
             context.flagged_fact_ids if context else (),
             answer.redactions if answer else (),
+            optimization,
         )
+
+    async def _optimize(
+        self,
+        view: TenantView,
+        request: AnalyzeInput,
+        intent: Intent,
+        window: DateWindow,
+        objective: OptimizationObjective,
+        warnings: list[str],
+    ) -> tuple[OptimizeResult | None, str]:
+        """The long-only mix the question asks for, through the OptimizePortfolio use case
+        (same validation, estimation, solver and evaluation); a failure is a warning."""
+        others = [s for s in dict.fromkeys(request.symbols) if s != request.benchmark]
+        symbols = list(intent.symbols) if len(intent.symbols) >= 2 else others
+        inputs = OptimizeInput(
+            symbols=tuple(dict.fromkeys(symbols)),
+            objective=objective,
+            window=window,
+            evaluation=None,
+        )
+        with _tracer.start_as_current_span("analytics.analyze.optimize") as span:
+            span.set_attribute("analytics.objective", objective)
+            v = Violations()
+            spec = check_input(v, inputs, request.params)
+            try:
+                if spec is None:
+                    raise ValueError("; ".join(f"{i.field}: {i.description}" for i in v.items))
+                return await optimize_portfolio(self.market, view, inputs, spec, request.params), ""
+            except (FinsightError, opt.OptimizationFailed, ValueError) as exc:
+                reason = exc.message if isinstance(exc, FinsightError) else str(exc)
+        warnings.append(f"optimization_failed: {reason}")
+        log.warning("analyze optimisation failed", extra={"reason": reason})
+        return None, reason
 
     def _screen(self, question: str, warnings: list[str]) -> tuple[str, ...]:
         """The question is data whatever it says; a flagged one is said so and counted."""
@@ -582,26 +712,45 @@ class Facts:
     window: DateWindow
     correlations: dict[frozenset[str], float]
     label: str
+    objective: OptimizationObjective | None = None
+    optimization: OptimizeResult | None = None
 
     def rules_answer(self) -> str:
         by_symbol = {m.symbol: m for m in self.result.metrics}
+        mix = (
+            optimized_mix(self.objective, self.optimization)
+            if self.objective is not None and self.optimization is not None
+            else None
+        )
         return answer_question(
             self.request.question,
             by_symbol,
             self.request.benchmark or None,
             self.label,
             self.correlations or None,
+            mix,
         )
 
     def sources(self) -> grounding.Sources:
         c = self.result.conventions
-        return grounding.Sources.from_metrics(
+        sources = grounding.Sources.from_metrics(
             self.result.metrics,
             question=self.request.question,
             window=(self.window.start, self.window.end),
             periods_per_year=c.periods_per_year,
             risk_free=c.risk_free_annual,
             correlations=self.correlations,
+        )
+        if self.optimization is None:
+            return sources
+        o, sol = self.optimization, self.optimization.solution
+        return sources.with_optimization(
+            dict(zip(o.spec.symbols, sol.weights.tolist(), strict=True)),
+            expected_return=sol.expected_return,
+            volatility=sol.volatility,
+            sharpe=sol.sharpe,
+            window=(o.estimation_first, o.estimation_last),
+            periods=int(o.estimates.returns.shape[0]),
         )
 
 

@@ -73,6 +73,14 @@ def _attr(attr: str) -> Callable[[SymbolMetrics], float | None]:
     return lambda m: float(getattr(m, attr))
 
 
+def _period(attr: str) -> Callable[[SymbolMetrics], float | None]:
+    def get(m: SymbolMetrics) -> float | None:
+        period = getattr(m, attr)
+        return None if period is None else float(period.value)
+
+    return get
+
+
 SPECS: Final[dict[str, MetricSpec]] = {
     s.key: s
     for s in (
@@ -98,12 +106,111 @@ SPECS: Final[dict[str, MetricSpec]] = {
         MetricSpec("alpha", "pct", _rel("alpha")),
         MetricSpec("tracking_error", "pct", _rel("tracking_error"), nonnegative=True),
         MetricSpec("information_ratio", "ratio", _rel("information_ratio")),
+        # -- the extended set --
+        MetricSpec("omega", "ratio", _attr("omega"), nonnegative=True),
+        MetricSpec("tail_ratio", "ratio", _attr("tail_ratio"), nonnegative=True),
+        MetricSpec("stability", "ratio", _attr("stability"), nonnegative=True),
+        MetricSpec("win_rate", "pct", _attr("win_rate"), nonnegative=True),
+        MetricSpec("parametric_cvar_95", "pct", _attr("parametric_cvar_95"), loss=True),
+        MetricSpec("parametric_cvar_99", "pct", _attr("parametric_cvar_99"), loss=True),
+        MetricSpec("cornish_fisher_var_95", "pct", _attr("cornish_fisher_var_95"), loss=True),
+        MetricSpec("cornish_fisher_var_99", "pct", _attr("cornish_fisher_var_99"), loss=True),
+        MetricSpec("cornish_fisher_cvar_95", "pct", _attr("cornish_fisher_cvar_95"), loss=True),
+        MetricSpec("cornish_fisher_cvar_99", "pct", _attr("cornish_fisher_cvar_99"), loss=True),
+        MetricSpec("best_month", "pct", _period("best_month")),
+        MetricSpec("worst_month", "pct", _period("worst_month"), loss=True),
+        MetricSpec("best_year", "pct", _period("best_year")),
+        MetricSpec("worst_year", "pct", _period("worst_year"), loss=True),
+        # Captures are ratios people write either way: 1.05 or 105%.
+        MetricSpec("up_capture", "pct", _rel("up_capture"), nonnegative=True),
+        MetricSpec("down_capture", "pct", _rel("down_capture"), nonnegative=True),
+        MetricSpec("capture_ratio", "ratio", _rel("capture_ratio"), nonnegative=True),
+        MetricSpec("treynor", "pct", _rel("treynor")),
     )
 }
 CORRELATION: Final = MetricSpec("correlation", "ratio", lambda m: None)
+# The extended set is matched only by figures that name it, or by figures tied to no metric
+# in an answer that names it: otherwise (and for gaps in points) a coincidence is too likely.
+NAMED_ONLY: Final = frozenset(
+    {
+        "omega", "tail_ratio", "stability", "win_rate", "parametric_cvar_95",
+        "parametric_cvar_99", "cornish_fisher_var_95", "cornish_fisher_var_99",
+        "cornish_fisher_cvar_95", "cornish_fisher_cvar_99", "best_month", "worst_month",
+        "best_year", "worst_year", "up_capture", "down_capture", "capture_ratio", "treynor",
+    }
+)  # fmt: skip
+# The figures of an optimised mix (Analyze's optimisation intent): `weight` per symbol, the
+# others under the symbol PORTFOLIO. Not per-symbol metrics: `Sources.with_optimization`.
+PORTFOLIO: Final = "PORTFOLIO"
+OPTIMIZATION_SPECS: Final[dict[str, MetricSpec]] = {
+    s.key: s
+    for s in (
+        MetricSpec("weight", "pct", lambda m: None),
+        MetricSpec("expected_return", "pct", lambda m: None),
+        MetricSpec("expected_volatility", "pct", lambda m: None, nonnegative=True),
+        MetricSpec("expected_sharpe", "ratio", lambda m: None),
+    )
+}
+
+
+def _spec(key: str) -> MetricSpec:
+    return SPECS.get(key) or OPTIMIZATION_SPECS.get(key) or CORRELATION
+
 
 # Words naming a metric -> the metric keys they may mean. Longest alternatives first.
 _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    # An optimised mix: its weights and expected figures.
+    (r"\bweights?\b|\bweighting\b|\ballocations?\b", ("weight",)),
+    (
+        r"(?:expected|portfolio|ex[- ]ante|the mix's|mix's) (?:annuali[sz]ed )?"
+        r"(?:volatility|\bvol\b|standard deviation|risk)",
+        ("expected_volatility",),
+    ),
+    (
+        r"(?:expected|portfolio|the mix's|mix's) (?:annuali[sz]ed |annual )?returns?",
+        ("expected_return",),
+    ),
+    (r"(?:expected|portfolio|the mix's|mix's) sharpe(?: ratios?)?", ("expected_sharpe",)),
+    # The extended set.
+    (r"omega(?: ratios?)?", ("omega",)),
+    (r"tail ratios?", ("tail_ratio",)),
+    (r"stability(?: of returns)?", ("stability",)),
+    (r"win(?:ning)? rates?|hit rates?|win ratios?", ("win_rate",)),
+    (r"up(?:side)?[- ](?:market )?capture(?: ratios?)?", ("up_capture",)),
+    (r"down(?:side)?[- ](?:market )?capture(?: ratios?)?", ("down_capture",)),
+    (r"(?:up[-/ ]down |up/down )?capture ratios?", ("capture_ratio",)),
+    (r"treynor(?: ratios?)?", ("treynor",)),
+    (
+        r"(?:gaussian|parametric|normal) (?:daily )?(?:c-?va?r(?:95|99)?|expected shortfall"
+        r"|conditional value[- ]at[- ]risk)",
+        ("parametric_cvar_95", "parametric_cvar_99"),
+    ),
+    (
+        r"(?:cornish[- ]fisher|modified) (?:daily )?(?:c-?va?r(?:95|99)?|expected shortfall"
+        r"|conditional value[- ]at[- ]risk)",
+        ("cornish_fisher_cvar_95", "cornish_fisher_cvar_99"),
+    ),
+    (
+        r"(?:cornish[- ]fisher|modified) (?:daily )?(?:va?r(?:95|99)?\b|value[- ]at[- ]risk)",
+        ("cornish_fisher_var_95", "cornish_fisher_var_99"),
+    ),
+    (
+        r"best (?:calendar |single )?month(?:ly (?:return|gain))?|(?:one|single)[- ]month gain",
+        ("best_month",),
+    ),
+    (
+        r"worst (?:calendar |single )?month(?:ly (?:return|loss))?"
+        r"|(?:one|single)[- ]month (?:loss|drop|fall)",
+        ("worst_month",),
+    ),
+    (
+        r"best (?:calendar |single )?year(?:ly (?:return|gain))?|calendar[- ]year gain",
+        ("best_year",),
+    ),
+    (
+        r"worst (?:calendar |single )?year(?:ly (?:return|loss))?|calendar[- ]year loss",
+        ("worst_year",),
+    ),
     (r"information ratios?|info(?:rmation)? ratio|\bIR\b", ("information_ratio",)),
     (r"tracking errors?", ("tracking_error",)),
     (
@@ -114,7 +221,7 @@ _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         r"value[- ]at[- ]risk|\bva?r(?:95|99)?\b",
         ("var_95", "var_99", "parametric_var_95", "parametric_var_99"),
     ),
-    (r"sharpe(?: ratios?)?", ("sharpe",)),
+    (r"sharpe(?: ratios?)?", ("sharpe", "expected_sharpe")),
     (r"sortino(?: ratios?)?", ("sortino",)),
     (r"calmar(?: ratios?)?", ("calmar",)),
     (
@@ -125,12 +232,12 @@ _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     (
         r"cagr|compound(?:ed)? annual(?: growth)?(?: rate)?|annuali[sz]ed returns?"
         r"|annual returns?|a year compounded|per year|a year\b|per annum|annually",
-        ("cagr", "alpha"),
+        ("cagr", "alpha", "expected_return"),
     ),
     (r"total returns?|cumulative returns?|overall returns?", ("total_return",)),
     (
         r"(?:annuali[sz]ed )?volatility|\bvol\b|standard deviation|\bstd\b",
-        ("volatility", "tracking_error"),
+        ("volatility", "tracking_error", "expected_volatility"),
     ),
     (r"excess kurtosis|kurtosis", ("kurtosis",)),
     (r"skew(?:ness)?", ("skew",)),
@@ -151,7 +258,10 @@ _NAMES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     (r"\bbetas?\b", ("beta",)),
     (r"\balphas?\b", ("alpha",)),
     (r"correlat\w*", ("correlation",)),
-    (r"\breturns?\b|returned", ("total_return", "cagr", "best_day", "worst_day", "alpha")),
+    (
+        r"\breturns?\b|returned",
+        ("total_return", "cagr", "best_day", "worst_day", "alpha", "expected_return"),
+    ),
 )
 # One group per name (the patterns have none of their own): the group that matched says
 # which metric keys the words name.
@@ -509,6 +619,40 @@ class Sources:
             symbols=frozenset(m.symbol for m in metrics),
         )
 
+    def with_optimization(
+        self,
+        weights: Mapping[str, float],
+        *,
+        expected_return: float,
+        volatility: float,
+        sharpe: float,
+        window: tuple[date, date],
+        periods: int,
+    ) -> Sources:
+        """These sources and an optimised mix: each weight under its symbol (key `weight`),
+        the mix's expected figures under PORTFOLIO, its estimation window and length."""
+        values = dict(self.values)
+        for symbol, w in weights.items():
+            values[(symbol, "weight")] = w
+        for key, v in (
+            ("expected_return", expected_return),
+            ("expected_volatility", volatility),
+            ("expected_sharpe", sharpe),
+        ):
+            if math.isfinite(v):
+                values[(PORTFOLIO, key)] = v
+        dates = self.dates | {d.toordinal() for d in window}
+        years = [self.first_year, self.last_year] if self.dates else []
+        years += [d.year for d in window]
+        return replace(
+            self,
+            values=values,
+            numbers=self.numbers | {float(periods), float(len(weights))},
+            dates=frozenset(dates),
+            first_year=min(years),
+            last_year=max(years),
+        )
+
     def of(self, keys: Iterable[str], symbol: str | None = None) -> list[tuple[str, float]]:
         wanted = set(keys)
         return [
@@ -518,7 +662,7 @@ class Sources:
         ]
 
     def unit_of(self, key: str) -> str:
-        return CORRELATION.unit if key == "correlation" else SPECS[key].unit
+        return _spec(key).unit
 
 
 # -- checking ------------------------------------------------------------------------------
@@ -557,7 +701,7 @@ def _close(written: float, value: float, decimals: int) -> bool:
 
 def _matches(f: Figure, key: str, value: float) -> bool:
     """Does figure `f` state `value` of metric `key` (rounding and sign rules)?"""
-    spec = SPECS.get(key, CORRELATION)
+    spec = _spec(key)
     if f.kind == "percent":
         if spec.unit != "pct":
             return False
@@ -582,13 +726,20 @@ class Checker:
 
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
+        # The symbols of an optimised mix: a percentage written right next to one of them
+        # ("KO 61.2%", "61.2% in KO") states its weight.
+        self.mix = {s: v for (s, k), v in sources.values.items() if k == "weight"}
+        self._named: set[str] = set()
 
     def check(self, text: str, citations: Sequence[Citation] = ()) -> Report:
         figures = extract(text)
+        # The extended metrics the answer names somewhere: its untied figures may be those.
+        self._named = {k for _, _, keys in _names(text) for k in keys if k in NAMED_ONLY}
         cited = self._cited(text, figures, citations)
         problems: list[Unverified] = []
         for f in figures:
-            reason = self._reason(f, cited.get(f.start))
+            held = self._weight_reason(text, f) if self.mix and f.start not in cited else None
+            reason = held if held is not None else self._reason(f, cited.get(f.start))
             if reason:
                 problems.append(Unverified(f.text, f.start, f.end, reason))
         return Report(len(figures), tuple(problems))
@@ -642,7 +793,11 @@ class Checker:
             return f"does not match the {_label(f.metrics)} computed" + (
                 f" for {owner}" if owner else ""
             )
-        if any(_matches(f, k, v) for (_, k), v in src.values.items()):
+        if any(
+            _matches(f, k, v)
+            for (_, k), v in src.values.items()
+            if k not in NAMED_ONLY or k in self._named
+        ):
             return ""
         if f.kind == "percent" and any(
             _close(abs(f.value) * 100, p * 100, f.decimals) for p in src.percents
@@ -654,6 +809,39 @@ class Checker:
         ):
             return ""
         return "not among the computed figures"
+
+    def _held(self, text: str, f: Figure) -> str:
+        """The mix symbol written right next to percentage `f` ("KO 61.2%", "KO: 61.2%",
+        "61.2% in KO"), unless a metric name follows it ("KO 15.3% volatility")."""
+        if f.kind != "percent":
+            return ""
+        after = text[f.end : f.end + 60]
+        near = _AFTER_SPLIT.split(after, maxsplit=1)[0]
+        following = _names(near[:40])
+        if (
+            following
+            and _BETWEEN.fullmatch(near[: following[0][0]])
+            and following[0][2] != ("weight",)
+        ):
+            return ""
+        before = _MIX_BEFORE.search(text[max(0, f.start - 40) : f.start])
+        if before and before[1] in self.mix:
+            return before[1]
+        behind = _MIX_AFTER.match(after)
+        return behind[1] if behind and behind[1] in self.mix else ""
+
+    def _weight_reason(self, text: str, f: Figure) -> str | None:
+        """A percentage held by a mix symbol must be its weight (or that symbol's own value
+        of the metric the words name); None when no mix symbol holds it."""
+        held = self._held(text, f)
+        if not held:
+            return None
+        weight = replace(f, metrics=("weight",))
+        if _matches(weight, "weight", self.mix[held]):
+            return ""
+        if f.metrics and any(_matches(f, k, v) for k, v in self.sources.of(f.metrics, held)):
+            return ""
+        return f"does not match the weight of {held} in the optimised mix"
 
     def _date_reason(self, f: Figure) -> str:
         src = self.sources
@@ -670,7 +858,7 @@ class Checker:
 
     def _check_citation(self, f: Figure, c: Citation) -> str:
         key = c.metric.strip().lower()
-        if key not in SPECS and key != "correlation":
+        if key not in SPECS and key not in OPTIMIZATION_SPECS and key != "correlation":
             return f"cites an unknown metric {c.metric!r}"
         symbol = "|".join(sorted(c.symbol.strip().upper().split("|")))
         found = [v for (s, k), v in self.sources.values.items() if k == key and s == symbol]
@@ -701,7 +889,7 @@ class Checker:
     def _points(self, f: Figure) -> bool:
         by_key: dict[str, list[float]] = {}
         for (_, k), v in self.sources.values.items():
-            if self.sources.unit_of(k) == "pct":
+            if self.sources.unit_of(k) == "pct" and (k not in NAMED_ONLY or k in f.metrics):
                 by_key.setdefault(k, []).append(v)
         for k, vs in by_key.items():
             if f.metrics and k not in f.metrics and not set(f.metrics) & {"cagr", "total_return"}:
@@ -714,12 +902,25 @@ class Checker:
         return False
 
 
+_MIX_TICKER: Final = r"([A-Z][A-Z0-9.^-]{0,9})"
+_MIX_BEFORE: Final = re.compile(
+    rf"\b{_MIX_TICKER}(?:'s|\u2019s)?(?:\s*[:=(]|\s+(?:at|with|of|on|gets|got|takes|weighted"
+    r"(?: at)?))?\s*\(?\s*$"
+)
+_MIX_AFTER: Final = re.compile(
+    rf"^\s*(?:(?:in|of|to|for|into|on)\s+)?{_MIX_TICKER}\b(?!'s|\u2019s)"
+)
+
 _FAMILY_LABELS: Final[dict[tuple[str, ...], str]] = {
     ("cvar_95", "cvar_99"): "CVaR",
     ("var_95", "var_99", "parametric_var_95", "parametric_var_99"): "VaR",
-    ("cagr", "alpha"): "annual return",
-    ("volatility", "tracking_error"): "volatility",
-    ("total_return", "cagr", "best_day", "worst_day", "alpha"): "return",
+    ("cagr", "alpha", "expected_return"): "annual return",
+    ("volatility", "tracking_error", "expected_volatility"): "volatility",
+    ("total_return", "cagr", "best_day", "worst_day", "alpha", "expected_return"): "return",
+    ("sharpe", "expected_sharpe"): "sharpe",
+    ("parametric_cvar_95", "parametric_cvar_99"): "Gaussian CVaR",
+    ("cornish_fisher_cvar_95", "cornish_fisher_cvar_99"): "Cornish-Fisher CVaR",
+    ("cornish_fisher_var_95", "cornish_fisher_var_99"): "Cornish-Fisher VaR",
 }
 
 
@@ -749,8 +950,10 @@ STRUCTURED_INSTRUCTIONS: Final = (
     '{"answer": "<your answer as plain prose>", "figures": [{"text": "<a figure exactly as '
     'written in the answer>", "symbol": "<ticker>", "metric": "<metric key>"}]}. List every '
     "figure of the answer that comes from the metrics, with the key of the metric it is, "
-    "one of: " + ", ".join([*SPECS, "correlation"]) + ". For a correlation use the symbol "
-    'pair joined by "|", e.g. "AAPL|MSFT".'
+    "one of: " + ", ".join([*SPECS, "correlation", *OPTIMIZATION_SPECS]) + ". For a "
+    'correlation use the symbol pair joined by "|", e.g. "AAPL|MSFT"; for a weight of an '
+    'optimised mix the symbol it is of, metric "weight"; for the mix\'s expected figures '
+    f'the symbol "{PORTFOLIO}".'
 )
 
 

@@ -26,11 +26,12 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from itertools import combinations
 from typing import Final, Literal
 
 from services.analytics.commentary import format_percent, format_ratio, rules_commentary
-from services.analytics.metrics import SymbolMetrics
+from services.analytics.metrics import PeriodReturn, SymbolMetrics
 from services.analytics.periods import period_spans
 
 MetricName = Literal[
@@ -53,6 +54,18 @@ MetricName = Literal[
     "correlation",
     "tracking_error",
     "information_ratio",
+    "omega",
+    "tail_ratio",
+    "stability",
+    "win_rate",
+    "up_capture",
+    "down_capture",
+    "capture_ratio",
+    "treynor",
+    "best_month",
+    "worst_month",
+    "best_year",
+    "worst_year",
 ]
 # which: one of several; compare: two or more, no "which"; value: one symbol;
 # yes_no: "is X riskier than Y?"; correlation: between symbols; summary: nothing mapped.
@@ -74,6 +87,84 @@ class Intent:
     symbols: tuple[str, ...]  # the symbols it is about, in the order named
     named: bool  # the symbols were named in the question (not defaulted to all)
     verb: Verb | None = None
+
+
+# -- the optimisation intent -------------------------------------------------------------
+
+OptimizationObjective = Literal["min_variance", "max_sharpe", "min_cvar"]
+_MIX_WORDS: Final = re.compile(
+    r"\b(?:mix(?:es|ture)?|blend|weights?|weighting|allocat\w*|split|divide|combination|"
+    r"proportions?|how much (?:of|in|into) each|optim(?:al|um|i[sz]\w*)|tangency|"
+    r"minimum[- ]variance portfolio|min[- ]variance portfolio|max(?:imum)?[- ]sharpe portfolio)\b",
+    re.IGNORECASE,
+)
+_OBJECTIVE_WORDS: Final[tuple[tuple[OptimizationObjective, re.Pattern[str]], ...]] = (
+    (
+        "min_cvar",
+        re.compile(
+            r"\bc-?var\b|expected shortfall|conditional value|tail (?:loss|risk)", re.IGNORECASE
+        ),
+    ),
+    (
+        "max_sharpe",
+        re.compile(
+            r"\bsharpe?\b|risk[- ]adjusted|return per unit of risk|reward to risk|tangency",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        "min_variance",
+        re.compile(
+            r"volatil\w*|variance|\bvol\b|\brisk\w*|standard deviation|\bstd\b|\bsafe\w*|"
+            r"\bstabl\w*|steadi\w*|steady|smooth\w*|swings",
+            re.IGNORECASE,
+        ),
+    ),
+)
+OBJECTIVE_PHRASES: Final[dict[OptimizationObjective, str]] = {
+    "min_variance": "the lowest volatility",
+    "max_sharpe": "the highest Sharpe ratio",
+    "min_cvar": "the smallest 95% CVaR (daily)",
+}
+
+
+def optimization_objective(question: str) -> OptimizationObjective | None:
+    """The optimisation a question asks for ("what mix of these would have had the lowest
+    volatility?", "which weights maximise the Sharpe ratio?", "how should I split between
+    these to minimise CVaR?"), or None when it asks for no mix of weights."""
+    if not _MIX_WORDS.search(question):
+        return None
+    for objective, words in _OBJECTIVE_WORDS:
+        if words.search(question):
+            return objective
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizedMix:
+    """The long-only mix the optimiser found for the question, as Analyze states it."""
+
+    objective: OptimizationObjective
+    weights: tuple[tuple[str, float], ...]  # in the optimiser's symbol order
+    expected_return: float  # annualised
+    volatility: float  # annualised
+    sharpe: float
+    first: date  # the estimation window: first and last day with every symbol's return
+    last: date
+
+
+def mix_sentence(mix: OptimizedMix) -> str:
+    """ "Over 2015-01-02 to 2020-12-31 the long-only mix with the lowest volatility would
+    have been KO 61.2%, MSFT 27.9% and AAPL 10.9%: ..." (weights largest first)."""
+    ranked = sorted(mix.weights, key=lambda sw: (-sw[1], sw[0]))
+    weights = _and([f"{s} {max(w, 0.0) * 100:.1f}%" for s, w in ranked])
+    return (
+        f"Over {mix.first.isoformat()} to {mix.last.isoformat()} the long-only mix with "
+        f"{OBJECTIVE_PHRASES[mix.objective]} would have been {weights}: expected annualised "
+        f"volatility {format_percent(mix.volatility, signed=False)}, expected return "
+        f"{format_percent(mix.expected_return)}, expected Sharpe ratio "
+        f"{format_ratio(mix.sharpe)}."
+    )
 
 
 def needs_correlation(intent: Intent) -> bool:
@@ -104,6 +195,24 @@ def _phrases(
 
 
 _PHRASES: Final[tuple[_Phrase, ...]] = (
+    *_phrases("omega", "omega | omega ratio"),
+    *_phrases("tail_ratio", "tail ratio"),
+    *_phrases("stability", "stability | stability of returns"),
+    *_phrases("win_rate", "win rate | hit rate | winning rate | win ratio"),
+    *_phrases(
+        "up_capture",
+        "upside capture | up capture | up market capture | upside market capture",
+    ),
+    *_phrases(
+        "down_capture",
+        "downside capture | down capture | down market capture | downside market capture",
+    ),
+    *_phrases("capture_ratio", "capture ratio | up down capture | capture"),
+    *_phrases("treynor", "treynor | treynor ratio"),
+    *_phrases("best_month", "best month | best monthly | best calendar month"),
+    *_phrases("worst_month", "worst month | worst monthly | worst calendar month"),
+    *_phrases("best_year", "best year | best calendar year | best annual"),
+    *_phrases("worst_year", "worst year | worst calendar year | worst annual"),
     *_phrases(
         "correlation",
         "correlation | correlated | correlate | corr | move together | moved together | moves "
@@ -156,7 +265,7 @@ _PHRASES: Final[tuple[_Phrase, ...]] = (
     ),
     *_phrases(
         "positive_share",
-        "positive days | up days | winning days | green days | win rate | hit rate | days up "
+        "positive days | up days | winning days | green days | days up "
         "| share of positive | percentage of positive | proportion of positive | days with "
         "gains | positive day | days were positive | days positive | up day",
     ),
@@ -699,8 +808,97 @@ _SPECS: Final[dict[MetricName, _Spec]] = {
         True,
     ),
 }
+_EXTENDED_RATIOS: Final[
+    tuple[tuple[MetricName, str, Callable[[SymbolMetrics], float], bool], ...]
+] = (
+    ("omega", "Omega ratio", lambda m: m.omega, True),
+    ("tail_ratio", "tail ratio", lambda m: m.tail_ratio, True),
+    ("stability", "stability of returns", lambda m: m.stability, True),
+    ("up_capture", "upside capture", _relative_value("up_capture"), True),
+    ("down_capture", "downside capture", _relative_value("down_capture"), False),
+    ("capture_ratio", "capture ratio", _relative_value("capture_ratio"), True),
+    ("treynor", "Treynor ratio", _relative_value("treynor"), True),
+)
+for _metric, _name, _value, _better in _EXTENDED_RATIOS:
+    _SPECS[_metric] = _Spec(
+        _name,
+        _name,
+        _HIGH,
+        _LOW,
+        _value,
+        1.0,
+        _ratio,
+        _better,
+        _common_window
+        if _metric in ("up_capture", "down_capture", "capture_ratio", "treynor")
+        else None,
+    )
+_SPECS["win_rate"] = _Spec(
+    "win rate (positive among non-zero days)",
+    "win rate",
+    _HIGH,
+    _LOW,
+    lambda m: m.win_rate,
+    1.0,
+    _unsigned,
+    True,
+)
+
+
+def _period_value(attr: str) -> Callable[[SymbolMetrics], float]:
+    def value(m: SymbolMetrics) -> float:
+        period: PeriodReturn | None = getattr(m, attr)
+        return math.nan if period is None else period.value
+
+    return value
+
+
+def _period_detail(attr: str, monthly: bool) -> Callable[[SymbolMetrics], str]:
+    def detail(m: SymbolMetrics) -> str:
+        period: PeriodReturn | None = getattr(m, attr)
+        if period is None:
+            return ""
+        start = period.period_start
+        return f" ({start.strftime('%B %Y')})" if monthly else f" (in {start.year})"
+
+    return detail
+
+
+_PERIOD_METRICS: Final[
+    tuple[tuple[MetricName, str, str, tuple[str, str], tuple[str, str], float, bool], ...]
+] = (
+    ("best_month", "best month", "one-month gain", ("bigger", "biggest"),
+     ("smaller", "smallest"), 1.0, True),
+    ("worst_month", "worst month", "one-month loss", ("bigger", "biggest"),
+     ("smaller", "smallest"), -1.0, False),
+    ("best_year", "best calendar year", "calendar-year gain", ("bigger", "biggest"),
+     ("smaller", "smallest"), 1.0, True),
+    ("worst_year", "worst calendar year", "calendar-year loss", ("bigger", "biggest"),
+     ("smaller", "smallest"), -1.0, False),
+)  # fmt: skip
+for _metric, _name, _noun, _more, _less, _sign, _better in _PERIOD_METRICS:
+    _SPECS[_metric] = _Spec(
+        _name,
+        _noun,
+        _more,
+        _less,
+        _period_value(_metric),
+        _sign,
+        _signed,
+        _better,
+        _period_detail(_metric, "month" in _metric),
+    )
 _RELATIVE: Final[frozenset[MetricName]] = frozenset(
-    {"beta", "alpha", "tracking_error", "information_ratio"}
+    {
+        "beta",
+        "alpha",
+        "tracking_error",
+        "information_ratio",
+        "up_capture",
+        "down_capture",
+        "capture_ratio",
+        "treynor",
+    }
 )
 
 
@@ -915,15 +1113,26 @@ def answer_question(
     benchmark: str | None,
     window_label: str,
     correlations: Mapping[frozenset[str], float] | None = None,
+    optimization: OptimizedMix | None = None,
 ) -> str:
     """The direct answer, the window used, then the per-symbol summary.
 
     ``metrics`` holds every analysed symbol (the benchmark's too, when computed);
     ``correlations`` maps a pair of symbols to the Pearson correlation of their daily
-    returns, and is only needed when :func:`needs_correlation` says so.
+    returns, and is only needed when :func:`needs_correlation` says so. A question asking
+    for a mix (:func:`optimization_objective`) is answered with ``optimization``, or says
+    the mix could not be computed when it is None.
     """
-    symbols = list(metrics)
-    intent = parse_question(question, symbols, benchmark)
-    first = _direct_answer(intent, metrics, benchmark, correlations)
+    objective = optimization_objective(question)
+    if objective is not None:
+        first = (
+            mix_sentence(optimization)
+            if optimization is not None
+            else f"The long-only mix with {OBJECTIVE_PHRASES[objective]} could not be "
+            "computed for these symbols over this window (the warnings say why)."
+        )
+    else:
+        intent = parse_question(question, list(metrics), benchmark)
+        first = _direct_answer(intent, metrics, benchmark, correlations)
     window = f"Window: {window_label.rstrip('.')}."
     return f"{first} {window}\n\n{rules_commentary(metrics, benchmark)}"

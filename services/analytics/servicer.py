@@ -750,6 +750,10 @@ class AnalyticsServicer(analytics_pb2_grpc.AnalyticsServiceServicer):
             flagged_fact_ids=outcome.flagged_fact_ids,
             redactions=[common_pb2.Redaction(kind=k, count=n) for k, n in outcome.redactions],
         )
+        if outcome.optimization is not None:
+            out.optimization.CopyFrom(
+                await asyncio.to_thread(optimize_response_pb, outcome.optimization)
+            )
         if outcome.window.start is not None:
             out.window.start.CopyFrom(to_pb_date(outcome.window.start))
         if outcome.window.end is not None:

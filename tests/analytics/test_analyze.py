@@ -627,3 +627,119 @@ async def test_the_grounding_corpus_through_analyze_and_the_dev_provider(stack: 
     )
     assert not false_flags, false_flags
     assert not missed, missed
+
+
+# -- the optimisation intent (issue 16) ----------------------------------------------------
+
+MIX_SYMBOLS = ["AAPL", "MSFT", "XOM"]
+
+
+def _range(start: date, end: date) -> common_pb2.DateRange:
+    return common_pb2.DateRange(
+        start=date_pb2.Date(year=start.year, month=start.month, day=start.day),
+        end=date_pb2.Date(year=end.year, month=end.month, day=end.day),
+    )
+
+
+async def _optimised(
+    stack: Stack, objective: int, start: date, end: date, risk_free: float = 0.0
+) -> pb.OptimizePortfolioResponse:
+    """What the OptimizePortfolio RPC answers for the mix symbols over the window."""
+    a = stack.analytics
+    return await a.stub.OptimizePortfolio(
+        pb.OptimizePortfolioRequest(
+            symbols=MIX_SYMBOLS,
+            objective=objective,  # type: ignore[arg-type]
+            range=_range(start, end),
+            risk_free_rate=risk_free,
+        ),
+        metadata=a.keys.md(a.keys.reader_a),
+        timeout=20,
+    )
+
+
+def _weights(response: pb.OptimizePortfolioResponse) -> dict[str, float]:
+    return {h.symbol: h.weight for h in response.weights}
+
+
+async def test_a_mix_question_is_answered_by_the_optimiser_without_the_llm(stack: Stack) -> None:
+    question = "What mix of AAPL, MSFT and XOM would have had the lowest volatility in 2019?"
+    reply = await without_llm(
+        stack, request("sess-mix-rules", symbols=MIX_SYMBOLS, question=question)
+    )
+    assert reply.commentary_source == pb.COMMENTARY_SOURCE_RULES
+    assert reply.window_source == "the question: 2019"
+    rpc = await _optimised(
+        stack, pb.OPTIMIZATION_OBJECTIVE_MIN_VARIANCE, date(2019, 1, 1), date(2019, 12, 31)
+    )
+    assert reply.HasField("optimization")
+    got = reply.optimization
+    assert got.objective == pb.OPTIMIZATION_OBJECTIVE_MIN_VARIANCE
+    assert _weights(got) == pytest.approx(_weights(rpc), abs=1e-9)
+    assert got.expected_volatility == pytest.approx(rpc.expected_volatility, rel=1e-9)
+    assert got.estimation_window == rpc.estimation_window
+    # The direct answer states the mix, largest weight first, and every figure is grounded.
+    first = reply.narrative.split(" Window: ")[0]
+    ranked = sorted(_weights(rpc).items(), key=lambda sw: -sw[1])
+    stated = [f"{s} {w * 100:.1f}%" for s, w in ranked]
+    assert first.startswith("Over 2019-01-0"), first
+    assert "the long-only mix with the lowest volatility would have been" in first
+    assert all(part in first for part in stated), (first, stated)
+    assert f"volatility {rpc.expected_volatility * 100:.1f}%" in first
+    assert f"Sharpe ratio {rpc.expected_sharpe:.2f}" in first
+    assert list(reply.grounding.unverified_figures) == []
+    assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
+    assert [w.split(":")[0] for w in reply.warnings] == ["llm_unavailable"]
+
+
+async def test_a_mix_the_optimiser_cannot_give_is_a_warning_not_a_failure(stack: Stack) -> None:
+    # One symbol (the benchmark does not count): no mix to optimise.
+    question = "Which weights of AAPL would have maximised the Sharpe ratio?"
+    reply = await without_llm(stack, request("sess-mix-none", symbols=["AAPL"], question=question))
+    assert not reply.HasField("optimization")
+    assert any(w.startswith("optimization_failed: ") for w in reply.warnings), reply.warnings
+    assert "could not be computed" in reply.narrative.split(" Window: ")[0]
+    assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
+
+
+async def test_a_model_answer_quoting_the_mix_is_grounded_and_a_wrong_weight_flagged(
+    stack: Stack,
+) -> None:
+    a = stack.analytics
+    md = a.keys.md(a.keys.reader_a)
+    rpc = await _optimised(
+        stack, pb.OPTIMIZATION_OBJECTIVE_MAX_SHARPE, date(2016, 1, 1), date(2018, 12, 31), 0.02
+    )
+    w = _weights(rpc)
+    first, second, third = sorted(w, key=lambda s: -w[s])
+    vol = f"{rpc.expected_volatility * 100:.1f}%"
+    sharpe = f"{rpc.expected_sharpe:.2f}"
+    right = (
+        f"The highest-Sharpe long-only mix would have put {w[first] * 100:.1f}% in {first}, "
+        f"{second} {w[second] * 100:.1f}% and {third} {w[third] * 100:.1f}%, with an expected "
+        f"volatility of {vol} and an expected Sharpe ratio of {sharpe}."
+    )
+    off = f"{(w[second] + 0.07) * 100:.1f}%"
+    wrong = right.replace(f"{second} {w[second] * 100:.1f}%", f"{second} {off}")
+    for n, (text, flagged) in enumerate(((right, []), (wrong, [off]))):
+        await stack.control.reset()
+        await stack.control.script(structured(text, (vol, "PORTFOLIO", "expected_volatility")))
+        reply = await a.stub.Analyze(
+            request(
+                f"sess-mix-llm-{n}",
+                symbols=MIX_SYMBOLS,
+                question=f"Which weights would have maximised the Sharpe ratio over 2016 to "
+                f"2018? (take {'ab'[n]})",
+                risk_free_rate=0.02,
+                range=_range(date(2016, 1, 1), date(2018, 12, 31)),
+            ),
+            metadata=md,
+            timeout=20,
+        )
+        assert reply.commentary_source == pb.COMMENTARY_SOURCE_LLM, reply.warnings
+        assert _weights(reply.optimization) == pytest.approx(w, abs=1e-9)
+        assert [u.text for u in reply.grounding.unverified_figures] == flagged, reply.narrative
+        # The model was given the mix in a block of its own.
+        sent = (await stack.control.requests())[-1]["body"]["messages"]
+        block = next(m["content"] for m in sent if m["content"].startswith("METRICS"))
+        assert "OPTIMISED MIX" in block and f"{first} {w[first] * 100:.2f}%" in block

@@ -233,3 +233,66 @@ def test_held_out_corpora(name: str, max_false: int, min_flagged: float) -> None
     )
     assert len(false_flags) <= max_false, false_flags
     assert flagged / wrong >= min_flagged
+
+
+# -- the extended metric set (issue 16) ------------------------------------------------------
+
+
+def _extended_sources() -> Sources:
+    from services.analytics.metrics import PeriodReturn
+
+    m = METRICS["AAPL"]
+    assert m.relative is not None
+    rel = replace(m.relative, up_capture=1.0487, down_capture=0.9213, capture_ratio=1.1383,
+                  treynor=0.0812)  # fmt: skip
+    aapl = replace(
+        m, omega=1.1234, tail_ratio=0.9671, stability=0.8846, win_rate=0.54123,
+        parametric_cvar_95=-0.03214, cornish_fisher_var_95=-0.02871,
+        cornish_fisher_cvar_95=-0.04519, relative=rel,
+        best_month=PeriodReturn(0.21437, date(2020, 4, 1), date(2020, 4, 30), 21),
+        worst_month=PeriodReturn(-0.18275, date(2020, 3, 1), date(2020, 3, 31), 22),
+        best_year=PeriodReturn(0.8897, date(2019, 1, 1), date(2019, 12, 31), 252),
+        worst_year=PeriodReturn(-0.2642, date(2022, 1, 1), date(2022, 12, 31), 251),
+    )  # fmt: skip
+    others = [v for k, v in METRICS.items() if k != "AAPL"]
+    return Sources.from_metrics([aapl, *others], periods_per_year=252, risk_free=0.02)
+
+
+@pytest.mark.parametrize(
+    ("text", "wrong"),
+    [
+        ("AAPL's win rate was 54.1%.", "AAPL's win rate was 58.1%."),
+        ("AAPL won on 54% of its trading days (win rate).", "AAPL's hit rate was 61%."),
+        ("AAPL had an Omega ratio of 1.12.", "AAPL had an Omega ratio of 1.32."),
+        ("Its omega was 1.123.", "Its omega was 1.2."),
+        ("The tail ratio was 0.97.", "The tail ratio was 1.07."),
+        ("Stability of returns 0.88 for AAPL.", "Stability of returns 0.78 for AAPL."),
+        ("AAPL's upside capture was 105%.", "AAPL's upside capture was 115%."),
+        ("An up-capture of 1.05 and a downside capture of 92.1%.", "Downside capture 0.82."),
+        ("The capture ratio was 1.14.", "The capture ratio was 1.41."),
+        ("AAPL's Treynor ratio was 0.08.", "AAPL's Treynor ratio was 0.18."),
+        ("A Treynor of 8.1% a year.", "Treynor 0.06."),
+        ("The Gaussian CVaR95 was -3.21%.", "The Gaussian CVaR95 was -4.21%."),
+        ("Its Cornish-Fisher VaR was -2.9%.", "AAPL's Cornish-Fisher VaR was -3.9%."),
+        ("The Cornish-Fisher CVaR was -4.52%.", "The Cornish-Fisher CVaR was -3.21%."),
+        ("Its best month was +21.4% (April 2020).", "Its best month was +24.1%."),
+        ("The worst month, March 2020, lost 18.3%.", "Its worst month was -13.8%."),
+        ("AAPL's best year was +89% (2019).", "AAPL's best year was +98%."),
+        ("Its worst calendar year was -26.4%, in 2022.", "Its worst year was -36.4%."),
+    ],
+)
+def test_the_extended_metrics_are_checked_against_that_metric(text: str, wrong: str) -> None:
+    check = Checker(_extended_sources())
+    report = check.check(text)
+    assert report.clean, (text, report.unverified)
+    bad = check.check(wrong)
+    assert len(bad.unverified) == 1, (wrong, bad)
+
+
+def test_an_extended_metrics_value_is_not_another_metrics_figure() -> None:
+    """A figure tied to a classic metric never matches an extended one (AAPL's win rate,
+    54.1%, as its volatility), nor an untied figure in an answer naming none of them."""
+    check = Checker(_extended_sources())
+    assert not check.check("AAPL's volatility was 54.1%.").clean
+    assert not check.check("AAPL moved 21.4% at one point.").clean
+    assert check.check("AAPL's best month: 21.4%.").clean

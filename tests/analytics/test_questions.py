@@ -19,13 +19,21 @@ import pytest
 
 from services.analytics.commentary import rules_commentary
 from services.analytics.grounding import Checker, Sources
-from services.analytics.metrics import BenchmarkRelative, DatedReturn, DrawdownInfo, SymbolMetrics
+from services.analytics.metrics import (
+    BenchmarkRelative,
+    DatedReturn,
+    DrawdownInfo,
+    PeriodReturn,
+    SymbolMetrics,
+)
 from services.analytics.periods import resolve_period
 from services.analytics.questions import (
     UNMAPPED,
     Intent,
+    OptimizedMix,
     answer_question,
     needs_correlation,
+    optimization_objective,
     parse_question,
 )
 
@@ -420,3 +428,165 @@ def test_every_rule_based_answer_in_the_table_is_fully_grounded() -> None:
         checked += report.figures_checked
         assert report.clean, (case.line, case.question, report.unverified)
     assert checked > 1000
+
+
+# -- the extended metric set and the optimisation intent (issue 16) ------------------------
+
+_EXTENDED = {
+    "AAPL": dict(omega=1.14, tail_ratio=0.97, stability=0.91, win_rate=0.538),
+    "MSFT": dict(omega=1.18, tail_ratio=1.04, stability=0.83, win_rate=0.551),
+}
+_CAPTURES = {"AAPL": (1.12, 1.05, 1.0667, 0.081), "MSFT": (1.08, 0.93, 1.1613, 0.095)}
+_PERIODS = {
+    "AAPL": ((0.214, date(2020, 4, 1)), (-0.183, date(2020, 3, 1)), (0.89, 2019), (-0.05, 2022)),
+    "MSFT": ((0.156, date(2015, 10, 1)), (-0.129, date(2022, 4, 1)), (0.57, 2019), (-0.28, 2022)),
+}
+
+
+def _extended(symbol: str) -> SymbolMetrics:
+    m = METRICS[symbol]
+    assert m.relative is not None
+    up, down, ratio, treynor = _CAPTURES[symbol]
+    relative = dataclasses.replace(
+        m.relative, up_capture=up, down_capture=down, capture_ratio=ratio, treynor=treynor
+    )
+    (bm, bm_start), (wm, wm_start), (by, by_year), (wy, wy_year) = _PERIODS[symbol]
+
+    def month(v: float, start: date) -> PeriodReturn:
+        return PeriodReturn(v, start, start.replace(day=28), 21)
+
+    def year(v: float, y: int) -> PeriodReturn:
+        return PeriodReturn(v, date(y, 1, 1), date(y, 12, 31), 252)
+
+    return dataclasses.replace(
+        m,
+        relative=relative,
+        best_month=month(bm, bm_start),
+        worst_month=month(wm, wm_start),
+        best_year=year(by, by_year),
+        worst_year=year(wy, wy_year),
+        **_EXTENDED[symbol],  # type: ignore[arg-type]
+    )
+
+
+EXTENDED = {s: _extended(s) for s in ("AAPL", "MSFT")} | {"SP500": METRICS["SP500"]}
+
+
+@pytest.mark.parametrize(
+    ("question", "metric", "first", "figure"),
+    [
+        ("Which had the higher win rate?", "win_rate", "MSFT", "55.1%"),
+        ("which had the higher omega?", "omega", "MSFT", "1.18"),
+        ("Which had the better tail ratio?", "tail_ratio", "MSFT", "1.04"),
+        ("Which had the higher upside capture?", "up_capture", "AAPL", "1.12"),
+        ("which had the lower downside capture?", "down_capture", "MSFT", "0.93"),
+        ("Which had the better capture ratio?", "capture_ratio", "MSFT", "1.16"),
+        ("Which had the higher Treynor ratio?", "treynor", "MSFT", "0.10"),
+        ("Which had the higher stability of returns?", "stability", "AAPL", "0.91"),
+        ("Which had the best month?", "best_month", "AAPL", "+21.4% (April 2020)"),
+        ("Which had the worst month?", "worst_month", "AAPL", "-18.3% (March 2020)"),
+        ("Which had the best year?", "best_year", "AAPL", "+89.0% (in 2019)"),
+        ("which had the worst calendar year?", "worst_year", "MSFT", "-28.0% (in 2022)"),
+    ],
+)
+def test_the_extended_metrics_are_asked_and_answered_directly_and_grounded(
+    question: str, metric: str, first: str, figure: str
+) -> None:
+    intent = parse_question(question, list(EXTENDED), BENCH)
+    assert (intent.kind, intent.metric) == ("which", metric)
+    answer = answer_question(question, EXTENDED, BENCH, WINDOW)
+    direct = _first_sentence(answer)
+    assert _first_symbol(direct) == first and figure in direct, direct
+    sources = Sources.from_metrics(
+        list(EXTENDED.values()),
+        question=question,
+        window=(date(2015, 1, 2), ANCHOR),
+    )
+    report = Checker(sources).check(answer)
+    assert report.clean, (direct, report.unverified)
+
+
+def test_a_single_symbols_extended_metric_is_stated() -> None:
+    answer = answer_question("What was AAPL's best month?", EXTENDED, BENCH, WINDOW)
+    assert _first_sentence(answer) == "AAPL's best month was +21.4% (April 2020)."
+    answer = answer_question("What was MSFT's win rate?", EXTENDED, BENCH, WINDOW)
+    assert _first_sentence(answer) == ("MSFT's win rate (positive among non-zero days) was 55.1%.")
+
+
+@pytest.mark.parametrize(
+    ("question", "objective"),
+    [
+        ("What mix of AAPL, MSFT and KO would have had the lowest volatility?", "min_variance"),
+        ("which weights would have maximised the Sharpe ratio over 2019?", "max_sharpe"),
+        ("how should I split between these to minimise CVaR?", "min_cvar"),
+        ("What allocation would have been least risky?", "min_variance"),
+        ("the minimum-variance portfolio of these?", "min_variance"),
+        ("Which blend gives the best risk-adjusted return?", "max_sharpe"),
+        ("how much of each to hold for the smallest expected shortfall", "min_cvar"),
+        ("Optimise the weights for the steadiest ride", "min_variance"),
+        # Not a mix: a metric question, or a mix with no objective.
+        ("Which had the lowest volatility?", None),
+        ("Which had the higher Sharpe ratio in 2019?", None),
+        ("What is the CVaR of AAPL?", None),
+        ("What mix would you suggest?", None),
+    ],
+)
+def test_the_optimisation_intent_and_its_objective(question: str, objective: str | None) -> None:
+    assert optimization_objective(question) == objective
+
+
+MIX = OptimizedMix(
+    "min_variance",
+    (("AAPL", 0.10876), ("MSFT", 0.27912), ("KO", 0.61212)),
+    expected_return=0.14812,
+    volatility=0.15267,
+    sharpe=0.9712,
+    first=date(2015, 1, 5),
+    last=date(2020, 12, 31),
+)
+
+
+def _mix_sources(question: str) -> Sources:
+    return Sources.from_metrics(
+        list(EXTENDED.values()), question=question, window=(date(2015, 1, 2), ANCHOR)
+    ).with_optimization(
+        dict(MIX.weights),
+        expected_return=MIX.expected_return,
+        volatility=MIX.volatility,
+        sharpe=MIX.sharpe,
+        window=(MIX.first, MIX.last),
+        periods=1510,
+    )
+
+
+def test_the_mix_is_stated_directly_and_every_figure_is_grounded() -> None:
+    question = "What mix of AAPL, MSFT and KO would have had the lowest volatility?"
+    answer = answer_question(question, EXTENDED, BENCH, WINDOW, optimization=MIX)
+    assert _first_sentence(answer) == (
+        "Over 2015-01-05 to 2020-12-31 the long-only mix with the lowest volatility would "
+        "have been KO 61.2%, MSFT 27.9% and AAPL 10.9%: expected annualised volatility "
+        "15.3%, expected return +14.8%, expected Sharpe ratio 0.97."
+    )
+    check = Checker(_mix_sources(question))
+    assert check.check(answer).clean
+    # A swapped or wrong weight is flagged, against the symbol it is written next to.
+    wrong = answer.replace("KO 61.2%, MSFT 27.9%", "KO 27.9%, MSFT 61.2%")
+    assert [u.text for u in check.check(wrong).unverified] == ["27.9%", "61.2%"]
+    for text, flagged in (
+        ("Put 61.2% in KO, 27.9% in MSFT and 10.9% in AAPL.", []),
+        ("Put 61% in KO, 28% in MSFT and 11% in AAPL.", []),
+        ("Put 60% in KO, 28% in MSFT and 11% in AAPL.", ["60%"]),
+        ("The mix's expected volatility is 15.27%, its expected return 14.81%.", []),
+        ("The mix's expected volatility is 14.3%.", ["14.3%"]),
+        ("Its expected Sharpe ratio would be 1.12.", ["1.12"]),
+    ):
+        assert [u.text for u in check.check(text).unverified] == flagged, text
+
+
+def test_a_mix_that_could_not_be_computed_is_said_so() -> None:
+    question = "how should I split between these to minimise CVaR?"
+    answer = answer_question(question, EXTENDED, BENCH, WINDOW)
+    assert _first_sentence(answer) == (
+        "The long-only mix with the smallest 95% CVaR (daily) could not be computed for these "
+        "symbols over this window (the warnings say why)."
+    )
