@@ -29,7 +29,7 @@ class Provider:
     base_url: str
     api_key: str | None
     requires_key: bool
-    system: str  # gen_ai.system
+    system: str  # gen_ai.provider.name
     max_connections: int
     attempt_timeout_s: float
     max_retries: int

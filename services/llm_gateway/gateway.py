@@ -21,7 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -69,7 +69,7 @@ from services.llm_gateway.pii import (
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import DeadlineSpent, ProviderError
 from services.llm_gateway.router import Link, OpenStream, Router
-from services.llm_gateway.usage import UsageEvent, UsageLedger, UsageRowData
+from services.llm_gateway.usage import UsageEvent, UsageLedger, UsageRowData, project_exhaustion
 from services.llm_gateway.validation import check_completion, check_messages, check_model
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class UsageReport:
     rows: list[UsageRowData]
     daily_budget_nanos: int | None
     remaining_today_nanos: int | None
+    spent_today_nanos: int | None = None  # recorded cost today (what the thresholds compare)
+    projected_exhaustion: datetime | None = None
 
 
 @dataclass
@@ -614,7 +616,10 @@ class Gateway:
             if reservation is None
             else TenantLimiter.settlement(reservation, completion.cost_nanos, billed.total)
         )
-        writes = [self.ledger.record(event, settlement)]
+        budget = self.limiter.policy.for_tenant(identity.tenant).daily_budget_nanos
+        writes: list[Coroutine[Any, Any, Any]] = [
+            self.ledger.record(event, settlement, budget_nanos=budget)
+        ]
         if (
             store
             and not completion.cached
@@ -688,7 +693,8 @@ class Gateway:
 
     async def usage(self, start: date | None, end: date | None, model: str) -> UsageReport:
         tenant = current_identity().tenant
-        today = datetime.now(UTC).date()
+        now = datetime.now(UTC)
+        today = now.date()
         end = end or today
         start = start or end - timedelta(days=DEFAULT_USAGE_DAYS - 1)
         v = Violations()
@@ -702,16 +708,18 @@ class Gateway:
         try:
             rows = await self.ledger.report(tenant, start, end, model or None)
             budget = self.limiter.policy.for_tenant(tenant).daily_budget_nanos
-            remaining = None
+            remaining = spent = projected = None
             if budget is not None:
                 remaining = max(0, budget - await self.limiter.spent_today(tenant))
+                spent = await self.ledger.cost_today(tenant, now)
+                projected = project_exhaustion(now, spent, remaining)
         except (RedisError, OSError):
             raise Unavailable(
                 "usage store unavailable; retry shortly",
                 reason="USAGE_STORE_UNAVAILABLE",
                 retry_after=1.0,
             ) from None
-        return UsageReport(rows, budget, remaining)
+        return UsageReport(rows, budget, remaining, spent, projected)
 
 
 def _observe_pii(route: Route, redactor: Redactor, outcome: str) -> None:

@@ -80,6 +80,35 @@ PII_REDACTIONS = Counter(
     "allowed).",
     ("kind", "outcome"),
 )
+# OpenTelemetry GenAI client metrics (semantic-convention names, labels and buckets);
+# `gen_ai.client.token.usage` and `gen_ai.client.operation.duration` in OTLP terms.
+_GENAI_TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864
+)  # fmt: skip
+_GENAI_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92
+)  # fmt: skip
+_GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+GENAI_TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per provider call by gen_ai_token_type (input, output).",
+    (*_GENAI_LABELS, "gen_ai_token_type"),
+    buckets=_GENAI_TOKEN_BUCKETS,
+)
+GENAI_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "Duration of one provider call (streams: until the last chunk).",
+    _GENAI_LABELS,
+    buckets=_GENAI_DURATION_BUCKETS,
+)
+BUDGET_THRESHOLD_CROSSED = Counter(
+    "llm_gateway_budget_threshold_crossed_total",
+    "Tenants whose recorded cost reached a fraction (0.8, 1.0) of their daily budget, once "
+    "per tenant, UTC day and threshold (the tenant is in the log line and the usage stream).",
+    ("threshold",),
+)
+for _threshold in ("0.8", "1.0"):  # exported from start-up, so alerts see a zero series
+    BUDGET_THRESHOLD_CROSSED.labels(_threshold)
 PROMPT_TOKENS = Histogram(
     "llm_gateway_prompt_tokens",
     "Prompt tokens per request as counted by the gateway.",

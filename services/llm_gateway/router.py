@@ -10,10 +10,12 @@ the caller's deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -75,11 +77,22 @@ class OpenStream:
     link: Link
     attempts: int
     span: Span
+    started: float = 0.0  # perf_counter at the attempt's start (gen_ai operation duration)
 
     async def close(self, error: BaseException | None = None) -> None:
         await self.stream.__aexit__(None, None, None)
         state = self.stream.state
-        _finish_span(self.span, self.link, state.model, state.usage, error, end=True)
+        _finish_span(
+            self.span,
+            self.link,
+            state.model,
+            state.usage,
+            error,
+            response_id=state.request_id,
+            finish_reason=state.finish_reason,
+            end=True,
+        )
+        _observe_duration(self.link, self.started)
 
 
 class _LinkFailed(Exception):
@@ -123,10 +136,20 @@ class Router:
                     _finish_span(span, link, None, None, exc)
                     raise
                 finally:
+                    elapsed = time.perf_counter() - started
                     metrics.child(
                         metrics.ATTEMPT_SECONDS, link.provider.name, link.model.name, outcome
-                    ).observe(time.perf_counter() - started)
-                _finish_span(span, link, answer.model, answer.usage, None)
+                    ).observe(elapsed)
+                    _genai_child(metrics.GENAI_DURATION, link).observe(elapsed)
+                _finish_span(
+                    span,
+                    link,
+                    answer.model,
+                    answer.usage,
+                    None,
+                    response_id=answer.request_id,
+                    finish_reason=answer.finish_reason,
+                )
                 return answer
 
         answer, link, attempts = await self._chain(route, links, deadline, run)
@@ -164,12 +187,13 @@ class Router:
                 outcome = _outcome(exc)
                 await stream.__aexit__(None, None, None)
                 _finish_span(span, link, None, None, exc, end=True)
+                _observe_duration(link, started)
                 raise
             finally:
                 metrics.ATTEMPT_SECONDS.labels(
                     link.provider.name, link.model.name, outcome
                 ).observe(time.perf_counter() - started)
-            return OpenStream(stream, first, link, attempt_no, span)
+            return OpenStream(stream, first, link, attempt_no, span, started)
 
         opened, _, attempts = await self._chain(route, links, deadline, run)
         opened.attempts = attempts
@@ -245,14 +269,24 @@ class Router:
         )
 
 
-# -- spans ------------------------------------------------------------------------------------
+# -- spans (OpenTelemetry GenAI semantic conventions) -------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _server(base_url: str) -> tuple[str, int]:
+    """`server.address` and `server.port` of a provider base URL."""
+    parts = urlsplit(base_url)
+    return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+
+
 def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, Any]:
     body = link.body
+    address, port = _server(link.provider.base_url)
     attrs: dict[str, Any] = {
-        "gen_ai.system": link.provider.system,
+        "gen_ai.provider.name": link.provider.system,
         "gen_ai.operation.name": "chat",
         "gen_ai.request.model": link.model.provider_model,
         "gen_ai.request.max_tokens": body.get("max_tokens", 0),
+        "server.address": address,
+        "server.port": port,
         "finsight.llm.provider": link.provider.name,
         "finsight.llm.attempt": attempt_no,
         "finsight.llm.stream": stream,
@@ -271,14 +305,26 @@ def _finish_span(
     usage: Usage | None,
     error: BaseException | None,
     *,
+    response_id: str = "",
+    finish_reason: str = "",
     end: bool = False,
 ) -> None:
-    """Response attributes (and, for manually started stream spans, the end)."""
+    """Response attributes and token-usage metrics (and, for manually started stream
+    spans, the end)."""
     if response_model:
         span.set_attribute("gen_ai.response.model", response_model)
+    if response_id:
+        span.set_attribute("gen_ai.response.id", response_id)
+    if finish_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", (finish_reason,))
     if usage is not None:
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt)
         span.set_attribute("gen_ai.usage.output_tokens", usage.completion)
+        span.set_attribute(
+            "finsight.llm.cost_usd", link.model.pricing.cost_nanos(usage) / 1_000_000_000
+        )
+        _genai_child(metrics.GENAI_TOKEN_USAGE, link, "input").observe(usage.prompt)
+        _genai_child(metrics.GENAI_TOKEN_USAGE, link, "output").observe(usage.completion)
     if error is not None:
         span.set_attribute("error.type", _outcome(error))
         if isinstance(error, ProviderError) and error.status is not None:
@@ -286,6 +332,14 @@ def _finish_span(
         span.set_status(Status(StatusCode.ERROR, str(error)[:200]))
     if end:
         span.end()
+
+
+def _genai_child(metric: Any, link: Link, *extra: str) -> Any:
+    return metrics.child(metric, "chat", link.provider.system, link.model.provider_model, *extra)
+
+
+def _observe_duration(link: Link, started: float) -> None:
+    _genai_child(metrics.GENAI_DURATION, link).observe(time.perf_counter() - started)
 
 
 # -- error mapping ------------------------------------------------------------------------------

@@ -140,6 +140,10 @@ class LlmGatewayServicer:
         if report.daily_budget_nanos is not None:
             out.daily_budget.CopyFrom(_money(report.daily_budget_nanos))
             out.remaining_budget_today.CopyFrom(_money(report.remaining_today_nanos or 0))
+            if report.daily_budget_nanos > 0 and report.spent_today_nanos is not None:
+                out.budget_used_fraction = report.spent_today_nanos / report.daily_budget_nanos
+            if report.projected_exhaustion is not None:
+                out.projected_exhaustion_time.FromDatetime(report.projected_exhaustion)
         return out
 
 

@@ -29,7 +29,7 @@ class ProviderSpec(BaseModel):
     api_key_env: str | None = Field(None, description="Environment variable holding the key")
     api_key_file: Path | None = Field(None, description="File holding the key (secret mount)")
     requires_key: bool = Field(True, description="False for keyless local servers (vLLM, Ollama)")
-    system: str | None = Field(None, description="gen_ai.system value; default: the name")
+    system: str | None = Field(None, description="gen_ai.provider.name value; default: the name")
     max_connections: int | None = Field(None, ge=1, le=10_000)
     attempt_timeout_s: float | None = Field(None, gt=0, le=3600)
     max_retries: int | None = Field(None, ge=0, le=10)

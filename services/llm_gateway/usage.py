@@ -4,27 +4,42 @@ Counters: hash `llm:usage:{tenant}:{YYYYMMDD}`, fields `{model}|{counter}` for c
 requests, cache_hits, prompt, completion, cached_prompt, reasoning, cost_nanos (integers,
 HINCRBY: atomic across replicas). They serve GetUsage; the budget has its own key (see
 limits.py). Each completion is also appended to a Redis Stream (capped with MAXLEN ~) that
-a durable ledger can consume with a consumer group.
+a durable ledger can consume with a consumer group: entries of `type=usage` (one per
+completion) and `type=budget_threshold` (a tenant's recorded cost reached 80% / 100% of its
+daily budget, once per tenant, UTC day and threshold; see _RECORD_LUA).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from redis.asyncio import Redis
 
 from libs.common.ratelimit import script_batcher
+from services.llm_gateway import metrics
 from services.llm_gateway.limits import Settlement
 from services.llm_gateway.pricing import Usage
 
+log = logging.getLogger(__name__)
+
 # One round trip for everything a finished completion changes. KEYS: usage hash, budget key,
-# tpm bucket, stream. ARGV: retention s, budget delta, tpm refund, stream maxlen, number of
-# counter pairs n, n pairs (field, value), then the event's field/value pairs.
+# tpm bucket, stream. ARGV: retention s, budget delta, tpm refund, stream maxlen, daily budget
+# nanos (-1 = none), this event's cost nanos, tenant, day (YYYYMMDD), ts, number of counter
+# pairs n, n pairs (field, value), then the event's field/value pairs.
+#
+# Budget thresholds: when the event has a cost and the tenant a budget, the day's recorded
+# cost (sum of the hash's `{model}|cost_nanos` fields, after this event's HINCRBY) is compared
+# with each threshold of BUDGET_THRESHOLDS; a threshold reached for the first time that day
+# (HSETNX of the field `budget_threshold:{t}` in the same hash, which expires with it) adds a
+# `type=budget_threshold` event to the stream and is returned. The script is atomic, so each
+# threshold fires exactly once per tenant and UTC day, whatever the replicas and concurrency.
+# Returns {spent nanos, thresholds crossed...}.
 _RECORD_LUA = """
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[10])
 for i = 0, n - 1 do
-  redis.call('HINCRBY', KEYS[1], ARGV[6 + 2 * i], ARGV[7 + 2 * i])
+  redis.call('HINCRBY', KEYS[1], ARGV[11 + 2 * i], ARGV[12 + 2 * i])
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 if KEYS[2] ~= '' and tonumber(ARGV[2]) ~= 0 then
@@ -34,12 +49,36 @@ if KEYS[3] ~= '' and tonumber(ARGV[3]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], 'tokens', ARGV[3])
 end
 local event = {}
-for i = 6 + 2 * n, #ARGV do
+for i = 11 + 2 * n, #ARGV do
   event[#event + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
-return 1
+local budget = tonumber(ARGV[5])
+if budget <= 0 or tonumber(ARGV[6]) <= 0 then
+  return {'-1'}
+end
+local spent = 0
+local h = redis.call('HGETALL', KEYS[1])
+for i = 1, #h, 2 do
+  if string.sub(h[i], -11) == '|cost_nanos' then
+    spent = spent + tonumber(h[i + 1])
+  end
+end
+local out = {string.format('%.0f', spent)}
+for _, t in ipairs({{'0.8', 8}, {'1.0', 10}}) do
+  if spent * 10 >= budget * t[2]
+      and redis.call('HSETNX', KEYS[1], 'budget_threshold:' .. t[1], ARGV[9]) == 1 then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'type', 'budget_threshold',
+      'ts', ARGV[9], 'tenant', ARGV[7], 'day', ARGV[8], 'threshold', t[1],
+      'spent_nanos', out[1], 'budget_nanos', ARGV[5])
+    out[#out + 1] = t[1]
+  end
+end
+return out
 """
+# Fractions of the daily budget that emit a metric, a warning and a stream event once per
+# tenant and day (hard-coded in _RECORD_LUA too).
+BUDGET_THRESHOLDS = ("0.8", "1.0")
 
 COUNTERS = (
     "requests",
@@ -68,6 +107,10 @@ class UsageEvent:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
+def _str(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass
 class UsageRowData:
     day: date
@@ -93,8 +136,16 @@ class UsageLedger:
         self._record = redis.register_script(_RECORD_LUA)
         self._batcher = script_batcher(redis)
 
-    async def record(self, event: UsageEvent, settlement: Settlement | None = None) -> None:
-        """Counters, budget settlement, TPM refund and the stream event: one atomic script."""
+    async def record(
+        self,
+        event: UsageEvent,
+        settlement: Settlement | None = None,
+        *,
+        budget_nanos: int | None = None,
+    ) -> list[str]:
+        """Counters, budget settlement, TPM refund, the stream event and the budget threshold
+        check: one atomic script. Returns the thresholds (BUDGET_THRESHOLDS) this event made the
+        tenant reach first today; each is counted, logged and on the stream."""
         u = event.usage
         values = {
             "requests": 1,
@@ -110,6 +161,7 @@ class UsageLedger:
             if amount:
                 pairs += [f"{event.model}|{counter}", amount]
         fields: dict[str, str | int] = {
+            "type": "usage",
             "ts": f"{event.at.timestamp():.3f}",
             "tenant": event.tenant,
             "caller": event.caller,
@@ -127,6 +179,7 @@ class UsageLedger:
             "redactions": ",".join(f"{k}:{n}" for k, n in sorted(event.redactions.items())),
         }
         s = settlement
+        day, ts = event.at.strftime("%Y%m%d"), f"{event.at.timestamp():.3f}"
         keys = [
             usage_key(event.tenant, event.at.date()),
             (s.budget_key or "") if s else "",
@@ -138,12 +191,36 @@ class UsageLedger:
             s.budget_delta if s and s.budget_key else 0,
             s.tpm_refund if s and s.tpm_key else 0,
             self.stream_maxlen,
+            -1 if budget_nanos is None else budget_nanos,
+            event.cost_nanos,
+            event.tenant,
+            day,
+            ts,
             len(pairs) // 2,
             *pairs,
         ]
         for name, value in fields.items():
             args += [name, value]
-        await self._batcher.run(self._record, keys, args)
+        result = await self._batcher.run(self._record, keys, args)
+        crossed = [_str(t) for t in result[1:]]
+        for threshold in crossed:
+            metrics.child(metrics.BUDGET_THRESHOLD_CROSSED, threshold).inc()
+            log.warning(
+                "tenant reached a daily budget threshold",
+                extra={
+                    "tenant": event.tenant,
+                    "threshold": threshold,
+                    "spent_nanos": int(_str(result[0])),
+                    "budget_nanos": budget_nanos,
+                    "day": day,
+                },
+            )
+        return crossed
+
+    async def cost_today(self, tenant: str, now: datetime) -> int:
+        """The tenant's recorded cost today (UTC), nano-USD: what the thresholds compare."""
+        raw = await self.redis.hgetall(usage_key(tenant, now.date()))  # type: ignore[misc]
+        return sum(int(v) for f, v in raw.items() if _str(f).endswith("|cost_nanos"))
 
     async def report(
         self, tenant: str, start: date, end: date, model: str | None = None
@@ -178,3 +255,21 @@ class UsageLedger:
                     )
                 )
         return rows
+
+
+def project_exhaustion(now: datetime, spent_nanos: int, remaining_nanos: int) -> datetime | None:
+    """When the budget runs out if the tenant keeps spending at today's average rate.
+
+    rate = recorded cost today / time elapsed since UTC midnight; exhaustion = now + what is
+    left / rate. `now` when nothing is left; None when nothing was spent yet (no rate) or when
+    the projection falls after the day's end (the budget resets at UTC midnight)."""
+    if remaining_nanos <= 0:
+        return now
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    # Integer arithmetic in microseconds, so the result does not depend on float rounding.
+    elapsed_us = (now - midnight) // timedelta(microseconds=1)
+    if spent_nanos <= 0 or elapsed_us <= 0:
+        return None
+    left_us = 24 * 3600 * 1_000_000 - elapsed_us  # until midnight
+    ahead_us = remaining_nanos * elapsed_us // spent_nanos
+    return now + timedelta(microseconds=ahead_us) if ahead_us < left_us else None

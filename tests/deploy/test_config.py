@@ -31,7 +31,7 @@ from tests.deploy.conftest import (
 MODELS = {m.service_name: m for m in settings_models()}
 # Env vars a pod may set that are not settings: Downward API helpers and the
 # OpenTelemetry SDK's own variable.
-NOT_SETTINGS = {"POD_NAME", "POD_NAMESPACE", "OTEL_RESOURCE_ATTRIBUTES"}
+NOT_SETTINGS = {"POD_NAME", "POD_NAMESPACE", "NODE_NAME", "OTEL_RESOURCE_ATTRIBUTES"}
 
 
 def test_base_settings_env_is_generated_from_the_models() -> None:

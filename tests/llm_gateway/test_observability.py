@@ -9,12 +9,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from libs.common.tracing import configure_tracing
+from libs.common.tracing import build_resource, configure_tracing
 from libs.devprovider import DevProviderControl
 from services.llm_gateway.pricing import Pricing, Usage
 from services.llm_gateway.providers import ProviderError, parse_retry_after
 from services.llm_gateway.retry import RetryPolicy
 from tests.llm_gateway.conftest import Gw
+from tests.llm_gateway.test_stream import collect, stream
 
 _EXPORTER = InMemorySpanExporter()
 
@@ -43,18 +44,108 @@ async def test_a_span_per_attempt_with_genai_attributes(
     )
     failed, ok = dict(first.attributes or {}), dict(second.attributes or {})
     for attrs in (failed, ok):
-        assert attrs["gen_ai.system"] == "deepseek"
+        assert attrs["gen_ai.provider.name"] == "deepseek"
+        assert "gen_ai.system" not in attrs  # deprecated
+        assert attrs["gen_ai.operation.name"] == "chat"
         assert attrs["gen_ai.request.model"] == "deepseek-chat"
         assert attrs["gen_ai.request.max_tokens"] == 20
         assert attrs["gen_ai.request.temperature"] == 0.5
+        assert attrs["server.address"] == "127.0.0.1"
+        assert isinstance(attrs["server.port"], int) and attrs["server.port"] > 0
     assert failed["http.response.status_code"] == 503
+    assert failed["error.type"] == "http_503"
     assert not first.status.is_ok
+    assert "gen_ai.response.id" not in failed
     assert ok["gen_ai.response.model"] == "deepseek-chat"
+    assert ok["gen_ai.response.id"]
+    assert ok["gen_ai.response.finish_reasons"] == ("stop",)
     assert ok["gen_ai.usage.input_tokens"] == 3
     assert ok["gen_ai.usage.output_tokens"] == 3
+    assert isinstance(ok["finsight.llm.cost_usd"], float) and ok["finsight.llm.cost_usd"] > 0
     # Both attempts belong to the RPC's trace.
     assert first.context is not None and second.context is not None
     assert first.context.trace_id == second.context.trace_id
+
+
+async def test_stream_span_carries_response_attributes(gw: Gw) -> None:
+    _EXPORTER.clear()
+    labels = {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_provider_name": "deepseek",
+        "gen_ai_request_model": "deepseek-chat",
+    }
+    before = sample("gen_ai_client_operation_duration_seconds_count", **labels)
+    text, end = await collect(stream(gw, "stream me"))
+    assert text and end is not None
+    (span,) = [s for s in _EXPORTER.get_finished_spans() if s.name == "chat deepseek-chat"]
+    attrs = dict(span.attributes or {})
+    assert attrs["finsight.llm.stream"] is True
+    assert attrs["gen_ai.provider.name"] == "deepseek"
+    assert attrs["gen_ai.response.id"]
+    assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attrs["gen_ai.usage.output_tokens"] == end.usage.completion_tokens
+    assert sample("gen_ai_client_operation_duration_seconds_count", **labels) == before + 1
+
+
+async def test_genai_client_metrics(gw: Gw) -> None:
+    labels = {
+        "gen_ai_operation_name": "chat",
+        "gen_ai_provider_name": "deepseek",
+        "gen_ai_request_model": "deepseek-chat",
+    }
+    before_in = sample("gen_ai_client_token_usage_sum", **labels, gen_ai_token_type="input")
+    before_out = sample("gen_ai_client_token_usage_count", **labels, gen_ai_token_type="output")
+    before_calls = sample("gen_ai_client_operation_duration_seconds_count", **labels)
+    reply = await gw.complete("measure me")
+    assert sample("gen_ai_client_token_usage_sum", **labels, gen_ai_token_type="input") == (
+        before_in + reply.usage.prompt_tokens
+    )
+    assert (
+        sample("gen_ai_client_token_usage_count", **labels, gen_ai_token_type="output")
+        == before_out + 1
+    )
+    assert sample("gen_ai_client_operation_duration_seconds_count", **labels) == before_calls + 1
+    # The semconv bucket boundaries.
+    assert bounds("gen_ai_client_token_usage") == [4.0**n for n in range(14)]
+    assert bounds("gen_ai_client_operation_duration_seconds") == [
+        0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92
+    ]  # fmt: skip
+
+
+def bounds(histogram: str) -> list[float]:
+    les = {
+        float(s.labels["le"])
+        for metric in REGISTRY.collect()
+        if metric.name == histogram
+        for s in metric.samples
+        if s.name == f"{histogram}_bucket"
+    }
+    return sorted(les - {float("inf")})
+
+
+def test_resource_uses_kubernetes_names_and_current_semconv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "k8s.pod.name=llm-gateway-7d9-abc,k8s.namespace.name=finsight-prod,"
+        "k8s.node.name=node-1,service.instance.id=finsight-prod.llm-gateway-7d9-abc.llm-gateway",
+    )
+    attrs = dict(build_resource("llm_gateway", release="1.2.3", environment="prod").attributes)
+    assert attrs["service.name"] == "llm-gateway"
+    assert attrs["service.namespace"] == "finsight"
+    assert attrs["service.version"] == "1.2.3"
+    assert attrs["deployment.environment.name"] == "prod"
+    assert "deployment.environment" not in attrs
+    assert attrs["k8s.pod.name"] == "llm-gateway-7d9-abc"
+    assert attrs["k8s.namespace.name"] == "finsight-prod"
+    assert attrs["k8s.node.name"] == "node-1"
+    assert attrs["service.instance.id"] == "finsight-prod.llm-gateway-7d9-abc.llm-gateway"
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
+    plain = dict(build_resource("memory").attributes)
+    assert plain["service.name"] == "memory"
+    assert plain["service.instance.id"]  # a UUID per process outside Kubernetes
+    assert build_resource("analytics").attributes["service.name"] == "analytics"
 
 
 async def test_domain_metrics(gw: Gw, control: DevProviderControl) -> None:
