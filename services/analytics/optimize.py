@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -79,6 +81,26 @@ FEASIBILITY_TOLERANCE: Final = 1e-6
 # parity, whose risk contributions must be equal to 1e-10.
 _CLOSE: Final = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10}
 _TIGHT: Final = {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12}
+
+
+def _silence_highs_banner() -> None:
+    """HiGHS prints its copyright banner to file descriptor 1 (C++, not Python's stdout)
+    the first time a solver is built in a process, whatever ``output_flag`` says later.
+    On a service whose stdout is JSON log lines that is two unparseable lines, so the
+    first solver is built here, at import, with descriptor 1 pointed at /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+_silence_highs_banner()
 
 
 class OptimizationFailed(Exception):

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 from functools import cache
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -681,3 +684,30 @@ async def test_service_validation_names_fields(analytics: Running) -> None:
     info = await error(analytics, request(evaluation_range=rng_pb("1980-01-01", "1981-01-01")))
     assert info.code == grpc.StatusCode.INVALID_ARGUMENT
     assert all(v.field.startswith("evaluation_range") for v in info.field_violations), info
+
+
+def test_no_solver_banner_on_stdout() -> None:
+    """HiGHS writes its banner to descriptor 1 when a process builds its first solver; the
+    service's stdout is JSON log lines, so a min-CVaR solve (HiGHS directly) and an LP
+    through cvxpy's HIGHS interface in a fresh interpreter must print nothing there."""
+    script = (
+        "import numpy as np, cvxpy as cp\n"
+        "from services.analytics import optimize as opt\n"
+        "rng = np.random.default_rng(1)\n"
+        "x = rng.normal(0, 0.01, size=(300, 3))\n"
+        "spec = opt.Spec(symbols=('A', 'B', 'C'), objective='min_cvar', lower=np.zeros(3),\n"
+        "                upper=np.ones(3), min_weight=0.0, max_weight=1.0)\n"
+        "opt.optimize(spec, opt.estimate(x, 'sample', 'sample', 63.0, 252.0))\n"
+        "w = cp.Variable(2)\n"
+        "cp.Problem(cp.Minimize(w[0]), [w >= 0, cp.sum(w) == 1]).solve(solver='HIGHS')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
