@@ -1,4 +1,4 @@
-"""Local OpenAI/DeepSeek-compatible LLM provider for tests and benchmarks (dev only).
+r"""Local OpenAI/DeepSeek-compatible LLM provider for tests and benchmarks (dev only).
 
 A development tool, not part of any service: production code must never import this
 package, and it imports nothing from the services (tests/llm_gateway/test_layering.py checks
@@ -38,6 +38,15 @@ Provider endpoints (require ``Authorization: Bearer <key>``; default key ``sk-de
         Streaming: ``text/event-stream`` over chunked encoding: a role chunk, one chunk per
         word, a final chunk with finish_reason, a usage chunk with ``choices: []`` when
         ``stream_options.include_usage``, then ``data: [DONE]``.
+    POST /v1/embeddings and /embeddings
+        OpenAI embeddings body: model, input (a string or a list of non-empty strings, at
+        most 2048), dimensions (1..8192, default 64), encoding_format ("float" only).
+        Vectors are deterministic: a hashed bag of words (every lower-cased ``\w+`` token
+        adds 1 to bucket ``blake2b(word) mod dimensions``), L2-normalised, so texts sharing
+        words are similar (``embeddings.embed_text``). usage: prompt_tokens = total_tokens =
+        sum over inputs of max(1, whitespace-separated words). Scripted actions apply as for
+        chat completions (status, retry_after, delay_ms, hang, drop, keepalive_lines,
+        cut_after_chunks, headers; ``usage`` is merged over the computed usage).
     GET /v1/models (and /models): OpenAI list format.
     Errors use the OpenAI body ``{"error": {"message", "type", "param", "code"}}``; a wrong
     key gives 401 (and consumes no scripted action).
@@ -82,6 +91,8 @@ ACTION keys (combine freely; all optional)
     finish_reason: str     override the finish reason.
     usage: {...}           merged over the computed usage (totals are recomputed unless given).
     headers: {...}         extra response headers.
+    body: JSON value       sent verbatim as the 200 answer instead of the computed one
+                           (malformed answers: wrong shapes, missing fields), non-streaming.
     times: n               expand into n identical queue entries.
 
     Order of events: latency + delay_ms, then hang / drop / status, then (for 200) headers,
@@ -92,6 +103,7 @@ Modules
     state        scripted actions (``validate_action``) and ``ProviderState``
     wire         HTTP/1.1 request parser and response framing
     completions  the deterministic reply, usage, JSON and SSE encodings
+    embeddings   the deterministic vectors, usage and JSON of ``/embeddings``
     server       connections, routing, control API, ``DevProvider``
     clients      ``DevProviderProcess`` (child process) and ``DevProviderControl``
     load         ``run_load``, the load generator

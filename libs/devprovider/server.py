@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -19,6 +19,7 @@ from libs.devprovider.completions import (
     stream_events,
     validate_chat_body,
 )
+from libs.devprovider.embeddings import embeddings_payload, validate_embeddings_body
 from libs.devprovider.state import DEFAULT_API_KEY, ProviderState, ScriptError
 from libs.devprovider.wire import (
     LAST_CHUNK,
@@ -38,6 +39,7 @@ MODEL_IDS = ("deepseek-chat", "deepseek-reasoner")
 DEFAULT_KEEPALIVE_INTERVAL_MS = 100.0
 
 _COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/embeddings"})
 _MODEL_PATHS = frozenset({"/v1/models", "/models"})
 
 
@@ -196,6 +198,8 @@ class _App:
         try:
             if req.path in _COMPLETION_PATHS:
                 await self._completion(conn, req, entry)
+            elif req.path in _EMBEDDING_PATHS:
+                await self._embeddings(conn, req, entry)
             elif req.path in _MODEL_PATHS:
                 self._models(conn, req, entry)
             else:
@@ -219,41 +223,64 @@ class _App:
         conn.write(full_response(200, {"object": "list", "data": data}, (), req.keep_alive))
         entry.update(status=200, outcome="ok")
 
-    async def _completion(self, conn: _Connection, req: Request, entry: dict[str, Any]) -> None:
+    async def _scripted(
+        self,
+        conn: _Connection,
+        req: Request,
+        entry: dict[str, Any],
+        problem: Callable[[object], str | None],
+    ) -> dict[str, Any] | None:
+        """What chat completions and embeddings share: method, key and body checks, then the
+        next scripted action's delay, hang, drop or error status. Returns the action when a
+        200 answer is to be sent, None when the request has been dealt with."""
         if req.method != "POST":
             self._send_error(conn, req, entry, 405)
-            return
+            return None
         if not self._authorized(req):
             self._send_error(conn, req, entry, 401)
-            return
-        problem = validate_chat_body(entry["body"])
-        if problem is not None:
-            self._send_error(conn, req, entry, 400, problem)
-            return
-        body: dict[str, Any] = entry["body"]
+            return None
+        message = problem(entry["body"])
+        if message is not None:
+            self._send_error(conn, req, entry, 400, message)
+            return None
         action = self.state.next_action()
-        entry.update(action=action, stream=bool(body.get("stream")))
+        entry.update(action=action, stream=bool(entry["body"].get("stream")))
         delay_s = (self.state.latency_ms + float(action.get("delay_ms", 0))) / 1000
         if not await conn.wait(delay_s):
             _mark_cancelled(entry)
-            return
+            return None
         if action.get("hang"):
             await conn.wait(None)
             _mark_cancelled(entry)
-            return
+            return None
         if action.get("drop"):
             conn.abort()
             entry["outcome"] = "dropped"
-            return
+            return None
         status = int(action.get("status", 200))
         if status != 200:
             self._send_error(conn, req, entry, status, action=action)
+            return None
+        return action
+
+    async def _completion(self, conn: _Connection, req: Request, entry: dict[str, Any]) -> None:
+        action = await self._scripted(conn, req, entry, validate_chat_body)
+        if action is None:
             return
+        body: dict[str, Any] = entry["body"]
         reply = build_reply(body, action)
         if entry["stream"]:
             await self._send_stream(conn, req, entry, action, reply)
         else:
-            await self._send_completion(conn, req, entry, action, reply)
+            payload = completion_payload(entry["id"], body["model"], reply)
+            await self._send_json(conn, req, entry, action, payload)
+
+    async def _embeddings(self, conn: _Connection, req: Request, entry: dict[str, Any]) -> None:
+        action = await self._scripted(conn, req, entry, validate_embeddings_body)
+        if action is None:
+            return
+        payload = embeddings_payload(entry["id"], entry["body"], action.get("usage"))
+        await self._send_json(conn, req, entry, action, payload)
 
     def _send_error(
         self,
@@ -287,15 +314,17 @@ class _App:
                 return False
         return True
 
-    async def _send_completion(
+    async def _send_json(
         self,
         conn: _Connection,
         req: Request,
         entry: dict[str, Any],
         action: Mapping[str, Any],
-        reply: Reply,
+        answer: dict[str, Any],
     ) -> None:
-        payload = json_bytes(completion_payload(entry["id"], entry["body"]["model"], reply))
+        """A 200 JSON answer (or the action's `body` instead), with the action's keep-alive
+        lines and cut."""
+        payload = json_bytes(action.get("body", answer))
         headers = [("Content-Type", "application/json"), *_extra_headers(entry, action)]
         entry["status"] = 200
         if not action.get("keepalive_lines") and "cut_after_chunks" not in action:

@@ -35,6 +35,7 @@ _ACTION_TYPES: dict[str, tuple[type, ...]] = {
     "finish_reason": (str,),
     "usage": (dict,),
     "headers": (dict,),
+    "body": (dict, list, str, int, float),
     "times": (int,),
 }
 

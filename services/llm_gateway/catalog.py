@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 from services.llm_gateway.pii import PiiPolicy
 from services.llm_gateway.pricing import DEFAULT_MODELS, DEFAULT_ROUTES, Pricing
-from services.llm_gateway.specs import DEEPSEEK, ProviderSpec
+from services.llm_gateway.specs import DEEPSEEK, ModelKind, ModelSpec, ProviderSpec
 
 if TYPE_CHECKING:
     from services.llm_gateway.config import GatewaySettings
@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 class CatalogError(ValueError):
     """The provider/model/route configuration is inconsistent."""
+
+
+# Requests may carry at most this many texts (EmbedRequest.inputs), the default of a model's
+# `max_inputs` (OpenAI accepts 2048, vLLM/TEI fewer by default).
+MAX_EMBED_INPUTS = 256
+DEFAULT_EMBED_INPUT_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Model:
     max_output_tokens: int
     default_max_tokens: int
     pricing: Pricing
+    kind: ModelKind = "chat"
+    max_inputs: int = 0  # embedding models: most texts per request
+    dimensions: int = 0  # embedding models: the model's own vector size (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Route:
     models: tuple[str, ...]
     context_fallback: str | None = None
     pii_policy: PiiPolicy | None = None  # None: by provider (see pii.effective_policy)
+    kind: ModelKind = "chat"  # the kind of every model of the chain
 
 
 @dataclass
@@ -66,16 +76,19 @@ class Catalog:
     models: dict[str, Model]
     routes: dict[str, Route]
     default_route: str
+    default_embedding_route: str = ""  # "" = none configured
     problems: list[str] = field(default_factory=list)
 
-    def resolve(self, name: str) -> Route | None:
-        """A route alias, or a model name as a route of one; None if unknown."""
-        name = name or self.default_route
+    def resolve(self, name: str, kind: ModelKind = "chat") -> Route | None:
+        """A route alias, or a model name as a route of one; None if unknown. An empty name
+        is the default route of `kind` (None for embeddings when none is configured)."""
+        name = name or (self.default_route if kind == "chat" else self.default_embedding_route)
         route = self.routes.get(name)
         if route is not None:
             return route
-        if name in self.models:
-            return Route(alias=name, models=(name,))
+        model = self.models.get(name)
+        if model is not None:
+            return Route(alias=name, models=(name,), kind=model.kind)
         return None
 
     @property
@@ -95,9 +108,29 @@ def build_catalog(settings: GatewaySettings) -> Catalog:
             f"LLM_GATEWAY_DEFAULT_ROUTE: unknown route or model "
             f"{settings.llm_gateway_default_route!r}"
         )
+    default_route = routes.get(settings.llm_gateway_default_route) or (
+        models.get(settings.llm_gateway_default_route)
+    )
+    if default_route is not None and default_route.kind != "chat":
+        problems.append(
+            f"LLM_GATEWAY_DEFAULT_ROUTE: {settings.llm_gateway_default_route!r} is an embedding "
+            "route or model; name a chat one"
+        )
+    embedding = settings.llm_gateway_default_embedding_route or ""
+    if embedding:
+        found = routes.get(embedding) or models.get(embedding)
+        if found is None:
+            problems.append(
+                f"LLM_GATEWAY_DEFAULT_EMBEDDING_ROUTE: unknown route or model {embedding!r}"
+            )
+        elif found.kind != "embedding":
+            problems.append(
+                f"LLM_GATEWAY_DEFAULT_EMBEDDING_ROUTE: {embedding!r} is a chat route or model; "
+                'name one whose models have "kind": "embedding"'
+            )
     if problems:
         raise CatalogError("; ".join(problems))
-    return Catalog(providers, models, routes, settings.llm_gateway_default_route)
+    return Catalog(providers, models, routes, settings.llm_gateway_default_route, embedding)
 
 
 def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Provider]:
@@ -156,6 +189,19 @@ def _models(
     for name in names:
         base = DEFAULT_MODELS.get(name)
         spec = settings.llm_gateway_models.get(name)
+        kind = (spec and spec.kind) or "chat"  # every shipped model is a chat model
+        if kind == "embedding":
+            if spec is not None and (model := _embedding_model(name, spec, providers, problems)):
+                out[name] = model
+            continue
+        if spec is not None:
+            stray = [f for f in _EMBEDDING_ONLY if getattr(spec, f) is not None]
+            if stray:
+                problems.append(
+                    f"LLM_GATEWAY_MODELS[{name}]: {', '.join(stray)} apply to embedding models "
+                    '("kind": "embedding") only'
+                )
+                continue
         provider = (spec and spec.provider) or (base and base.provider)
         window = (spec and spec.context_window) or (base and base.context_window)
         max_out = (spec and spec.max_output_tokens) or (base and base.max_output_tokens)
@@ -208,6 +254,50 @@ def _models(
     return out
 
 
+_EMBEDDING_ONLY = ("input_per_mtok", "max_inputs", "dimensions")
+_CHAT_ONLY = (
+    "max_output_tokens",
+    "default_max_tokens",
+    "input_cache_hit_per_mtok",
+    "input_cache_miss_per_mtok",
+    "output_per_mtok",
+)
+
+
+def _embedding_model(
+    name: str, spec: ModelSpec, providers: dict[str, Provider], problems: list[str]
+) -> Model | None:
+    where = f"LLM_GATEWAY_MODELS[{name}]"
+    missing = [f for f in ("provider", "input_per_mtok") if getattr(spec, f) is None]
+    if missing:
+        problems.append(f"{where}: missing {', '.join(missing)} (embedding model)")
+        return None
+    stray = [f for f in _CHAT_ONLY if getattr(spec, f) is not None]
+    if stray:
+        problems.append(
+            f"{where}: {', '.join(stray)} apply to chat models only (this one has "
+            '"kind": "embedding"; its price is input_per_mtok)'
+        )
+        return None
+    assert spec.provider is not None and spec.input_per_mtok is not None
+    if spec.provider not in providers:
+        problems.append(f"{where}: unknown provider {spec.provider!r}")
+        return None
+    price = spec.input_per_mtok
+    return Model(
+        name=name,
+        provider=spec.provider,
+        provider_model=spec.provider_model or name,
+        context_window=spec.context_window or DEFAULT_EMBED_INPUT_TOKENS,
+        max_output_tokens=0,
+        default_max_tokens=0,
+        pricing=Pricing(price, price, Decimal(0), spec.prices_as_of),
+        kind="embedding",
+        max_inputs=min(spec.max_inputs or MAX_EMBED_INPUTS, MAX_EMBED_INPUTS),
+        dimensions=spec.dimensions or 0,
+    )
+
+
 def _pick(*values: object) -> object:
     for value in values:
         if value is not None:
@@ -229,5 +319,23 @@ def _routes(
         if unknown:
             problems.append(f"LLM_GATEWAY_ROUTES[{alias}]: unknown model(s) {', '.join(unknown)}")
             continue
-        out[alias] = Route(alias, tuple(chain), fallback, pii_policy)
+        kinds = {models[m].kind for m in chain}
+        if len(kinds) > 1:
+            problems.append(
+                f"LLM_GATEWAY_ROUTES[{alias}]: mixes chat and embedding models; a route is "
+                "one or the other"
+            )
+            continue
+        kind = kinds.pop()
+        if kind == "embedding" and fallback:
+            problems.append(
+                f"LLM_GATEWAY_ROUTES[{alias}]: context_fallback applies to chat routes only"
+            )
+            continue
+        if fallback and models[fallback].kind != "chat":
+            problems.append(
+                f"LLM_GATEWAY_ROUTES[{alias}]: context_fallback {fallback!r} is an embedding model"
+            )
+            continue
+        out[alias] = Route(alias, tuple(chain), fallback, pii_policy, kind)
     return out

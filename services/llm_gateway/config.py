@@ -11,6 +11,13 @@ DeepSeek needs nothing but `DEEPSEEK_API_KEY` (or `DEEPSEEK_API_KEY_FILE`), and 
                          "prices_as_of": "2025-10-01"}}'
     LLM_GATEWAY_ROUTES='{"default": {"models": ["deepseek-chat", "gpt-4o-mini"]}}'
 
+An embedding model has `"kind": "embedding"` and a price per million input tokens:
+
+    LLM_GATEWAY_MODELS='{"bge-m3": {"kind": "embedding", "provider": "tei",
+                         "provider_model": "BAAI/bge-m3", "input_per_mtok": "0"}}'
+    LLM_GATEWAY_ROUTES='{"embed": {"models": ["bge-m3"]}}'
+    LLM_GATEWAY_DEFAULT_EMBEDDING_ROUTE=embed
+
 Entries are merged over the shipped defaults (docs/llm_gateway.md lists them): a model entry
 may override single facts of a shipped model (e.g. only its prices).
 """
@@ -71,6 +78,11 @@ class GatewaySettings(CommonSettings):
         default_factory=dict, description="JSON: route aliases merged over the shipped ones"
     )
     llm_gateway_default_route: str = Field("default", description="Route used when model is empty")
+    llm_gateway_default_embedding_route: str | None = Field(
+        None,
+        description="Embedding route (or model) used when Embed's model is empty; unset = none "
+        "(Embed then needs a model, see docs/llm_gateway.md, Embeddings)",
+    )
 
     # -- HTTP client (per provider; a provider entry may override some) ---------------------
     llm_gateway_max_connections: int = Field(

@@ -53,6 +53,35 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class EmbedRequest:
+    model: str
+    inputs: list[str]
+    dimensions: int = 0  # 0: the model's own
+    cache_policy: CachePolicy = "auto"  # auto caches: embeddings are deterministic
+    cache_ttl_s: int = 0
+
+
+@dataclass
+class Embeddings:
+    """The answer to an EmbedRequest (the fields `Gateway._account` shares with Completion)."""
+
+    vectors: list[list[float]]
+    usage: Usage  # prompt tokens only
+    cost_nanos: int
+    provider: str
+    model: str  # configured model name
+    route: str
+    attempts: int
+    cached: bool = False
+    provider_request_id: str = ""
+    redactions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
+
+
+@dataclass(frozen=True)
 class Delta:
     content: str = ""
     reasoning: str = ""

@@ -13,6 +13,10 @@ Order of a completion (every step before the provider call can refuse the reques
   9. accounting in one Redis round trip: usage counters, budget settlement, usage event,
      cache write (the cache holds the redacted prompt's key and the redacted answer);
  10. placeholders restored in what the caller receives.
+
+Embed follows the same steps with the inputs in place of the messages (no context fitting:
+each link's inputs are counted with the gateway's tokenizer for TPM and budget), the cache
+read by default (embeddings are deterministic), and no placeholder restoring (vectors).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ from services.llm_gateway.domain import (
     Completion,
     CompletionRequest,
     Delta,
+    Embeddings,
+    EmbedRequest,
     Message,
     TokenCount,
 )
@@ -70,7 +76,12 @@ from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import DeadlineSpent, ProviderError
 from services.llm_gateway.router import Link, OpenStream, Router
 from services.llm_gateway.usage import UsageEvent, UsageLedger, UsageRowData, project_exhaustion
-from services.llm_gateway.validation import check_completion, check_messages, check_model
+from services.llm_gateway.validation import (
+    check_completion,
+    check_embed,
+    check_messages,
+    check_model,
+)
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -90,6 +101,7 @@ class PiiScreen:
     policies: dict[str, PiiPolicy]  # model name → effective policy
     redactor: Redactor | None = None  # None: every model of the route gets `allow`
     redacted: list[Message] | None = None  # the messages with placeholders; None: none found
+    redacted_texts: list[str] | None = None  # the screened texts with placeholders
 
     @property
     def found(self) -> bool:
@@ -244,6 +256,119 @@ class Gateway:
         except FinsightError as exc:
             metrics.REQUESTS.labels(primary.provider.name, primary.model.name, exc.reason).inc()
             raise
+
+    # -- Embed --------------------------------------------------------------------------------
+    async def embed(self, request: EmbedRequest) -> Embeddings:
+        """Vectors for `request.inputs`, through the same steps as a completion: validation,
+        personal data screening, RPM, cache, TPM + budget, the chain, accounting."""
+        route = check_embed(self.catalog, request)
+        size = sum(len(t) for t in request.inputs)
+        if size > _INLINE_TOKENIZE_BYTES:
+            plan = await asyncio.to_thread(self._embed_plan, route, request)
+        else:
+            plan = self._embed_plan(route, request)
+        tenant = current_identity().tenant
+        deadline = _deadline()
+        primary = plan.links[0]
+        try:
+            hit = await self._embed_cache_hit(plan)
+            if hit is not None:
+                await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
+                await self._account(plan, hit, None, outcome="ok")
+                return hit
+            reservation = await self.limiter.admit(
+                tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
+            )
+            try:
+                routed = await self.router.embed(plan.route.alias, plan.links, deadline)
+            except BaseException:
+                await asyncio.shield(self.limiter.release(reservation))
+                raise
+            answer, link = routed.answer, routed.link
+            usage = answer.usage or Usage(prompt=link.prompt_tokens)
+            result = Embeddings(
+                vectors=answer.vectors,
+                usage=usage,
+                cost_nanos=link.model.pricing.cost_nanos(usage),
+                provider=link.provider.name,
+                model=link.model.name,
+                route=plan.route.alias,
+                attempts=routed.attempts,
+                provider_request_id=answer.request_id,
+                redactions=plan.redactions(link),
+            )
+            await self._account(plan, result, reservation, outcome="ok", link=link)
+            return result
+        except FinsightError as exc:
+            metrics.REQUESTS.labels(primary.provider.name, primary.model.name, exc.reason).inc()
+            raise
+
+    def _embed_plan(self, route: Route, request: EmbedRequest) -> Plan:
+        pii = self._screen_texts(route, request.inputs)
+        tokens: list[int] | None = None
+        redacted_tokens: list[int] | None = None
+        links: list[Link] = []
+        for name in route.models:
+            if pii.blocks(name):
+                continue
+            model = self.catalog.models[name]
+            redact = pii.redacted_texts is not None and pii.policies[name] == "redact"
+            texts = pii.redacted_texts if redact and pii.redacted_texts else request.inputs
+            if redact:
+                redacted_tokens = redacted_tokens or count_many(texts)
+                counts = redacted_tokens
+            else:
+                tokens = tokens or count_many(texts)
+                counts = tokens
+            body: dict[str, Any] = {
+                "model": model.provider_model,
+                "input": list(texts),
+                "encoding_format": "float",
+            }
+            if request.dimensions:
+                body["dimensions"] = request.dimensions
+            prompt_tokens = sum(counts)
+            metrics.child(metrics.PROMPT_TOKENS, model.name).observe(prompt_tokens)
+            redacted = sum(pii.redactor.counts.values()) if redact and pii.redactor else 0
+            provider = self.catalog.providers[model.provider]
+            links.append(Link(model, provider, body, prompt_tokens, (), redacted))
+        plan = Plan(
+            route=route,
+            links=links,
+            max_cost_nanos=max(
+                link.model.pricing.cost_nanos(Usage(prompt=link.prompt_tokens)) for link in links
+            ),
+            reserve_tokens=max(link.prompt_tokens for link in links),
+            pii=pii,
+        )
+        policy = request.cache_policy
+        if self.cache_enabled and policy != "disabled":
+            # Embeddings are deterministic: the default (`auto`) reads and writes the cache.
+            plan.cache_read = policy in ("auto", "enabled")
+            plan.cache_write = True
+            plan.cache_ttl_s = request.cache_ttl_s
+            inputs = pii.redacted_texts if pii.redacted_texts is not None else request.inputs
+            plan.cache_key = cache_key(
+                current_identity().tenant,
+                {
+                    "op": "embeddings",
+                    "route": route.alias,
+                    "inputs": inputs,
+                    "dimensions": request.dimensions,
+                },
+            )
+        return plan
+
+    async def _embed_cache_hit(self, plan: Plan) -> Embeddings | None:
+        if not plan.cache_read or plan.cache_key is None:
+            return None
+        hit = await self.cache.get_embeddings(plan.cache_key)
+        if hit is None:
+            return None
+        hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
+        hit.route, hit.provider_request_id = plan.route.alias, ""
+        hit.redactions = plan.redactions(plan.links[0])
+        return hit
 
     # -- StreamComplete -----------------------------------------------------------------------
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Delta | Completion]:
@@ -417,6 +542,17 @@ class Gateway:
 
     # -- personal data --------------------------------------------------------------------------
     def _screen(self, route: Route, request: CompletionRequest) -> PiiScreen:
+        screen = self._screen_texts(route, [m.content for m in request.messages])
+        if screen.redacted_texts is not None:
+            screen.redacted = [
+                Message(m.role, text)
+                for m, text in zip(request.messages, screen.redacted_texts, strict=True)
+            ]
+        return screen
+
+    def _screen_texts(self, route: Route, texts: list[str]) -> PiiScreen:
+        """Find personal data in `texts` (messages' contents, or Embed's inputs) and decide
+        per link; FAILED_PRECONDITION PII_BLOCKED when every available link blocks it."""
         names = [*route.models, *([route.context_fallback] if route.context_fallback else [])]
         policies = {
             name: effective_policy(
@@ -430,11 +566,11 @@ class Gateway:
         if all(policy == "allow" for policy in policies.values()):
             return screen  # nothing to look for: every provider of the route may see it all
         redactor = screen.redactor = Redactor(self.pii_detector)
-        redactor.reserve(m.content for m in request.messages)
-        redacted = [Message(m.role, redactor.redact(m.content)) for m in request.messages]
+        redactor.reserve(texts)
+        redacted = [redactor.redact(text) for text in texts]
         if not redactor.found:
             return screen
-        screen.redacted = redacted
+        screen.redacted_texts = redacted
         blocked = [n for n in names if policies[n] == "block"]
         open_ = [
             n
@@ -574,7 +710,7 @@ class Gateway:
     async def _account(
         self,
         plan: Plan,
-        completion: Completion,
+        completion: Completion | Embeddings,
         reservation: Reservation | None,
         *,
         outcome: str,
@@ -583,7 +719,10 @@ class Gateway:
         store: bool = True,
     ) -> None:
         identity = current_identity()
-        model_name = link.model.name if link else plan.links[0].model.name
+        if isinstance(completion, Embeddings) and completion.cached:
+            model_name = completion.model  # the model that computed the stored vectors
+        else:
+            model_name = link.model.name if link else plan.links[0].model.name
         provider = completion.provider
         billed = Usage() if completion.cached else completion.usage
         event = UsageEvent(
@@ -598,6 +737,7 @@ class Gateway:
             outcome=outcome,
             provider_request_id=completion.provider_request_id,
             redactions=completion.redactions,
+            operation="embeddings" if isinstance(completion, Embeddings) else "chat",
         )
         label = "cache_hit" if completion.cached else (metrics_outcome or "ok")
         metrics.child(metrics.REQUESTS, provider, model_name, label).inc()

@@ -1,4 +1,4 @@
-"""OpenAI-compatible chat-completions client over httpx (one per provider).
+"""OpenAI-compatible chat-completions and embeddings client over httpx (one per provider).
 
 Every attempt has an *absolute* deadline on top of httpx's connect/read/write/pool
 timeouts: DeepSeek keeps queued requests open for up to 10 minutes by sending blank lines
@@ -93,6 +93,20 @@ class ProviderAnswer:
     usage: Usage | None
     model: str
     request_id: str
+
+
+@dataclass
+class EmbeddingAnswer:
+    """Vectors in input order, as one provider answered."""
+
+    vectors: list[list[float]]
+    usage: Usage | None  # None: the provider sent no `usage.prompt_tokens`
+    model: str
+    request_id: str
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
 
 
 @dataclass
@@ -191,6 +205,8 @@ class ProviderClient:
         self._timeouts = {"connect": connect_s, "read": read_s, "write": write_s, "pool": pool_s}
         self.url = f"{provider.base_url}/chat/completions"
         self._url = httpx.URL(self.url)
+        self.embeddings_url = f"{provider.base_url}/embeddings"
+        self._embeddings_url = httpx.URL(self.embeddings_url)
         # One TLS context for all transports (building one loads the CA bundle, ~70 ms), and
         # none for a plain-HTTP provider (a local vLLM/Ollama, the dev provider).
         tls = self.url.startswith("https:")
@@ -225,12 +241,15 @@ class ProviderClient:
     async def aclose(self) -> None:
         await asyncio.gather(*(t.aclose() for t in self._transports), return_exceptions=True)
 
-    async def send(self, payload: bytes, *, stream: bool = False) -> httpx.Response:
-        """POST `payload`; the response's body is not read yet (`aread()` or iterate it,
-        then `aclose()`). httpx errors propagate."""
+    async def send(
+        self, payload: bytes, *, stream: bool = False, url: httpx.URL | None = None
+    ) -> httpx.Response:
+        """POST `payload` (to `/chat/completions` unless `url` says otherwise); the response's
+        body is not read yet (`aread()` or iterate it, then `aclose()`). httpx errors
+        propagate."""
         request = httpx.Request(
             "POST",
-            self._url,
+            url or self._url,
             headers=self._stream_headers if stream else self._headers,
             content=payload,
             extensions={"timeout": self._timeouts},
@@ -238,12 +257,15 @@ class ProviderClient:
         return await next(self._next).handle_async_request(request)
 
     # -- non-streaming ------------------------------------------------------------------------
-    async def complete(self, body: dict[str, Any], *, timeout_s: float) -> ProviderAnswer:
-        """POST and read the whole answer within `timeout_s` (absolute), or raise ProviderError."""
+    async def _post_json(
+        self, body: dict[str, Any], *, timeout_s: float, url: httpx.URL | None = None
+    ) -> bytes:
+        """POST and read the whole 200 answer within `timeout_s` (absolute), or raise
+        ProviderError (status, timeout, transport)."""
         payload = json.dumps(body, ensure_ascii=False).encode()
         try:
             async with asyncio.timeout(timeout_s):
-                response = await self.send(payload)
+                response = await self.send(payload, url=url)
                 try:
                     content = await response.aread()
                 finally:
@@ -254,6 +276,11 @@ class ProviderClient:
             raise self._transport(exc) from None
         if response.status_code != 200:
             raise self._status_error(response.status_code, response.headers, content)
+        return content
+
+    async def complete(self, body: dict[str, Any], *, timeout_s: float) -> ProviderAnswer:
+        """POST and read the whole answer within `timeout_s` (absolute), or raise ProviderError."""
+        content = await self._post_json(body, timeout_s=timeout_s)
         try:
             data = json.loads(content)
             choice = data["choices"][0]
@@ -270,6 +297,37 @@ class ProviderClient:
             raise ProviderError(
                 self.provider.name, "provider sent a malformed answer", kind="protocol"
             ) from None
+
+    # -- embeddings ---------------------------------------------------------------------------
+    async def embed(self, body: dict[str, Any], *, timeout_s: float) -> EmbeddingAnswer:
+        """POST `{base_url}/embeddings` (OpenAI format) and return one vector per input, in
+        input order. An answer that is not one finite vector of one common length per input
+        (by `data[i].index`) is a malformed answer: ProviderError kind `protocol`, retried
+        and fallen back like a dropped response."""
+        content = await self._post_json(body, timeout_s=timeout_s, url=self._embeddings_url)
+        expected = len(body.get("input") or ())
+        try:
+            data = json.loads(content)
+            vectors = _vectors(data["data"], expected, body.get("dimensions"))
+        except _Malformed as exc:
+            raise ProviderError(
+                self.provider.name, f"provider sent malformed embeddings: {exc}", kind="protocol"
+            ) from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise ProviderError(
+                self.provider.name, "provider sent a malformed answer", kind="protocol"
+            ) from None
+        raw_usage = data.get("usage")
+        prompt = raw_usage.get("prompt_tokens") if isinstance(raw_usage, Mapping) else None
+        usage = None
+        if isinstance(prompt, int) and not isinstance(prompt, bool) and prompt >= 0:
+            usage = Usage(prompt=prompt)
+        return EmbeddingAnswer(
+            vectors,
+            usage,
+            str(data.get("model") or body.get("model", "")),
+            str(data.get("id") or ""),
+        )
 
     # -- streaming ----------------------------------------------------------------------------
     def stream(self, body: dict[str, Any]) -> ProviderStream:
@@ -314,6 +372,40 @@ class ProviderClient:
             status=status,
             retry_after=parse_retry_after(headers.get("retry-after")),
         )
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _vectors(items: object, expected: int, dimensions: object) -> list[list[float]]:
+    if not isinstance(items, list):
+        raise _Malformed("`data` is not a list")
+    if len(items) != expected:
+        raise _Malformed(f"{len(items)} vectors for {expected} inputs")
+    slots: list[list[float] | None] = [None] * expected
+    for position, item in enumerate(items):
+        index = item.get("index", position) if isinstance(item, Mapping) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < expected:
+            raise _Malformed(f"bad index at data[{position}]")
+        if slots[index] is not None:
+            raise _Malformed(f"index {index} twice")
+        vector = item.get("embedding") if isinstance(item, Mapping) else None
+        if not isinstance(vector, list) or not vector:
+            raise _Malformed(f"data[{position}].embedding is not a list of numbers")
+        if not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            for x in vector
+        ):
+            raise _Malformed(f"data[{position}].embedding holds a non-finite or non-number")
+        slots[index] = [float(x) for x in vector]
+    vectors = [v for v in slots if v is not None]
+    lengths = {len(v) for v in vectors}
+    if len(lengths) != 1:
+        raise _Malformed(f"vectors of different lengths {sorted(lengths)}")
+    if isinstance(dimensions, int) and dimensions and lengths != {dimensions}:
+        raise _Malformed(f"vectors of {lengths.pop()} dimensions, {dimensions} asked for")
+    return vectors
 
 
 class ProviderStream:

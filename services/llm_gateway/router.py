@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -37,6 +37,7 @@ from services.llm_gateway.catalog import Model, Provider
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import (
     DeadlineSpent,
+    EmbeddingAnswer,
     ProviderAnswer,
     ProviderClient,
     ProviderError,
@@ -46,6 +47,7 @@ from services.llm_gateway.providers import (
 from services.llm_gateway.retry import MIN_ATTEMPT_S, RetryPolicy
 
 T = TypeVar("T")
+A = TypeVar("A", ProviderAnswer, EmbeddingAnswer)
 _tracer = tracer(__name__)
 
 
@@ -64,6 +66,13 @@ class Link:
 @dataclass
 class Routed:
     answer: ProviderAnswer
+    link: Link
+    attempts: int
+
+
+@dataclass
+class RoutedEmbedding:
+    answer: EmbeddingAnswer
     link: Link
     attempts: int
 
@@ -118,29 +127,62 @@ class Router:
         async def run(
             link: Link, attempt_no: int, timeout: float, caller_bound: bool
         ) -> ProviderAnswer:
-            with self._attempt_span(link, attempt_no) as span:
-                started = time.perf_counter()
-                outcome = "ok"
-                try:
-                    with self.breakers[link.provider.name].calling():
-                        try:
-                            answer = await self.clients[link.provider.name].complete(
-                                link.body, timeout_s=timeout
-                            )
-                        except ProviderError as exc:
-                            if caller_bound and exc.kind == "timeout":
-                                raise DeadlineSpent from exc
-                            raise
-                except BaseException as exc:
-                    outcome = _outcome(exc)
-                    _finish_span(span, link, None, None, exc)
-                    raise
-                finally:
-                    elapsed = time.perf_counter() - started
-                    metrics.child(
-                        metrics.ATTEMPT_SECONDS, link.provider.name, link.model.name, outcome
-                    ).observe(elapsed)
-                    _genai_child(metrics.GENAI_DURATION, link).observe(elapsed)
+            client = self.clients[link.provider.name]
+            return await self._unary(
+                link, attempt_no, caller_bound, client.complete(link.body, timeout_s=timeout)
+            )
+
+        answer, link, attempts = await self._chain(route, links, deadline, run)
+        return Routed(answer, link, attempts)
+
+    async def embed(
+        self, route: str, links: Sequence[Link], deadline: float | None
+    ) -> RoutedEmbedding:
+        """One `/embeddings` call over the chain: the same attempts, retries, breakers,
+        fallback, deadlines and spans as `complete` (operation `embeddings`)."""
+
+        async def run(
+            link: Link, attempt_no: int, timeout: float, caller_bound: bool
+        ) -> EmbeddingAnswer:
+            client = self.clients[link.provider.name]
+            return await self._unary(
+                link, attempt_no, caller_bound, client.embed(link.body, timeout_s=timeout)
+            )
+
+        answer, link, attempts = await self._chain(route, links, deadline, run)
+        return RoutedEmbedding(answer, link, attempts)
+
+    async def _unary(
+        self,
+        link: Link,
+        attempt_no: int,
+        caller_bound: bool,
+        call: Coroutine[Any, Any, A],
+    ) -> A:
+        """One attempt of a unary provider call: span, breaker, metrics, deadline mapping."""
+        with self._attempt_span(link, attempt_no) as span:
+            started = time.perf_counter()
+            outcome = "ok"
+            try:
+                with self.breakers[link.provider.name].calling():
+                    try:
+                        answer = await call
+                    except ProviderError as exc:
+                        if caller_bound and exc.kind == "timeout":
+                            raise DeadlineSpent from exc
+                        raise
+            except BaseException as exc:
+                outcome = _outcome(exc)
+                _finish_span(span, link, None, None, exc)
+                raise
+            finally:
+                call.close()  # no-op once awaited; frees it if the breaker refused the call
+                elapsed = time.perf_counter() - started
+                metrics.child(
+                    metrics.ATTEMPT_SECONDS, link.provider.name, link.model.name, outcome
+                ).observe(elapsed)
+                _genai_child(metrics.GENAI_DURATION, link).observe(elapsed)
+            if isinstance(answer, ProviderAnswer):
                 _finish_span(
                     span,
                     link,
@@ -150,10 +192,17 @@ class Router:
                     response_id=answer.request_id,
                     finish_reason=answer.finish_reason,
                 )
-                return answer
-
-        answer, link, attempts = await self._chain(route, links, deadline, run)
-        return Routed(answer, link, attempts)
+            elif isinstance(answer, EmbeddingAnswer):
+                span.set_attribute("gen_ai.embeddings.dimension.count", answer.dimensions)
+                _finish_span(
+                    span,
+                    link,
+                    answer.model,
+                    answer.usage or Usage(prompt=link.prompt_tokens),
+                    None,
+                    response_id=answer.request_id,
+                )
+            return answer
 
     # -- streaming --------------------------------------------------------------------------
     async def open_stream(
@@ -261,7 +310,7 @@ class Router:
 
     def _attempt_span(self, link: Link, attempt_no: int) -> Any:
         return _tracer.start_as_current_span(
-            f"chat {link.model.provider_model}",
+            f"{_operation(link)} {link.model.provider_model}",
             kind=trace.SpanKind.CLIENT,
             attributes=_request_attributes(link, attempt_no, False),
             record_exception=False,
@@ -277,14 +326,19 @@ def _server(base_url: str) -> tuple[str, int]:
     return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
 
 
+def _operation(link: Link) -> str:
+    """`gen_ai.operation.name` of a link's calls."""
+    return "embeddings" if link.model.kind == "embedding" else "chat"
+
+
 def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, Any]:
     body = link.body
     address, port = _server(link.provider.base_url)
+    operation = _operation(link)
     attrs: dict[str, Any] = {
         "gen_ai.provider.name": link.provider.system,
-        "gen_ai.operation.name": "chat",
+        "gen_ai.operation.name": operation,
         "gen_ai.request.model": link.model.provider_model,
-        "gen_ai.request.max_tokens": body.get("max_tokens", 0),
         "server.address": address,
         "server.port": port,
         "finsight.llm.provider": link.provider.name,
@@ -292,6 +346,13 @@ def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, 
         "finsight.llm.stream": stream,
         "finsight.llm.pii.redacted": link.redacted,
     }
+    if operation == "embeddings":
+        attrs["gen_ai.request.encoding_formats"] = (str(body.get("encoding_format", "float")),)
+        attrs["finsight.llm.embed.inputs"] = len(body.get("input") or ())
+        if body.get("dimensions"):
+            attrs["gen_ai.embeddings.dimension.count"] = body["dimensions"]
+        return attrs
+    attrs["gen_ai.request.max_tokens"] = body.get("max_tokens", 0)
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             attrs[f"gen_ai.request.{key}"] = body[key]
@@ -318,13 +379,16 @@ def _finish_span(
     if finish_reason:
         span.set_attribute("gen_ai.response.finish_reasons", (finish_reason,))
     if usage is not None:
+        chat = link.model.kind == "chat"
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt)
-        span.set_attribute("gen_ai.usage.output_tokens", usage.completion)
+        if chat:
+            span.set_attribute("gen_ai.usage.output_tokens", usage.completion)
         span.set_attribute(
             "finsight.llm.cost_usd", link.model.pricing.cost_nanos(usage) / 1_000_000_000
         )
         _genai_child(metrics.GENAI_TOKEN_USAGE, link, "input").observe(usage.prompt)
-        _genai_child(metrics.GENAI_TOKEN_USAGE, link, "output").observe(usage.completion)
+        if chat:  # embeddings have no output tokens
+            _genai_child(metrics.GENAI_TOKEN_USAGE, link, "output").observe(usage.completion)
     if error is not None:
         span.set_attribute("error.type", _outcome(error))
         if isinstance(error, ProviderError) and error.status is not None:
@@ -335,7 +399,9 @@ def _finish_span(
 
 
 def _genai_child(metric: Any, link: Link, *extra: str) -> Any:
-    return metrics.child(metric, "chat", link.provider.system, link.model.provider_model, *extra)
+    return metrics.child(
+        metric, _operation(link), link.provider.system, link.model.provider_model, *extra
+    )
 
 
 def _observe_duration(link: Link, started: float) -> None:

@@ -16,7 +16,7 @@ from google.type import date_pb2, money_pb2
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import Violations
-from services.llm_gateway.domain import Completion, CompletionRequest, Delta
+from services.llm_gateway.domain import Completion, CompletionRequest, Delta, EmbedRequest
 from services.llm_gateway.domain import Message as ChatMessage
 from services.llm_gateway.gateway import CatalogView, Gateway
 from services.llm_gateway.pricing import Pricing, Usage, nanos_to_units, usd_to_nanos
@@ -88,6 +88,31 @@ class LlmGatewayServicer:
                 )
             else:
                 yield pb.StreamCompleteResponse(end=_end(item))
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        result = await self.gateway.embed(
+            EmbedRequest(
+                model=request.model,
+                inputs=list(request.inputs),
+                dimensions=request.dimensions,
+                cache_policy=_CACHE.get(request.cache_policy, f"unknown:{request.cache_policy}"),  # type: ignore[arg-type]
+                cache_ttl_s=request.cache_ttl_seconds,
+            )
+        )
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in result.vectors],
+            dimensions=result.dimensions,
+            usage=_usage(result.usage),
+            cost=_money(result.cost_nanos),
+            provider=result.provider,
+            model=result.model,
+            route=result.route,
+            attempts=result.attempts,
+            cached=result.cached,
+            redactions=_redactions(result.redactions),
+        )
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
@@ -231,6 +256,7 @@ def _list_models(view: CatalogView) -> pb.ListModelsResponse:
                 pricing=_pricing(m.pricing),
                 available=mv.available,
                 circuit_state=_CIRCUIT.get(mv.circuit_state, pb.CIRCUIT_STATE_UNSPECIFIED),
+                kind=m.kind,
             )
         )
     for r in view.routes:
@@ -239,6 +265,7 @@ def _list_models(view: CatalogView) -> pb.ListModelsResponse:
                 alias=r.alias,
                 models=list(r.models),
                 context_fallback_model=r.context_fallback or "",
+                kind=r.kind,
             )
         )
     for p in view.providers:

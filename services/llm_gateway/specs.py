@@ -10,6 +10,7 @@ import os
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -17,6 +18,7 @@ from services.llm_gateway.pii import PiiPolicy
 
 DEEPSEEK = "deepseek"
 DEEPSEEK_DEFAULT_BASE_URL = "https://api.deepseek.com"
+ModelKind = Literal["chat", "embedding"]
 
 
 class ProviderSpec(BaseModel):
@@ -24,7 +26,9 @@ class ProviderSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_url: str = Field(description="Base URL; `/chat/completions` is appended")
+    base_url: str = Field(
+        description="Base URL; `/chat/completions` (and `/embeddings`) is appended"
+    )
     api_key: SecretStr | None = Field(None, description="Key inline (prefer api_key_env/_file)")
     api_key_env: str | None = Field(None, description="Environment variable holding the key")
     api_key_file: Path | None = Field(None, description="File holding the key (secret mount)")
@@ -50,10 +54,16 @@ class ProviderSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """Facts about a model; every field optional so an entry can override a shipped default."""
+    """Facts about a model; every field optional so an entry can override a shipped default.
+
+    `kind` "embedding" makes an Embed-only model (OpenAI-compatible `/embeddings`): it needs
+    `provider` and `input_per_mtok`; `context_window` is then the most tokens one input may
+    have (default 8192), and the chat facts (max_output_tokens, output price…) do not apply.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: ModelKind | None = Field(None, description="chat (default) or embedding")
     provider: str | None = None
     provider_model: str | None = Field(None, description="Id sent upstream; default: the name")
     context_window: int | None = Field(None, ge=256)
@@ -63,6 +73,16 @@ class ModelSpec(BaseModel):
     input_cache_miss_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
     output_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
     prices_as_of: date | None = None
+    # -- embedding models -------------------------------------------------------------------
+    input_per_mtok: Decimal | None = Field(
+        None, ge=0, description="Embedding models: USD per 1M input tokens"
+    )
+    max_inputs: int | None = Field(
+        None, ge=1, le=2048, description="Embedding models: most texts per provider request"
+    )
+    dimensions: int | None = Field(
+        None, ge=1, le=65_536, description="Embedding models: the model's own vector size"
+    )
 
 
 class RouteSpec(BaseModel):

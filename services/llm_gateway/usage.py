@@ -104,6 +104,7 @@ class UsageEvent:
     outcome: str  # ok | interrupted
     provider_request_id: str = ""
     redactions: dict[str, int] = field(default_factory=dict)  # kind → count, never values
+    operation: str = "chat"  # chat | embeddings
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -177,6 +178,7 @@ class UsageLedger:
             "outcome": event.outcome,
             "provider_request_id": event.provider_request_id,
             "redactions": ",".join(f"{k}:{n}" for k, n in sorted(event.redactions.items())),
+            "operation": event.operation,
         }
         s = settlement
         day, ts = event.at.strftime("%Y%m%d"), f"{event.at.timestamp():.3f}"

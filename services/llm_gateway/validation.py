@@ -4,19 +4,94 @@ from __future__ import annotations
 
 import math
 
-from libs.common.errors import Violations
-from services.llm_gateway.catalog import Catalog, Route
-from services.llm_gateway.domain import ROLES, CompletionRequest, Message
+from libs.common.errors import FailedPrecondition, Violations
+from services.llm_gateway.catalog import MAX_EMBED_INPUTS, Catalog, Route
+from services.llm_gateway.domain import ROLES, CompletionRequest, EmbedRequest, Message
+from services.llm_gateway.specs import ModelKind
 
 MAX_STOP_SEQUENCES = 16
 MAX_CACHE_TTL_S = 7 * 24 * 3600
+MAX_EMBED_INPUT_BYTES = 32 * 1024
 
 
-def check_model(catalog: Catalog, name: str, violations: Violations) -> Route | None:
-    route = catalog.resolve(name)
+def check_model(
+    catalog: Catalog, name: str, violations: Violations, kind: ModelKind = "chat"
+) -> Route | None:
+    """The route `name` resolves to, if it is of `kind`; else a violation on `model`."""
+    route = catalog.resolve(name, kind)
     if route is None:
-        known = sorted(set(catalog.routes) | set(catalog.models))
-        violations.add("model", f"unknown model or route {name!r}; known: {', '.join(known)}")
+        known = sorted(
+            {r.alias for r in catalog.routes.values() if r.kind == kind}
+            | {m.name for m in catalog.models.values() if m.kind == kind}
+        )
+        violations.add(
+            "model",
+            f"unknown {kind} model or route {name!r}; known: {', '.join(known) or 'none'}",
+        )
+        return None
+    if route.kind != kind:
+        violations.add(
+            "model",
+            f"{route.alias!r} is an embedding model/route: use it with Embed, not {_RPC[kind]}"
+            if route.kind == "embedding"
+            else f"{route.alias!r} is a chat model/route: Embed needs an embedding one "
+            '(ListModels, kind "embedding")',
+        )
+        return None
+    return route
+
+
+_RPC = {"chat": "Complete/StreamComplete/CountTokens", "embedding": "Embed"}
+
+
+def no_embedding_route() -> FailedPrecondition:
+    return FailedPrecondition(
+        "no embedding route is configured: name an embedding model or route in `model`, or "
+        'configure one (LLM_GATEWAY_MODELS entry with "kind": "embedding", a route in '
+        "LLM_GATEWAY_ROUTES, LLM_GATEWAY_DEFAULT_EMBEDDING_ROUTE; docs/llm_gateway.md, "
+        "Embeddings)",
+        reason="NO_EMBEDDING_ROUTE",
+        metadata={"settings": "LLM_GATEWAY_DEFAULT_EMBEDDING_ROUTE"},
+    )
+
+
+def check_embed(catalog: Catalog, request: EmbedRequest) -> Route:
+    """Validate an EmbedRequest (every violation at once); return its route."""
+    if not request.model and not catalog.default_embedding_route:
+        raise no_embedding_route()
+    v = Violations()
+    route = check_model(catalog, request.model, v, "embedding")
+    limit = MAX_EMBED_INPUTS
+    if route is not None:
+        limit = min(catalog.models[m].max_inputs for m in route.models)
+    if not request.inputs:
+        v.add("inputs", "at least one input is required")
+    elif len(request.inputs) > limit:
+        v.add(
+            "inputs",
+            f"at most {limit} inputs are accepted"
+            + (f" by {route.alias}" if route is not None and limit < MAX_EMBED_INPUTS else ""),
+        )
+    else:
+        for i, text in enumerate(request.inputs):
+            if not text.strip():
+                v.add(f"inputs[{i}]", "must not be empty or only whitespace")
+            elif len(text) > MAX_EMBED_INPUT_BYTES // 4 and (
+                len(text.encode("utf-8", errors="surrogatepass")) > MAX_EMBED_INPUT_BYTES
+            ):
+                v.add(f"inputs[{i}]", f"at most {MAX_EMBED_INPUT_BYTES} bytes of UTF-8")
+    if request.dimensions < 0:
+        v.add("dimensions", "must be 0 (the model's own) or positive")
+    elif route is not None and request.dimensions:
+        native = [catalog.models[m].dimensions for m in route.models]
+        if any(d and request.dimensions > d for d in native):
+            v.add("dimensions", f"must be at most {min(d for d in native if d)} for {route.alias}")
+    if request.cache_policy not in ("auto", "disabled", "enabled", "refresh"):
+        v.add("cache_policy", f"unknown cache policy {request.cache_policy}")
+    if not 0 <= request.cache_ttl_s <= MAX_CACHE_TTL_S:
+        v.add("cache_ttl_seconds", f"must be between 0 and {MAX_CACHE_TTL_S}")
+    v.raise_if_any()
+    assert route is not None
     return route
 
 

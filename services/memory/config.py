@@ -108,6 +108,61 @@ class MemorySettings(CommonSettings):
         30.0, gt=0, description="Age at which a fact's recency score halves"
     )
 
+    # Semantic recall (docs/memory.md "Hybrid recall").
+    memory_recall_mode: Literal["hybrid", "lexical", "vector"] = Field(
+        "hybrid",
+        description="What Recall's relevance is made of when a request does not say: hybrid "
+        "= BM25 and vector similarity fused; lexical = BM25 only; vector = vectors only "
+        "(hybrid and vector fall back to lexical when no embedder is configured or it fails)",
+    )
+    memory_recall_fusion: Literal["relative", "rrf"] = Field(
+        "relative",
+        description="How hybrid recall fuses its parts: relative = (1 - a) * bm25_normalized "
+        "+ a * vector_normalized (a = MEMORY_RECALL_VECTOR_WEIGHT); rrf = reciprocal-rank "
+        "fusion (MEMORY_RECALL_RRF_K), scaled to [0, 1]",
+    )
+    memory_recall_vector_weight: float = Field(
+        0.7, ge=0, le=1, description="Share of the vector part in relative fusion"
+    )
+    memory_recall_min_similarity: float = Field(
+        0.15,
+        ge=-1,
+        le=1,
+        description="Cosine similarity below which a fact's vector is not a match (neither "
+        "a candidate nor relevance) and the zero of vector_normalized; unrelated texts score "
+        "about -0.1 to 0.1 with the local model",
+    )
+    memory_recall_rrf_k: int = Field(
+        60, ge=1, le=10_000, description="The k of reciprocal-rank fusion: 1 / (k + rank)"
+    )
+    memory_embedding_provider: Literal["local", "gateway", "none"] = Field(
+        "local",
+        description="Who embeds facts and queries: local = the static model shipped in the "
+        "wordllama wheel, in process, offline; gateway = the LLM gateway's Embed RPC "
+        "(MEMORY_EMBEDDING_ROUTE); none = no vectors (lexical recall only)",
+    )
+    memory_embedding_route: str | None = Field(
+        None,
+        max_length=128,
+        description="Gateway route alias or embedding model for MEMORY_EMBEDDING_PROVIDER="
+        "gateway (unset: the gateway's default embedding route)",
+    )
+    memory_llm_gateway_target: str = Field(
+        "dns:///127.0.0.1:50051", description="llm_gateway address (gateway embeddings)"
+    )
+    memory_embedding_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Longest wait for one embedding call"
+    )
+    memory_reembed_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between background re-embed passes over facts without a vector "
+        "of the current model (0 = none; a pass runs until they are all done)",
+    )
+    memory_reembed_batch: int = Field(
+        256, ge=1, le=4096, description="Facts embedded per re-embed step"
+    )
+
     memory_recall_index_max_entries: int = Field(
         4_000_000,
         ge=0,

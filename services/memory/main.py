@@ -12,11 +12,13 @@ from redis.asyncio import Redis
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common import tokens
 from libs.common.admin import open_service_store
+from libs.common.clients import create_channel
 from libs.common.duck import Database
 from libs.common.interceptors import MethodPolicy
 from libs.common.pg import PgDatabase
 from libs.common.server import ServiceHost, main_entry
 from services.memory.config import MemorySettings
+from services.memory.embedding import Embedder, GatewayEmbedder, LocalEmbedder
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
 from services.memory.retention import Purger
@@ -60,7 +62,8 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     )
     hot.start()
     host.on_shutdown(hot.close)
-    manager = MemoryManager(settings, store, hot)
+    embedder = build_embedder(settings)  # before serving: ~0.15 s for the local model
+    manager = MemoryManager(settings, store, hot, embedder=embedder)
     manager.start()
     host.on_shutdown(manager.close)  # runs before db.close (reverse order)
     purger = Purger(settings, store, hot, manager.index)
@@ -71,6 +74,18 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     )
     await asyncio.to_thread(tokens.get_tokenizer)  # ~0.4 s, not on the first BuildContext
     return MemoryApp(db, hot, manager, purger, store)
+
+
+def build_embedder(settings: MemorySettings) -> Embedder | None:
+    """MEMORY_EMBEDDING_PROVIDER's embedder (the local model loads in ~0.15 s)."""
+    if settings.memory_embedding_provider == "none":
+        return None
+    if settings.memory_embedding_provider == "gateway":
+        channel = create_channel(settings.memory_llm_gateway_target, settings)
+        return GatewayEmbedder(
+            channel, settings.memory_embedding_route or "", settings.memory_embedding_timeout_s
+        )
+    return LocalEmbedder()
 
 
 async def setup(host: ServiceHost, redis: Redis) -> None:

@@ -22,10 +22,13 @@ everything but the preamble (services/memory/context_builder.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 
+import numpy as np
 from opentelemetry import trace
 
 from libs.common import context, tokens
@@ -36,6 +39,7 @@ from services.memory import metrics, pagination, recall
 from services.memory.batcher import Batcher
 from services.memory.config import MemorySettings
 from services.memory.context_builder import BuiltContext, FlaggedFacts, build_context
+from services.memory.embedding import Embedder, EmbeddingUnavailable
 from services.memory.hot_tier import HotTier, Lookup, Window
 from services.memory.models import (
     Appended,
@@ -47,10 +51,13 @@ from services.memory.models import (
     ErasureCounts,
     Fact,
     FactFilter,
+    Fusion,
     NewFact,
     NewMessage,
     Order,
     Page,
+    QueryVector,
+    RecallMode,
     RecallWeights,
     Remembered,
     ScoredFact,
@@ -86,8 +93,11 @@ class MemoryManager:
         store: MemoryStore,
         hot: HotTier,
         index: RecallIndex | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.settings = settings
+        self.embedder = embedder
+        self._reembedder: asyncio.Task[None] | None = None
         self.store = store
         self.hot = hot
         self.index = (
@@ -105,17 +115,72 @@ class MemoryManager:
             recency=settings.memory_recall_weight_recency,
             importance=settings.memory_recall_weight_importance,
             half_life_days=settings.memory_recency_half_life_days,
+            mode=RecallMode(settings.memory_recall_mode),
+            fusion=Fusion(settings.memory_recall_fusion),
+            vector_weight=settings.memory_recall_vector_weight,
+            rrf_k=settings.memory_recall_rrf_k,
+            min_similarity=settings.memory_recall_min_similarity,
         )
 
     def start(self) -> None:
         self.token_counter.start()
         self.appends.start()
         self.audits.start()
+        if self.embedder is not None and self.settings.memory_reembed_interval_s > 0:
+            self._reembedder = asyncio.create_task(self._reembed_loop())
 
     async def close(self) -> None:
+        if self._reembedder is not None:
+            self._reembedder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reembedder
+        if self.embedder is not None:
+            await self.embedder.close()
         await self.appends.close()
         await self.audits.close()
         await self.token_counter.close()
+
+    # -- re-embedding ------------------------------------------------------------------------
+    async def _reembed_loop(self) -> None:
+        while True:
+            try:
+                await self.reembed_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store outage: try again next round
+                log.exception("re-embed pass failed")
+            await asyncio.sleep(self.settings.memory_reembed_interval_s)
+
+    async def reembed_pass(self) -> int:
+        """Give every fact without a vector of the current model one (stored before
+        vectors existed, under another model, or while the embedder was failing), a batch
+        at a time; the facts updated. Stops early, to retry next pass, when the embedder
+        fails. Idempotent: replicas running it at once write the same vectors."""
+        assert self.embedder is not None
+        model = self.embedder.model
+        batch = self.settings.memory_reembed_batch
+        done = pending = 0
+        with _tracer.start_as_current_span("memory.reembed") as span:
+            for tenant in await self.store.retention_tenants():
+                while rows := await self.store.facts_to_embed(tenant, model, batch):
+                    vectors = await self._embed("reembed", [r.text for r in rows])
+                    if vectors is None:
+                        pending += await self.store.count_to_embed(tenant, model)
+                        break
+                    updated = await self.store.set_embeddings(tenant, model, rows, vectors)
+                    for user_id in {r.user_id for r in rows}:
+                        self.index.invalidate((tenant, user_id))
+                    done += updated
+                    metrics.REEMBEDDED.inc(updated)
+                    if updated == 0:  # all deleted meanwhile; the next pass sees the rest
+                        pending += await self.store.count_to_embed(tenant, model)
+                        break
+            span.set_attribute("memory.reembed.facts", done)
+            span.set_attribute("memory.reembed.pending", pending)
+        metrics.REEMBED_PENDING.set(pending)
+        if done:
+            log.info("re-embedded facts", extra={"facts": done, "model": model})
+        return done
 
     # -- audit -------------------------------------------------------------------------------
     @staticmethod
@@ -327,6 +392,7 @@ class MemoryManager:
             )
             for f, s in zip(facts, signals, strict=True)
         ]
+        facts = await self._embed_facts(facts)
         flagged = [f for f in facts if f.injection_signals]
         try:
             done = await self.store.remember_facts(
@@ -350,20 +416,86 @@ class MemoryManager:
             replace(r, flagged=bool(f.injection_signals)) for r, f in zip(out, facts, strict=True)
         ]
 
+    async def _embed_facts(self, facts: list[NewFact]) -> list[NewFact]:
+        """The facts with their vectors (unchanged when no embedder is configured or it
+        fails: they are stored without one and the re-embed catches up)."""
+        if self.embedder is None or not facts:
+            return facts
+        vectors = await self._embed("fact", [f.text for f in facts])
+        if vectors is None:
+            return facts
+        model = self.embedder.model
+        return [
+            replace(f, embedding=v, embedding_model=model)
+            for f, v in zip(facts, vectors, strict=True)
+        ]
+
+    async def _embed(self, use: str, texts: list[str]) -> np.ndarray | None:
+        """Vectors of `texts`, or None when the embedder failed (counted and logged)."""
+        assert self.embedder is not None
+        started = time.perf_counter()
+        with _tracer.start_as_current_span("memory.embed") as span:
+            span.set_attribute("memory.embed.use", use)
+            span.set_attribute("memory.embed.texts", len(texts))
+            span.set_attribute("memory.embed.model", self.embedder.model)
+            try:
+                vectors = await self.embedder.embed(texts)
+            except EmbeddingUnavailable as exc:
+                span.set_attribute("memory.embed.error", str(exc))
+                metrics.EMBEDDINGS.labels(use, "error").inc(len(texts))
+                log.warning("embedding failed", extra={"use": use, "error": str(exc)})
+                return None
+        metrics.EMBED_SECONDS.labels(use).observe(time.perf_counter() - started)
+        metrics.EMBEDDINGS.labels(use, "ok").inc(len(texts))
+        return vectors
+
+    async def _query_vector(self, query: str, mode: RecallMode) -> QueryVector | None:
+        if mode is RecallMode.LEXICAL or self.embedder is None or not query.strip():
+            return None
+        vectors = await self._embed("query", [query])
+        if vectors is None or len(vectors) != 1 or not vectors[0].any():
+            return None  # a query of unknown words only has a zero vector: nothing to rank
+        return QueryVector(vectors[0], self.embedder.model)
+
+    @property
+    def _index_model(self) -> str:
+        return self.embedder.model if self.embedder is not None else ""
+
     async def _recall(
-        self, tenant: str, user_id: str, query: str, flt: FactFilter, k: int
+        self,
+        tenant: str,
+        user_id: str,
+        query: str,
+        flt: FactFilter,
+        k: int,
+        mode: RecallMode | None = None,
     ) -> list[ScoredFact]:
+        asked = mode or self.weights.mode
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
+            vector = await self._query_vector(query, asked)
+            served = asked if vector is not None else RecallMode.LEXICAL
+            weights = replace(self.weights, mode=served)
             index = await self._user_index(tenant, user_id)
-            args = (tenant, user_id, query, flt, k, now_us(), self.weights)
-            if index is None:
+            args = (tenant, user_id, query, flt, k, now_us(), weights)
+            if index is None and served is RecallMode.LEXICAL:
                 path = "sql"
                 found = await self.store.recall_facts(*args)
+            elif index is None:
+                # Hybrid and vector scoring live in the index only: a user over its cap (or
+                # the index off) pays a transient load per Recall (docs/memory.md).
+                path = "transient"
+                with _tracer.start_as_current_span("memory.recall.index_load"):
+                    transient = await load_user_index(
+                        self.store, tenant, user_id, self._index_model
+                    )
+                found = await search_indexed(self.store, transient, *args, vector)
             else:
                 path = "index"
-                found = await self._search_indexed(index, *args)
+                found = await self._search_indexed(index, *args, vector)
             span.set_attribute("memory.recall.path", path)
+            span.set_attribute("memory.recall.mode", served.value)
             span.set_attribute("memory.recall.results", len(found))
+        metrics.RECALL_MODE.labels(asked.value, served.value).inc()
         metrics.RECALL_SERVED.labels(path).inc()
         metrics.RECALL_RESULTS.observe(len(found))
         metrics.RECALL_INDEX_ENTRIES.set(self.index.size)
@@ -399,7 +531,7 @@ class MemoryManager:
     async def _load_index(self, tenant: str, user_id: str) -> UserIndex:
         with _tracer.start_as_current_span("memory.recall.index_load"):
             metrics.RECALL_INDEX_LOADS.inc()
-            return await load_user_index(self.store, tenant, user_id)
+            return await load_user_index(self.store, tenant, user_id, self._index_model)
 
     async def _search_indexed(
         self,
@@ -411,12 +543,22 @@ class MemoryManager:
         k: int,
         now: int,
         weights: RecallWeights,
+        vector: QueryVector | None = None,
     ) -> list[ScoredFact]:
-        return await search_indexed(self.store, index, tenant, user_id, query, flt, k, now, weights)
+        return await search_indexed(
+            self.store, index, tenant, user_id, query, flt, k, now, weights, vector
+        )
 
-    async def recall(self, user_id: str, query: str, k: int, flt: FactFilter) -> list[ScoredFact]:
+    async def recall(
+        self,
+        user_id: str,
+        query: str,
+        k: int,
+        flt: FactFilter,
+        mode: RecallMode | None = None,
+    ) -> list[ScoredFact]:
         tenant = context.current_tenant()
-        found = await self._recall(tenant, user_id, query, flt, k)
+        found = await self._recall(tenant, user_id, query, flt, k, mode)
         await self._audit_read(
             replace(self._audit("Recall", user_id), target_ids=tuple(s.fact.fact_id for s in found))
         )
@@ -661,11 +803,14 @@ def _incarnation(tail: SessionTail | None) -> int:
     return tail.incarnation if tail is not None else 0
 
 
-async def load_user_index(store: MemoryStore, tenant: str, user_id: str) -> UserIndex:
-    """A user's recall index, built from one snapshot of the store (off the event loop)."""
+async def load_user_index(
+    store: MemoryStore, tenant: str, user_id: str, model: str = ""
+) -> UserIndex:
+    """A user's recall index, built from one snapshot of the store (off the event loop),
+    with the vectors of `model`."""
     snapshot = await store.load_recall_index(tenant, user_id)
     return await asyncio.to_thread(
-        UserIndex.build, snapshot.facts, snapshot.postings, snapshot.version
+        UserIndex.build, snapshot.facts, snapshot.postings, snapshot.version, model
     )
 
 
@@ -679,17 +824,28 @@ async def search_indexed(
     k: int,
     now: int,
     weights: RecallWeights,
+    vector: QueryVector | None = None,
 ) -> list[ScoredFact]:
     """Score with the index (off the event loop when it is big), then fetch the winners'
     rows; a fact deleted since the index snapshot is gone from them and left out."""
     keys = [recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)]
     if index.size > _INLINE_SEARCH:
-        hits = await asyncio.to_thread(index.search, keys, flt, k, now, weights)
+        hits = await asyncio.to_thread(index.search, keys, flt, k, now, weights, vector)
     else:
-        hits = index.search(keys, flt, k, now, weights)
+        hits = index.search(keys, flt, k, now, weights, vector)
     found = await store.facts_by_no(tenant, user_id, [h.fact_no for h in hits])
     return [
-        ScoredFact(found[h.fact_no], h.bm25, h.bm25_normalized, h.recency, h.importance, h.score)
+        ScoredFact(
+            found[h.fact_no],
+            h.bm25,
+            h.bm25_normalized,
+            h.recency,
+            h.importance,
+            h.score,
+            h.vector_similarity,
+            h.vector_normalized,
+            h.relevance,
+        )
         for h in hits
         if h.fact_no in found
     ]

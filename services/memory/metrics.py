@@ -78,3 +78,31 @@ CONTEXT_FLAGGED_FACTS = Counter(
     "exclude), quoted (quote, and it fitted), omitted (quote, left out for lack of budget).",
     ("action",),
 )
+EMBEDDINGS = Counter(
+    "finsight_memory_embeddings_total",
+    "Texts embedded, by use (fact, query, reembed) and outcome (ok, error: the embedder "
+    "failed; a fact is stored without a vector for the re-embed to catch up, a query is "
+    "recalled lexically).",
+    ("use", "outcome"),
+)
+EMBED_SECONDS = Histogram(
+    "finsight_memory_embed_seconds",
+    "Time of one embedding call (a batch of texts), by use.",
+    ("use",),
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+RECALL_MODE = Counter(
+    "finsight_memory_recall_mode_total",
+    "Recalls by the mode asked for and the mode served (hybrid or vector asked but served "
+    "lexical: no embedder, it failed, or the query had no vector).",
+    ("asked", "served"),
+)
+REEMBED_PENDING = Gauge(
+    "finsight_memory_reembed_pending_facts",
+    "Facts without a vector of the current embedding model at the last re-embed pass "
+    "(0 = caught up).",
+)
+REEMBEDDED = Counter(
+    "finsight_memory_reembedded_facts_total",
+    "Facts given a vector of the current embedding model by the background re-embed.",
+)

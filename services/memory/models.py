@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
 import pyarrow as pa
 
 ROLES = ("system", "user", "assistant")
@@ -118,6 +119,10 @@ class NewFact:
     # What `libs.common.untrusted.screen` raised for the text (empty: not flagged); set by
     # the manager before the write.
     injection_signals: tuple[str, ...] = ()
+    # The text's vector (float32, unit length) and the model that made it; set by the
+    # manager before the write (None: not embedded, e.g. no embedder configured).
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    embedding_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ class Fact:
     # Signals the screen raised when the fact was remembered (empty: not flagged, or stored
     # before migration 004).
     injection_signals: tuple[str, ...] = ()
+    # The model that made the stored vector ("": none yet).
+    embedding_model: str = ""
 
     @property
     def flagged(self) -> bool:
@@ -152,6 +159,8 @@ INDEX_FACTS_SCHEMA = pa.schema(
         ("expires_us", pa.int64()),
         ("kind", pa.string()),
         ("tags", pa.list_(pa.string())),
+        ("embedding_model", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
     ]
 )
 INDEX_POSTINGS_SCHEMA = pa.schema(
@@ -217,12 +226,54 @@ class FactFilter:
         )
 
 
+class RecallMode(Enum):
+    """What relevance is made of (RecallRequest.mode, MEMORY_RECALL_MODE)."""
+
+    HYBRID = "hybrid"
+    LEXICAL = "lexical"
+    VECTOR = "vector"
+
+
+class Fusion(Enum):
+    """How hybrid recall fuses the lexical and the vector part (MEMORY_RECALL_FUSION)."""
+
+    RELATIVE = "relative"  # (1 - a) * bm25_normalized + a * vector_normalized
+    RRF = "rrf"  # reciprocal-rank fusion, scaled so that first in both lists is 1
+
+
 @dataclass(frozen=True)
 class RecallWeights:
+    """score = bm25 * relevance + recency * recency + importance * importance; `bm25` weighs
+    the fused relevance (the setting keeps its name, MEMORY_RECALL_WEIGHT_BM25)."""
+
     bm25: float
     recency: float
     importance: float
     half_life_days: float
+    mode: RecallMode = RecallMode.LEXICAL
+    fusion: Fusion = Fusion.RELATIVE
+    vector_weight: float = 0.7
+    rrf_k: int = 60
+    min_similarity: float = 0.0
+
+
+@dataclass(frozen=True)
+class ToEmbed:
+    """A stored fact the re-embed job gives a vector of the current model."""
+
+    tenant: str
+    user_id: str
+    fact_no: int
+    text: str
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    """A query's embedding (float32, unit length) and the model that made it: only facts
+    embedded by the same model get a vector score."""
+
+    values: np.ndarray = field(compare=False, repr=False)
+    model: str
 
 
 @dataclass(frozen=True)
@@ -233,6 +284,9 @@ class ScoredFact:
     recency: float
     importance: float
     score: float
+    vector_similarity: float = 0.0
+    vector_normalized: float = 0.0
+    relevance: float = 0.0
 
 
 @dataclass(frozen=True)

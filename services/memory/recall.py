@@ -22,6 +22,10 @@ import re
 import unicodedata
 from collections import Counter
 
+import numpy as np
+
+from services.memory.models import Fusion, RecallMode, RecallWeights
+
 K1 = 1.2
 B = 0.75
 MAX_TERM_CHARS = 64
@@ -125,3 +129,44 @@ def normalise_fact(text: str) -> str:
 
 def fact_hash(text: str) -> str:
     return hashlib.sha256(normalise_fact(text).encode()).hexdigest()
+
+
+def fuse(
+    bm25_normalized: np.ndarray,
+    vector_normalized: np.ndarray,
+    mode: RecallMode,
+    weights: RecallWeights,
+) -> np.ndarray:
+    """The relevance each candidate's score weighs, in [0, 1] (ScoreParts.relevance).
+
+    Both inputs are normalised over the candidates (divided by the best). Lexical and
+    vector modes use one part; hybrid fuses them: "relative" is the convex combination
+    (1 - a) * bm25 + a * vector (relative-score fusion); "rrf" is reciprocal-rank fusion,
+    sum over the two rankings of 1 / (k + rank) for the candidates each ranks (a
+    candidate with a part of 0 is not in that ranking; ties share the better rank),
+    multiplied by (k + 1) / 2 so that first in both is 1.
+    """
+    if mode is RecallMode.LEXICAL:
+        return bm25_normalized
+    if mode is RecallMode.VECTOR:
+        return vector_normalized
+    if weights.fusion is Fusion.RRF:
+        k = weights.rrf_k
+        return (_reciprocal_ranks(bm25_normalized, k) + _reciprocal_ranks(vector_normalized, k)) * (
+            (k + 1) / 2
+        )
+    a = weights.vector_weight
+    return (1 - a) * bm25_normalized + a * vector_normalized
+
+
+def _reciprocal_ranks(values: np.ndarray, k: int) -> np.ndarray:
+    """1 / (k + rank) of the positive values (rank 1 = largest; equal values share the
+    better rank), 0 for the rest."""
+    out = np.zeros(len(values))
+    ranked = values > 0
+    if ranked.any():
+        present = values[ranked]
+        ascending = np.sort(present)
+        greater = len(ascending) - np.searchsorted(ascending, present, side="right")
+        out[ranked] = 1.0 / (k + 1 + greater)
+    return out

@@ -47,7 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from services.memory import recall
-from services.memory.models import FactFilter, RecallWeights
+from services.memory.models import FactFilter, QueryVector, RecallMode, RecallWeights
+from services.memory.vectors import vector_matrix
 
 Key = tuple[str, str]  # (tenant, user_id)
 _NEVER = np.iinfo(np.int64).max  # expiry of a fact that does not expire
@@ -83,6 +84,9 @@ class Hit:
     recency: float
     importance: float
     score: float
+    vector_similarity: float = 0.0
+    vector_normalized: float = 0.0
+    relevance: float = 0.0
 
 
 def _ids(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -124,14 +128,23 @@ class UserIndex:
     tail_tf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     # The user's facts version of the snapshot (0: the store keeps none).
     version: int = 0
+    # Vectors of `model` by position (float32, unit length; zeros where a fact has none of
+    # this model: it scores 0 on the vector part), and the model ("": no vectors held).
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    model: str = ""
     _live_cache: list[_Live | None] = field(
         default_factory=lambda: [None], compare=False, repr=False
     )
 
     @property
     def size(self) -> int:
-        """What the cache budget counts: postings + facts."""
-        return len(self.keys) + len(self.tail_keys) + len(self.fact_no)
+        """What the cache budget counts: postings + facts, and a vector as its bytes in
+        16-byte units (a posting's size): 64 for 256 float32 components."""
+        return len(self.keys) + len(self.tail_keys) + len(self.fact_no) + self.vectors.size // 4
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
 
     @property
     def max_fact_no(self) -> int:
@@ -140,9 +153,11 @@ class UserIndex:
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
-    def build(cls, facts: pa.Table, postings: pa.Table, version: int = 0) -> UserIndex:
+    def build(
+        cls, facts: pa.Table, postings: pa.Table, version: int = 0, model: str = ""
+    ) -> UserIndex:
         """From a user's facts and their postings (any order; the loader sorts postings
-        by term key in SQL, which saves the sort here)."""
+        by term key in SQL, which saves the sort here), keeping the vectors of `model`."""
         facts = facts.sort_by("fact_no")
         fact_no = facts["fact_no"].to_numpy()
         kinds_enc = pc.dictionary_encode(facts["kind"]).combine_chunks()
@@ -164,6 +179,8 @@ class UserIndex:
             post_pos=pos,
             post_tf=tf,
             version=version,
+            vectors=_model_vectors(facts, model),
+            model=model,
         )
 
     def contains(self, fact_nos: np.ndarray) -> np.ndarray:
@@ -211,6 +228,10 @@ class UserIndex:
             tail_pos=np.concatenate([self.tail_pos, pos]),
             tail_tf=np.concatenate([self.tail_tf, tf]),
             version=self.version if version is None else version,
+            vectors=_joined_vectors(
+                self.vectors, _model_vectors(facts, self.model, self.dimensions)
+            ),
+            model=self.model,
         )
         if len(merged.tail_keys) > max(TAIL_MIN, len(merged.keys) // 8):
             return merged._merged_tail()
@@ -235,6 +256,8 @@ class UserIndex:
             post_pos=np.insert(self.post_pos, at, self.tail_pos[order]),
             post_tf=np.insert(self.post_tf, at, self.tail_tf[order]),
             version=self.version,
+            vectors=self.vectors,
+            model=self.model,
         )
 
     # -- searching ---------------------------------------------------------------------------
@@ -298,38 +321,50 @@ class UserIndex:
         k: int,
         now_us: int,
         weights: RecallWeights,
+        query_vector: QueryVector | None = None,
     ) -> list[Hit]:
-        """The top `k` live facts, ranked as `storage.recall_facts` ranks them."""
+        """The top `k` live facts. Lexical mode ranks as `storage.recall_facts` ranks;
+        hybrid and vector modes add the cosine similarity of the query's vector (of this
+        index's model) to every live fact's (services/memory/recall.py `fuse`)."""
         if len(self.fact_no) == 0:
             return []
         live = self._live_at(now_us)
         if live.count == 0:
             return []
-        if term_keys:
-            bm = np.zeros(len(self.fact_no))
-            k1 = recall.K1
-            for key in sorted(set(term_keys)):
-                pos, tf = self._postings(key)
-                if live.mask is not None:
-                    alive = live.mask[pos]
-                    pos, tf = pos[alive], tf[alive]
-                df = len(pos)
-                if df == 0:
-                    continue
-                idf = math.log(1 + (live.count - df + 0.5) / (df + 0.5))
-                bm[pos] += idf * tf * (k1 + 1) / (tf + live.length_norm[pos])
-            cand = np.flatnonzero(bm > 0)  # every matching term adds > 0 (idf > 0, tf >= 1)
-            raw = bm[cand]
-        else:
+        cos = self._cosine(query_vector) if weights.mode is not RecallMode.LEXICAL else None
+        # Without a query vector of this index's model, hybrid and vector recall are lexical.
+        mode = weights.mode if cos is not None else RecallMode.LEXICAL
+        bm = self._bm25(term_keys, live) if term_keys and mode is not RecallMode.VECTOR else None
+        if bm is None and cos is None:
             cand = np.flatnonzero(live.mask) if live.mask is not None else np.arange(live.count)
             raw = np.zeros(len(cand))
+            sim = np.zeros(len(cand))
+        else:
+            matched = np.zeros(len(self.fact_no), dtype=bool)
+            if bm is not None:
+                matched |= bm > 0  # every matching term adds > 0 (idf > 0, tf >= 1)
+            if cos is not None:
+                matched |= cos >= weights.min_similarity
+            if live.mask is not None:
+                matched &= live.mask
+            cand = np.flatnonzero(matched)
+            raw = bm[cand] if bm is not None else np.zeros(len(cand))
+            sim = cos[cand] if cos is not None else np.zeros(len(cand))
         if not flt.is_empty:
             keep = self._filter(cand, flt)
-            cand, raw = cand[keep], raw[keep]
+            cand, raw, sim = cand[keep], raw[keep], sim[keep]
         if len(cand) == 0:
             return []
         top = float(raw.max())
         norm = raw / top if top > 0 else np.zeros(len(cand))
+        # Below the floor a similarity is noise (unrelated texts score about -0.1 to 0.1
+        # with the local model): it neither makes a candidate nor adds relevance, and the
+        # floor is the zero of the normalised part (min-max, as the benchmark measured).
+        floor = max(weights.min_similarity, 0.0)
+        above = np.where(sim >= floor, sim - floor, 0.0)
+        vtop = float(above.max())
+        vnorm = above / vtop if vtop > 0 else np.zeros(len(cand))
+        rel = recall.fuse(norm, vnorm, mode, weights)
         importance = self.importance[cand]
         half_life_us = weights.half_life_days * _US_PER_DAY
 
@@ -338,7 +373,7 @@ class UserIndex:
             age = np.maximum(now_us - self.created_us[cand[at]], 0)
             recency = np.exp(-_LN2 * age / half_life_us)
             score = (
-                weights.bm25 * norm[at]
+                weights.bm25 * rel[at]
                 + weights.recency * recency
                 + weights.importance * importance[at]
             )
@@ -347,10 +382,10 @@ class UserIndex:
         sel = np.arange(len(cand))
         if len(cand) > max(PRUNE_MIN, 8 * k):
             # Only candidates that could reach the k-th best score need it computed:
-            # recency <= 1, so w_bm25*norm + w_rec + w_imp*importance bounds a score from
+            # recency <= 1, so w_bm25*rel + w_rec + w_imp*importance bounds a score from
             # above (floating-point rounding is monotonic, so the bound holds exactly).
             bound = np.round(
-                weights.bm25 * norm + weights.recency * 1.0 + weights.importance * importance,
+                weights.bm25 * rel + weights.recency * 1.0 + weights.importance * importance,
                 12,
             )
             first = np.argpartition(-bound, 8 * k - 1)[: 8 * k]
@@ -373,9 +408,62 @@ class UserIndex:
                 recency=float(recency[j]),
                 importance=float(importance[sel[j]]),
                 score=float(score[j]),
+                vector_similarity=float(sim[sel[j]]),
+                vector_normalized=float(vnorm[sel[j]]),
+                relevance=float(rel[sel[j]]),
             )
             for j in order
         ]
+
+    def _bm25(self, term_keys: Sequence[int], live: _Live) -> np.ndarray:
+        """BM25 of every fact for the query's terms (0 where none matches or not live)."""
+        bm = np.zeros(len(self.fact_no))
+        k1 = recall.K1
+        for key in sorted(set(term_keys)):
+            pos, tf = self._postings(key)
+            if live.mask is not None:
+                alive = live.mask[pos]
+                pos, tf = pos[alive], tf[alive]
+            df = len(pos)
+            if df == 0:
+                continue
+            idf = math.log(1 + (live.count - df + 0.5) / (df + 0.5))
+            bm[pos] += idf * tf * (k1 + 1) / (tf + live.length_norm[pos])
+        return bm
+
+    def _cosine(self, query: QueryVector | None) -> np.ndarray | None:
+        """Cosine similarity of every fact's vector to the query's (float64; 0 for a fact
+        without a vector), or None when the query has no vector of this index's model."""
+        if query is None or not self.model or query.model != self.model:
+            return None
+        if self.dimensions == 0 or len(query.values) != self.dimensions:
+            return None
+        return (self.vectors @ query.values.astype(np.float32)).astype(np.float64)
+
+
+def _model_vectors(facts: pa.Table, model: str, width: int = 0) -> np.ndarray:
+    """The vectors of `model` among `facts`, zeros for the other facts: shape (n, width),
+    or, when `width` is 0, the length of the model's first vector (0: none of the model)."""
+    n = facts.num_rows
+    if not model or "embedding" not in facts.column_names:
+        return np.zeros((n, width), np.float32)
+    is_model = pc.fill_null(pc.equal(facts["embedding_model"], model), False)
+    if width == 0:
+        lengths = pc.list_value_length(pc.filter(facts["embedding"], is_model)).drop_null()
+        width = int(lengths[0].as_py()) if len(lengths) else 0
+    vectors, ok = vector_matrix(facts["embedding"], width)
+    vectors[~(ok & is_model.to_numpy(zero_copy_only=False))] = 0.0
+    return vectors
+
+
+def _joined_vectors(base: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """`base` rows then `added` rows; an empty width takes the other's (zeros)."""
+    if base.shape[1] != added.shape[1]:
+        if base.shape[1] == 0:
+            base = np.zeros((base.shape[0], added.shape[1]), np.float32)
+        else:  # a model's vectors all have one width: only an absent vector is narrower
+            added = np.zeros((added.shape[0], base.shape[1]), np.float32)
+    return np.concatenate([base, added])
 
 
 def _postings_arrays(

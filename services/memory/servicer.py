@@ -22,6 +22,7 @@ from services.memory.models import (
     NewFact,
     NewMessage,
     Order,
+    RecallMode,
     ScoredFact,
     StoredMessage,
     now_us,
@@ -77,6 +78,7 @@ def _fact_pb(f: Fact) -> pb.Fact:
         source_session_id=f.source_session_id or "",
         create_time=_ts(f.created_us),
         injection_signals=list(f.injection_signals),
+        embedding_model=f.embedding_model,
     )
     if f.expires_us is not None:
         out.expire_time.CopyFrom(_ts(f.expires_us))
@@ -103,6 +105,13 @@ def _audit_pb(a: AuditEntry) -> pb.AuditEntry:
     )
 
 
+_RECALL_MODES = {
+    pb.RECALL_MODE_HYBRID: RecallMode.HYBRID,
+    pb.RECALL_MODE_LEXICAL: RecallMode.LEXICAL,
+    pb.RECALL_MODE_VECTOR: RecallMode.VECTOR,
+}
+
+
 def _scored_pb(s: ScoredFact) -> pb.RecalledFact:
     return pb.RecalledFact(
         fact=_fact_pb(s.fact),
@@ -112,6 +121,9 @@ def _scored_pb(s: ScoredFact) -> pb.RecalledFact:
             recency=s.recency,
             importance=s.importance,
             score=s.score,
+            vector_similarity=s.vector_similarity,
+            vector_normalized=s.vector_normalized,
+            relevance=s.relevance,
         ),
     )
 
@@ -280,9 +292,12 @@ class MemoryServicer:
         lim.check_text(v, "query", request.query, max_bytes=lim.MAX_QUERY_BYTES, required=False)
         lim.check_range(v, "k", request.k, 1, lim.MAX_K)
         flt = _filter(v, "filter", request.filter)
+        mode = _RECALL_MODES.get(request.mode)
+        if mode is None and request.mode != pb.RECALL_MODE_UNSPECIFIED:
+            v.add("mode", f"unknown recall mode {request.mode}")
         v.raise_if_any()
         found = await self.manager.recall(
-            request.user_id, request.query, request.k or lim.DEFAULT_K, flt
+            request.user_id, request.query, request.k or lim.DEFAULT_K, flt, mode
         )
         return pb.RecallResponse(facts=[_scored_pb(s) for s in found])
 

@@ -45,7 +45,9 @@ from services.memory.models import (
     Session,
     SessionTail,
     StoredMessage,
+    ToEmbed,
 )
+from services.memory.vectors import vector_column
 
 Cursor = duckdb.DuckDBPyConnection
 MAX_AUDIT_TARGETS = 100
@@ -165,6 +167,7 @@ def _run_script(
     arrow_session_updates: pa.Table | None = None,
     arrow_lookup: pa.Table | None = None,
     arrow_lookup_ids: pa.Table | None = None,
+    arrow_vectors: pa.Table | None = None,
 ) -> None:
     """Run `sql` (statements separated by ";"). The keyword arguments are locals of this
     frame, which is where DuckDB's replacement scan finds the tables the SQL names."""
@@ -369,7 +372,8 @@ def recent_of_session(
 # -- facts ---------------------------------------------------------------------------------
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, "
-    "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at), f.injection_signals"
+    "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at), f.injection_signals, "
+    "f.embedding_model"
 )
 
 
@@ -385,6 +389,7 @@ def _fact(row: Sequence[Any]) -> Fact:
         created_us=int(row[7]),
         expires_us=None if row[8] is None else int(row[8]),
         injection_signals=tuple(row[9] or ()),
+        embedding_model=row[10] or "",
     )
 
 
@@ -490,6 +495,10 @@ def insert_facts(
                 "injection_signals": pa.array(
                     [list(r[1].injection_signals) for r in rows], pa.list_(pa.string())
                 ),
+                "embedding": vector_column([r[1].embedding for r in rows]),
+                "embedding_model": pa.array(
+                    [r[1].embedding_model or None for r in rows], pa.string()
+                ),
             }
         ),
         pa.table(
@@ -508,7 +517,8 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
 
     `facts` has the columns of `insert_facts`' table: row (0..n-1), tenant, user_id,
     fact_id, text, text_hash, kind, importance, tags, source_session_id, doc_len,
-    created_us, expires_us and optionally injection_signals (absent: unflagged);
+    created_us, expires_us and optionally injection_signals (absent: unflagged) and
+    embedding + embedding_model (absent: not embedded);
     `postings` has term_key, row, tf. Term keys must be
     `recall.term_key(tenant, user_id, term)` of the fact's own user. Internal fact numbers
     come from `fact_no_seq` here."""
@@ -539,6 +549,8 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
             "created_at": facts["created_us"].cast(pa.timestamp("us")),
             "expires_at": facts["expires_us"].cast(pa.timestamp("us")),
             "injection_signals": _signals_column(facts),
+            "embedding": _optional(facts, "embedding", pa.list_(pa.float32())),
+            "embedding_model": _optional(facts, "embedding_model", pa.string()),
         }
     )
     arrow_postings = pa.table(
@@ -560,11 +572,20 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
                 "expires_us": facts["expires_us"],
                 "kind": facts["kind"],
                 "tags": facts["tags"],
+                "embedding_model": arrow_facts["embedding_model"],
+                "embedding": arrow_facts["embedding"],
             },
             schema=INDEX_FACTS_SCHEMA,
         ),
         postings=arrow_postings.cast(INDEX_POSTINGS_SCHEMA),
     )
+
+
+def _optional(facts: pa.Table, name: str, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """A column of `facts` cast to `kind`, or nulls when it is absent."""
+    if name in facts.column_names:
+        return facts[name].cast(kind)
+    return pa.nulls(facts.num_rows, kind)
 
 
 def _signals_column(facts: pa.Table) -> pa.Array | pa.ChunkedArray:
@@ -590,7 +611,7 @@ def load_recall_index(cur: Cursor, tenant: str, user_id: str) -> tuple[pa.Table,
     try:
         facts = cur.sql(
             "SELECT fact_no, fact_id, doc_len, importance, epoch_us(created_at) AS created_us, "
-            "epoch_us(expires_at) AS expires_us, kind, tags "
+            "epoch_us(expires_at) AS expires_us, kind, tags, embedding_model, embedding "
             "FROM facts WHERE tenant = ? AND user_id = ?",
             params=[tenant, user_id],
         ).to_arrow_table()
@@ -732,10 +753,57 @@ def recall_facts(
             recency=float(r[3]),
             importance=float(r[4]),
             score=float(r[5]),
+            relevance=float(r[2]),
         )
         for r in ranked
         if r[0] in found
     ]
+
+
+# -- re-embedding ---------------------------------------------------------------------------
+def facts_to_embed(cur: Cursor, tenant: str, model: str, limit: int) -> list[ToEmbed]:
+    """Up to `limit` of the tenant's facts without a vector of `model`, oldest first."""
+    rows = cur.execute(
+        "SELECT user_id, fact_no, text FROM facts WHERE tenant = ? "
+        "AND embedding_model IS DISTINCT FROM ? ORDER BY fact_no LIMIT ?",
+        [tenant, model, limit],
+    ).fetchall()
+    return [ToEmbed(tenant, r[0], int(r[1]), r[2]) for r in rows]
+
+
+def count_to_embed(cur: Cursor, tenant: str, model: str) -> int:
+    row = cur.execute(
+        "SELECT count(*) FROM facts WHERE tenant = ? AND embedding_model IS DISTINCT FROM ?",
+        [tenant, model],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def set_embeddings(
+    cur: Cursor, tenant: str, model: str, rows: Sequence[ToEmbed], vectors: np.ndarray
+) -> int:
+    """Store `model`'s vectors of these facts (a fact deleted meanwhile is skipped: the
+    update matches nothing); the number of facts updated."""
+    if not rows:
+        return 0
+    vectors_table = pa.table(
+        {
+            "tenant": pa.array([tenant] * len(rows), pa.string()),
+            "model": pa.array([model] * len(rows), pa.string()),
+            "user_id": pa.array([r.user_id for r in rows], pa.string()),
+            "fact_no": pa.array([r.fact_no for r in rows], pa.int64()),
+            "text": pa.array([r.text for r in rows], pa.string()),
+            "embedding": vector_column(list(vectors)),
+        }
+    )
+    found = _query(
+        cur,
+        "UPDATE facts SET embedding = v.embedding, embedding_model = v.model "
+        "FROM arrow_vectors v WHERE facts.tenant = v.tenant AND facts.user_id = v.user_id "
+        "AND facts.fact_no = v.fact_no AND facts.text = v.text RETURNING facts.fact_no",
+        arrow_vectors=vectors_table,
+    )
+    return len(found)
 
 
 def _delete_facts(cur: Cursor, tenant: str, user_id: str, fact_ids: Sequence[str]) -> list[str]:

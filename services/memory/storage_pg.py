@@ -76,8 +76,10 @@ from services.memory.models import (
     Session,
     SessionTail,
     StoredMessage,
+    ToEmbed,
 )
 from services.memory.store import FactRows, RetentionPolicies
+from services.memory.vectors import vector_column, vector_matrix
 
 MAX_AUDIT_TARGETS = 100
 _US_PER_DAY = 86_400 * 1_000_000
@@ -185,7 +187,7 @@ RECENT_OF_SESSION = f"""
 # Facts.
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, f.source_session_id, "
-    f"{_us('f.created_at')}, {_us('f.expires_at')}, f.injection_signals"
+    f"{_us('f.created_at')}, {_us('f.expires_at')}, f.injection_signals, f.embedding_model"
 )
 # Filters with NULL meaning "no condition", so each statement stays one constant text.
 _FILTER = """
@@ -220,17 +222,17 @@ FACTS_BY_HASH = f"""
 INSERT_FACTS = """
     INSERT INTO facts (tenant, user_id, fact_no, fact_id, text, text_hash, kind, importance,
                        tags, source_session_id, doc_len, created_at, expires_at,
-                       injection_signals)
+                       injection_signals, embedding, embedding_model)
     SELECT %(tenant)s, %(user_id)s, u.fact_no, u.fact_id, u.text, u.text_hash, u.kind,
            u.importance, string_to_array(u.tags, %(sep)s), u.source, u.doc_len, u.created_at,
-           u.expires_at, string_to_array(u.signals, %(sep)s)
+           u.expires_at, string_to_array(u.signals, %(sep)s), u.embedding, u.embedding_model
     FROM unnest(%(fact_no)b::bigint[], %(fact_id)b::text[], %(text)b::text[],
                 %(text_hash)b::text[], %(kind)b::text[], %(importance)b::float8[],
                 %(tags)b::text[], %(source)b::text[], %(doc_len)b::integer[],
                 %(created_at)b::timestamptz[], %(expires_at)b::timestamptz[],
-                %(signals)b::text[])
+                %(signals)b::text[], %(embedding)b::bytea[], %(embedding_model)b::text[])
          AS u(fact_no, fact_id, text, text_hash, kind, importance, tags, source, doc_len,
-              created_at, expires_at, signals)"""
+              created_at, expires_at, signals, embedding, embedding_model)"""
 INSERT_POSTINGS = """
     INSERT INTO fact_terms (tenant, user_id, term_key, fact_no, tf)
     SELECT %(tenant)s, %(user_id)s, u.term_key, u.fact_no, u.tf
@@ -256,7 +258,7 @@ FACTS_BY_NO = f"""
     WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_no = ANY(%(nos)b::bigint[])"""
 INDEX_FACTS = f"""
     SELECT f.fact_no, f.fact_id, f.doc_len, f.importance, {_us("f.created_at")},
-           {_us("f.expires_at")}, f.kind, f.tags
+           {_us("f.expires_at")}, f.kind, f.tags, f.embedding_model, f.embedding
     FROM facts f
     WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_no > %(after)s::bigint"""
 # The postings as three binary columns in one row (big-endian, as numpy reads them): a row
@@ -339,6 +341,22 @@ GET_CONSENT = f"""
     WHERE c.tenant = %(tenant)s AND c.user_id = %(user_id)s"""
 
 # Export.
+# Re-embedding: facts without a vector of the current model, and their new vectors (a
+# fact deleted or replaced meanwhile matches nothing).
+FACTS_TO_EMBED = """
+    SELECT f.user_id, f.fact_no, f.text FROM facts f
+    WHERE f.tenant = %(tenant)s AND f.embedding_model IS DISTINCT FROM %(model)s
+    ORDER BY f.fact_no LIMIT %(limit)s"""
+COUNT_TO_EMBED = """
+    SELECT count(*) FROM facts f
+    WHERE f.tenant = %(tenant)s AND f.embedding_model IS DISTINCT FROM %(model)s"""
+SET_EMBEDDINGS = """
+    UPDATE facts AS f SET embedding = u.embedding, embedding_model = %(model)s
+    FROM unnest(%(user_id)b::text[], %(fact_no)b::bigint[], %(text)b::text[],
+                %(embedding)b::bytea[]) AS u(user_id, fact_no, text, embedding)
+    WHERE f.tenant = %(tenant)s AND f.user_id = u.user_id AND f.fact_no = u.fact_no
+      AND f.text = u.text
+    RETURNING f.fact_no"""
 EXPORT_FACTS = f"""
     SELECT {_FACT_COLUMNS} FROM facts f
     WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_id > %(after)s
@@ -500,6 +518,7 @@ def _fact(row: Sequence[Any]) -> Fact:
         created_us=int(row[7]),
         expires_us=None if row[8] is None else int(row[8]),
         injection_signals=tuple(row[9] or ()),
+        embedding_model=row[10] or "",
     )
 
 
@@ -693,6 +712,8 @@ def _fact_rows(
         "created_at": [_dt(c) for c in created],
         "expires_at": [_dt(r[1].expires_us) for r in rows],
         "signals": [SEP.join(r[1].injection_signals) for r in rows],
+        "embedding": [_vector_bytes(r[1].embedding) for r in rows],
+        "embedding_model": [r[1].embedding_model or None for r in rows],
     }
     postings = {
         "tenant": tenant,
@@ -712,6 +733,8 @@ def _fact_rows(
                 "expires_us": pa.array([r[1].expires_us for r in rows], pa.int64()),
                 "kind": pa.array(facts["kind"], pa.string()),
                 "tags": pa.array([list(r[1].tags) for r in rows], pa.list_(pa.string())),
+                "embedding_model": pa.array(facts["embedding_model"], pa.string()),
+                "embedding": vector_column([r[1].embedding for r in rows]),
             },
             schema=INDEX_FACTS_SCHEMA,
         ),
@@ -836,6 +859,15 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
         if "injection_signals" in facts.column_names
         else [[] for _ in range(n)]
     )
+    if "embedding" in facts.column_names:
+        dim = max((len(v) for v in facts["embedding"].to_pylist() if v), default=0)
+        matrix, has = vector_matrix(facts["embedding"], dim)
+        vectors: list[np.ndarray | None] = [
+            m if h else None for m, h in zip(matrix, has, strict=True)
+        ]
+        models: list[str | None] = facts["embedding_model"].to_pylist()
+    else:
+        vectors, models = [None] * n, [None] * n
     await conn.execute(REGISTER_TENANTS, {"tenant": [tenant]})
     step = 50_000
     for lo in range(0, n, step):
@@ -857,6 +889,8 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
                 "created_at": [_dt(c) for c in part["created_us"].to_pylist()],
                 "expires_at": [_dt(e) for e in part["expires_us"].to_pylist()],
                 "signals": [SEP.join(s) for s in signals[lo : lo + step]],
+                "embedding": [_vector_bytes(v) for v in vectors[lo : lo + step]],
+                "embedding_model": models[lo : lo + step],
             },
         )
     p_no = fact_no[postings["row"].to_numpy()]
@@ -882,6 +916,8 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
                 "expires_us": facts["expires_us"],
                 "kind": facts["kind"],
                 "tags": facts["tags"],
+                "embedding_model": pa.array(models, pa.string()),
+                "embedding": vector_column(vectors),
             }
         ).cast(INDEX_FACTS_SCHEMA),
         postings=pa.table({"term_key": keys, "fact_no": p_no, "tf": tfs}).cast(
@@ -916,7 +952,7 @@ async def load_recall_index(
         },
         schema=INDEX_POSTINGS_SCHEMA,
     )
-    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * 8
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * 10
     facts = pa.table(
         {
             "fact_no": pa.array(columns[0], pa.int64()),
@@ -927,6 +963,10 @@ async def load_recall_index(
             "expires_us": pa.array(columns[5], pa.int64()),
             "kind": pa.array(columns[6], pa.string()),
             "tags": pa.array(columns[7], pa.list_(pa.string())),
+            "embedding_model": pa.array(columns[8], pa.string()),
+            "embedding": vector_column(
+                [None if b is None else np.frombuffer(b, "<f4") for b in columns[9]]
+            ),
         },
         schema=INDEX_FACTS_SCHEMA,
     )
@@ -988,6 +1028,7 @@ async def recall_facts(
             recency=float(r[3]),
             importance=float(r[4]),
             score=float(r[5]),
+            relevance=float(r[2]),
         )
         for r in ranked
         if r[0] in found
@@ -1152,6 +1193,44 @@ async def erase_user(
     async with conn.pipeline():
         await _queue_audit(conn, [(replace(audit, detail=counts.audit_detail()), now_us)])
     return counts
+
+
+def _vector_bytes(vector: np.ndarray | None) -> bytes | None:
+    """A vector as the `embedding` column holds it: raw little-endian float32."""
+    return None if vector is None else np.asarray(vector, "<f4").tobytes()
+
+
+async def facts_to_embed(conn: Conn, tenant: str, model: str, limit: int) -> list[ToEmbed]:
+    rows = await _all(conn, FACTS_TO_EMBED, {"tenant": tenant, "model": model, "limit": limit})
+    return [ToEmbed(tenant, r[0], int(r[1]), r[2]) for r in rows]
+
+
+async def count_to_embed(conn: Conn, tenant: str, model: str) -> int:
+    row = await _one(conn, COUNT_TO_EMBED, {"tenant": tenant, "model": model})
+    return int(row[0]) if row else 0
+
+
+async def set_embeddings(
+    conn: Conn, tenant: str, model: str, rows: Sequence[ToEmbed], vectors: np.ndarray
+) -> int:
+    if not rows:
+        return 0
+    # Other replicas' indexes hold the old vectors: a reset makes them reload.
+    for user_id in sorted({r.user_id for r in rows}):
+        await _bump(conn, tenant, user_id, reset=True)
+    found = await _all(
+        conn,
+        SET_EMBEDDINGS,
+        {
+            "tenant": tenant,
+            "model": model,
+            "user_id": [r.user_id for r in rows],
+            "fact_no": [r.fact_no for r in rows],
+            "text": [r.text for r in rows],
+            "embedding": [_vector_bytes(v) for v in vectors],
+        },
+    )
+    return len(found)
 
 
 async def retention_tenants(conn: Conn) -> list[str]:
@@ -1378,6 +1457,17 @@ class PgStore:
 
     async def retention_tenants(self) -> list[str]:
         return await self.db.read("retention_tenants", retention_tenants)
+
+    async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
+        return await self.db.read("facts_to_embed", facts_to_embed, tenant, model, limit)
+
+    async def count_to_embed(self, tenant: str, model: str) -> int:
+        return await self.db.read("count_to_embed", count_to_embed, tenant, model)
+
+    async def set_embeddings(
+        self, tenant: str, model: str, rows: Sequence[ToEmbed], vectors: np.ndarray
+    ) -> int:
+        return await self.db.write("set_embeddings", set_embeddings, tenant, model, rows, vectors)
 
     async def purge(
         self, tenants: RetentionPolicies, now_us: int, audit: AuditRecord

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from libs.common import lru
@@ -54,6 +55,7 @@ from services.memory.models import (
     Session,
     SessionTail,
     StoredMessage,
+    ToEmbed,
 )
 
 # (tenant -> (message_days, audit_days, fact_days_by_kind)); 0 days = keep forever.
@@ -182,6 +184,19 @@ class MemoryStore(Protocol):
     ) -> ErasureCounts: ...
 
     async def retention_tenants(self) -> list[str]: ...
+
+    # -- re-embedding (services/memory/manager.py `reembed_pass`) ---------------------------
+    async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
+        """Up to `limit` of the tenant's facts without a vector of `model`."""
+        ...
+
+    async def count_to_embed(self, tenant: str, model: str) -> int: ...
+
+    async def set_embeddings(
+        self, tenant: str, model: str, rows: Sequence[ToEmbed], vectors: np.ndarray
+    ) -> int:
+        """Store the vectors (facts deleted meanwhile are skipped); facts updated."""
+        ...
 
     async def purge(
         self, tenants: RetentionPolicies, now_us: int, audit: AuditRecord
@@ -394,6 +409,19 @@ class DuckStore:
 
     async def retention_tenants(self) -> list[str]:
         return await self.db.read("retention_tenants", storage.retention_tenants)
+
+    async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
+        return await self.db.read("facts_to_embed", storage.facts_to_embed, tenant, model, limit)
+
+    async def count_to_embed(self, tenant: str, model: str) -> int:
+        return await self.db.read("count_to_embed", storage.count_to_embed, tenant, model)
+
+    async def set_embeddings(
+        self, tenant: str, model: str, rows: Sequence[ToEmbed], vectors: np.ndarray
+    ) -> int:
+        return await self.db.write(
+            "set_embeddings", storage.set_embeddings, tenant, model, rows, vectors
+        )
 
     async def purge(
         self, tenants: RetentionPolicies, now_us: int, audit: AuditRecord

@@ -21,6 +21,22 @@ FUZZ_SESSIONS = ("s-fuzz", "s-fuzz2")
 FUZZ_SYMBOLS = ("FZA", "FZB", "^FZI")
 
 
+# Embed reaches a provider: an embedding model on the stack's dev provider (the `deepseek`
+# provider's base URL; the dev provider serves `/embeddings` there too), the default route.
+FUZZ_EMBEDDING_ROUTE: dict[str, object] = {
+    "llm_gateway_models": {
+        "dev-embed": {
+            "kind": "embedding",
+            "provider": "deepseek",
+            "input_per_mtok": "0.02",
+            "dimensions": 64,
+        }
+    },
+    "llm_gateway_routes": {"embed": {"models": ["dev-embed"]}},
+    "llm_gateway_default_embedding_route": "embed",
+}
+
+
 @dataclass
 class Seeded:
     stack: Stack
@@ -47,7 +63,10 @@ async def seeded(
     elif request.param != "duckdb":
         raise ValueError(f"FUZZ_STORE holds duckdb or postgresql, got {request.param!r}")
     stack = await start_stack(
-        tmp_path_factory.mktemp("fuzzstack"), memory=memory, analytics=analytics
+        tmp_path_factory.mktemp("fuzzstack"),
+        memory=memory,
+        analytics=analytics,
+        gateway=FUZZ_EMBEDDING_ROUTE,
     )
     try:
         seeded = await seed(stack)

@@ -133,7 +133,7 @@ def analytics_hints() -> dict[str, Any]:
 def gateway_hints() -> dict[str, Any]:
     today = datetime.now(UTC).date()
     return {
-        "model": st.sampled_from(["", "default", "deepseek-chat", "reasoning"]),
+        "model": st.sampled_from(["", "default", "deepseek-chat", "reasoning", "embed"]),
         "messages": _chat(),
         "role": ROLES,
         "content": st.text(min_size=1, max_size=80),
@@ -142,6 +142,9 @@ def gateway_hints() -> dict[str, Any]:
         "top_p": st.floats(0.01, 1),
         "stop": st.sampled_from(["\n", "END", "."]),
         "cache_ttl_seconds": st.integers(0, 3600),
+        # Embed
+        "inputs": st.text(min_size=1, max_size=80),
+        "dimensions": st.sampled_from([0, 8, 64, 65]),
         "range": _range(today - timedelta(days=40), 45),
     }
 
@@ -241,7 +244,7 @@ def all_targets(seeded: Seeded, loop: asyncio.AbstractEventLoop) -> dict[str, Ta
         out[t.name] = t
     usage = usage_snapshot(seeded, "alice")
     for method in GATEWAY.methods:
-        snap = usage if method.name in ("Complete", "StreamComplete") else None
+        snap = usage if method.name in ("Complete", "StreamComplete", "Embed") else None
         t = Target("llm_gateway", GATEWAY, method, "alice", gateway_hints(), snap)
         out[t.name] = t
     for process in ("memory", "analytics"):

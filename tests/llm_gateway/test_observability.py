@@ -10,11 +10,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from libs.common.tracing import build_resource, configure_tracing
-from libs.devprovider import DevProviderControl
+from libs.devprovider import DevProvider, DevProviderControl
 from services.llm_gateway.pricing import Pricing, Usage
 from services.llm_gateway.providers import ProviderError, parse_retry_after
 from services.llm_gateway.retry import RetryPolicy
-from tests.llm_gateway.conftest import Gw
+from tests.llm_gateway.conftest import GatewayFactory, Gw
 from tests.llm_gateway.test_stream import collect, stream
 
 _EXPORTER = InMemorySpanExporter()
@@ -110,6 +110,54 @@ async def test_genai_client_metrics(gw: Gw) -> None:
     assert bounds("gen_ai_client_operation_duration_seconds") == [
         0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92
     ]  # fmt: skip
+
+
+async def test_embed_attempt_spans_and_genai_metrics(
+    gateway_with: GatewayFactory, provider: DevProvider, control: DevProviderControl
+) -> None:
+    from tests.llm_gateway.test_embed import embed, embedding_settings, unique
+
+    gw = await gateway_with(**embedding_settings(provider.base_url))
+    labels = {
+        "gen_ai_operation_name": "embeddings",
+        "gen_ai_provider_name": "devembed",
+        "gen_ai_request_model": "dev-embed",
+    }
+    before_in = sample("gen_ai_client_token_usage_sum", **labels, gen_ai_token_type="input")
+    before_calls = sample("gen_ai_client_operation_duration_seconds_count", **labels)
+    _EXPORTER.clear()
+    await control.script({"status": 503})
+    reply = await embed(gw, unique("trace", "these texts"), dimensions=32)
+    spans = [s for s in _EXPORTER.get_finished_spans() if s.name == "embeddings dev-embed"]
+    assert len(spans) == 2
+    first, second = sorted(
+        spans, key=lambda s: str(dict(s.attributes or {})["finsight.llm.attempt"])
+    )
+    failed, ok = dict(first.attributes or {}), dict(second.attributes or {})
+    for attrs in (failed, ok):
+        assert attrs["gen_ai.operation.name"] == "embeddings"
+        assert attrs["gen_ai.provider.name"] == "devembed"
+        assert attrs["gen_ai.request.model"] == "dev-embed"
+        assert attrs["gen_ai.request.encoding_formats"] == ("float",)
+        assert attrs["gen_ai.embeddings.dimension.count"] == 32
+        assert attrs["server.address"] == "127.0.0.1" and attrs["server.port"] == provider.port
+        assert "gen_ai.request.max_tokens" not in attrs
+    assert failed["error.type"] == "http_503"
+    assert ok["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens
+    assert "gen_ai.usage.output_tokens" not in ok
+    assert ok["gen_ai.response.id"] and ok["gen_ai.response.model"] == "dev-embed"
+    assert isinstance(ok["finsight.llm.cost_usd"], float) and ok["finsight.llm.cost_usd"] > 0
+    # The RPC's own (server) span is the attempts' parent.
+    parents = {s.parent.span_id for s in spans if s.parent is not None}
+    assert len(parents) == 1
+    assert sample("gen_ai_client_token_usage_sum", **labels, gen_ai_token_type="input") == (
+        before_in + reply.usage.prompt_tokens
+    )
+    assert sample("gen_ai_client_operation_duration_seconds_count", **labels) == before_calls + 2
+    assert (
+        sample("llm_gateway_requests_total", provider="devembed", model="dev-embed", outcome="ok")
+        >= 1
+    )
 
 
 def bounds(histogram: str) -> list[float]:

@@ -102,7 +102,8 @@ async def test_bm25_ranking_matches_a_hand_checked_corpus(memory: Memory) -> Non
     )
 
     reply = await memory.stub.Recall(
-        pb.RecallRequest(user_id="u1", query="Apple, shares!"), metadata=memory.md()
+        pb.RecallRequest(user_id="u1", query="Apple, shares!", mode=pb.RECALL_MODE_LEXICAL),
+        metadata=memory.md(),
     )
     expected = bm25(["apple", "shares"], {k: v[1] for k, v in CORPUS.items()})
     got = {f.fact.fact_id: f.score for f in reply.facts}
@@ -130,11 +131,13 @@ async def test_ties_are_broken_by_id_and_k_limits(memory: Memory) -> None:
     await consent(memory, "u1")
     ids = await remember(memory, "u1", *(pb.NewFact(text=f"rally number{i}") for i in range(6)))
     reply = await memory.stub.Recall(
-        pb.RecallRequest(user_id="u1", query="rally", k=4), metadata=memory.md()
+        pb.RecallRequest(user_id="u1", query="rally", k=4, mode=pb.RECALL_MODE_LEXICAL),
+        metadata=memory.md(),
     )
     assert [f.fact.fact_id for f in reply.facts] == sorted(ids)[:4]
     again = await memory.stub.Recall(
-        pb.RecallRequest(user_id="u1", query="rally", k=4), metadata=memory.md()
+        pb.RecallRequest(user_id="u1", query="rally", k=4, mode=pb.RECALL_MODE_LEXICAL),
+        metadata=memory.md(),
     )
     assert [f.fact.fact_id for f in again.facts] == [f.fact.fact_id for f in reply.facts]
 

@@ -162,7 +162,8 @@ async def recalled(memory: Memory, user: str, query: str) -> list[str]:
     stale index could still hide deleted facts, whose rows are gone, but not its N, df and
     avgdl, which would move every score)."""
     reply = await memory.stub.Recall(
-        pb.RecallRequest(user_id=user, query=query, k=50), metadata=memory.md()
+        pb.RecallRequest(user_id=user, query=query, k=50, mode=pb.RECALL_MODE_LEXICAL),
+        metadata=memory.md(),
     )
     want = await memory.app.store.recall_facts(
         "acme",
@@ -260,6 +261,7 @@ async def test_users_over_the_cap_are_served_by_sql(
         memory_redis_prefix=f"t-{tmp_path.name}",
         memory_purge_interval_s=0,
         memory_recall_index_max_entries=12,  # postings + facts
+        memory_embedding_provider="none",  # vectors would count too: see test_hybrid_recall
         memory_database_url=database_url,
     )
     try:
@@ -298,6 +300,8 @@ def tiny_index(n: int) -> UserIndex:
             "expires_us": [None] * n,
             "kind": ["general"] * n,
             "tags": [[] for _ in range(n)],
+            "embedding_model": [None] * n,
+            "embedding": [None] * n,
         },
         schema=INDEX_FACTS_SCHEMA,
     )

@@ -67,7 +67,8 @@ async def history(memory: Memory, session: str) -> list[tuple[int, str]]:
 
 async def recalled(memory: Memory, user: str, query: str) -> list[str]:
     reply = await memory.stub.Recall(
-        pb.RecallRequest(user_id=user, query=query, k=50), metadata=memory.md()
+        pb.RecallRequest(user_id=user, query=query, k=50, mode=pb.RECALL_MODE_LEXICAL),
+        metadata=memory.md(),
     )
     return [f.fact.fact_id for f in reply.facts]
 

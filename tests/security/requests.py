@@ -106,6 +106,10 @@ def valid_requests(
         "LlmGatewayService.CountTokens": [gpb.CountTokensRequest(messages=[user_message("hello")])],
         "LlmGatewayService.ListModels": [gpb.ListModelsRequest()],
         "LlmGatewayService.GetUsage": [gpb.GetUsageRequest()],
+        "LlmGatewayService.Embed": [
+            gpb.EmbedRequest(inputs=["hello there", "risk of bonds"]),
+            gpb.EmbedRequest(model="embed", inputs=["hello"], dimensions=16),
+        ],
         "memory:AdminService.Backup": [admin_pb2.BackupRequest()],
         "analytics:AdminService.Backup": [admin_pb2.BackupRequest()],
     }
