@@ -28,13 +28,15 @@ from finsight.analytics.v1 import analytics_pb2_grpc
 from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection, describe_error, error_json
 from libs.cli.llm_cmds import tokens
+from libs.cli.memory_cmds import read_facts, show_facts
 from libs.cli.options import add_conversation, add_range, date_range, rate, session_id, user_id
 from libs.cli.render import day, money_amount, num, pct, plain, short_enum, usd
 
 err_console = Console(stderr=True, highlight=False)
 HELP = (
     "Ask a question about the symbols. Commands: /symbols A B … (set the symbols), "
-    "/benchmark SYM (or /benchmark none), /session (show ids), /help, exit (or Ctrl-D)."
+    "/benchmark SYM (or /benchmark none), /session (show ids), /facts (what memory keeps "
+    "about you; /facts all: with the superseded ones), /help, exit (or Ctrl-D)."
 )
 
 
@@ -239,8 +241,8 @@ class Chat:
         self.benchmark: str | None = args.benchmark
         self.failures = 0
 
-    def command(self, text: str) -> None:
-        """A /command line."""
+    async def command(self, text: str) -> None:
+        """A /command line (some call a service: /facts)."""
         name, _, rest = text.partition(" ")
         if name == "/symbols":
             self.symbols = rest.split()
@@ -250,8 +252,24 @@ class Chat:
             _say(f"benchmark: {escape(self.benchmark or '(none)')}")
         elif name == "/session":
             _say(escape(f"session {self.session}, user {self.user}"))
+        elif name == "/facts" and rest.strip() in ("", "all"):
+            await self.facts(history=rest.strip() == "all")
         else:
             _say(HELP)
+
+    async def facts(self, *, history: bool) -> None:
+        """The user's facts (ExportUserData), on stderr like the other chatter: stdout stays
+        the answers. A failure is reported and the chat goes on (it is not a failed turn)."""
+        chat_service = self.conn.last_service
+        try:
+            found = await read_facts(self.conn, self.user)
+        except grpc.aio.AioRpcError as error:
+            _, lines = describe_error(error, self.conn)
+            err_console.print("[bold red]error[/]: " + escape("\n".join(lines)))
+            return
+        finally:  # the turns' errors name analytics again
+            self.conn.last_service = chat_service
+        show_facts(err_console, self.user, found, history=history)
 
     async def ask(self, stub: analytics_pb2_grpc.AnalyticsServiceStub, question: str) -> None:
         """One turn. A failed turn is reported in plain words and the chat goes on."""
@@ -298,7 +316,7 @@ async def chat(args: argparse.Namespace, conn: Connection) -> int:
                 if text.lower() in ("exit", "quit", "/exit", "/quit"):
                     break
                 if text.startswith("/"):
-                    state.command(text)
+                    await state.command(text)
                 elif text:
                     await state.ask(stub, text)
     finally:

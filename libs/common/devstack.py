@@ -414,9 +414,14 @@ class DevStack:
         return "ipv4:" + ",".join(self.target(spec) for spec in replicas)
 
     def default_downstream_targets(self) -> None:
-        """Point analytics at the memory and gateway ports in use, unless set explicitly."""
+        """Point analytics at the memory and gateway ports in use, and memory at the gateway,
+        unless set explicitly."""
         self.env.setdefault("ANALYTICS_MEMORY_TARGET", self.service_target("memory"))
         self.env.setdefault("ANALYTICS_LLM_GATEWAY_TARGET", self.service_target("llm_gateway"))
+        self.env.setdefault("MEMORY_LLM_GATEWAY_TARGET", self.service_target("llm_gateway"))
+        # The local dev tenant may have facts extracted from its chats (each user still
+        # opts in: finsight memory consent USER --fact-extraction on).
+        self.env.setdefault("MEMORY_EXTRACTION_TENANTS", '["dev"]')
 
     def start_postgres(self) -> None:
         """PostgreSQL mode: the databases named by `*_DATABASE_URL`, else a local server."""

@@ -163,13 +163,49 @@ class MemorySettings(CommonSettings):
         256, ge=1, le=4096, description="Facts embedded per re-embed step"
     )
 
+    # Facts from conversations (docs/memory.md "Facts from conversations").
+    memory_extraction_tenants: list[str] = Field(
+        default_factory=list,
+        description='Tenants whose conversations may be mined for facts (JSON list; ["*"] = '
+        "all); each user also opts in (SetConsent fact_extraction). Empty = off",
+    )
+    memory_extraction_route: str = Field(
+        "default",
+        min_length=1,
+        max_length=128,
+        description="Gateway chat route (or model) the extractor calls; give it a route of "
+        "its own to budget and monitor it apart",
+    )
+    memory_extraction_queue_max: int = Field(
+        1000, ge=1, le=1_000_000, description="Extraction jobs waiting at most (then dropped)"
+    )
+    memory_extraction_tokens_per_minute: int = Field(
+        20_000, ge=100, description="Extraction tokens per tenant and minute, per replica"
+    )
+    memory_extraction_max_tokens: int = Field(
+        600, ge=50, le=8192, description="Completion tokens of one extraction call"
+    )
+    memory_extraction_known_facts: int = Field(
+        20, ge=0, le=100, description="Current facts shown to the model (closest to the turns)"
+    )
+    memory_extraction_dedup_similarity: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Vector similarity at which a proposed fact is a duplicate of a current one",
+    )
+    memory_extraction_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Longest wait for one extraction call"
+    )
+
     memory_recall_index_max_entries: int = Field(
-        4_000_000,
+        12_000_000,
         ge=0,
         le=1_000_000_000,
-        description="Cap of the in-process recall index, in postings + facts (~16 and ~80 "
-        "bytes each; 4M = 64-100 MB); least recently used users are evicted, a user whose "
-        "index alone exceeds it is served by SQL. 0 = always SQL",
+        description="Cap of the in-process recall index, in 16-byte entries: a posting is "
+        "one, a fact ~5, a 256-d vector 64 (a user with 100k facts and vectors ~7.4M, "
+        "~120 MiB); least recently used users are evicted, a user whose index alone exceeds "
+        "it is served by SQL (hybrid: a transient load per Recall). 0 = always SQL",
     )
 
     # BuildContext.

@@ -19,6 +19,7 @@ from libs.common.pg import PgDatabase
 from libs.common.server import ServiceHost, main_entry
 from services.memory.config import MemorySettings
 from services.memory.embedding import Embedder, GatewayEmbedder, LocalEmbedder
+from services.memory.extraction import GatewayCompleter
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
 from services.memory.retention import Purger
@@ -63,7 +64,17 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
     hot.start()
     host.on_shutdown(hot.close)
     embedder = build_embedder(settings)  # before serving: ~0.15 s for the local model
-    manager = MemoryManager(settings, store, hot, embedder=embedder)
+    completer = (
+        GatewayCompleter(
+            create_channel(settings.memory_llm_gateway_target, settings),
+            settings.memory_extraction_route,
+            settings.memory_extraction_timeout_s,
+            settings.memory_extraction_max_tokens,
+        )
+        if settings.memory_extraction_tenants
+        else None
+    )
+    manager = MemoryManager(settings, store, hot, embedder=embedder, completer=completer)
     manager.start()
     host.on_shutdown(manager.close)  # runs before db.close (reverse order)
     purger = Purger(settings, store, hot, manager.index)

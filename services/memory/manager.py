@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
@@ -35,11 +36,13 @@ from libs.common import context, tokens
 from libs.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from libs.common.tracing import tracer
 from libs.common.untrusted import screen
+from services.memory import limits as lim
 from services.memory import metrics, pagination, recall
 from services.memory.batcher import Batcher
 from services.memory.config import MemorySettings
 from services.memory.context_builder import BuiltContext, FlaggedFacts, build_context
 from services.memory.embedding import Embedder, EmbeddingUnavailable
+from services.memory.extraction import Completer, Extractor, Job, Proposal
 from services.memory.hot_tier import HotTier, Lookup, Window
 from services.memory.models import (
     Appended,
@@ -94,6 +97,7 @@ class MemoryManager:
         hot: HotTier,
         index: RecallIndex | None = None,
         embedder: Embedder | None = None,
+        completer: Completer | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -121,6 +125,7 @@ class MemoryManager:
             rrf_k=settings.memory_recall_rrf_k,
             min_similarity=settings.memory_recall_min_similarity,
         )
+        self.extractor = self._build_extractor(completer)
 
     def start(self) -> None:
         self.token_counter.start()
@@ -128,8 +133,12 @@ class MemoryManager:
         self.audits.start()
         if self.embedder is not None and self.settings.memory_reembed_interval_s > 0:
             self._reembedder = asyncio.create_task(self._reembed_loop())
+        if self.extractor is not None:
+            self.extractor.start()
 
     async def close(self) -> None:
+        if self.extractor is not None:
+            await self.extractor.close()
         if self._reembedder is not None:
             self._reembedder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -219,6 +228,8 @@ class MemoryManager:
             raise FailedPrecondition(
                 "the session belongs to another user", reason="SESSION_USER_MISMATCH"
             )
+        if self.extractor is not None and result.new_messages:
+            self.extractor.offer(request.tenant, user_id, session_id, result.new_messages)
         metrics.MESSAGES_APPENDED.labels("stored").inc(len(result.new_messages))
         metrics.MESSAGES_APPENDED.labels("deduplicated").inc(
             len(result.appended) - len(result.new_messages)
@@ -375,24 +386,20 @@ class MemoryManager:
         by_policy = now + int(days * _US_PER_DAY)
         return by_policy if fact.expires_us is None else min(fact.expires_us, by_policy)
 
-    async def remember(self, user_id: str, facts: list[NewFact]) -> list[Remembered]:
-        tenant = context.current_tenant()
-        now = now_us()
+    async def _prepare_facts(self, tenant: str, facts: list[NewFact], now: int) -> list[NewFact]:
+        """The facts as stored: screened, with their retention expiry and their vectors."""
         with _tracer.start_as_current_span("memory.remember.screen"):
             signals = await _screen_texts([f.text for f in facts])
         facts = [
-            NewFact(
-                f.text,
-                f.kind,
-                f.importance,
-                f.tags,
-                f.source_session_id,
-                self._expiry(tenant, f, now),
-                s,
-            )
+            replace(f, expires_us=self._expiry(tenant, f, now), injection_signals=s)
             for f, s in zip(facts, signals, strict=True)
         ]
-        facts = await self._embed_facts(facts)
+        return await self._embed_facts(facts)
+
+    async def remember(self, user_id: str, facts: list[NewFact]) -> list[Remembered]:
+        tenant = context.current_tenant()
+        now = now_us()
+        facts = await self._prepare_facts(tenant, facts, now)
         flagged = [f for f in facts if f.injection_signals]
         try:
             done = await self.store.remember_facts(
@@ -415,6 +422,132 @@ class MemoryManager:
         return [
             replace(r, flagged=bool(f.injection_signals)) for r, f in zip(out, facts, strict=True)
         ]
+
+    # -- extraction (services/memory/extraction.py) ------------------------------------------
+    def _build_extractor(self, completer: Completer | None) -> Extractor | None:
+        tenants = self.settings.memory_extraction_tenants
+        if completer is None or not tenants:
+            return None
+        return Extractor(
+            completer,
+            tenants=tenants,
+            queue_max=self.settings.memory_extraction_queue_max,
+            tokens_per_minute=self.settings.memory_extraction_tokens_per_minute,
+            answer_tokens=self.settings.memory_extraction_max_tokens,
+            handle=self._write_extracted,
+            known_facts=self._known_facts,
+            allowed=self.store.extraction_allowed,
+        )
+
+    async def _known_facts(self, job: Job) -> list[Fact]:
+        """The current facts the model is shown: those closest to the new turns."""
+        text = " ".join(m.content for m in job.turns)[: lim.MAX_QUERY_BYTES // 2]
+        found = await self._recall(
+            job.tenant, job.user_id, text, FactFilter(), self.settings.memory_extraction_known_facts
+        )
+        return [s.fact for s in found]
+
+    async def _is_duplicate(self, job: Job, proposal: Proposal) -> bool:
+        """A current fact that means the same: vector similarity at the threshold and the
+        same numbers (static vectors barely see "120 shares" vs "200 shares"; in finance the
+        numbers are the fact). The fact an UPDATE supersedes is not its duplicate."""
+        if self.embedder is None:
+            return False
+        top = await self._recall(
+            job.tenant, job.user_id, proposal.text, FactFilter(), 3, RecallMode.VECTOR
+        )
+        threshold = self.settings.memory_extraction_dedup_similarity
+        return any(
+            s.vector_similarity >= threshold
+            and s.fact.fact_id != proposal.supersedes
+            and _numbers(s.fact.text) == _numbers(proposal.text)
+            for s in top
+        )
+
+    async def _distinct(self, proposals: list[Proposal]) -> list[Proposal]:
+        """The proposals minus those meaning the same as an earlier one of the batch."""
+        if self.embedder is None or len(proposals) < 2:
+            return proposals
+        vectors = await self._embed("fact", [p.text for p in proposals])
+        if vectors is None:
+            return proposals
+        threshold = self.settings.memory_extraction_dedup_similarity
+        kept: list[int] = []
+        for i, proposal in enumerate(proposals):
+            if any(
+                float(vectors[i] @ vectors[j]) >= threshold
+                and _numbers(proposals[j].text) == _numbers(proposal.text)
+                for j in kept
+            ):
+                metrics.EXTRACTION_PROPOSALS.labels("duplicate_meaning").inc()
+                continue
+            kept.append(i)
+        return [proposals[i] for i in kept]
+
+    async def _write_extracted(self, job: Job, proposals: list[Proposal]) -> None:
+        """Write what the model proposed (after dedup by meaning), marking the turns handled
+        even when nothing is new, in one transaction."""
+        kept: list[Proposal] = []
+        for proposal in proposals:
+            if await self._is_duplicate(job, proposal):
+                metrics.EXTRACTION_PROPOSALS.labels("duplicate_meaning").inc()
+            else:
+                kept.append(proposal)
+        kept = await self._distinct(kept)
+        now = now_us()
+        sources = tuple(m.message_id for m in job.turns)
+        facts = await self._prepare_facts(
+            job.tenant,
+            [
+                NewFact(
+                    p.text,
+                    p.kind,
+                    p.importance,
+                    (),
+                    job.session_id,
+                    None,
+                    origin="extracted",
+                    source_message_ids=sources,
+                )
+                for p in kept
+            ],
+            now,
+        )
+        supersedes = [(i, p.supersedes) for i, p in enumerate(kept) if p.op == "UPDATE"]
+        key = (job.tenant, job.user_id)
+        try:
+            done = await self.store.write_extraction(
+                job.tenant,
+                job.user_id,
+                facts,
+                supersedes,
+                list(sources),
+                now,
+                self._audit("ExtractFacts", job.user_id, job.session_id),
+            )
+        except BaseException:
+            self.index.invalidate(key)
+            raise
+        if done is None or done.skipped:
+            metrics.EXTRACTION_PROPOSALS.labels("skipped").inc(len(kept))
+            return
+        if done.superseded:
+            self.index.invalidate(key)  # a fact left the current set: reload
+        else:
+            self.index.add(key, done.inserted.facts, done.inserted.postings, done.inserted.version)
+        added = sum(1 for r in done.remembered if not r.deduplicated)
+        metrics.EXTRACTION_PROPOSALS.labels("added").inc(added - len(done.superseded))
+        metrics.EXTRACTION_PROPOSALS.labels("updated").inc(len(done.superseded))
+        metrics.EXTRACTION_PROPOSALS.labels("duplicate_text").inc(len(done.remembered) - added)
+        log.info(
+            "facts extracted",
+            extra={
+                "session_id": job.session_id,
+                "messages": len(sources),
+                "added": added - len(done.superseded),
+                "superseded": len(done.superseded),
+            },
+        )
 
     async def _embed_facts(self, facts: list[NewFact]) -> list[NewFact]:
         """The facts with their vectors (unchanged when no embedder is configured or it
@@ -631,11 +764,18 @@ class MemoryManager:
         return built
 
     # -- consent -----------------------------------------------------------------------------
-    async def set_consent(self, user_id: str, long_term_memory: bool) -> tuple[Consent, int]:
+    async def set_consent(
+        self, user_id: str, long_term_memory: bool, fact_extraction: bool = False
+    ) -> tuple[Consent, int]:
         tenant = context.current_tenant()
         try:
             return await self.store.set_consent(
-                tenant, user_id, long_term_memory, now_us(), self._audit("SetConsent", user_id)
+                tenant,
+                user_id,
+                long_term_memory,
+                now_us(),
+                self._audit("SetConsent", user_id),
+                fact_extraction,
             )
         finally:
             if not long_term_memory:  # withdrawal deletes the user's facts
@@ -797,6 +937,13 @@ def _record_flagged_context(
                 "mode": mode.value,
             },
         )
+
+
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _numbers(text: str) -> list[str]:
+    return sorted(_NUMBER.findall(text))
 
 
 def _incarnation(tail: SessionTail | None) -> int:

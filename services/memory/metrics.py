@@ -106,3 +106,25 @@ REEMBEDDED = Counter(
     "finsight_memory_reembedded_facts_total",
     "Facts given a vector of the current embedding model by the background re-embed.",
 )
+EXTRACTIONS = Counter(
+    "finsight_memory_extractions_total",
+    "Fact-extraction jobs (the user turns of one AppendMessages), by outcome: ok, "
+    "no_consent, throttled (MEMORY_EXTRACTION_TOKENS_PER_MINUTE), gateway_failed, error, "
+    "dropped_queue_full.",
+    ("outcome",),
+)
+EXTRACTION_PROPOSALS = Counter(
+    "finsight_memory_extraction_proposals_total",
+    "What became of the extractor's proposals: added, updated (superseded a fact), "
+    "duplicate_meaning, duplicate_text, refused (malformed), skipped (turns already "
+    "handled, or consent withdrawn meanwhile).",
+    ("outcome",),
+)
+EXTRACTION_QUEUE = Gauge(
+    "finsight_memory_extraction_queue", "Extraction jobs waiting (MEMORY_EXTRACTION_QUEUE_MAX)."
+)
+EXTRACTION_SECONDS = Histogram(
+    "finsight_memory_extraction_seconds",
+    "Time of the extractor's gateway call.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

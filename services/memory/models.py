@@ -123,6 +123,10 @@ class NewFact:
     # manager before the write (None: not embedded, e.g. no embedder configured).
     embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
     embedding_model: str = ""
+    # "remembered" (Remember) or "extracted" (services/memory/extraction.py), and for an
+    # extracted fact the messages it came from.
+    origin: str = "remembered"
+    source_message_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,11 @@ class Fact:
     injection_signals: tuple[str, ...] = ()
     # The model that made the stored vector ("": none yet).
     embedding_model: str = ""
+    # Set when a newer fact superseded this one (history; Recall reads current facts only).
+    valid_to_us: int | None = None
+    superseded_by: str = ""
+    origin: str = "remembered"
+    source_message_ids: tuple[str, ...] = ()
 
     @property
     def flagged(self) -> bool:
@@ -258,6 +267,18 @@ class RecallWeights:
 
 
 @dataclass(frozen=True)
+class Extracted:
+    """What one extraction write did: the facts stored (or found as duplicates), in
+    proposal order, the (superseded, new) id pairs, and the index's part of the insert.
+    `skipped` when every source message had been handled before (a retry)."""
+
+    remembered: list[Remembered]
+    superseded: list[tuple[str, str]]
+    inserted: InsertedFacts
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
 class ToEmbed:
     """A stored fact the re-embed job gives a vector of the current model."""
 
@@ -294,6 +315,7 @@ class Consent:
     long_term_memory: bool = False
     updated_us: int | None = None
     updated_by: str = ""
+    fact_extraction: bool = False
 
 
 @dataclass(frozen=True)

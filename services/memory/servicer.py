@@ -67,6 +67,9 @@ def _message_pb(m: StoredMessage) -> pb.StoredMessage:
     )
 
 
+_ORIGINS = {"remembered": pb.FACT_ORIGIN_REMEMBERED, "extracted": pb.FACT_ORIGIN_EXTRACTED}
+
+
 def _fact_pb(f: Fact) -> pb.Fact:
     out = pb.Fact(
         fact_id=f.fact_id,
@@ -79,14 +82,24 @@ def _fact_pb(f: Fact) -> pb.Fact:
         create_time=_ts(f.created_us),
         injection_signals=list(f.injection_signals),
         embedding_model=f.embedding_model,
+        valid_from=_ts(f.created_us),
+        superseded_by=f.superseded_by,
+        origin=_ORIGINS.get(f.origin, pb.FACT_ORIGIN_UNSPECIFIED),
+        source_message_ids=list(f.source_message_ids),
     )
     if f.expires_us is not None:
         out.expire_time.CopyFrom(_ts(f.expires_us))
+    if f.valid_to_us is not None:
+        out.valid_to.CopyFrom(_ts(f.valid_to_us))
     return out
 
 
 def _consent_pb(c: Consent) -> pb.Consent:
-    out = pb.Consent(long_term_memory=c.long_term_memory, updated_by=c.updated_by)
+    out = pb.Consent(
+        long_term_memory=c.long_term_memory,
+        updated_by=c.updated_by,
+        fact_extraction=c.fact_extraction,
+    )
     if c.updated_us is not None:
         out.update_time.CopyFrom(_ts(c.updated_us))
     return out
@@ -369,7 +382,9 @@ class MemoryServicer:
         v = Violations()
         lim.check_id(v, "user_id", request.user_id)
         v.raise_if_any()
-        consent, deleted = await self.manager.set_consent(request.user_id, request.long_term_memory)
+        consent, deleted = await self.manager.set_consent(
+            request.user_id, request.long_term_memory, request.fact_extraction
+        )
         return pb.SetConsentResponse(consent=_consent_pb(consent), facts_deleted=deleted)
 
     async def GetConsent(self, request: pb.GetConsentRequest, ctx: Ctx) -> pb.GetConsentResponse:

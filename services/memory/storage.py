@@ -33,6 +33,7 @@ from services.memory.models import (
     AuditRecord,
     Consent,
     ErasureCounts,
+    Extracted,
     Fact,
     FactFilter,
     InsertedFacts,
@@ -373,7 +374,7 @@ def recent_of_session(
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, "
     "f.source_session_id, epoch_us(f.created_at), epoch_us(f.expires_at), f.injection_signals, "
-    "f.embedding_model"
+    "f.embedding_model, epoch_us(f.valid_to), f.superseded_by, f.origin, f.source_message_ids"
 )
 
 
@@ -390,6 +391,10 @@ def _fact(row: Sequence[Any]) -> Fact:
         expires_us=None if row[8] is None else int(row[8]),
         injection_signals=tuple(row[9] or ()),
         embedding_model=row[10] or "",
+        valid_to_us=None if row[11] is None else int(row[11]),
+        superseded_by=row[12] or "",
+        origin=row[13] or "remembered",
+        source_message_ids=tuple(row[14] or ()),
     )
 
 
@@ -499,6 +504,10 @@ def insert_facts(
                 "embedding_model": pa.array(
                     [r[1].embedding_model or None for r in rows], pa.string()
                 ),
+                "origin": pa.array([r[1].origin for r in rows], pa.string()),
+                "source_message_ids": pa.array(
+                    [list(r[1].source_message_ids) for r in rows], pa.list_(pa.string())
+                ),
             }
         ),
         pa.table(
@@ -551,6 +560,8 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
             "injection_signals": _signals_column(facts),
             "embedding": _optional(facts, "embedding", pa.list_(pa.float32())),
             "embedding_model": _optional(facts, "embedding_model", pa.string()),
+            "origin": _optional(facts, "origin", pa.string()),
+            "source_message_ids": _optional(facts, "source_message_ids", pa.list_(pa.string())),
         }
     )
     arrow_postings = pa.table(
@@ -612,12 +623,12 @@ def load_recall_index(cur: Cursor, tenant: str, user_id: str) -> tuple[pa.Table,
         facts = cur.sql(
             "SELECT fact_no, fact_id, doc_len, importance, epoch_us(created_at) AS created_us, "
             "epoch_us(expires_at) AS expires_us, kind, tags, embedding_model, embedding "
-            "FROM facts WHERE tenant = ? AND user_id = ?",
+            "FROM facts WHERE tenant = ? AND user_id = ? AND valid_to IS NULL",
             params=[tenant, user_id],
         ).to_arrow_table()
         postings = cur.sql(
             "SELECT t.term_key, t.fact_no, t.tf FROM fact_terms t SEMI JOIN "
-            "(SELECT fact_no FROM facts WHERE tenant = ? AND user_id = ?) f "
+            "(SELECT fact_no FROM facts WHERE tenant = ? AND user_id = ? AND valid_to IS NULL) f "
             "ON t.fact_no = f.fact_no ORDER BY t.term_key",  # DuckDB sorts in parallel
             params=[tenant, user_id],
         ).to_arrow_table()
@@ -699,7 +710,7 @@ def recall_facts(
     live = (
         f"SELECT f.fact_no, f.fact_id, f.doc_len, f.importance, f.created_at, {ok} AS ok "
         "FROM facts f WHERE f.tenant = $tenant AND f.user_id = $user "
-        "AND (f.expires_at IS NULL OR f.expires_at > make_timestamp($now))"
+        "AND (f.expires_at IS NULL OR f.expires_at > make_timestamp($now)) AND f.valid_to IS NULL"
     )
     if keys:
         # Term keys are integers computed here, safe to inline; inlining lets DuckDB push
@@ -758,6 +769,87 @@ def recall_facts(
         for r in ranked
         if r[0] in found
     ]
+
+
+# -- extraction ---------------------------------------------------------------------------
+def extraction_allowed(cur: Cursor, tenant: str, user_id: str) -> bool:
+    row = cur.execute(
+        "SELECT long_term_memory AND fact_extraction FROM consent WHERE tenant = ? AND user_id = ?",
+        [tenant, user_id],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def write_extraction(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    facts: Sequence[NewFact],
+    supersedes: Sequence[tuple[int, str]],
+    message_ids: Sequence[str],
+    now_us: int,
+    audit: AuditRecord,
+) -> Extracted | None:
+    """One transaction: the proposed facts stored (deduplicated as Remember does), each
+    (proposal index, old fact id) of `supersedes` closed (`valid_to`, `superseded_by`; its
+    text hash moved aside so the text may become current again later), the source messages
+    marked handled, and an audit row per supersession with both ids. None without consent
+    (checked here, so it cannot race a withdrawal); `skipped` when every message was
+    handled before (a retry never doubles facts)."""
+    if not extraction_allowed(cur, tenant, user_id):
+        return None
+    done = {
+        r[0]
+        for r in cur.execute(
+            "SELECT message_id FROM extracted_messages WHERE tenant = ? AND user_id = ? "
+            "AND list_contains(?, message_id)",
+            [tenant, user_id, list(message_ids)],
+        ).fetchall()
+    }
+    if message_ids and done >= set(message_ids):
+        return Extracted(
+            [],
+            [],
+            InsertedFacts(INDEX_FACTS_SCHEMA.empty_table(), INDEX_POSTINGS_SCHEMA.empty_table()),
+            True,
+        )
+    remembered: list[Remembered] = []
+    inserted = InsertedFacts(INDEX_FACTS_SCHEMA.empty_table(), INDEX_POSTINGS_SCHEMA.empty_table())
+    if facts:
+        stored = remember_facts(cur, tenant, user_id, facts, now_us, audit)
+        assert stored is not None  # consent checked above, same transaction
+        remembered, inserted = stored
+    superseded: list[tuple[str, str]] = []
+    for index, old_id in supersedes:
+        new_id = remembered[index].fact_id
+        if new_id == old_id:
+            continue  # the "update" restated the fact: nothing changes
+        closed = cur.execute(
+            "UPDATE facts SET valid_to = make_timestamp(?), superseded_by = ?, "
+            "text_hash = text_hash || ':' || fact_id "
+            "WHERE tenant = ? AND user_id = ? AND fact_id = ? AND valid_to IS NULL "
+            "RETURNING fact_id",
+            [now_us, new_id, tenant, user_id, old_id],
+        ).fetchall()
+        if closed:
+            superseded.append((old_id, new_id))
+            insert_audit(
+                cur,
+                replace(
+                    audit,
+                    rpc="SupersedeFact",
+                    target_ids=(old_id, new_id),
+                    detail={"superseded": old_id, "by": new_id},
+                ),
+                now_us,
+            )
+    fresh = [m for m in message_ids if m not in done]
+    if fresh:
+        cur.executemany(
+            "INSERT INTO extracted_messages VALUES (?, ?, ?, make_timestamp(?))",
+            [[tenant, user_id, m, now_us] for m in fresh],
+        )
+    return Extracted(remembered, superseded, inserted)
 
 
 # -- re-embedding ---------------------------------------------------------------------------
@@ -853,20 +945,30 @@ def forget_facts(
 # -- consent -------------------------------------------------------------------------------
 def get_consent(cur: Cursor, tenant: str, user_id: str) -> Consent:
     row = cur.execute(
-        "SELECT long_term_memory, epoch_us(updated_at), updated_by FROM consent "
+        "SELECT long_term_memory, epoch_us(updated_at), updated_by, fact_extraction FROM consent "
         "WHERE tenant = ? AND user_id = ?",
         [tenant, user_id],
     ).fetchone()
-    return Consent() if row is None else Consent(bool(row[0]), int(row[1]), row[2])
+    if row is None:
+        return Consent()
+    return Consent(bool(row[0]), int(row[1]), row[2], bool(row[0]) and bool(row[3]))
 
 
 def set_consent(
-    cur: Cursor, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    long_term_memory: bool,
+    now_us: int,
+    audit: AuditRecord,
+    fact_extraction: bool = False,
 ) -> tuple[Consent, int]:
+    extraction = long_term_memory and fact_extraction
     cur.execute("DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
     cur.execute(
-        "INSERT INTO consent VALUES (?, ?, ?, make_timestamp(?), ?)",
-        [tenant, user_id, long_term_memory, now_us, audit.caller],
+        "INSERT INTO consent (tenant, user_id, long_term_memory, updated_at, updated_by, "
+        "fact_extraction) VALUES (?, ?, ?, make_timestamp(?), ?, ?)",
+        [tenant, user_id, long_term_memory, now_us, audit.caller, extraction],
     )
     deleted: list[str] = []
     if not long_term_memory:
@@ -879,11 +981,15 @@ def set_consent(
         replace(
             audit,
             target_ids=tuple(deleted),
-            detail={"long_term_memory": long_term_memory, "facts_deleted": len(deleted)},
+            detail={
+                "long_term_memory": long_term_memory,
+                "fact_extraction": extraction,
+                "facts_deleted": len(deleted),
+            },
         ),
         now_us,
     )
-    return Consent(long_term_memory, now_us, audit.caller), len(deleted)
+    return Consent(long_term_memory, now_us, audit.caller, extraction), len(deleted)
 
 
 # -- export --------------------------------------------------------------------------------
@@ -941,6 +1047,9 @@ def erase_user(
     ).fetchall()
     facts = len(_delete_fact_rows(cur, rows))
     consent = _count(cur, "DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
+    cur.execute(
+        "DELETE FROM extracted_messages WHERE tenant = ? AND user_id = ?", [tenant, user_id]
+    )
     counts = ErasureCounts(messages, n_sessions, facts, consent, tuple(sessions))
     insert_audit(cur, replace(audit, detail=counts.audit_detail()), now_us)
     return counts
@@ -1024,7 +1133,7 @@ def purge(
 def user_row_counts(cur: Cursor, tenant: str, user_id: str) -> dict[str, int]:
     """Rows held for a user, per table (tests and operators: 'is anything left?')."""
     out = {}
-    for table in ("messages", "sessions", "facts", "consent", "audit_log"):
+    for table in ("messages", "sessions", "facts", "consent", "audit_log", "extracted_messages"):
         out[table] = _count(
             cur, f"SELECT count(*) FROM {table} WHERE tenant = ? AND user_id = ?", [tenant, user_id]
         )

@@ -62,6 +62,7 @@ from services.memory.models import (
     AuditRecord,
     Consent,
     ErasureCounts,
+    Extracted,
     Fact,
     FactFilter,
     FactsVersion,
@@ -187,7 +188,8 @@ RECENT_OF_SESSION = f"""
 # Facts.
 _FACT_COLUMNS = (
     "f.fact_id, f.user_id, f.text, f.kind, f.importance, f.tags, f.source_session_id, "
-    f"{_us('f.created_at')}, {_us('f.expires_at')}, f.injection_signals, f.embedding_model"
+    f"{_us('f.created_at')}, {_us('f.expires_at')}, f.injection_signals, f.embedding_model, "
+    f"{_us('f.valid_to')}, f.superseded_by, f.origin, f.source_message_ids"
 )
 # Filters with NULL meaning "no condition", so each statement stays one constant text.
 _FILTER = """
@@ -222,17 +224,20 @@ FACTS_BY_HASH = f"""
 INSERT_FACTS = """
     INSERT INTO facts (tenant, user_id, fact_no, fact_id, text, text_hash, kind, importance,
                        tags, source_session_id, doc_len, created_at, expires_at,
-                       injection_signals, embedding, embedding_model)
+                       injection_signals, embedding, embedding_model, origin,
+                       source_message_ids)
     SELECT %(tenant)s, %(user_id)s, u.fact_no, u.fact_id, u.text, u.text_hash, u.kind,
            u.importance, string_to_array(u.tags, %(sep)s), u.source, u.doc_len, u.created_at,
-           u.expires_at, string_to_array(u.signals, %(sep)s), u.embedding, u.embedding_model
+           u.expires_at, string_to_array(u.signals, %(sep)s), u.embedding, u.embedding_model,
+           u.origin, string_to_array(u.sources, %(sep)s)
     FROM unnest(%(fact_no)b::bigint[], %(fact_id)b::text[], %(text)b::text[],
                 %(text_hash)b::text[], %(kind)b::text[], %(importance)b::float8[],
                 %(tags)b::text[], %(source)b::text[], %(doc_len)b::integer[],
                 %(created_at)b::timestamptz[], %(expires_at)b::timestamptz[],
-                %(signals)b::text[], %(embedding)b::bytea[], %(embedding_model)b::text[])
+                %(signals)b::text[], %(embedding)b::bytea[], %(embedding_model)b::text[],
+                %(origin)b::text[], %(sources)b::text[])
          AS u(fact_no, fact_id, text, text_hash, kind, importance, tags, source, doc_len,
-              created_at, expires_at, signals, embedding, embedding_model)"""
+              created_at, expires_at, signals, embedding, embedding_model, origin, sources)"""
 INSERT_POSTINGS = """
     INSERT INTO fact_terms (tenant, user_id, term_key, fact_no, tf)
     SELECT %(tenant)s, %(user_id)s, u.term_key, u.fact_no, u.tf
@@ -260,7 +265,8 @@ INDEX_FACTS = f"""
     SELECT f.fact_no, f.fact_id, f.doc_len, f.importance, {_us("f.created_at")},
            {_us("f.expires_at")}, f.kind, f.tags, f.embedding_model, f.embedding
     FROM facts f
-    WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_no > %(after)s::bigint"""
+    WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_no > %(after)s::bigint
+      AND f.valid_to IS NULL"""
 # The postings as three binary columns in one row (big-endian, as numpy reads them): a row
 # per posting would cost ~1.3 s of Python per million; this ~0.4 s of server time. Unsorted
 # (UserIndex.build sorts them); the three aggregates see the rows in the same order.
@@ -277,7 +283,7 @@ _K1, _B = recall.K1, recall.B
 # Joins go back to `facts` by primary key (not through a CTE), so the plan stays a
 # sequence of index lookups even before the tables are analysed: the statistics are one
 # aggregate, each posting of the query's terms one lookup of its fact.
-_LIVE = "(f.expires_at IS NULL OR f.expires_at > %(now)s::timestamptz)"
+_LIVE = "(f.expires_at IS NULL OR f.expires_at > %(now)s::timestamptz) AND f.valid_to IS NULL"
 _RANKED = """
     parts AS (
         SELECT c.*,
@@ -330,15 +336,37 @@ RECALL_NO_TERMS = f"""
 
 # Consent.
 UPSERT_CONSENT = """
-    INSERT INTO consent (tenant, user_id, long_term_memory, updated_at, updated_by)
-    VALUES (%(tenant)s, %(user_id)s, %(value)s, %(at)s, %(by)s)
+    INSERT INTO consent (tenant, user_id, long_term_memory, updated_at, updated_by,
+                         fact_extraction)
+    VALUES (%(tenant)s, %(user_id)s, %(value)s, %(at)s, %(by)s, %(extraction)s)
     ON CONFLICT (tenant, user_id) DO UPDATE SET
         long_term_memory = excluded.long_term_memory,
+        fact_extraction = excluded.fact_extraction,
         updated_at = excluded.updated_at,
         updated_by = excluded.updated_by"""
 GET_CONSENT = f"""
-    SELECT c.long_term_memory, {_us("c.updated_at")}, c.updated_by FROM consent c
+    SELECT c.long_term_memory, {_us("c.updated_at")}, c.updated_by, c.fact_extraction
+    FROM consent c
     WHERE c.tenant = %(tenant)s AND c.user_id = %(user_id)s"""
+EXTRACTION_ALLOWED = """
+    SELECT c.long_term_memory AND c.fact_extraction FROM consent c
+    WHERE c.tenant = %(tenant)s AND c.user_id = %(user_id)s"""
+EXTRACTED_ALREADY = """
+    SELECT e.message_id FROM extracted_messages e
+    WHERE e.tenant = %(tenant)s AND e.user_id = %(user_id)s
+      AND e.message_id = ANY(%(ids)b::text[])"""
+MARK_EXTRACTED = """
+    INSERT INTO extracted_messages (tenant, user_id, message_id, processed_at)
+    SELECT %(tenant)s, %(user_id)s, u.id, %(at)s FROM unnest(%(ids)b::text[]) AS u(id)
+    ON CONFLICT (tenant, user_id, message_id) DO NOTHING"""
+SUPERSEDE_FACT = """
+    UPDATE facts AS f SET valid_to = %(at)s, superseded_by = %(new_id)s,
+                          text_hash = f.text_hash || ':' || f.fact_id
+    WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.fact_id = %(old_id)s
+      AND f.valid_to IS NULL
+    RETURNING f.fact_id"""
+DELETE_EXTRACTED = """
+    DELETE FROM extracted_messages e WHERE e.tenant = %(tenant)s AND e.user_id = %(user_id)s"""
 
 # Export.
 # Re-embedding: facts without a vector of the current model, and their new vectors (a
@@ -434,7 +462,15 @@ PURGE_AUDIT = """
 # Inspection.
 COUNT_ROWS = {
     table: f"SELECT count(*) FROM {table} x WHERE x.tenant = %(tenant)s AND x.user_id = %(user_id)s"
-    for table in ("messages", "sessions", "facts", "fact_terms", "consent", "audit_log")
+    for table in (
+        "messages",
+        "sessions",
+        "facts",
+        "fact_terms",
+        "consent",
+        "audit_log",
+        "extracted_messages",
+    )
 }
 ORPHAN_POSTINGS = """
     SELECT count(*) FROM fact_terms t
@@ -519,6 +555,10 @@ def _fact(row: Sequence[Any]) -> Fact:
         expires_us=None if row[8] is None else int(row[8]),
         injection_signals=tuple(row[9] or ()),
         embedding_model=row[10] or "",
+        valid_to_us=None if row[11] is None else int(row[11]),
+        superseded_by=row[12] or "",
+        origin=row[13] or "remembered",
+        source_message_ids=tuple(row[14] or ()),
     )
 
 
@@ -714,6 +754,8 @@ def _fact_rows(
         "signals": [SEP.join(r[1].injection_signals) for r in rows],
         "embedding": [_vector_bytes(r[1].embedding) for r in rows],
         "embedding_model": [r[1].embedding_model or None for r in rows],
+        "origin": [r[1].origin for r in rows],
+        "sources": [SEP.join(r[1].source_message_ids) for r in rows],
     }
     postings = {
         "tenant": tenant,
@@ -868,6 +910,14 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
         models: list[str | None] = facts["embedding_model"].to_pylist()
     else:
         vectors, models = [None] * n, [None] * n
+    origins: list[str | None] = (
+        facts["origin"].to_pylist() if "origin" in facts.column_names else ["remembered"] * n
+    )
+    sources: list[list[str]] = (
+        [x or [] for x in facts["source_message_ids"].to_pylist()]
+        if "source_message_ids" in facts.column_names
+        else [[] for _ in range(n)]
+    )
     await conn.execute(REGISTER_TENANTS, {"tenant": [tenant]})
     step = 50_000
     for lo in range(0, n, step):
@@ -891,6 +941,8 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
                 "signals": [SEP.join(s) for s in signals[lo : lo + step]],
                 "embedding": [_vector_bytes(v) for v in vectors[lo : lo + step]],
                 "embedding_model": models[lo : lo + step],
+                "origin": origins[lo : lo + step],
+                "sources": [SEP.join(x) for x in sources[lo : lo + step]],
             },
         )
     p_no = fact_no[postings["row"].to_numpy()]
@@ -1085,17 +1137,32 @@ async def forget_facts(
 # -- consent ---------------------------------------------------------------------------------
 async def get_consent(conn: Conn, tenant: str, user_id: str) -> Consent:
     row = await _one(conn, GET_CONSENT, {"tenant": tenant, "user_id": user_id})
-    return Consent() if row is None else Consent(bool(row[0]), int(row[1]), row[2])
+    if row is None:
+        return Consent()
+    return Consent(bool(row[0]), int(row[1]), row[2], bool(row[0]) and bool(row[3]))
 
 
 async def set_consent(
-    conn: Conn, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+    conn: Conn,
+    tenant: str,
+    user_id: str,
+    long_term_memory: bool,
+    now_us: int,
+    audit: AuditRecord,
+    fact_extraction: bool = False,
 ) -> tuple[Consent, int]:
     who = {"tenant": tenant, "user_id": user_id}
+    extraction = long_term_memory and fact_extraction
     async with conn.pipeline():
         await conn.execute(
             UPSERT_CONSENT,
-            {**who, "value": long_term_memory, "at": _dt(now_us), "by": audit.caller},
+            {
+                **who,
+                "value": long_term_memory,
+                "at": _dt(now_us),
+                "by": audit.caller,
+                "extraction": extraction,
+            },
         )
         if not long_term_memory:
             await conn.execute(LOCK_FACTS_VERSION, who)
@@ -1115,6 +1182,7 @@ async def set_consent(
                         target_ids=tuple(deleted),
                         detail={
                             "long_term_memory": long_term_memory,
+                            "fact_extraction": extraction,
                             "facts_deleted": len(deleted),
                         },
                     ),
@@ -1122,7 +1190,7 @@ async def set_consent(
                 )
             ],
         )
-    return Consent(long_term_memory, now_us, audit.caller), len(deleted)
+    return Consent(long_term_memory, now_us, audit.caller, extraction), len(deleted)
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -1185,6 +1253,7 @@ async def erase_user(
     async with conn.pipeline() as pipe:
         msgs = await conn.execute(DELETE_SESSION_MESSAGES, {"tenant": tenant, "sessions": sessions})
         consent = await conn.execute(DELETE_CONSENT, who)
+        await conn.execute(DELETE_EXTRACTED, who)
         await conn.execute(LOCK_FACTS_VERSION, who)
         await pipe.sync()
         messages, n_consent = msgs.rowcount, consent.rowcount
@@ -1193,6 +1262,68 @@ async def erase_user(
     async with conn.pipeline():
         await _queue_audit(conn, [(replace(audit, detail=counts.audit_detail()), now_us)])
     return counts
+
+
+async def extraction_allowed(conn: Conn, tenant: str, user_id: str) -> bool:
+    row = await _one(conn, EXTRACTION_ALLOWED, {"tenant": tenant, "user_id": user_id})
+    return bool(row and row[0])
+
+
+async def write_extraction(
+    conn: Conn,
+    tenant: str,
+    user_id: str,
+    facts: Sequence[NewFact],
+    supersedes: Sequence[tuple[int, str]],
+    message_ids: Sequence[str],
+    now_us: int,
+    audit: AuditRecord,
+) -> Extracted | None:
+    """`storage.write_extraction` for PostgreSQL (one transaction; the user's version row
+    is locked first, as every fact write does, so consent and the handled messages are
+    read under it)."""
+    who = {"tenant": tenant, "user_id": user_id}
+    await _bump(conn, tenant, user_id, reset=bool(supersedes))
+    if not await extraction_allowed(conn, tenant, user_id):
+        return None
+    done = {r[0] for r in await _all(conn, EXTRACTED_ALREADY, {**who, "ids": list(message_ids)})}
+    empty = InsertedFacts(INDEX_FACTS_SCHEMA.empty_table(), INDEX_POSTINGS_SCHEMA.empty_table())
+    if message_ids and done >= set(message_ids):
+        return Extracted([], [], empty, True)
+    remembered: list[Remembered] = []
+    inserted = empty
+    if facts:
+        stored = await remember_facts(conn, tenant, user_id, facts, now_us, audit)
+        assert stored is not None  # consent checked above, under the same lock
+        remembered, inserted = stored
+    superseded: list[tuple[str, str]] = []
+    for index, old_id in supersedes:
+        new_id = remembered[index].fact_id
+        if new_id == old_id:
+            continue
+        closed = await _all(
+            conn, SUPERSEDE_FACT, {**who, "at": _dt(now_us), "new_id": new_id, "old_id": old_id}
+        )
+        if closed:
+            superseded.append((old_id, new_id))
+    async with conn.pipeline():
+        await conn.execute(MARK_EXTRACTED, {**who, "ids": list(message_ids), "at": _dt(now_us)})
+        await _queue_audit(
+            conn,
+            [
+                (
+                    replace(
+                        audit,
+                        rpc="SupersedeFact",
+                        target_ids=(old_id, new_id),
+                        detail={"superseded": old_id, "by": new_id},
+                    ),
+                    now_us,
+                )
+                for old_id, new_id in superseded
+            ],
+        )
+    return Extracted(remembered, superseded, inserted)
 
 
 def _vector_bytes(vector: np.ndarray | None) -> bytes | None:
@@ -1431,10 +1562,23 @@ class PgStore:
         return await self.db.read("get_consent", get_consent, tenant, user_id)
 
     async def set_consent(
-        self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+        self,
+        tenant: str,
+        user_id: str,
+        long_term_memory: bool,
+        now_us: int,
+        audit: AuditRecord,
+        fact_extraction: bool = False,
     ) -> tuple[Consent, int]:
         return await self.db.write(
-            "set_consent", set_consent, tenant, user_id, long_term_memory, now_us, audit
+            "set_consent",
+            set_consent,
+            tenant,
+            user_id,
+            long_term_memory,
+            now_us,
+            audit,
+            fact_extraction,
         )
 
     async def export_facts(self, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:
@@ -1457,6 +1601,31 @@ class PgStore:
 
     async def retention_tenants(self) -> list[str]:
         return await self.db.read("retention_tenants", retention_tenants)
+
+    async def write_extraction(
+        self,
+        tenant: str,
+        user_id: str,
+        facts: Sequence[NewFact],
+        supersedes: Sequence[tuple[int, str]],
+        message_ids: Sequence[str],
+        now_us: int,
+        audit: AuditRecord,
+    ) -> Extracted | None:
+        return await self.db.write(
+            "write_extraction",
+            write_extraction,
+            tenant,
+            user_id,
+            facts,
+            supersedes,
+            message_ids,
+            now_us,
+            audit,
+        )
+
+    async def extraction_allowed(self, tenant: str, user_id: str) -> bool:
+        return await self.db.read("extraction_allowed", extraction_allowed, tenant, user_id)
 
     async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
         return await self.db.read("facts_to_embed", facts_to_embed, tenant, model, limit)

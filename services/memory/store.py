@@ -41,6 +41,7 @@ from services.memory.models import (
     AuditRecord,
     Consent,
     ErasureCounts,
+    Extracted,
     Fact,
     FactFilter,
     FactsVersion,
@@ -164,8 +165,32 @@ class MemoryStore(Protocol):
     async def get_consent(self, tenant: str, user_id: str) -> Consent: ...
 
     async def set_consent(
-        self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+        self,
+        tenant: str,
+        user_id: str,
+        long_term_memory: bool,
+        now_us: int,
+        audit: AuditRecord,
+        fact_extraction: bool = False,
     ) -> tuple[Consent, int]: ...
+
+    # -- extraction (services/memory/extraction.py) ------------------------------------------
+    async def extraction_allowed(self, tenant: str, user_id: str) -> bool:
+        """Whether the user consented to long-term memory and to fact extraction."""
+        ...
+
+    async def write_extraction(
+        self,
+        tenant: str,
+        user_id: str,
+        facts: Sequence[NewFact],
+        supersedes: Sequence[tuple[int, str]],
+        message_ids: Sequence[str],
+        now_us: int,
+        audit: AuditRecord,
+    ) -> Extracted | None:
+        """The extractor's proposals in one transaction (`storage.write_extraction`)."""
+        ...
 
     async def export_facts(
         self, tenant: str, user_id: str, after: str, limit: int
@@ -369,14 +394,53 @@ class DuckStore:
         return consent
 
     async def set_consent(
-        self, tenant: str, user_id: str, long_term_memory: bool, now_us: int, audit: AuditRecord
+        self,
+        tenant: str,
+        user_id: str,
+        long_term_memory: bool,
+        now_us: int,
+        audit: AuditRecord,
+        fact_extraction: bool = False,
     ) -> tuple[Consent, int]:
         try:
             return await self.db.write(
-                "set_consent", storage.set_consent, tenant, user_id, long_term_memory, now_us, audit
+                "set_consent",
+                storage.set_consent,
+                tenant,
+                user_id,
+                long_term_memory,
+                now_us,
+                audit,
+                fact_extraction,
             )
         finally:  # committed or not: the next read asks the database
             self._consent_changed(tenant, user_id)
+
+    async def extraction_allowed(self, tenant: str, user_id: str) -> bool:
+        consent = await self.get_consent(tenant, user_id)
+        return consent.long_term_memory and consent.fact_extraction
+
+    async def write_extraction(
+        self,
+        tenant: str,
+        user_id: str,
+        facts: Sequence[NewFact],
+        supersedes: Sequence[tuple[int, str]],
+        message_ids: Sequence[str],
+        now_us: int,
+        audit: AuditRecord,
+    ) -> Extracted | None:
+        return await self.db.write(
+            "write_extraction",
+            storage.write_extraction,
+            tenant,
+            user_id,
+            facts,
+            supersedes,
+            message_ids,
+            now_us,
+            audit,
+        )
 
     async def export_facts(self, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:
         return await self.db.read(

@@ -27,6 +27,7 @@ Edge = tuple[str, str, int]  # (from, to, TCP/UDP port)
 BASE_EDGES: set[Edge] = {
     ("analytics", "memory", 50052),
     ("analytics", "llm-gateway", 50051),
+    ("memory", "llm-gateway", 50051),
     ("llm-gateway", "internet", 443),
     *{(s, "redis", 6379) for s in SERVICES},
     *{(s, "otel-collector", 4317) for s in SERVICES},

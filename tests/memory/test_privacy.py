@@ -123,6 +123,7 @@ async def test_export_then_erasure_removes_duckdb_rows_and_redis_keys(memory: Me
         "facts": 0,
         "consent": 0,
         "fact_terms": 0,
+        "extracted_messages": 0,
     }
     after = await export(memory, "u1")
     assert after["fact"] == [] and after["message"] == []

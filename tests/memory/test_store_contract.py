@@ -308,7 +308,14 @@ async def test_erasure_leaves_no_rows_but_the_audit_log(store: MemoryStore) -> N
     assert counts.session_ids == ("u1-s0", "u1-s1")
     left = await store.user_row_counts("acme", "u1")
     assert left.pop("audit_log") > 0
-    assert left == {"messages": 0, "sessions": 0, "facts": 0, "consent": 0, "fact_terms": 0}
+    assert left == {
+        "messages": 0,
+        "sessions": 0,
+        "facts": 0,
+        "consent": 0,
+        "fact_terms": 0,
+        "extracted_messages": 0,
+    }
     assert await store.orphan_postings("acme") == 0
     assert await store.session_tail("acme", "u1-s0") is None
     assert (await store.get_consent("acme", "u1")).long_term_memory is False
