@@ -122,12 +122,13 @@ def pct(values: list[float], p: float) -> float:
 _WORDS: list[str] = []
 
 
-def vocabulary(n: int = 6000) -> list[str]:
+def vocabulary(n: int = 4000) -> list[str]:
     """`n` real words, most frequent first: the local model's whole-word tokens ("▁word") of
     4-12 lower-case letters that are not stop words, in token-id order (BPE merges the most
     frequent strings first, so that is roughly frequency order: the Zipf rank). Mostly
     English, some other languages' words and a few word stems, as in the model's vocabulary.
-    Each one is its own term for `recall.tokenize`."""
+    Only words that are their own stem are kept, so each one is its own term for
+    `recall.tokenize`."""
     if not _WORDS:
         import wordllama  # the vocabulary file ships in the wheel, next to the weights
 
@@ -137,7 +138,8 @@ def vocabulary(n: int = 6000) -> list[str]:
         word = re.compile(r"▁([a-z]{4,12})")
         for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
             m = word.fullmatch(token)
-            if m and m[1] not in recall.STOPWORDS:
+            # Not a stop word, and its own stem: the term `recall.tokenize` makes of it.
+            if m and m[1] not in recall.STOPWORDS and recall.tokenize(m[1]) == [m[1]]:
                 _WORDS.append(m[1])
     assert len(_WORDS) >= n, f"only {len(_WORDS)} words in the model's vocabulary"
     return _WORDS[:n]

@@ -156,11 +156,12 @@ class MemorySettings(CommonSettings):
     memory_reembed_interval_s: float = Field(
         30.0,
         ge=0,
-        description="Seconds between background re-embed passes over facts without a vector "
-        "of the current model (0 = none; a pass runs until they are all done)",
+        description="Seconds between background passes that re-index facts of an older "
+        "tokenizer and re-embed facts without a vector of the current model (0 = none; a "
+        "pass runs until they are all done)",
     )
     memory_reembed_batch: int = Field(
-        256, ge=1, le=4096, description="Facts embedded per re-embed step"
+        256, ge=1, le=4096, description="Facts re-indexed or embedded per background step"
     )
 
     # Facts from conversations (docs/memory.md "Facts from conversations").
@@ -189,7 +190,7 @@ class MemorySettings(CommonSettings):
         20, ge=0, le=100, description="Current facts shown to the model (closest to the turns)"
     )
     memory_extraction_dedup_similarity: float = Field(
-        0.9,
+        0.94,
         ge=0,
         le=1,
         description="Vector similarity at which a proposed fact is a duplicate of a current one",

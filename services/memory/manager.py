@@ -131,7 +131,7 @@ class MemoryManager:
         self.token_counter.start()
         self.appends.start()
         self.audits.start()
-        if self.embedder is not None and self.settings.memory_reembed_interval_s > 0:
+        if self.settings.memory_reembed_interval_s > 0:
             self._reembedder = asyncio.create_task(self._reembed_loop())
         if self.extractor is not None:
             self.extractor.start()
@@ -153,12 +153,37 @@ class MemoryManager:
     async def _reembed_loop(self) -> None:
         while True:
             try:
-                await self.reembed_pass()
+                await self.reindex_pass()
+                if self.embedder is not None:
+                    await self.reembed_pass()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a store outage: try again next round
                 log.exception("re-embed pass failed")
             await asyncio.sleep(self.settings.memory_reembed_interval_s)
+
+    async def reindex_pass(self) -> int:
+        """Bring every fact indexed by an older tokenizer to the current one
+        (`recall.TOKENIZER_VERSION`), a batch at a time; the facts re-indexed. Until a
+        user's facts are done, their old terms (unstemmed) match less: lexical recall is
+        degraded, never wrong about which facts exist."""
+        version = recall.TOKENIZER_VERSION
+        batch = self.settings.memory_reembed_batch
+        done = 0
+        with _tracer.start_as_current_span("memory.reindex") as span:
+            for tenant in await self.store.retention_tenants():
+                while rows := await self.store.facts_to_reindex(tenant, version, batch):
+                    updated = await self.store.reindex_facts(tenant, rows)
+                    for user_id in {r.user_id for r in rows}:
+                        self.index.invalidate((tenant, user_id))
+                    done += updated
+                    metrics.REINDEXED.inc(updated)
+                    if updated == 0:
+                        break
+            span.set_attribute("memory.reindex.facts", done)
+        if done:
+            log.info("re-indexed facts", extra={"facts": done, "tokenizer": version})
+        return done
 
     async def reembed_pass(self) -> int:
         """Give every fact without a vector of the current model one (stored before

@@ -128,3 +128,7 @@ EXTRACTION_SECONDS = Histogram(
     "Time of the extractor's gateway call.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+REINDEXED = Counter(
+    "finsight_memory_reindexed_facts_total",
+    "Facts whose postings the background re-index rebuilt with the current tokenizer.",
+)

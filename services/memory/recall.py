@@ -11,24 +11,34 @@ partition, so another user's or tenant's facts never influence a score. The scor
 in `recall_index` and in the stores' `recall_facts` (storage.py, storage_pg.py); this
 module only turns text into terms.
 
-Tokenisation: NFKC normalisation, case folding, maximal runs of letters/digits, minus a
-small English stop-word list; no stemming ("stocks" and "stock" are different terms).
+Tokenisation (version `TOKENIZER_VERSION` = 2): NFKC normalisation, case folding, maximal
+runs of letters/digits, minus an English stop-word list (function words and the question
+words users ask with: "how", "much", "tell"…), each word stemmed with Snowball's English
+(Porter2) stemmer ("stocks" and "stock" are one term, "holdings" and "holding" too); a
+token with a digit is kept as it is ("2021", "401k", "3m"), and tickers are words like any
+other ("msft", "aapl" are their own stems). Version 1 (before 2026-12) had a short stop
+list and no stemming; facts indexed by it are re-indexed in the background
+(services/memory/manager.py `reindex_pass`), their `tokenizer` column says which.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
 from collections import Counter
 
 import numpy as np
+import snowballstemmer
 
 from services.memory.models import Fusion, RecallMode, RecallWeights
 
 K1 = 1.2
 B = 0.75
 MAX_TERM_CHARS = 64
+TOKENIZER_VERSION = 2
+_STEMMER = snowballstemmer.stemmer("english")
 
 _WORD = re.compile(r"[^\W_]+")
 _SPACE = re.compile(r"\s+")
@@ -91,6 +101,69 @@ STOPWORDS = frozenset(
         "with",
         "you",
         "your",
+        # Version 2: function words and the words questions are asked with.
+        "about",
+        "above",
+        "after",
+        "again",
+        "against",
+        "all",
+        "also",
+        "am",
+        "any",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "can",
+        "could",
+        "did",
+        "do",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "further",
+        "get",
+        "got",
+        "had",
+        "having",
+        "here",
+        "how",
+        "just",
+        "know",
+        "like",
+        "many",
+        "more",
+        "most",
+        "much",
+        "now",
+        "off",
+        "once",
+        "only",
+        "other",
+        "over",
+        "own",
+        "remind",
+        "same",
+        "should",
+        "since",
+        "some",
+        "such",
+        "tell",
+        "too",
+        "under",
+        "until",
+        "up",
+        "very",
+        "while",
+        "why",
+        "would",
     }
 )
 
@@ -98,7 +171,15 @@ STOPWORDS = frozenset(
 def tokenize(text: str) -> list[str]:
     """Terms of `text`, in order, duplicates kept (they are the term frequencies)."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    return [w[:MAX_TERM_CHARS] for w in _WORD.findall(folded) if w not in STOPWORDS]
+    return [_term(w) for w in _WORD.findall(folded) if w not in STOPWORDS]
+
+
+@functools.lru_cache(maxsize=65_536)
+def _term(word: str) -> str:
+    """A word's term: its stem, or itself when it holds a digit."""
+    if any(c.isdigit() for c in word):
+        return word[:MAX_TERM_CHARS]
+    return _STEMMER.stemWord(word)[:MAX_TERM_CHARS]
 
 
 def term_frequencies(text: str) -> tuple[Counter[str], int]:

@@ -169,6 +169,7 @@ def _run_script(
     arrow_lookup: pa.Table | None = None,
     arrow_lookup_ids: pa.Table | None = None,
     arrow_vectors: pa.Table | None = None,
+    arrow_reindexed: pa.Table | None = None,
 ) -> None:
     """Run `sql` (statements separated by ";"). The keyword arguments are locals of this
     frame, which is where DuckDB's replacement scan finds the tables the SQL names."""
@@ -505,6 +506,7 @@ def insert_facts(
                     [r[1].embedding_model or None for r in rows], pa.string()
                 ),
                 "origin": pa.array([r[1].origin for r in rows], pa.string()),
+                "tokenizer": pa.array([recall.TOKENIZER_VERSION] * n, pa.int32()),
                 "source_message_ids": pa.array(
                     [list(r[1].source_message_ids) for r in rows], pa.list_(pa.string())
                 ),
@@ -561,6 +563,11 @@ def insert_fact_tables(cur: Cursor, facts: pa.Table, postings: pa.Table) -> Inse
             "embedding": _optional(facts, "embedding", pa.list_(pa.float32())),
             "embedding_model": _optional(facts, "embedding_model", pa.string()),
             "origin": _optional(facts, "origin", pa.string()),
+            "tokenizer": (
+                facts["tokenizer"].cast(pa.int32())
+                if "tokenizer" in facts.column_names
+                else pa.array([recall.TOKENIZER_VERSION] * n, pa.int32())
+            ),
             "source_message_ids": _optional(facts, "source_message_ids", pa.list_(pa.string())),
         }
     )
@@ -850,6 +857,63 @@ def write_extraction(
             [[tenant, user_id, m, now_us] for m in fresh],
         )
     return Extracted(remembered, superseded, inserted)
+
+
+# -- re-indexing (a new tokenizer version) --------------------------------------------------
+def facts_to_reindex(cur: Cursor, tenant: str, version: int, limit: int) -> list[ToEmbed]:
+    """Up to `limit` of the tenant's facts indexed by an older tokenizer, oldest first."""
+    rows = cur.execute(
+        "SELECT user_id, fact_no, text FROM facts WHERE tenant = ? "
+        "AND coalesce(tokenizer, 1) < ? ORDER BY fact_no LIMIT ?",
+        [tenant, version, limit],
+    ).fetchall()
+    return [ToEmbed(tenant, r[0], int(r[1]), r[2]) for r in rows]
+
+
+def reindex_facts(cur: Cursor, tenant: str, rows: Sequence[ToEmbed]) -> int:
+    """Replace these facts' postings and doc_len by the current tokenizer's (one
+    transaction; a fact deleted meanwhile is skipped); the facts updated."""
+    if not rows:
+        return 0
+    live = {
+        int(r[0])
+        for r in cur.execute(
+            "SELECT fact_no FROM facts WHERE tenant = ? AND list_contains(?, fact_no)",
+            [tenant, [r.fact_no for r in rows]],
+        ).fetchall()
+    }
+    todo = [r for r in rows if r.fact_no in live]
+    if not todo:
+        return 0
+    keys: list[int] = []
+    nos: list[int] = []
+    tfs: list[int] = []
+    lengths: list[int] = []
+    for row in todo:
+        counts, length = recall.term_frequencies(row.text)
+        lengths.append(length)
+        for term, tf in counts.items():
+            keys.append(recall.term_key(tenant, row.user_id, term))
+            nos.append(row.fact_no)
+            tfs.append(tf)
+    numbers = [r.fact_no for r in todo]
+    cur.execute("DELETE FROM fact_terms WHERE list_contains(?, fact_no)", [numbers])
+    _run_script(
+        cur,
+        "INSERT INTO fact_terms BY NAME SELECT * FROM arrow_reindexed",
+        arrow_reindexed=pa.table(
+            {
+                "term_key": pa.array(keys, pa.int64()),
+                "fact_no": pa.array(nos, pa.int64()),
+                "tf": pa.array(tfs, pa.int32()),
+            }
+        ),
+    )
+    cur.executemany(
+        "UPDATE facts SET doc_len = ?, tokenizer = ? WHERE tenant = ? AND fact_no = ?",
+        [[n, recall.TOKENIZER_VERSION, tenant, no] for n, no in zip(lengths, numbers, strict=True)],
+    )
+    return len(todo)
 
 
 # -- re-embedding ---------------------------------------------------------------------------

@@ -225,11 +225,11 @@ INSERT_FACTS = """
     INSERT INTO facts (tenant, user_id, fact_no, fact_id, text, text_hash, kind, importance,
                        tags, source_session_id, doc_len, created_at, expires_at,
                        injection_signals, embedding, embedding_model, origin,
-                       source_message_ids)
+                       source_message_ids, tokenizer)
     SELECT %(tenant)s, %(user_id)s, u.fact_no, u.fact_id, u.text, u.text_hash, u.kind,
            u.importance, string_to_array(u.tags, %(sep)s), u.source, u.doc_len, u.created_at,
            u.expires_at, string_to_array(u.signals, %(sep)s), u.embedding, u.embedding_model,
-           u.origin, string_to_array(u.sources, %(sep)s)
+           u.origin, string_to_array(u.sources, %(sep)s), %(tokenizer)s::smallint
     FROM unnest(%(fact_no)b::bigint[], %(fact_id)b::text[], %(text)b::text[],
                 %(text_hash)b::text[], %(kind)b::text[], %(importance)b::float8[],
                 %(tags)b::text[], %(source)b::text[], %(doc_len)b::integer[],
@@ -369,6 +369,26 @@ DELETE_EXTRACTED = """
     DELETE FROM extracted_messages e WHERE e.tenant = %(tenant)s AND e.user_id = %(user_id)s"""
 
 # Export.
+# Re-indexing: facts of an older tokenizer, their postings replaced and doc_len updated.
+FACTS_TO_REINDEX = """
+    SELECT f.user_id, f.fact_no, f.text FROM facts f
+    WHERE f.tenant = %(tenant)s AND coalesce(f.tokenizer, 1) < %(version)s
+    ORDER BY f.fact_no LIMIT %(limit)s"""
+REINDEXED_FACTS = """
+    UPDATE facts AS f SET doc_len = u.doc_len, tokenizer = %(version)s::smallint
+    FROM unnest(%(user_id)b::text[], %(fact_no)b::bigint[], %(doc_len)b::integer[])
+         AS u(user_id, fact_no, doc_len)
+    WHERE f.tenant = %(tenant)s AND f.user_id = u.user_id AND f.fact_no = u.fact_no
+    RETURNING f.user_id, f.fact_no"""
+DELETE_REINDEXED_POSTINGS = """
+    DELETE FROM fact_terms t
+    USING unnest(%(user_id)b::text[], %(fact_no)b::bigint[]) AS u(user_id, fact_no)
+    WHERE t.tenant = %(tenant)s AND t.user_id = u.user_id AND t.fact_no = u.fact_no"""
+INSERT_REINDEXED_POSTINGS = """
+    INSERT INTO fact_terms (tenant, user_id, term_key, fact_no, tf)
+    SELECT %(tenant)s, u.user_id, u.term_key, u.fact_no, u.tf
+    FROM unnest(%(user_id)b::text[], %(term_key)b::bigint[], %(fact_no)b::bigint[],
+                %(tf)b::integer[]) AS u(user_id, term_key, fact_no, tf)"""
 # Re-embedding: facts without a vector of the current model, and their new vectors (a
 # fact deleted or replaced meanwhile matches nothing).
 FACTS_TO_EMBED = """
@@ -756,6 +776,7 @@ def _fact_rows(
         "embedding_model": [r[1].embedding_model or None for r in rows],
         "origin": [r[1].origin for r in rows],
         "sources": [SEP.join(r[1].source_message_ids) for r in rows],
+        "tokenizer": recall.TOKENIZER_VERSION,
     }
     postings = {
         "tenant": tenant,
@@ -943,6 +964,7 @@ async def insert_fact_tables(conn: Conn, facts: pa.Table, postings: pa.Table) ->
                 "embedding_model": models[lo : lo + step],
                 "origin": origins[lo : lo + step],
                 "sources": [SEP.join(x) for x in sources[lo : lo + step]],
+                "tokenizer": recall.TOKENIZER_VERSION,
             },
         )
     p_no = fact_no[postings["row"].to_numpy()]
@@ -1364,6 +1386,56 @@ async def set_embeddings(
     return len(found)
 
 
+async def facts_to_reindex(conn: Conn, tenant: str, version: int, limit: int) -> list[ToEmbed]:
+    rows = await _all(
+        conn, FACTS_TO_REINDEX, {"tenant": tenant, "version": version, "limit": limit}
+    )
+    return [ToEmbed(tenant, r[0], int(r[1]), r[2]) for r in rows]
+
+
+async def reindex_facts(conn: Conn, tenant: str, rows: Sequence[ToEmbed]) -> int:
+    """`storage.reindex_facts` for PostgreSQL; other replicas reload (a version reset)."""
+    if not rows:
+        return 0
+    for user_id in sorted({r.user_id for r in rows}):
+        await _bump(conn, tenant, user_id, reset=True)
+    updated = await _all(
+        conn,
+        REINDEXED_FACTS,
+        {
+            "tenant": tenant,
+            "version": recall.TOKENIZER_VERSION,
+            "user_id": [r.user_id for r in rows],
+            "fact_no": [r.fact_no for r in rows],
+            "doc_len": [recall.term_frequencies(r.text)[1] for r in rows],
+        },
+    )
+    live = {(str(u), int(n)) for u, n in updated}
+    todo = [r for r in rows if (r.user_id, r.fact_no) in live]
+    users: list[str] = []
+    keys: list[int] = []
+    nos: list[int] = []
+    tfs: list[int] = []
+    for row in todo:
+        for term, tf in recall.term_frequencies(row.text)[0].items():
+            users.append(row.user_id)
+            keys.append(recall.term_key(tenant, row.user_id, term))
+            nos.append(row.fact_no)
+            tfs.append(tf)
+    who = {
+        "tenant": tenant,
+        "user_id": [r.user_id for r in todo],
+        "fact_no": [r.fact_no for r in todo],
+    }
+    async with conn.pipeline():
+        await conn.execute(DELETE_REINDEXED_POSTINGS, who)
+        await conn.execute(
+            INSERT_REINDEXED_POSTINGS,
+            {"tenant": tenant, "user_id": users, "term_key": keys, "fact_no": nos, "tf": tfs},
+        )
+    return len(todo)
+
+
 async def retention_tenants(conn: Conn) -> list[str]:
     return [str(r[0]) for r in await _all(conn, RETENTION_TENANTS, {})]
 
@@ -1629,6 +1701,12 @@ class PgStore:
 
     async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
         return await self.db.read("facts_to_embed", facts_to_embed, tenant, model, limit)
+
+    async def facts_to_reindex(self, tenant: str, version: int, limit: int) -> list[ToEmbed]:
+        return await self.db.read("facts_to_reindex", facts_to_reindex, tenant, version, limit)
+
+    async def reindex_facts(self, tenant: str, rows: Sequence[ToEmbed]) -> int:
+        return await self.db.write("reindex_facts", reindex_facts, tenant, rows)
 
     async def count_to_embed(self, tenant: str, model: str) -> int:
         return await self.db.read("count_to_embed", count_to_embed, tenant, model)

@@ -210,6 +210,15 @@ class MemoryStore(Protocol):
 
     async def retention_tenants(self) -> list[str]: ...
 
+    # -- re-indexing (services/memory/manager.py `reindex_pass`) ----------------------------
+    async def facts_to_reindex(self, tenant: str, version: int, limit: int) -> list[ToEmbed]:
+        """Up to `limit` of the tenant's facts indexed by a tokenizer older than `version`."""
+        ...
+
+    async def reindex_facts(self, tenant: str, rows: Sequence[ToEmbed]) -> int:
+        """Their postings and doc_len by the current tokenizer; facts updated."""
+        ...
+
     # -- re-embedding (services/memory/manager.py `reembed_pass`) ---------------------------
     async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
         """Up to `limit` of the tenant's facts without a vector of `model`."""
@@ -476,6 +485,14 @@ class DuckStore:
 
     async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
         return await self.db.read("facts_to_embed", storage.facts_to_embed, tenant, model, limit)
+
+    async def facts_to_reindex(self, tenant: str, version: int, limit: int) -> list[ToEmbed]:
+        return await self.db.read(
+            "facts_to_reindex", storage.facts_to_reindex, tenant, version, limit
+        )
+
+    async def reindex_facts(self, tenant: str, rows: Sequence[ToEmbed]) -> int:
+        return await self.db.write("reindex_facts", storage.reindex_facts, tenant, rows)
 
     async def count_to_embed(self, tenant: str, model: str) -> int:
         return await self.db.read("count_to_embed", storage.count_to_embed, tenant, model)

@@ -12,16 +12,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from finsight.memory.v1 import memory_pb2 as pb
 from services.memory import recall
 from services.memory.models import NewFact
-from tests.memory.conftest import Memory, counts, rpc_error
+from tests.memory.conftest import Memory, counts, rpc_error, sql
 
 # The corpus, and its terms written out by hand (lower case, stop words "the", "in",
-# "of" removed) so the expected scores below do not reuse the service's tokenizer.
+# "of" removed, Porter2 stems: "apple" -> "appl", "shares" -> "share", "rallied" ->
+# "ralli") so the expected scores below do not reuse the service's tokenizer.
 CORPUS = {
-    "d1": ("Apple shares rallied", ["apple", "shares", "rallied"]),
-    "d2": ("apple APPLE pie recipe", ["apple", "apple", "pie", "recipe"]),
-    "d3": ("Bond yields rose", ["bond", "yields", "rose"]),
-    "d4": ("The apple orchard in the valley", ["apple", "orchard", "valley"]),
-    "d5": ("Shares of banks fell", ["shares", "banks", "fell"]),
+    "d1": ("Apple shares rallied", ["appl", "share", "ralli"]),
+    "d2": ("apple APPLE pie recipe", ["appl", "appl", "pie", "recip"]),
+    "d3": ("Bond yields rose", ["bond", "yield", "rose"]),
+    "d4": ("The apple orchard in the valley", ["appl", "orchard", "valley"]),
+    "d5": ("Shares of banks fell", ["share", "bank", "fell"]),
 }
 
 
@@ -66,7 +67,8 @@ def ts(seconds_from_now: float) -> Timestamp:
 
 
 async def test_bm25_ranking_matches_a_hand_checked_corpus(memory: Memory) -> None:
-    assert recall.tokenize(CORPUS["d4"][0]) == CORPUS["d4"][1]  # the hand tokens are right
+    for text, terms in CORPUS.values():
+        assert recall.tokenize(text) == terms  # the hand tokens are right
     await consent(memory, "u1")
     await consent(memory, "u1", who="bob")
     # Another tenant's facts with the same user id must not move u1's statistics.
@@ -105,7 +107,7 @@ async def test_bm25_ranking_matches_a_hand_checked_corpus(memory: Memory) -> Non
         pb.RecallRequest(user_id="u1", query="Apple, shares!", mode=pb.RECALL_MODE_LEXICAL),
         metadata=memory.md(),
     )
-    expected = bm25(["apple", "shares"], {k: v[1] for k, v in CORPUS.items()})
+    expected = bm25(["appl", "share"], {k: v[1] for k, v in CORPUS.items()})
     got = {f.fact.fact_id: f.score for f in reply.facts}
     assert set(got) == {ids[name] for name in expected}  # d3 matches no term
     best = max(expected.values())
@@ -247,3 +249,42 @@ async def test_the_last_representable_expiry_is_accepted(memory: Memory) -> None
     )
     assert [f.fact.fact_id for f in recalled.facts] == [reply.facts[0].fact_id]
     assert recalled.facts[0].fact.expire_time.seconds == 253_402_300_799
+
+
+def test_tokens_are_stemmed_numbers_and_tickers_kept_question_words_dropped() -> None:
+    assert recall.tokenize("How many Stocks does the user hold?") == ["stock", "user", "hold"]
+    assert recall.tokenize("Holdings: 120 MSFT shares, a 401k since 2021") == [
+        "hold",
+        "120",
+        "msft",
+        "share",
+        "401k",
+        "2021",
+    ]
+    assert recall.query_terms("stock") == recall.query_terms("stocks")
+    assert recall.TOKENIZER_VERSION == 2
+
+
+async def test_facts_of_an_older_tokenizer_are_reindexed(memory: Memory) -> None:
+    await consent(memory, "u1")
+    (fid,) = await remember(memory, "u1", pb.NewFact(text="Holds many stocks of banks"))
+    # As a fact indexed before stemming: version 1 and its unstemmed terms.
+    store = memory.app.store
+    (row,) = await store.facts_to_reindex("acme", 99, 10)  # any older version than 99
+    await sql(memory, "UPDATE facts SET tokenizer = NULL", write=True)
+    await sql(memory, "DELETE FROM fact_terms", write=True)
+    memory.app.manager.index.clear()
+
+    async def found(query: str) -> list[str]:
+        reply = await memory.stub.Recall(
+            pb.RecallRequest(user_id="u1", query=query, mode=pb.RECALL_MODE_LEXICAL),
+            metadata=memory.md(),
+        )
+        return [f.fact.fact_id for f in reply.facts]
+
+    assert await found("stock") == []  # its postings are gone (or old): not matched
+    assert [r.fact_no for r in await store.facts_to_reindex("acme", 2, 10)] == [row.fact_no]
+    assert await memory.app.manager.reindex_pass() == 1
+    assert await found("stock") == [fid] and await found("bank") == [fid]
+    assert await store.facts_to_reindex("acme", 2, 10) == []
+    assert await memory.app.manager.reindex_pass() == 0
