@@ -29,7 +29,8 @@ Provider endpoints (require ``Authorization: Bearer <key>``; default key ``sk-de
         OpenAI chat body: model, messages, max_tokens, temperature, top_p, stop, stream,
         stream_options.include_usage, response_format. Reply content is deterministic:
         ``"echo: " + <last user message>`` (``{"echo": ...}`` JSON for
-        ``response_format.type == "json_object"``), cut at the first ``stop`` string and at
+        ``response_format.type`` ``"json_object"`` or ``"json_schema"``; the schema itself is
+        not enforced: script ``content`` for other shapes), cut at the first ``stop`` string and at
         ``max_tokens`` "tokens" (a token here is a whitespace-separated word).
         usage: prompt_tokens = sum over messages of (1 + words in content); completion_tokens
         = words of content + reasoning; total_tokens; prompt_cache_hit_tokens = 0;

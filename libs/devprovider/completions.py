@@ -58,7 +58,10 @@ def _reply_text(body: Mapping[str, Any], action: Mapping[str, Any]) -> str:
         return str(action["content"])
     last_user = _last_user_text(body["messages"])
     response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
+    if isinstance(response_format, dict) and response_format.get("type") in (
+        "json_object",
+        "json_schema",
+    ):
         return json.dumps({"echo": last_user}, ensure_ascii=False)
     return "echo: " + last_user
 

@@ -59,6 +59,7 @@ class Model:
     kind: ModelKind = "chat"
     max_inputs: int = 0  # embedding models: most texts per request
     dimensions: int = 0  # embedding models: the model's own vector size (0: unknown)
+    structured_output: bool = False  # chat: response_format json_schema accepted upstream
 
 
 @dataclass(frozen=True)
@@ -250,12 +251,18 @@ def _models(
             max_output_tokens=max_out,
             default_max_tokens=default_max,
             pricing=Pricing(hit, miss, output, as_of),
+            structured_output=bool(
+                spec.structured_output
+                if spec is not None and spec.structured_output is not None
+                else base and base.structured_output
+            ),
         )
     return out
 
 
 _EMBEDDING_ONLY = ("input_per_mtok", "max_inputs", "dimensions")
 _CHAT_ONLY = (
+    "structured_output",
     "max_output_tokens",
     "default_max_tokens",
     "input_cache_hit_per_mtok",

@@ -29,6 +29,9 @@ class CompletionRequest:
     response_format: ResponseFormat = "text"
     cache_policy: CachePolicy = "auto"
     cache_ttl_s: int = 0
+    # A JSON Schema document as JSON text ("" = none); needs response_format "json_object"
+    # (the servicer maps RESPONSE_FORMAT_UNSPECIFIED to it when a schema is given).
+    json_schema: str = ""
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Completion:
     provider_request_id: str = ""
     # Kind → identifiers replaced by placeholders before the provider saw the prompt.
     redactions: dict[str, int] = field(default_factory=dict)
+    # json_schema requests: the first answer failed validation and the repair round fixed it.
+    schema_repaired: bool = False
 
 
 @dataclass(frozen=True)

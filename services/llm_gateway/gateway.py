@@ -14,6 +14,11 @@ Order of a completion (every step before the provider call can refuse the reques
      cache write (the cache holds the redacted prompt's key and the redacted answer);
  10. placeholders restored in what the caller receives.
 
+With `json_schema`, step 8's answer is validated against the schema; an invalid one is
+accounted (never cached) and sent back once with its errors (a second admission, call and
+accounting: the repair round); the caller gets the validated JSON with the usage and cost of
+both calls, or FAILED_PRECONDITION SCHEMA_MISMATCH.
+
 Embed follows the same steps with the inputs in place of the messages (no context fitting:
 each link's inputs are counted with the gateway's tokenizer for TPM and budget), the cache
 read by default (embeddings are deterministic), and no placeholder restoring (vectors).
@@ -74,7 +79,8 @@ from services.llm_gateway.pii import (
 )
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.providers import DeadlineSpent, ProviderError
-from services.llm_gateway.router import Link, OpenStream, Router
+from services.llm_gateway.router import Link, OpenStream, Routed, Router
+from services.llm_gateway.schema import AnswerSchema, mismatch, repair_message
 from services.llm_gateway.usage import UsageEvent, UsageLedger, UsageRowData, project_exhaustion
 from services.llm_gateway.validation import (
     check_completion,
@@ -128,6 +134,7 @@ class Plan:
     cache_read: bool = False
     cache_write: bool = False
     cache_ttl_s: int = 0
+    schema: AnswerSchema | None = None  # the request's checked json_schema
 
     def redactions(self, link: Link) -> dict[str, int]:
         """What the caller is told was kept from the provider that answered via `link`."""
@@ -233,29 +240,92 @@ class Gateway:
             except BaseException:
                 await asyncio.shield(self.limiter.release(reservation))
                 raise
-            answer, link = routed.answer, routed.link
-            usage = answer.usage or _estimate_usage(link, answer.content, answer.reasoning)
-            completion = Completion(
-                content=answer.content,
-                reasoning=answer.reasoning,
-                finish_reason=answer.finish_reason,
-                usage=usage,
-                cost_nanos=link.model.pricing.cost_nanos(usage),
-                provider=link.provider.name,
-                model=answer.model or link.model.provider_model,
-                route=plan.route.alias,
-                attempts=routed.attempts,
-                truncated=bool(link.dropped),
-                dropped=list(link.dropped),
-                provider_request_id=answer.request_id,
-                redactions=plan.redactions(link),
-            )
+            completion = self._completion(plan, routed)
+            if plan.schema is not None:
+                return await self._schema_checked(
+                    plan, plan.schema, completion, routed.link, reservation, deadline
+                )
             # Accounted (and cached) as the provider answered: with placeholders, not values.
-            await self._account(plan, completion, reservation, outcome="ok", link=link)
+            await self._account(plan, completion, reservation, outcome="ok", link=routed.link)
             return plan.restored(completion)
         except FinsightError as exc:
             metrics.REQUESTS.labels(primary.provider.name, primary.model.name, exc.reason).inc()
             raise
+
+    def _completion(self, plan: Plan, routed: Routed) -> Completion:
+        answer, link = routed.answer, routed.link
+        usage = answer.usage or _estimate_usage(link, answer.content, answer.reasoning)
+        return Completion(
+            content=answer.content,
+            reasoning=answer.reasoning,
+            finish_reason=answer.finish_reason,
+            usage=usage,
+            cost_nanos=link.model.pricing.cost_nanos(usage),
+            provider=link.provider.name,
+            model=answer.model or link.model.provider_model,
+            route=plan.route.alias,
+            attempts=routed.attempts,
+            truncated=bool(link.dropped),
+            dropped=list(link.dropped),
+            provider_request_id=answer.request_id,
+            redactions=plan.redactions(link),
+        )
+
+    async def _schema_checked(
+        self,
+        plan: Plan,
+        schema: AnswerSchema,
+        first: Completion,
+        link: Link,
+        reservation: Reservation,
+        deadline: float | None,
+    ) -> Completion:
+        """Validate the answer against the request's schema; repair once with the errors.
+
+        Each provider call is admitted and accounted on its own; the returned completion sums
+        both. Only a validated answer is cached. The answer is checked as the provider wrote
+        it (with placeholders, if any), so the repair prompt carries no personal values."""
+        valid, errors = schema.check(first.content)
+        if valid is not None:
+            first.content = valid
+            await self._account(plan, first, reservation, outcome="ok", link=link)
+            return plan.restored(first)
+        await self._account(plan, first, reservation, outcome="ok", link=link, store=False)
+        repair = _repair_link(link, first.content, errors)
+        if repair is None:
+            raise mismatch([plan.pii.restore(e) for e in errors], repaired=False)
+        second_reservation = await self.limiter.admit(
+            current_identity().tenant,
+            tokens=repair.prompt_tokens + int(repair.body["max_tokens"]),
+            max_cost_nanos=_max_cost(repair),
+        )
+        try:
+            routed = await self.router.complete(plan.route.alias, [repair], deadline)
+        except BaseException:
+            await asyncio.shield(self.limiter.release(second_reservation))
+            raise
+        second = self._completion(plan, routed)
+        valid, errors = schema.check(second.content)
+        final = dataclasses.replace(
+            second,
+            content=valid if valid is not None else second.content,
+            usage=first.usage + second.usage,
+            cost_nanos=first.cost_nanos + second.cost_nanos,
+            attempts=first.attempts + second.attempts,
+            schema_repaired=True,
+        )
+        await self._account(
+            plan,
+            second,
+            second_reservation,
+            outcome="ok",
+            link=routed.link,
+            store=valid is not None,
+            stored=final,
+        )
+        if valid is None:
+            raise mismatch([plan.pii.restore(e) for e in errors], repaired=True)
+        return plan.restored(final)
 
     # -- Embed --------------------------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> Embeddings:
@@ -370,6 +440,10 @@ class Gateway:
         """Deltas, then the summary Completion; errors after the first delta are
         UNAVAILABLE (PROVIDER_STREAM_INTERRUPTED) with the partial usage recorded."""
         started = time.perf_counter()
+        if request.json_schema:
+            v = Violations()
+            v.add("json_schema", "schema-checked JSON is offered on Complete only, not streams")
+            v.raise_if_any()
         plan = await self.plan(request)
         tenant = current_identity().tenant
         deadline = _deadline()
@@ -510,30 +584,31 @@ class Gateway:
 
     # -- planning -----------------------------------------------------------------------------
     async def plan(self, request: CompletionRequest) -> Plan:
-        route, violations = check_completion(
+        route, violations, schema = check_completion(
             self.catalog, request, max_messages=self.max_messages, max_bytes=self.max_prompt_bytes
         )
         violations.raise_if_any()
-        size = sum(len(m.content) for m in request.messages)
+        size = sum(len(m.content) for m in request.messages) + len(request.json_schema)
         if size > _INLINE_TOKENIZE_BYTES:
-            pii, links = await asyncio.to_thread(self._screen_and_link, route, request)
+            pii, links = await asyncio.to_thread(self._screen_and_link, route, request, schema)
         else:
-            pii, links = self._screen_and_link(route, request)
+            pii, links = self._screen_and_link(route, request, schema)
         plan = Plan(
             route=route,
             links=links,
             max_cost_nanos=max(_max_cost(link) for link in links),
             reserve_tokens=max(link.prompt_tokens + link.body["max_tokens"] for link in links),
             pii=pii,
+            schema=schema,
         )
         self._plan_cache(plan, request)
         return plan
 
     def _screen_and_link(
-        self, route: Route, request: CompletionRequest
+        self, route: Route, request: CompletionRequest, schema: AnswerSchema | None = None
     ) -> tuple[PiiScreen, list[Link]]:
         pii = self._screen(route, request)
-        return pii, self._links(route, request, pii)
+        return pii, self._links(route, request, pii, schema)
 
     # -- personal data --------------------------------------------------------------------------
     def _screen(self, route: Route, request: CompletionRequest) -> PiiScreen:
@@ -590,7 +665,13 @@ class Gateway:
         return screen
 
     # -- context fitting ------------------------------------------------------------------------
-    def _links(self, route: Route, request: CompletionRequest, pii: PiiScreen) -> list[Link]:
+    def _links(
+        self,
+        route: Route,
+        request: CompletionRequest,
+        pii: PiiScreen,
+        schema: AnswerSchema | None = None,
+    ) -> list[Link]:
         chain = [self.catalog.models[name] for name in route.models if not pii.blocks(name)]
         links: list[Link] = []
         overflow: ContextOverflowError | None = None
@@ -600,13 +681,13 @@ class Gateway:
             fallback = None
         for index, model in enumerate(chain):
             try:
-                link = self._link(model, request, fits, pii)
+                link = self._link(model, request, fits, pii, schema)
             except ContextOverflowError as exc:
                 overflow = overflow or exc
                 continue
             if index == 0 and link.dropped and fallback:
                 try:  # a larger-context model takes the whole conversation instead
-                    bigger = self._link(self.catalog.models[fallback], request, fits, pii)
+                    bigger = self._link(self.catalog.models[fallback], request, fits, pii, schema)
                 except ContextOverflowError:
                     bigger = None
                 if bigger is not None and not bigger.dropped:
@@ -614,7 +695,7 @@ class Gateway:
             links.append(link)
         if not links and fallback:
             try:
-                return [self._link(self.catalog.models[fallback], request, fits, pii)]
+                return [self._link(self.catalog.models[fallback], request, fits, pii, schema)]
             except ContextOverflowError as exc:
                 overflow = exc
         if not links:
@@ -635,9 +716,16 @@ class Gateway:
         request: CompletionRequest,
         fits: dict[tuple[int, bool], Any],
         pii: PiiScreen,
+        schema: AnswerSchema | None = None,
     ) -> Link:
         max_tokens = min(request.max_tokens or model.default_max_tokens, model.max_output_tokens)
         budget = model.context_window - max_tokens
+        instruction_tokens = 0
+        if schema is not None and not model.structured_output:
+            # The schema goes into an extra system message (an upper bound of its cost: as a
+            # further system message).
+            instruction_tokens = message_costs([("system", "-"), ("system", schema.instruction)])[1]
+            budget -= instruction_tokens
         redact = pii.redacted is not None and pii.policies[model.name] == "redact"
         messages = pii.redacted if redact and pii.redacted is not None else request.messages
         fit = fits.get((budget, redact))
@@ -655,14 +743,20 @@ class Gateway:
             body["top_p"] = request.top_p
         if request.stop:
             body["stop"] = list(request.stop)
-        if request.response_format == "json_object":
+        prompt_tokens = fit.total_tokens
+        if schema is not None and model.structured_output:
+            body["response_format"] = schema.response_format()
+        elif request.response_format == "json_object":
             body["response_format"] = {"type": "json_object"}
-        metrics.child(metrics.PROMPT_TOKENS, model.name).observe(fit.total_tokens)
+        if schema is not None and not model.structured_output:
+            body["messages"].append({"role": "system", "content": schema.instruction})
+            prompt_tokens += instruction_tokens
+        metrics.child(metrics.PROMPT_TOKENS, model.name).observe(prompt_tokens)
         if fit.dropped_indices:
             metrics.TRUNCATIONS.labels(model.name).inc()
         provider = self.catalog.providers[model.provider]
         redacted = sum(pii.redactor.counts.values()) if redact and pii.redactor else 0
-        return Link(model, provider, body, fit.total_tokens, tuple(fit.dropped_indices), redacted)
+        return Link(model, provider, body, prompt_tokens, tuple(fit.dropped_indices), redacted)
 
     def _plan_cache(self, plan: Plan, request: CompletionRequest) -> None:
         policy = request.cache_policy
@@ -677,18 +771,18 @@ class Gateway:
         # Keyed on the prompt with placeholders: the key derives from no personal value, and
         # the stored (redacted) answer serves any request that differs only in those values.
         messages = plan.pii.redacted if plan.pii.redacted is not None else request.messages
-        plan.cache_key = cache_key(
-            current_identity().tenant,
-            {
-                "route": plan.route.alias,
-                "messages": [[m.role, m.content] for m in messages],
-                "max_tokens": request.max_tokens,
-                "temperature": request.temperature,
-                "top_p": request.top_p,
-                "stop": request.stop,
-                "response_format": request.response_format,
-            },
-        )
+        fingerprint: dict[str, object] = {
+            "route": plan.route.alias,
+            "messages": [[m.role, m.content] for m in messages],
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stop": request.stop,
+            "response_format": request.response_format,
+        }
+        if plan.schema is not None:  # only then: the keys of other requests stay as they were
+            fingerprint["json_schema"] = plan.schema.document
+        plan.cache_key = cache_key(current_identity().tenant, fingerprint)
 
     async def _cache_hit(self, plan: Plan) -> Completion | None:
         if not plan.cache_read or plan.cache_key is None:
@@ -707,7 +801,10 @@ class Gateway:
         link: Link | None = None,
         metrics_outcome: str | None = None,
         store: bool = True,
+        stored: Completion | None = None,
     ) -> None:
+        """Record one provider call (or cache hit); `stored` is what the cache keeps instead
+        of `completion` (a repaired answer: the sum of both calls)."""
         identity = current_identity()
         if isinstance(completion, Embeddings) and completion.cached:
             model_name = completion.model  # the model that computed the stored vectors
@@ -757,7 +854,7 @@ class Gateway:
             and plan.cache_key is not None
             and plan.cacheable(link)
         ):
-            writes.append(self.cache.put(plan.cache_key, completion, plan.cache_ttl_s))
+            writes.append(self.cache.put(plan.cache_key, stored or completion, plan.cache_ttl_s))
         try:
             if len(writes) == 1:
                 await writes[0]
@@ -876,6 +973,25 @@ def _deadline() -> float | None:
 
 def _max_cost(link: Link) -> int:
     return link.model.pricing.max_cost_nanos(link.prompt_tokens, int(link.body["max_tokens"]))
+
+
+def _repair_link(link: Link, bad: str, errors: list[str]) -> Link | None:
+    """The link's request again, plus the bad answer and its validation errors; None when
+    they do not fit the model's context window."""
+    fix = repair_message(errors)
+    bad = bad or "(empty)"
+    extra = sum(message_costs([("assistant", bad), ("user", fix)]))
+    prompt_tokens = link.prompt_tokens + extra
+    if prompt_tokens + int(link.body["max_tokens"]) > link.model.context_window:
+        return None
+    messages = [
+        *link.body["messages"],
+        {"role": "assistant", "content": bad},
+        {"role": "user", "content": fix},
+    ]
+    return dataclasses.replace(
+        link, body={**link.body, "messages": messages}, prompt_tokens=prompt_tokens
+    )
 
 
 def _estimate_usage(link: Link, content: str, reasoning: str) -> Usage:

@@ -76,6 +76,7 @@ class ModelFacts:
     default_max_tokens: int
     pricing: Pricing
     provider_model: str | None = None
+    structured_output: bool = False  # response_format json_schema accepted upstream
 
 
 _DEEPSEEK_V32 = Pricing(

@@ -76,6 +76,7 @@ class LlmGatewayServicer:
             dropped_message_indices=completion.dropped,
             provider_request_id=completion.provider_request_id,
             redactions=_redactions(completion.redactions),
+            schema_repaired=completion.schema_repaired,
         )
 
     async def StreamComplete(
@@ -181,6 +182,10 @@ def _messages(messages: Any) -> list[ChatMessage]:
 
 
 def _completion_request(req: pb.CompleteRequest | pb.StreamCompleteRequest) -> CompletionRequest:
+    json_schema = req.json_schema if isinstance(req, pb.CompleteRequest) else ""
+    response_format = req.response_format
+    if json_schema and response_format == pb.RESPONSE_FORMAT_UNSPECIFIED:
+        response_format = pb.RESPONSE_FORMAT_JSON_OBJECT
     return CompletionRequest(
         model=req.model,
         messages=_messages(req.messages),
@@ -188,9 +193,10 @@ def _completion_request(req: pb.CompleteRequest | pb.StreamCompleteRequest) -> C
         temperature=req.temperature if req.HasField("temperature") else None,
         top_p=req.top_p if req.HasField("top_p") else None,
         stop=list(req.stop),
-        response_format=_FORMATS.get(req.response_format, f"unknown:{req.response_format}"),  # type: ignore[arg-type]
+        response_format=_FORMATS.get(response_format, f"unknown:{response_format}"),  # type: ignore[arg-type]
         cache_policy=_CACHE.get(req.cache_policy, f"unknown:{req.cache_policy}"),  # type: ignore[arg-type]
         cache_ttl_s=req.cache_ttl_seconds,
+        json_schema=json_schema,
     )
 
 

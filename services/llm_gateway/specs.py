@@ -73,6 +73,11 @@ class ModelSpec(BaseModel):
     input_cache_miss_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
     output_per_mtok: Decimal | None = Field(None, ge=0, description="USD per 1M tokens")
     prices_as_of: date | None = None
+    structured_output: bool | None = Field(
+        None,
+        description="Chat models: the provider accepts response_format json_schema (native "
+        "schema-constrained output); default false (DeepSeek: json_object only)",
+    )
     # -- embedding models -------------------------------------------------------------------
     input_per_mtok: Decimal | None = Field(
         None, ge=0, description="Embedding models: USD per 1M input tokens"

@@ -7,6 +7,7 @@ import math
 from libs.common.errors import FailedPrecondition, Violations
 from services.llm_gateway.catalog import MAX_EMBED_INPUTS, Catalog, Route
 from services.llm_gateway.domain import ROLES, CompletionRequest, EmbedRequest, Message
+from services.llm_gateway.schema import AnswerSchema, load_schema
 from services.llm_gateway.specs import ModelKind
 
 MAX_STOP_SEQUENCES = 16
@@ -128,8 +129,9 @@ def check_messages(
 
 def check_completion(
     catalog: Catalog, request: CompletionRequest, *, max_messages: int, max_bytes: int
-) -> tuple[Route, Violations]:
-    """Validate everything that does not need the tokenizer; return the route."""
+) -> tuple[Route, Violations, AnswerSchema | None]:
+    """Validate everything that does not need the tokenizer; return the route (and the
+    checked `json_schema`, if any)."""
     v = Violations()
     route = check_model(catalog, request.model, v)
     check_messages(request.messages, v, max_messages=max_messages, max_bytes=max_bytes)
@@ -156,8 +158,14 @@ def check_completion(
             v.add(f"stop[{i}]", "must not be empty")
     if request.response_format not in ("text", "json_object"):
         v.add("response_format", f"unknown response format {request.response_format}")
+    schema = load_schema(request.json_schema, v)
+    if request.json_schema and request.response_format != "json_object":
+        v.add(
+            "response_format",
+            "must be RESPONSE_FORMAT_UNSPECIFIED or RESPONSE_FORMAT_JSON_OBJECT with json_schema",
+        )
     if request.cache_policy not in ("auto", "disabled", "enabled", "refresh"):
         v.add("cache_policy", f"unknown cache policy {request.cache_policy}")
     if not 0 <= request.cache_ttl_s <= MAX_CACHE_TTL_S:
         v.add("cache_ttl_seconds", f"must be between 0 and {MAX_CACHE_TTL_S}")
-    return route, v  # type: ignore[return-value]
+    return route, v, schema  # type: ignore[return-value]

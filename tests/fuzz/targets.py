@@ -142,6 +142,9 @@ def gateway_hints() -> dict[str, Any]:
         "top_p": st.floats(0.01, 1),
         "stop": st.sampled_from(["\n", "END", "."]),
         "cache_ttl_seconds": st.integers(0, 3600),
+        # Only schemas refused up front: a valid one can end in SCHEMA_MISMATCH after billed
+        # provider calls (usage written), which the "rejected but wrote" check would flag.
+        "json_schema": st.sampled_from(["", '{"type": "objekt"}', "{not json", "[1]"]),
         # Embed
         "inputs": st.text(min_size=1, max_size=80),
         "dimensions": st.sampled_from([0, 8, 64, 65]),
