@@ -153,6 +153,17 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Asy
                     llm_gateway_daily_budget_usd="5",
                     llm_gateway_retry_base_s=0.01,
                     llm_gateway_retry_max_backoff_s=0.05,
+                    # `finsight embed`: an embedding model on the dev provider.
+                    llm_gateway_models={
+                        "dev-embed": {
+                            "kind": "embedding",
+                            "provider": "deepseek",
+                            "input_per_mtok": "0.02",
+                            "dimensions": 64,
+                        }
+                    },
+                    llm_gateway_routes={"embed": {"models": ["dev-embed"]}},
+                    llm_gateway_default_embedding_route="embed",
                 ),
                 gateway_setup,
             )
