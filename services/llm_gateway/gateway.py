@@ -30,7 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -91,6 +91,7 @@ from services.llm_gateway.validation import (
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
+_Routed = TypeVar("_Routed")
 
 # Prompts larger than this are tokenized off the event loop (tokenizers releases the GIL).
 _INLINE_TOKENIZE_BYTES = 32 * 1024
@@ -235,11 +236,9 @@ class Gateway:
             reservation = await self.limiter.admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
-            try:
-                routed = await self.router.complete(plan.route.alias, plan.links, deadline)
-            except BaseException:
-                await asyncio.shield(self.limiter.release(reservation))
-                raise
+            routed = await self._reserved(
+                reservation, self.router.complete(plan.route.alias, plan.links, deadline)
+            )
             completion = self._completion(plan, routed)
             if plan.schema is not None:
                 return await self._schema_checked(
@@ -253,22 +252,17 @@ class Gateway:
             raise
 
     def _completion(self, plan: Plan, routed: Routed) -> Completion:
-        answer, link = routed.answer, routed.link
-        usage = answer.usage or _estimate_usage(link, answer.content, answer.reasoning)
-        return Completion(
+        answer = routed.answer
+        return _completion_of(
+            plan,
+            routed.link,
+            routed.attempts,
             content=answer.content,
             reasoning=answer.reasoning,
             finish_reason=answer.finish_reason,
-            usage=usage,
-            cost_nanos=link.model.pricing.cost_nanos(usage),
-            provider=link.provider.name,
-            model=answer.model or link.model.provider_model,
-            route=plan.route.alias,
-            attempts=routed.attempts,
-            truncated=bool(link.dropped),
-            dropped=list(link.dropped),
-            provider_request_id=answer.request_id,
-            redactions=plan.redactions(link),
+            model=answer.model,
+            request_id=answer.request_id,
+            usage=answer.usage,
         )
 
     async def _schema_checked(
@@ -299,11 +293,9 @@ class Gateway:
             tokens=repair.prompt_tokens + int(repair.body["max_tokens"]),
             max_cost_nanos=_max_cost(repair),
         )
-        try:
-            routed = await self.router.complete(plan.route.alias, [repair], deadline)
-        except BaseException:
-            await asyncio.shield(self.limiter.release(second_reservation))
-            raise
+        routed = await self._reserved(
+            second_reservation, self.router.complete(plan.route.alias, [repair], deadline)
+        )
         second = self._completion(plan, routed)
         valid, errors = schema.check(second.content)
         final = dataclasses.replace(
@@ -327,6 +319,15 @@ class Gateway:
             raise mismatch([plan.pii.restore(e) for e in errors], repaired=True)
         return plan.restored(final)
 
+    async def _reserved(self, reservation: Reservation, call: Awaitable[_Routed]) -> _Routed:
+        """`call`'s result; its reservation released when it fails (settled by accounting
+        when it succeeds)."""
+        try:
+            return await call
+        except BaseException:
+            await asyncio.shield(self.limiter.release(reservation))
+            raise
+
     # -- Embed --------------------------------------------------------------------------------
     async def embed(self, request: EmbedRequest) -> Embeddings:
         """Vectors for `request.inputs`, through the same steps as a completion: validation,
@@ -349,11 +350,9 @@ class Gateway:
             reservation = await self.limiter.admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
-            try:
-                routed = await self.router.embed(plan.route.alias, plan.links, deadline)
-            except BaseException:
-                await asyncio.shield(self.limiter.release(reservation))
-                raise
+            routed = await self._reserved(
+                reservation, self.router.embed(plan.route.alias, plan.links, deadline)
+            )
             answer, link = routed.answer, routed.link
             usage = answer.usage or Usage(prompt=link.prompt_tokens)
             result = Embeddings(
@@ -563,23 +562,17 @@ class Gateway:
         )
 
     def _stream_completion(self, plan: Plan, opened: OpenStream, usage: Usage | None) -> Completion:
-        state, link = opened.stream.state, opened.link
-        content, reasoning = "".join(state.content_parts), "".join(state.reasoning_parts)
-        usage = usage or _estimate_usage(link, content, reasoning)
-        return Completion(
-            content=content,
-            reasoning=reasoning,
+        state = opened.stream.state
+        return _completion_of(
+            plan,
+            opened.link,
+            opened.attempts,
+            content="".join(state.content_parts),
+            reasoning="".join(state.reasoning_parts),
             finish_reason=state.finish_reason,
+            model=state.model,
+            request_id=state.request_id,
             usage=usage,
-            cost_nanos=link.model.pricing.cost_nanos(usage),
-            provider=link.provider.name,
-            model=state.model or link.model.provider_model,
-            route=plan.route.alias,
-            attempts=opened.attempts,
-            truncated=bool(link.dropped),
-            dropped=list(link.dropped),
-            provider_request_id=state.request_id,
-            redactions=plan.redactions(link),
         )
 
     # -- planning -----------------------------------------------------------------------------
@@ -1014,3 +1007,35 @@ def _as_cached(hit: _Answer, plan: Plan) -> _Answer:
     hit.route, hit.provider_request_id = plan.route.alias, ""
     hit.redactions = plan.redactions(plan.links[0])
     return hit
+
+
+def _completion_of(
+    plan: Plan,
+    link: Link,
+    attempts: int,
+    *,
+    content: str,
+    reasoning: str,
+    finish_reason: str,
+    model: str,
+    request_id: str,
+    usage: Usage | None,
+) -> Completion:
+    """A provider's answer (whole or streamed) as the caller receives it; usage estimated
+    when the provider sent none."""
+    usage = usage or _estimate_usage(link, content, reasoning)
+    return Completion(
+        content=content,
+        reasoning=reasoning,
+        finish_reason=finish_reason,
+        usage=usage,
+        cost_nanos=link.model.pricing.cost_nanos(usage),
+        provider=link.provider.name,
+        model=model or link.model.provider_model,
+        route=plan.route.alias,
+        attempts=attempts,
+        truncated=bool(link.dropped),
+        dropped=list(link.dropped),
+        provider_request_id=request_id,
+        redactions=plan.redactions(link),
+    )

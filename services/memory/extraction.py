@@ -251,8 +251,6 @@ class Extractor:
         self._known_facts = known_facts
         self._allowed = allowed
         self._worker: asyncio.Task[None] | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
 
     def enabled_for(self, tenant: str) -> bool:
         return "*" in self.tenants or tenant in self.tenants
@@ -278,7 +276,6 @@ class Extractor:
         except asyncio.QueueFull:
             metrics.EXTRACTIONS.labels("dropped_queue_full").inc()
             return False
-        self.idle.clear()
         metrics.EXTRACTION_QUEUE.set(self.queue.qsize())
         return True
 
@@ -296,8 +293,6 @@ class Extractor:
                 log.exception("fact extraction failed")
             finally:
                 self.queue.task_done()
-                if self.queue.empty():
-                    self.idle.set()
 
     async def process(self, job: Job) -> str:
         """One job; its outcome (also counted in finsight_memory_extractions_total)."""

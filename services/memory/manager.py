@@ -472,53 +472,50 @@ class MemoryManager:
         )
         return [s.fact for s in found]
 
-    async def _is_duplicate(self, job: Job, proposal: Proposal) -> bool:
-        """A current fact that means the same: vector similarity at the threshold and the
-        same numbers (static vectors barely see "120 shares" vs "200 shares"; in finance the
-        numbers are the fact). The fact an UPDATE supersedes is not its duplicate."""
-        if self.embedder is None:
-            return False
-        top = await self._recall(
-            job.tenant, job.user_id, proposal.text, FactFilter(), 3, RecallMode.VECTOR
-        )
+    def _same_fact(self, similarity: float, text: str, other: str) -> bool:
+        """Two facts that mean the same: vector similarity at the threshold and the same
+        numbers (static vectors barely see "120 shares" vs "200 shares"; in finance the
+        numbers are the fact)."""
         threshold = self.settings.memory_extraction_dedup_similarity
+        return similarity >= threshold and _numbers(text) == _numbers(other)
+
+    async def _is_duplicate(self, job: Job, proposal: Proposal, vector: QueryVector) -> bool:
+        """A current fact that means the same as the proposal; the fact an UPDATE
+        supersedes is not its duplicate."""
+        top = await self._recall(
+            job.tenant, job.user_id, proposal.text, FactFilter(), 3, RecallMode.VECTOR, vector
+        )
         return any(
-            s.vector_similarity >= threshold
-            and s.fact.fact_id != proposal.supersedes
-            and _numbers(s.fact.text) == _numbers(proposal.text)
+            s.fact.fact_id != proposal.supersedes
+            and self._same_fact(s.vector_similarity, s.fact.text, proposal.text)
             for s in top
         )
 
-    async def _distinct(self, proposals: list[Proposal]) -> list[Proposal]:
-        """The proposals minus those meaning the same as an earlier one of the batch."""
-        if self.embedder is None or len(proposals) < 2:
-            return proposals
-        vectors = await self._embed("fact", [p.text for p in proposals])
-        if vectors is None:
-            return proposals
-        threshold = self.settings.memory_extraction_dedup_similarity
-        kept: list[int] = []
+    async def _write_extracted(self, job: Job, proposals: list[Proposal]) -> None:
+        """Write what the model proposed (after dedup by meaning against the current facts
+        and the batch's earlier proposals), marking the turns handled even when nothing is
+        new, in one transaction. Each proposal is embedded once: the same vector finds its
+        duplicates and is stored with the fact."""
+        vectors = (
+            await self._embed("fact", [p.text for p in proposals])
+            if self.embedder is not None and proposals
+            else None
+        )
+        model = self.embedder.model if self.embedder is not None else ""
+        kept: list[tuple[Proposal, np.ndarray | None]] = []
         for i, proposal in enumerate(proposals):
-            if any(
-                float(vectors[i] @ vectors[j]) >= threshold
-                and _numbers(proposals[j].text) == _numbers(proposal.text)
-                for j in kept
+            vector = None if vectors is None else vectors[i]
+            if vector is not None and (
+                await self._is_duplicate(job, proposal, QueryVector(vector, model))
+                or any(
+                    other is not None
+                    and self._same_fact(float(vector @ other), proposal.text, earlier.text)
+                    for earlier, other in kept
+                )
             ):
                 metrics.EXTRACTION_PROPOSALS.labels("duplicate_meaning").inc()
                 continue
-            kept.append(i)
-        return [proposals[i] for i in kept]
-
-    async def _write_extracted(self, job: Job, proposals: list[Proposal]) -> None:
-        """Write what the model proposed (after dedup by meaning), marking the turns handled
-        even when nothing is new, in one transaction."""
-        kept: list[Proposal] = []
-        for proposal in proposals:
-            if await self._is_duplicate(job, proposal):
-                metrics.EXTRACTION_PROPOSALS.labels("duplicate_meaning").inc()
-            else:
-                kept.append(proposal)
-        kept = await self._distinct(kept)
+            kept.append((proposal, vector))
         now = now_us()
         sources = tuple(m.message_id for m in job.turns)
         facts = await self._prepare_facts(
@@ -531,14 +528,16 @@ class MemoryManager:
                     (),
                     job.session_id,
                     None,
+                    embedding=v,
+                    embedding_model=model if v is not None else "",
                     origin="extracted",
                     source_message_ids=sources,
                 )
-                for p in kept
+                for p, v in kept
             ],
             now,
         )
-        supersedes = [(i, p.supersedes) for i, p in enumerate(kept) if p.op == "UPDATE"]
+        supersedes = [(i, p.supersedes) for i, (p, _) in enumerate(kept) if p.op == "UPDATE"]
         key = (job.tenant, job.user_id)
         try:
             done = await self.store.write_extraction(
@@ -575,18 +574,19 @@ class MemoryManager:
         )
 
     async def _embed_facts(self, facts: list[NewFact]) -> list[NewFact]:
-        """The facts with their vectors (unchanged when no embedder is configured or it
-        fails: they are stored without one and the re-embed catches up)."""
-        if self.embedder is None or not facts:
+        """The facts with their vectors: those without one are embedded (left as they are
+        when no embedder is configured or it fails: stored without one, the re-embed
+        catches up)."""
+        missing = [i for i, f in enumerate(facts) if f.embedding is None]
+        if self.embedder is None or not missing:
             return facts
-        vectors = await self._embed("fact", [f.text for f in facts])
+        vectors = await self._embed("fact", [facts[i].text for i in missing])
         if vectors is None:
             return facts
-        model = self.embedder.model
-        return [
-            replace(f, embedding=v, embedding_model=model)
-            for f, v in zip(facts, vectors, strict=True)
-        ]
+        out = list(facts)
+        for i, vector in zip(missing, vectors, strict=True):
+            out[i] = replace(facts[i], embedding=vector, embedding_model=self.embedder.model)
+        return out
 
     async def _embed(self, use: str, texts: list[str]) -> np.ndarray | None:
         """Vectors of `texts`, or None when the embedder failed (counted and logged)."""
@@ -627,10 +627,13 @@ class MemoryManager:
         flt: FactFilter,
         k: int,
         mode: RecallMode | None = None,
+        vector: QueryVector | None = None,
     ) -> list[ScoredFact]:
+        """`vector`: the query's, when the caller has it already (else embedded here)."""
         asked = mode or self.weights.mode
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
-            vector = await self._query_vector(query, asked)
+            if vector is None:
+                vector = await self._query_vector(query, asked)
             served = asked if vector is not None else RecallMode.LEXICAL
             weights = replace(self.weights, mode=served)
             index = await self._user_index(tenant, user_id)

@@ -1399,6 +1399,7 @@ async def reindex_facts(conn: Conn, tenant: str, rows: Sequence[ToEmbed]) -> int
         return 0
     for user_id in sorted({r.user_id for r in rows}):
         await _bump(conn, tenant, user_id, reset=True)
+    terms = [recall.term_frequencies(r.text) for r in rows]
     updated = await _all(
         conn,
         REINDEXED_FACTS,
@@ -1407,25 +1408,25 @@ async def reindex_facts(conn: Conn, tenant: str, rows: Sequence[ToEmbed]) -> int
             "version": recall.TOKENIZER_VERSION,
             "user_id": [r.user_id for r in rows],
             "fact_no": [r.fact_no for r in rows],
-            "doc_len": [recall.term_frequencies(r.text)[1] for r in rows],
+            "doc_len": [length for _, length in terms],
         },
     )
     live = {(str(u), int(n)) for u, n in updated}
-    todo = [r for r in rows if (r.user_id, r.fact_no) in live]
+    todo = [(r, t) for r, t in zip(rows, terms, strict=True) if (r.user_id, r.fact_no) in live]
     users: list[str] = []
     keys: list[int] = []
     nos: list[int] = []
     tfs: list[int] = []
-    for row in todo:
-        for term, tf in recall.term_frequencies(row.text)[0].items():
+    for row, (counts, _) in todo:
+        for term, tf in counts.items():
             users.append(row.user_id)
             keys.append(recall.term_key(tenant, row.user_id, term))
             nos.append(row.fact_no)
             tfs.append(tf)
     who = {
         "tenant": tenant,
-        "user_id": [r.user_id for r in todo],
-        "fact_no": [r.fact_no for r in todo],
+        "user_id": [r.user_id for r, _ in todo],
+        "fact_no": [r.fact_no for r, _ in todo],
     }
     async with conn.pipeline():
         await conn.execute(DELETE_REINDEXED_POSTINGS, who)
