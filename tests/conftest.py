@@ -169,6 +169,13 @@ def make_settings(
         "finsight_drain_delay_s": 0.2,
         "finsight_shutdown_grace_s": 5.0,
         "finsight_readiness_interval_s": 0.2,
+        # One Redis serves the whole run: gateways of different tests would share their
+        # circuits as replicas do. Tests of the shared breaker turn it on.
+        **(
+            {"llm_gateway_shared_breaker": False}
+            if "llm_gateway_shared_breaker" in cls.model_fields
+            else {}
+        ),
         **port_fields,
         **overrides,
     }

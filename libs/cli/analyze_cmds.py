@@ -28,7 +28,7 @@ from finsight.analytics.v1 import analytics_pb2_grpc
 from libs.cli.commands import CliError, emit, out
 from libs.cli.connection import Connection, describe_error, error_json
 from libs.cli.llm_cmds import tokens
-from libs.cli.memory_cmds import read_facts, show_facts
+from libs.cli.memory_cmds import facts_to_show, show_facts
 from libs.cli.options import add_conversation, add_range, date_range, rate, session_id, user_id
 from libs.cli.render import day, money_amount, num, pct, plain, short_enum, usd
 
@@ -258,11 +258,11 @@ class Chat:
             _say(HELP)
 
     async def facts(self, *, history: bool) -> None:
-        """The user's facts (ExportUserData), on stderr like the other chatter: stdout stays
+        """The user's facts (ListFacts), on stderr like the other chatter: stdout stays
         the answers. A failure is reported and the chat goes on (it is not a failed turn)."""
         chat_service = self.conn.last_service
         try:
-            found = await read_facts(self.conn, self.user)
+            found = await facts_to_show(self.conn, self.user, history=history)
         except grpc.aio.AioRpcError as error:
             _, lines = describe_error(error, self.conn)
             err_console.print("[bold red]error[/]: " + escape("\n".join(lines)))

@@ -1,6 +1,6 @@
 """`finsight usage` (tokens and cost by day and model, and the remaining budget),
-`finsight complete` (one completion, optionally schema-checked JSON) and `finsight embed`
-(vectors of texts, through an embedding route)."""
+`finsight complete` (one completion, optionally schema-checked JSON or with tools the model
+may call) and `finsight embed` (vectors of texts, through an embedding route)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,48 @@ def _schema_text(path: str | None) -> str:
     return text
 
 
+_TOOL_CHOICES = {
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
+
+
+def _tools(path: str | None) -> list[pb.Tool]:
+    """Tools from a JSON file: a list of {"name", "description", "parameters"} objects, or
+    of OpenAI's {"type": "function", "function": {...}} (the gateway checks them)."""
+    if path is None:
+        return []
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CliError(f"--tools {path}: cannot read it ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise CliError(f"--tools {path}: not JSON ({exc})") from exc
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise CliError(f"--tools {path}: must be a JSON list of tool objects")
+    tools = []
+    for item in items:
+        function = item.get("function", item) if item.get("type") == "function" else item
+        parameters = function.get("parameters")
+        tools.append(
+            pb.Tool(
+                name=str(function.get("name", "")),
+                description=str(function.get("description", "")),
+                parameters=json.dumps(parameters) if parameters is not None else "",
+            )
+        )
+    return tools
+
+
+def _tool_choice(value: str | None) -> pb.ToolChoice | None:
+    if value is None:
+        return None
+    if value in _TOOL_CHOICES:
+        return pb.ToolChoice(mode=_TOOL_CHOICES[value])
+    return pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function_name=value)
+
+
 def _prompt(args: argparse.Namespace) -> str:
     text = " ".join(args.prompt) if args.prompt else sys.stdin.read()
     if not text.strip():
@@ -115,6 +157,8 @@ async def complete(args: argparse.Namespace, conn: Connection) -> int:
         model=args.model or "",
         messages=messages,
         json_schema=_schema_text(args.schema),
+        tools=_tools(args.tools),
+        tool_choice=_tool_choice(args.tool_choice),
     )
     if args.max_tokens is not None:
         request.max_tokens = args.max_tokens
@@ -130,7 +174,10 @@ async def complete(args: argparse.Namespace, conn: Connection) -> int:
             data["value"] = json.loads(reply.content)
         print(json.dumps(data, ensure_ascii=False, default=str))
         return 0
-    print(reply.content)
+    if reply.content or not reply.tool_calls:
+        print(reply.content)
+    for made in reply.tool_calls:
+        print(f"tool call {made.id}: {made.name}({made.arguments})")
     note = f"{reply.model} via {reply.provider or 'cache'}: {tokens(reply.usage)}, "
     note += f"{usd(money_amount(reply.cost), 6)}"
     if reply.schema_repaired:
@@ -186,15 +233,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "complete",
-        help="one completion through the gateway; --schema FILE for schema-checked JSON",
+        help="one completion through the gateway; --schema FILE for schema-checked JSON, "
+        "--tools FILE for tools the model may call",
         description="LlmGatewayService.Complete. The prompt is the arguments, or standard "
         "input. With --schema the answer is JSON valid against the schema (repaired once by "
-        "the gateway if needed; SCHEMA_MISMATCH otherwise).",
+        "the gateway if needed; SCHEMA_MISMATCH otherwise). With --tools the answer may be "
+        "tool calls, printed one per line as `tool call ID: NAME(ARGUMENTS)` (the CLI does "
+        "not run them).",
     )
     p.add_argument("prompt", nargs="*", metavar="PROMPT")
     p.add_argument("--system", help="a system message before the prompt")
     p.add_argument("--model", help="route or model (default: the gateway's default route)")
     p.add_argument("--schema", metavar="FILE", help="a JSON Schema (Draft 2020-12) file")
+    p.add_argument(
+        "--tools",
+        metavar="FILE",
+        help='a JSON list of tools: {"name", "description", "parameters" (JSON Schema)}',
+    )
+    p.add_argument(
+        "--tool-choice",
+        dest="tool_choice",
+        metavar="auto|none|required|NAME",
+        help="whether the model may, must not, or must call a tool (NAME: that tool)",
+    )
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
     p.add_argument("--temperature", type=float)
     p.set_defaults(handler=complete)

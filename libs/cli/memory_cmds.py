@@ -1,8 +1,10 @@
-"""`finsight memory export | erase | consent | facts`: what the memory service keeps about a user.
+"""`finsight memory export | erase | consent | facts | extraction`: what the memory service keeps
+about a user.
 
 `export USER` and `erase USER --yes` are the user's personal data as a whole; `consent USER`
 shows or changes the consent choices (long-term memory, fact extraction); `facts USER` lists
-the user's facts, with `--history` also the ones a newer fact superseded.
+the user's facts, with `--history` also the ones a newer fact superseded; `extraction USER`
+whether facts are extracted from the user's conversations, and how far along.
 """
 
 from __future__ import annotations
@@ -200,25 +202,23 @@ async def consent(args: argparse.Namespace, conn: Connection) -> int:
 
 
 # -- facts -----------------------------------------------------------------------------------
-async def read_facts(conn: Connection, user: str) -> list[pb.Fact]:
-    """The user's facts, current and superseded, from ExportUserData. The stream sends the
-    consent, then the facts, then messages and audit entries: reading stops at the first
-    item past the facts (the rest of the stream is cancelled)."""
+async def read_facts(
+    conn: Connection, user: str, *, history: bool = False, kind: str | None = None
+) -> list[pb.Fact]:
+    """The user's facts from ListFacts, page by page: the current ones, with `history` also
+    the superseded ones; only those of `kind` when given."""
     facts: list[pb.Fact] = []
+    request = pb.ListFactsRequest(
+        user_id=user, include_history=history, kinds=[kind] if kind else [], page_size=500
+    )
     async with conn.channel("memory") as channel:
-        call = memory_pb2_grpc.MemoryServiceStub(channel).ExportUserData(
-            pb.ExportUserDataRequest(user_id=user), metadata=conn.metadata, timeout=conn.timeout
-        )
-        try:
-            async for item in call:
-                kind = item.WhichOneof("item")
-                if kind == "fact":
-                    facts.append(item.fact)
-                elif kind != "consent":
-                    break
-        finally:
-            call.cancel()
-    return facts
+        stub = memory_pb2_grpc.MemoryServiceStub(channel)
+        while True:
+            page = await stub.ListFacts(request, metadata=conn.metadata, timeout=conn.timeout)
+            facts.extend(page.facts)
+            if not page.next_page_token:
+                return facts
+            request.page_token = page.next_page_token
 
 
 def _since(fact: pb.Fact) -> tuple[int, str]:
@@ -327,22 +327,66 @@ def show_facts(
     console.print(facts_table(user, rows, history))
 
 
-def select_facts(facts: Iterable[pb.Fact], kind: str | None) -> list[pb.Fact]:
-    return [f for f in facts if kind is None or (f.kind or "general") == kind]
+async def facts_to_show(
+    conn: Connection, user: str, *, history: bool, kind: str | None = None
+) -> list[pb.Fact]:
+    """What `show_facts` needs: the facts asked for; when no current one exists, the
+    superseded ones too (so it can say that --history would list some)."""
+    found = await read_facts(conn, user, history=history, kind=kind)
+    if not found and not history:
+        found = await read_facts(conn, user, history=True, kind=kind)
+    return found
 
 
 async def facts(args: argparse.Namespace, conn: Connection) -> int:
-    found = select_facts(await read_facts(conn, args.user), args.kind)
     if args.json:
+        found = await read_facts(conn, args.user, history=args.history, kind=args.kind)
         emit(args, [plain(f) for f, _ in fact_rows(found, args.history)], None)
         return 0
+    found = await facts_to_show(conn, args.user, history=args.history, kind=args.kind)
     show_facts(out, args.user, found, history=args.history, kind=args.kind)
+    return 0
+
+
+# -- extraction status -------------------------------------------------------------------------
+def extraction_table(user: str, status: pb.GetExtractionStatusResponse) -> Table:
+    running = status.tenant_enabled and status.user_consented
+    table = Table(
+        title=f"Fact extraction for {escape(user)}",
+        caption="on" if running else "off: needs the tenant's opt-in and the user's consent",
+        show_header=False,
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("tenant opted in", "yes" if status.tenant_enabled else "no")
+    table.add_row("user consented", "yes" if status.user_consented else "no")
+    table.add_row("turns pending", f"{status.messages_pending:,}")
+    table.add_row("turns extracted", f"{status.messages_extracted:,}")
+    last = status.last_extraction_time
+    table.add_row(
+        "last extraction", _when(last) if status.HasField("last_extraction_time") else "never"
+    )
+    table.add_row("extracted facts (current)", f"{status.extracted_facts:,}")
+    table.add_row("queue (this replica)", f"{status.replica_queue_depth:,}")
+    return table
+
+
+async def extraction(args: argparse.Namespace, conn: Connection) -> int:
+    async with conn.channel("memory") as channel:
+        status = await memory_pb2_grpc.MemoryServiceStub(channel).GetExtractionStatus(
+            pb.GetExtractionStatusRequest(user_id=args.user),
+            metadata=conn.metadata,
+            timeout=conn.timeout,
+        )
+    data = {"user_id": args.user, **plain(status)}
+    emit(args, data, extraction_table(args.user, status))
     return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "memory", help="a user's data: export, erase, consent, facts (and their history)"
+        "memory",
+        help="a user's data: export, erase, consent, facts (and their history), extraction",
     )
     memory_sub = p.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
     e = memory_sub.add_parser(
@@ -382,7 +426,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = memory_sub.add_parser(
         "facts",
         help="USER's current facts (--history: also the ones a newer fact superseded)",
-        description="The facts of ExportUserData, by valid_from: id, text, kind, origin "
+        description="The facts of ListFacts, by valid_from: id, text, kind, origin "
         "(remembered with Remember, or extracted from conversations), since when, source "
         "session. --history adds superseded facts under the fact that replaced them, with "
         "when they were replaced (until) and by which fact.",
@@ -391,3 +435,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f.add_argument("--history", action="store_true", help="also superseded facts")
     f.add_argument("--kind", metavar="KIND", help="only facts of this kind")
     f.set_defaults(handler=facts)
+    x = memory_sub.add_parser(
+        "extraction",
+        help="is fact extraction on for USER, and how far along is it",
+        description="GetExtractionStatus: the tenant's opt-in and USER's consent, USER's turns "
+        "pending and extracted, when the last one was, USER's current extracted facts, and "
+        "the extraction queue of the memory replica that answered.",
+    )
+    x.add_argument("user", metavar="USER")
+    x.set_defaults(handler=extraction)

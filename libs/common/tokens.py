@@ -237,17 +237,19 @@ def _turn_groups(roles: Sequence[str], last_user: int | None) -> list[list[int]]
     """Droppable messages grouped into turns, oldest first.
 
     A turn is a user message plus the assistant/tool messages that follow it; it is dropped
-    whole so that no tool output or reply is left without the message it answers. Messages
-    after the pinned last user message form the newest group.
+    whole so that no tool call is left without its results, nor a result without its call.
+    The pinned last user message and the messages after it (the turn being answered: its
+    tool calls and their results) belong to no group: they are never dropped.
     """
     groups: list[list[int]] = []
     current: list[int] = []
     for i, role in enumerate(roles):
-        if i == last_user or (role == "user" and current):
-            if current:
-                groups.append(current)
+        if i == last_user:
+            break
+        if role == "user" and current:
+            groups.append(current)
             current = []
-        if i == last_user or role == "system":
+        if role == "system":
             continue
         current.append(i)
     if current:
@@ -258,8 +260,9 @@ def _turn_groups(roles: Sequence[str], last_user: int | None) -> list[list[int]]
 def fit_messages(messages: Sequence[M], budget_tokens: int) -> FitResult[M]:
     """Drop the oldest non-system turns until the prompt fits ``budget_tokens``.
 
-    Always kept: every system message and the last user message (callers pass
-    ``context_window - max_tokens`` as the budget). Raises ``ContextOverflowError`` when even
+    Always kept: every system message, the last user message and the messages after it (the
+    turn being answered, e.g. its tool calls and results); callers pass
+    ``context_window - max_tokens`` as the budget. Raises ``ContextOverflowError`` when even
     that minimum does not fit.
     """
     roles = [_role_and_content(m)[0] for m in messages]

@@ -32,6 +32,7 @@ _ACTION_TYPES: dict[str, tuple[type, ...]] = {
     "keepalive_interval_ms": _NUMBER,
     "content": (str,),
     "reasoning_content": (str,),
+    "tool_calls": (list,),
     "finish_reason": (str,),
     "usage": (dict,),
     "headers": (dict,),

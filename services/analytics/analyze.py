@@ -12,9 +12,10 @@ Steps:
   rule-based answer) sees the right numbers;
 - the question is screened for instructions (`libs.common.untrusted.screen`) and always
   sent as fenced data, never in the system role;
-- the model is asked for the structured answer that cites the metric behind each figure
-  (one repair round on a schema failure; an answer that still ignores it is checked as
-  free text);
+- the model is asked for the structured answer that cites the metric behind each figure,
+  as a JSON Schema the gateway enforces (`json_schema`: validated, one repair round with
+  the errors); an answer that still does not match it (SCHEMA_MISMATCH) is replaced by the
+  rule-based answer, with a warning;
 - grounding, by ANALYTICS_GROUNDING_POLICY: `annotate` marks and lists unverified figures,
   `reject` replaces a model answer that has any with the rule-based answer, `off`.
 
@@ -90,10 +91,6 @@ SYSTEM_PROMPT: Final = (
     "words) and do not give personalised investment advice. Every figure you write is "
     "checked against the metrics. " + DATA_NOTICE
 )
-REPAIR_PROMPT: Final = (
-    "Your reply did not follow the required JSON format ({error}). Reply again with only "
-    "the JSON object, same content."
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +118,8 @@ class Completion:
     usage: Usage
     # Personal data the gateway kept from the model: (kind, count), never values.
     redactions: tuple[tuple[str, int], ...] = ()
+    # json_schema: the first answer did not match and the gateway's repair round fixed it.
+    schema_repaired: bool = False
 
 
 class DownstreamFailed(Exception):
@@ -129,6 +128,10 @@ class DownstreamFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SchemaMismatch(DownstreamFailed):
+    """The model's answer did not match `json_schema`, even after the gateway's repair."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +174,11 @@ class Completer(Protocol):
         model: str,
         max_tokens: int,
         timeout: float | None,
-        json_object: bool = False,
-    ) -> Completion: ...
+        json_schema: str = "",
+    ) -> Completion:
+        """A completion; with `json_schema` one JSON value valid against it (the gateway
+        validates and repairs), else SchemaMismatch."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +247,21 @@ class _Answer:
     citations: tuple[grounding.Citation, ...] = ()
     cited: bool = False
     redactions: tuple[tuple[str, int], ...] = ()
+
+
+def _structured(answer: Completion) -> _Answer:
+    """The structured answer (validated by the gateway); parsed again here, and read as free
+    text should it still not be one (a gateway that ignored the schema)."""
+    try:
+        parsed = grounding.parse_structured(answer.content)
+    except grounding.SchemaError:
+        STRUCTURED_ANSWERS.labels("free_text").inc()
+        text = grounding.answer_text(answer.content)
+        return _Answer(text, answer.model, answer.usage, redactions=answer.redactions)
+    STRUCTURED_ANSWERS.labels("repaired" if answer.schema_repaired else "valid").inc()
+    return _Answer(
+        parsed.answer, answer.model, answer.usage, parsed.citations, True, answer.redactions
+    )
 
 
 def _pct(x: float) -> str:
@@ -566,15 +587,26 @@ class Analyzer:
         with _tracer.start_as_current_span("analytics.analyze.complete") as span:
             try:
                 first = await self._complete(request, messages, structured)
+                span.set_attribute("analytics.commentary_source", "llm")
                 if not structured:
-                    span.set_attribute("analytics.commentary_source", "llm")
                     return _Answer(
                         first.content.strip(),
                         first.model,
                         first.usage,
                         redactions=first.redactions,
                     )
-                return await self._structured(request, messages, first, span)
+                return _structured(first)
+            except SchemaMismatch as exc:
+                STRUCTURED_ANSWERS.labels("mismatch").inc()
+                warnings.append(
+                    "llm_unstructured: the model's answer did not match the answer schema "
+                    "after one repair round; the rule-based answer was returned"
+                )
+                span.set_attribute("analytics.commentary_source", "rules")
+                log.warning(
+                    "llm answer unstructured; rule-based commentary", extra={"reason": exc.reason}
+                )
+                return None
             except DownstreamFailed as exc:
                 warnings.append(f"llm_unavailable: {exc.reason}")
                 span.set_attribute("analytics.commentary_source", "rules")
@@ -582,63 +614,21 @@ class Analyzer:
                 return None
 
     async def _complete(
-        self, request: AnalyzeInput, messages: list[ChatTurn], json_object: bool
+        self, request: AnalyzeInput, messages: list[ChatTurn], structured: bool
     ) -> Completion:
         timeout = _share(self.settings.llm_timeout_s, self.settings.llm_deadline_share)
         if timeout <= 0.05:
             raise DownstreamFailed("no time left in the caller's deadline")
         answer = await self.completer.complete(
-            messages, request.model, self.settings.max_answer_tokens, timeout, json_object
+            messages,
+            request.model,
+            self.settings.max_answer_tokens,
+            timeout,
+            grounding.ANSWER_SCHEMA if structured else "",
         )
         if not answer.content.strip():
             raise DownstreamFailed("the model returned an empty answer")
         return answer
-
-    async def _structured(
-        self,
-        request: AnalyzeInput,
-        messages: list[ChatTurn],
-        first: Completion,
-        span: trace.Span,
-    ) -> _Answer:
-        """Parse the structured answer; one repair round on a schema failure; an answer
-        that still ignores the contract is checked as free text."""
-        span.set_attribute("analytics.commentary_source", "llm")
-        try:
-            parsed = grounding.parse_structured(first.content)
-            STRUCTURED_ANSWERS.labels("valid").inc()
-            return _Answer(
-                parsed.answer, first.model, first.usage, parsed.citations, True, first.redactions
-            )
-        except grounding.SchemaError as exc:
-            error = str(exc)
-        repair = [
-            *messages,
-            ChatTurn("assistant", first.content),
-            ChatTurn("user", REPAIR_PROMPT.format(error=error)),
-        ]
-        try:
-            second = await self._complete(request, repair, True)
-        except DownstreamFailed as exc:
-            log.info("structured answer repair failed", extra={"reason": exc.reason})
-            STRUCTURED_ANSWERS.labels("free_text").inc()
-            return _Answer(
-                grounding.answer_text(first.content),
-                first.model,
-                first.usage,
-                redactions=first.redactions,
-            )
-        usage = _add(first.usage, second.usage)
-        redactions = second.redactions or first.redactions
-        try:
-            parsed = grounding.parse_structured(second.content)
-        except grounding.SchemaError:
-            STRUCTURED_ANSWERS.labels("free_text").inc()
-            return _Answer(
-                grounding.answer_text(second.content), second.model, usage, redactions=redactions
-            )
-        STRUCTURED_ANSWERS.labels("repaired").inc()
-        return _Answer(parsed.answer, second.model, usage, parsed.citations, True, redactions)
 
     def _ground(
         self, facts: Facts, answer: _Answer | None, warnings: list[str]

@@ -24,6 +24,7 @@ from services.analytics.analyze import (
     Context,
     DownstreamFailed,
     Role,
+    SchemaMismatch,
     Usage,
 )
 
@@ -131,18 +132,14 @@ class GrpcCompleter:
         model: str,
         max_tokens: int,
         timeout: float | None,
-        json_object: bool = False,
+        json_schema: str = "",
     ) -> Completion:
         request = llm_gateway_pb2.CompleteRequest(
             model=model,
             messages=_chat(messages),
             max_tokens=max_tokens,
             temperature=0.0,
-            response_format=(
-                llm_gateway_pb2.RESPONSE_FORMAT_JSON_OBJECT
-                if json_object
-                else llm_gateway_pb2.RESPONSE_FORMAT_TEXT
-            ),
+            json_schema=json_schema,
         )
         _fail_fast(self.channel, "the LLM gateway")
         try:
@@ -152,6 +149,8 @@ class GrpcCompleter:
             bad_model = any(v.field == "model" for v in info.field_violations)
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_model and model:
                 raise InvalidArgument.field("model", info.message) from exc
+            if info.reason == "SCHEMA_MISMATCH":
+                raise SchemaMismatch(_describe(exc)) from exc
             raise DownstreamFailed(_describe(exc)) from exc
         except FinsightError as exc:
             raise DownstreamFailed(exc.message) from exc
@@ -169,4 +168,5 @@ class GrpcCompleter:
                 currency=reply.cost.currency_code or "USD",
             ),
             tuple((r.kind, r.count) for r in reply.redactions),
+            reply.schema_repaired,
         )

@@ -957,6 +957,32 @@ STRUCTURED_INSTRUCTIONS: Final = (
 )
 
 
+# The structured contract as a JSON Schema, for the gateway to enforce (validate, repair once):
+# what `parse_structured` accepts.
+ANSWER_SCHEMA: Final = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "pattern": "\\S"},
+            "figures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "text": {"type": "string"},
+                        "symbol": {"type": "string"},
+                        "metric": {"type": "string"},
+                    },
+                    "required": ["text", "symbol", "metric"],
+                },
+            },
+        },
+        "required": ["answer"],
+    },
+    separators=(",", ":"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class StructuredAnswer:
     answer: str

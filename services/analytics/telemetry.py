@@ -48,7 +48,8 @@ GROUNDING_OUTCOMES = Counter(
 STRUCTURED_ANSWERS = Counter(
     "finsight_analytics_structured_answers_total",
     "Model answers asked for in the structured (cited) contract, by outcome (valid, "
-    "repaired, free_text).",
+    "repaired: by the gateway's repair round, mismatch: the rule-based answer replaced it, "
+    "free_text: read as prose).",
     ("outcome",),
 )
 QUESTIONS_FLAGGED = Counter(

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from libs.common.logging import ThrottledLog
 from services.llm_gateway import metrics
-from services.llm_gateway.domain import Completion, Embeddings
+from services.llm_gateway.domain import Completion, Embeddings, ToolCall
 from services.llm_gateway.pricing import Usage
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ResponseCache:
         try:
             data = json.loads(raw)
             data["usage"] = Usage(**data["usage"])
+            data["tool_calls"] = [ToolCall(**c) for c in data.get("tool_calls", ())]
             completion = Completion(**data)
         except (ValueError, TypeError, KeyError):
             metrics.CACHE.labels("error").inc()

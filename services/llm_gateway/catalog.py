@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
+from services.llm_gateway.deployments import DEFAULT_ID, Deployment, KeySource
 from services.llm_gateway.pii import PiiPolicy
 from services.llm_gateway.pricing import DEFAULT_MODELS, DEFAULT_ROUTES, Pricing
-from services.llm_gateway.specs import DEEPSEEK, ModelKind, ModelSpec, ProviderSpec
+from services.llm_gateway.specs import DEEPSEEK, ModelKind, ModelSpec, ProviderSpec, fixed_key
 
 if TYPE_CHECKING:
     from services.llm_gateway.config import GatewaySettings
@@ -33,7 +35,7 @@ DEFAULT_EMBED_INPUT_TOKENS = 8192
 class Provider:
     name: str
     base_url: str
-    api_key: str | None
+    deployments: tuple[Deployment, ...]  # at least one (keys and base URLs balanced)
     requires_key: bool
     system: str  # gen_ai.provider.name
     max_connections: int
@@ -44,7 +46,7 @@ class Provider:
 
     @property
     def available(self) -> bool:
-        return bool(self.api_key) or not self.requires_key
+        return not self.requires_key or any(d.key.current() for d in self.deployments)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Model:
     max_inputs: int = 0  # embedding models: most texts per request
     dimensions: int = 0  # embedding models: the model's own vector size (0: unknown)
     structured_output: bool = False  # chat: response_format json_schema accepted upstream
+    tool_calling: bool = False  # chat: `tools` accepted upstream
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,7 @@ def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Prov
     for name, spec in specs.items():
         if not spec.base_url.startswith(("http://", "https://")):
             problems.append(f"provider {name!r}: base_url must start with http:// or https://")
-        try:
-            key = spec.resolved_key()
-        except OSError as exc:
-            problems.append(f"provider {name!r}: cannot read api_key_file: {exc.strerror}")
-            key = None
+        deployments = _deployments(name, spec, problems)
         key_setting = (
             "DEEPSEEK_API_KEY"
             if name == DEEPSEEK and spec.api_key_env is None
@@ -166,7 +165,7 @@ def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Prov
         out[name] = Provider(
             name=name,
             base_url=spec.base_url.rstrip("/"),
-            api_key=key,
+            deployments=deployments,
             requires_key=spec.requires_key,
             system=spec.system or name,
             max_connections=spec.max_connections or settings.llm_gateway_max_connections,
@@ -178,6 +177,41 @@ def _providers(settings: GatewaySettings, problems: list[str]) -> dict[str, Prov
             external=spec.external,
         )
     return out
+
+
+def _deployments(name: str, spec: ProviderSpec, problems: list[str]) -> tuple[Deployment, ...]:
+    """The provider's deployments; without `deployments`, one from its own URL and key. A
+    deployment without a key of its own uses the provider's."""
+
+    def source(inline: Any, env: str | None, path: Path | None, where: str) -> KeySource:
+        value = fixed_key(inline, env)
+        if value is not None or path is None:
+            return KeySource(value)
+        try:
+            return KeySource(path=path)
+        except OSError as exc:
+            problems.append(f"{where}: cannot read api_key_file: {exc.strerror}")
+            return KeySource()
+
+    where = f"provider {name!r}"
+    own = source(spec.api_key, spec.api_key_env, spec.api_key_file, where)
+    base = spec.base_url.rstrip("/")
+    if not spec.deployments:
+        return (Deployment(DEFAULT_ID, base, own),)
+    out = []
+    seen: set[str] = set()
+    for d in spec.deployments:
+        at = f"{where} deployment {d.id!r}"
+        if d.id in seen:
+            problems.append(f"{at}: id used twice")
+        seen.add(d.id)
+        url = (d.base_url or base).rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            problems.append(f"{at}: base_url must start with http:// or https://")
+        has_own = d.api_key is not None or d.api_key_env is not None or d.api_key_file is not None
+        key = source(d.api_key, d.api_key_env, d.api_key_file, at) if has_own else own
+        out.append(Deployment(d.id, url, key, d.weight))
+    return tuple(out)
 
 
 def _models(
@@ -256,6 +290,11 @@ def _models(
                 if spec is not None and spec.structured_output is not None
                 else base and base.structured_output
             ),
+            tool_calling=bool(
+                spec.tool_calling
+                if spec is not None and spec.tool_calling is not None
+                else (base.tool_calling if base is not None else True)
+            ),
         )
     return out
 
@@ -263,6 +302,7 @@ def _models(
 _EMBEDDING_ONLY = ("input_per_mtok", "max_inputs", "dimensions")
 _CHAT_ONLY = (
     "structured_output",
+    "tool_calling",
     "max_output_tokens",
     "default_max_tokens",
     "input_cache_hit_per_mtok",

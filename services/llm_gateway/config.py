@@ -122,8 +122,48 @@ class GatewaySettings(CommonSettings):
     llm_gateway_retry_after_cap_s: float = Field(
         20.0, ge=0, le=600, description="Longest provider Retry-After the gateway waits for"
     )
-    llm_gateway_breaker_fail_max: int = Field(5, ge=1, le=1000)
-    llm_gateway_breaker_reset_s: float = Field(30.0, gt=0, le=3600)
+    llm_gateway_breaker_fail_max: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Consecutive provider failures that open its circuit (per replica, and "
+        "across replicas with the shared breaker)",
+    )
+    llm_gateway_key_rate_limit_cooldown_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="A provider key that answered 429 without Retry-After rests this long "
+        "(its other keys serve meanwhile)",
+    )
+    llm_gateway_key_auth_cooldown_s: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="A provider key that answered 401/403 rests this long, unless its key "
+        "file changes first (its other keys serve meanwhile)",
+    )
+    llm_gateway_breaker_reset_s: float = Field(
+        30.0, gt=0, le=3600, description="Seconds an open circuit refuses calls before a trial"
+    )
+    llm_gateway_shared_breaker: bool = Field(
+        True,
+        description="Share each provider's circuit among gateway replicas through Redis "
+        "(docs/llm_gateway.md, Shared breaker); false: every replica on its own",
+    )
+    llm_gateway_shared_breaker_poll_s: float = Field(
+        0.25,
+        ge=0.02,
+        le=10,
+        description="How often a replica reads the shared circuits (one Redis round trip): "
+        "the longest it keeps calling a provider another replica's failures opened",
+    )
+    llm_gateway_shared_breaker_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Shared failure count expires this long after its last failure",
+    )
 
     # -- input limits -----------------------------------------------------------------------
     llm_gateway_max_messages: int = Field(2048, ge=1, le=100_000)

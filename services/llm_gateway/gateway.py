@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Sequence
@@ -51,6 +52,7 @@ from libs.common.errors import (
 from libs.common.tokens import (
     CONVERSATION_OVERHEAD,
     ContextOverflowError,
+    FitResult,
     count_many,
     fit_messages,
     message_costs,
@@ -68,6 +70,8 @@ from services.llm_gateway.domain import (
     EmbedRequest,
     Message,
     TokenCount,
+    ToolCall,
+    ToolCallDelta,
 )
 from services.llm_gateway.limits import Reservation, TenantLimiter
 from services.llm_gateway.pii import (
@@ -154,7 +158,50 @@ class Plan:
             completion,
             content=self.pii.restore(completion.content),
             reasoning=self.pii.restore(completion.reasoning),
+            tool_calls=[
+                dataclasses.replace(call, arguments=self.pii.restore(call.arguments))
+                for call in completion.tool_calls
+            ],
         )
+
+
+class _DeltaRestorer:
+    """Placeholders restored in streamed text and tool-call arguments; one split across
+    deltas is held back until it is complete (or proves not to be one)."""
+
+    def __init__(self, pii: PiiScreen) -> None:
+        self._new = pii.restorer
+        self._content = self._restorer()
+        self._reasoning = self._restorer()
+        self._calls: dict[int, StreamRestorer] = {}
+
+    def _restorer(self) -> StreamRestorer:
+        restorer = self._new()
+        assert restorer is not None  # only built when personal data was found
+        return restorer
+
+    def feed(self, content: str, reasoning: str, calls: Sequence[ToolCallDelta]) -> Delta | None:
+        pieces = []
+        for piece in calls:
+            restorer = self._calls.get(piece.index)
+            if restorer is None:
+                restorer = self._calls[piece.index] = self._restorer()
+            arguments = restorer.feed(piece.arguments)
+            if piece.id or piece.name or arguments:
+                pieces.append(dataclasses.replace(piece, arguments=arguments))
+        return _delta(self._content.feed(content), self._reasoning.feed(reasoning), pieces)
+
+    def flush(self) -> Delta | None:
+        pieces = [
+            ToolCallDelta(index, arguments=rest)
+            for index, restorer in sorted(self._calls.items())
+            if (rest := restorer.flush())
+        ]
+        return _delta(self._content.flush(), self._reasoning.flush(), pieces)
+
+
+def _delta(content: str, reasoning: str, calls: list[ToolCallDelta]) -> Delta | None:
+    return Delta(content, reasoning, tuple(calls)) if content or reasoning or calls else None
 
 
 @dataclass
@@ -174,12 +221,23 @@ class ModelView:
 
 
 @dataclass
+class KeyView:
+    id: str
+    base_url: str
+    weight: int
+    available: bool
+    in_flight: int
+    cooling_until: datetime | None  # wall clock; None when not cooling down
+
+
+@dataclass
 class ProviderView:
     name: str
     base_url: str
     available: bool
     circuit_state: str
     failures: int
+    keys: list[KeyView] = field(default_factory=list)
 
 
 @dataclass
@@ -263,6 +321,8 @@ class Gateway:
             model=answer.model,
             request_id=answer.request_id,
             usage=answer.usage,
+            tool_calls=answer.tool_calls,
+            key_id=answer.key_id,
         )
 
     async def _schema_checked(
@@ -365,6 +425,7 @@ class Gateway:
                 attempts=routed.attempts,
                 provider_request_id=answer.request_id,
                 redactions=plan.redactions(link),
+                provider_key_id=answer.key_id,
             )
             await self._account(plan, result, reservation, outcome="ok", link=link)
             return result
@@ -488,20 +549,18 @@ class Gateway:
         error: BaseException | None = None
         # Placeholders are restored as they stream; one split across deltas is held back
         # until it is complete (or proves not to be one).
-        content_restorer = plan.pii.restorer() if link.redacted else None
-        reasoning_restorer = plan.pii.restorer() if link.redacted else None
+        restore = _DeltaRestorer(plan.pii) if link.redacted and plan.pii.found else None
         try:
             delta = opened.first
             if delta is not None:
                 metrics.TTFT_SECONDS.labels(*labels).observe(time.perf_counter() - started)
             while delta is not None:
-                if content_restorer is None or reasoning_restorer is None:
-                    yield Delta(delta.content, delta.reasoning)
+                if restore is None:
+                    yield Delta(delta.content, delta.reasoning, delta.tool_calls)
                 else:
-                    content = content_restorer.feed(delta.content)
-                    reasoning = reasoning_restorer.feed(delta.reasoning)
-                    if content or reasoning:
-                        yield Delta(content, reasoning)
+                    restored = restore.feed(delta.content, delta.reasoning, delta.tool_calls)
+                    if restored is not None:
+                        yield restored
                 try:
                     async with asyncio.timeout_at(stream_deadline):
                         delta = await opened.stream.next_delta()
@@ -511,10 +570,9 @@ class Gateway:
                     raise ProviderError(
                         link.provider.name, "stream deadline reached", kind="timeout"
                     ) from None
-            if content_restorer is not None and reasoning_restorer is not None:
-                content, reasoning = content_restorer.flush(), reasoning_restorer.flush()
-                if content or reasoning:
-                    yield Delta(content, reasoning)
+            rest = restore.flush() if restore is not None else None
+            if rest is not None:
+                yield rest
             outcome = "ok"
         except DeadlineSpent:
             outcome = "deadline"
@@ -573,6 +631,8 @@ class Gateway:
             model=state.model,
             request_id=state.request_id,
             usage=usage,
+            tool_calls=state.tool_calls,
+            key_id=state.key_id,
         )
 
     # -- planning -----------------------------------------------------------------------------
@@ -605,11 +665,23 @@ class Gateway:
 
     # -- personal data --------------------------------------------------------------------------
     def _screen(self, route: Route, request: CompletionRequest) -> PiiScreen:
-        screen = self._screen_texts(route, [m.content for m in request.messages])
+        """Contents and tool-call arguments are screened (a tool's result is a message's
+        content); tool definitions are the operator's, not personal data."""
+        texts = [m.content for m in request.messages]
+        for m in request.messages:
+            texts.extend(call.arguments for call in m.tool_calls)
+        screen = self._screen_texts(route, texts)
         if screen.redacted_texts is not None:
+            redacted = iter(screen.redacted_texts[len(request.messages) :])
             screen.redacted = [
-                Message(m.role, text)
-                for m, text in zip(request.messages, screen.redacted_texts, strict=True)
+                dataclasses.replace(
+                    m,
+                    content=text,
+                    tool_calls=tuple(
+                        dataclasses.replace(call, arguments=next(redacted)) for call in m.tool_calls
+                    ),
+                )
+                for m, text in zip(request.messages, screen.redacted_texts, strict=False)
             ]
         return screen
 
@@ -665,12 +737,17 @@ class Gateway:
         pii: PiiScreen,
         schema: AnswerSchema | None = None,
     ) -> list[Link]:
-        chain = [self.catalog.models[name] for name in route.models if not pii.blocks(name)]
+        def usable(name: str) -> bool:
+            return not pii.blocks(name) and (
+                not request.tools or self.catalog.models[name].tool_calling
+            )
+
+        chain = [self.catalog.models[name] for name in route.models if usable(name)]
         links: list[Link] = []
         overflow: ContextOverflowError | None = None
         fits: dict[tuple[int, bool], Any] = {}
         fallback = route.context_fallback
-        if fallback and pii.blocks(fallback):
+        if fallback and not usable(fallback):
             fallback = None
         for index, model in enumerate(chain):
             try:
@@ -719,17 +796,33 @@ class Gateway:
             # further system message).
             instruction_tokens = message_costs([("system", "-"), ("system", schema.instruction)])[1]
             budget -= instruction_tokens
+        tools = _tools_wire(request)
+        if tools:
+            # Templates render the tool definitions into the prompt: counted as a further
+            # system message holding their JSON (an upper bound: the JSON's punctuation).
+            tool_tokens = message_costs([("system", "-"), ("system", tools[1])])[1]
+            instruction_tokens += tool_tokens
+            budget -= tool_tokens
         redact = pii.redacted is not None and pii.policies[model.name] == "redact"
         messages = pii.redacted if redact and pii.redacted is not None else request.messages
         fit = fits.get((budget, redact))
         if fit is None:
-            fit = fits[budget, redact] = fit_messages(messages, budget)
+            fit = fits[budget, redact] = _fit(messages, budget)
         kept: list[Message] = fit.kept
         body: dict[str, Any] = {
             "model": model.provider_model,
-            "messages": [{"role": m.role, "content": m.content} for m in kept],
+            "messages": [m.wire() for m in kept],
             "max_tokens": max_tokens,
         }
+        if tools:
+            body["tools"] = tools[0]
+            if request.tool_choice in ("auto", "none", "required"):
+                body["tool_choice"] = request.tool_choice
+            elif request.tool_choice == "function":
+                body["tool_choice"] = {
+                    "type": "function",
+                    "function": {"name": request.tool_choice_name},
+                }
         if request.temperature is not None:
             body["temperature"] = request.temperature
         if request.top_p is not None:
@@ -743,7 +836,7 @@ class Gateway:
             body["response_format"] = {"type": "json_object"}
         if schema is not None and not model.structured_output:
             body["messages"].append({"role": "system", "content": schema.instruction})
-            prompt_tokens += instruction_tokens
+        prompt_tokens += instruction_tokens
         metrics.child(metrics.PROMPT_TOKENS, model.name).observe(prompt_tokens)
         if fit.dropped_indices:
             metrics.TRUNCATIONS.labels(model.name).inc()
@@ -766,7 +859,18 @@ class Gateway:
         messages = plan.pii.redacted if plan.pii.redacted is not None else request.messages
         fingerprint: dict[str, object] = {
             "route": plan.route.alias,
-            "messages": [[m.role, m.content] for m in messages],
+            # Tool calls and ids only where present: other requests keep the keys they had.
+            "messages": [
+                [m.role, m.content]
+                if not m.tool_calls and not m.tool_call_id
+                else [
+                    m.role,
+                    m.content,
+                    m.tool_call_id,
+                    [dataclasses.astuple(c) for c in m.tool_calls],
+                ]
+                for m in messages
+            ],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -775,6 +879,9 @@ class Gateway:
         }
         if plan.schema is not None:  # only then: the keys of other requests stay as they were
             fingerprint["json_schema"] = plan.schema.document
+        if request.tools:
+            fingerprint["tools"] = [dataclasses.astuple(t) for t in request.tools]
+            fingerprint["tool_choice"] = [request.tool_choice, request.tool_choice_name]
         plan.cache_key = cache_key(current_identity().tenant, fingerprint)
 
     async def _cache_hit(self, plan: Plan) -> Completion | None:
@@ -818,6 +925,7 @@ class Gateway:
             provider_request_id=completion.provider_request_id,
             redactions=completion.redactions,
             operation="embeddings" if isinstance(completion, Embeddings) else "chat",
+            provider_key_id="" if completion.cached else completion.provider_key_id,
         )
         label = "cache_hit" if completion.cached else (metrics_outcome or "ok")
         metrics.child(metrics.REQUESTS, provider, model_name, label).inc()
@@ -879,7 +987,7 @@ class Gateway:
         v.raise_if_any()
         assert route is not None
         model = self.catalog.models[route.models[0]]
-        pairs = [(m.role, m.content) for m in messages]
+        pairs = [(m.role, m.counted_text) for m in messages]
         if sum(len(m.content) for m in messages) > _INLINE_TOKENIZE_BYTES:
             costs = await asyncio.to_thread(message_costs, pairs)
         else:
@@ -894,8 +1002,27 @@ class Gateway:
 
     def list_models(self) -> CatalogView:
         view = CatalogView(routes=list(self.catalog.routes.values()))
+        now, wall = time.monotonic(), datetime.now(UTC)
         for provider in self.catalog.providers.values():
             breaker = self.breakers.get(provider.name)
+            client = self.router.clients.get(provider.name)
+            live = {s.id: s for s in client.balancer.slots} if client is not None else {}
+            keys = []
+            for d in provider.deployments:
+                slot = live.get(d.id)
+                cooling = slot is not None and slot.cool_until > now
+                keys.append(
+                    KeyView(
+                        d.id,
+                        d.base_url,
+                        d.weight,
+                        not provider.requires_key or bool(d.key.current()),
+                        slot.in_flight if slot is not None else 0,
+                        wall + timedelta(seconds=slot.cool_until - now)
+                        if cooling and slot is not None
+                        else None,
+                    )
+                )
             view.providers.append(
                 ProviderView(
                     provider.name,
@@ -903,6 +1030,7 @@ class Gateway:
                     provider.available,
                     breaker.state if breaker and provider.available else "",
                     breaker.failures if breaker else 0,
+                    keys,
                 )
             )
         states = {p.name: p.circuit_state for p in view.providers}
@@ -964,6 +1092,30 @@ def _deadline() -> float | None:
     return None if left is None else time.monotonic() + left - _DEADLINE_MARGIN_S
 
 
+def _fit(messages: list[Message], budget: int) -> FitResult[Message]:
+    """fit_messages over what the model reads of each message (tool calls included)."""
+    fit = fit_messages([(m.role, m.counted_text) for m in messages], budget)
+    dropped = set(fit.dropped_indices)
+    kept = [m for i, m in enumerate(messages) if i not in dropped]
+    return FitResult(kept, fit.dropped_indices, fit.total_tokens)
+
+
+def _tools_wire(request: CompletionRequest) -> tuple[list[dict[str, Any]], str] | None:
+    """The request's tools in OpenAI's form, and their JSON text (for counting)."""
+    if not request.tools:
+        return None
+    tools = []
+    for tool in request.tools:
+        function: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        function["parameters"] = (
+            json.loads(tool.parameters) if tool.parameters else {"type": "object", "properties": {}}
+        )
+        tools.append({"type": "function", "function": function})
+    return tools, json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+
+
 def _max_cost(link: Link) -> int:
     return link.model.pricing.max_cost_nanos(link.prompt_tokens, int(link.body["max_tokens"]))
 
@@ -1004,7 +1156,7 @@ _Answer = TypeVar("_Answer", Completion, Embeddings)
 def _as_cached(hit: _Answer, plan: Plan) -> _Answer:
     """A stored answer as this request receives it: free, no attempts, this route."""
     hit.cached, hit.cost_nanos, hit.attempts = True, 0, 0
-    hit.route, hit.provider_request_id = plan.route.alias, ""
+    hit.route, hit.provider_request_id, hit.provider_key_id = plan.route.alias, "", ""
     hit.redactions = plan.redactions(plan.links[0])
     return hit
 
@@ -1020,10 +1172,14 @@ def _completion_of(
     model: str,
     request_id: str,
     usage: Usage | None,
+    tool_calls: list[ToolCall],
+    key_id: str,
 ) -> Completion:
     """A provider's answer (whole or streamed) as the caller receives it; usage estimated
     when the provider sent none."""
-    usage = usage or _estimate_usage(link, content, reasoning)
+    usage = usage or _estimate_usage(
+        link, Message("assistant", content, tuple(tool_calls)).counted_text, reasoning
+    )
     return Completion(
         content=content,
         reasoning=reasoning,
@@ -1038,4 +1194,6 @@ def _completion_of(
         dropped=list(link.dropped),
         provider_request_id=request_id,
         redactions=plan.redactions(link),
+        tool_calls=list(tool_calls),
+        provider_key_id=key_id,
     )

@@ -22,10 +22,13 @@ from services.llm_gateway.providers import ProviderClient
 from services.llm_gateway.retry import RetryPolicy
 from services.llm_gateway.router import Router
 from services.llm_gateway.servicer import LlmGatewayServicer
+from services.llm_gateway.shared_breaker import SharedBreakers
 from services.llm_gateway.usage import UsageLedger
 
 
-def build_gateway(settings: GatewaySettings, redis: Redis) -> tuple[Gateway, list[ProviderClient]]:
+def build_gateway(
+    settings: GatewaySettings, redis: Redis, shared: SharedBreakers | None = None
+) -> tuple[Gateway, list[ProviderClient]]:
     s = settings
     catalog = build_catalog(s)
     clients = {
@@ -38,15 +41,25 @@ def build_gateway(settings: GatewaySettings, redis: Redis) -> tuple[Gateway, lis
             pool_s=s.llm_gateway_pool_timeout_s,
             keepalive_expiry_s=s.llm_gateway_keepalive_expiry_s,
             transport=s.llm_gateway_http_transport,
+            rate_limit_cooldown_s=s.llm_gateway_key_rate_limit_cooldown_s,
+            auth_cooldown_s=s.llm_gateway_key_auth_cooldown_s,
         )
         for name, provider in catalog.providers.items()
         if provider.available
     }
+    fail_max, reset_s = s.llm_gateway_breaker_fail_max, s.llm_gateway_breaker_reset_s
     breakers = {
         name: ProviderBreaker(
-            name, fail_max=s.llm_gateway_breaker_fail_max, reset_s=s.llm_gateway_breaker_reset_s
+            name,
+            fail_max=fail_max,
+            reset_s=reset_s,
+            shared=(
+                shared.circuit(name, fail_max=fail_max, reset_s=reset_s)
+                if shared is not None and provider.available
+                else None
+            ),
         )
-        for name in catalog.providers
+        for name, provider in catalog.providers.items()
     }
     policy = RetryPolicy(
         max_retries=s.llm_gateway_max_retries,
@@ -94,7 +107,16 @@ def build_gateway(settings: GatewaySettings, redis: Redis) -> tuple[Gateway, lis
 async def setup(host: ServiceHost, redis: Redis) -> None:
     settings = host.settings
     assert isinstance(settings, GatewaySettings)
-    gateway, clients = build_gateway(settings, redis)
+    shared = (
+        SharedBreakers(
+            redis,
+            poll_s=settings.llm_gateway_shared_breaker_poll_s,
+            window_s=settings.llm_gateway_shared_breaker_window_s,
+        )
+        if settings.llm_gateway_shared_breaker
+        else None
+    )
+    gateway, clients = build_gateway(settings, redis, shared)
     # ~0.4 s, off the event loop and before SERVING, so no request pays for it.
     await asyncio.to_thread(get_tokenizer)
     release_freed_heap()
@@ -108,6 +130,9 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     host.add_readiness_check("config", config_loaded)
     for client in clients:
         host.on_shutdown(client.aclose)
+    if shared is not None:
+        shared.start()  # polls from before the server starts: it learns what is open first
+        host.on_shutdown(shared.aclose)
 
 
 def release_freed_heap() -> None:

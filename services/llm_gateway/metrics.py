@@ -64,6 +64,39 @@ BREAKER_TRANSITIONS = Counter(
     "Circuit state changes per provider.",
     ("provider", "state"),
 )
+SHARED_BREAKER_STATE = Gauge(
+    "llm_gateway_shared_breaker_state",
+    "Circuit state shared by the gateway replicas, as this one last read it from Redis: "
+    "-1 unknown (Redis unreachable: the local breaker decides alone), 0 closed, 1 open, "
+    "2 half-open.",
+    ("provider",),
+)
+KEY_COOLDOWNS = Counter(
+    "llm_gateway_key_cooldowns_total",
+    "A provider key (deployment) put to rest after a 429 (rate_limited) or 401/403 (auth); "
+    "the provider's other keys keep serving.",
+    ("provider", "key_id", "reason"),
+)
+KEY_REQUESTS = Counter(
+    "llm_gateway_key_attempts_total",
+    "Provider attempts by key (deployment) id and HTTP outcome (ok, http_<status>, timeout, "
+    "connect, protocol): how the balancer spreads the load.",
+    ("provider", "key_id", "outcome"),
+)
+SHARED_BREAKER_OPENS = Counter(
+    "llm_gateway_shared_breaker_opens_total",
+    "Shared circuits seen opening, by source: this_replica (its report crossed the "
+    "threshold or its trial failed) or other_replica (read from Redis).",
+    ("provider", "source"),
+)
+SHARED_BREAKER_REDIS_ERRORS = Counter(
+    "llm_gateway_shared_breaker_redis_errors_total",
+    "Redis operations of the shared breaker that failed (poll, report, trial); until the "
+    "next good poll each replica decides on its local breakers alone.",
+    ("operation",),
+)
+for _operation in ("poll", "report", "trial"):  # exported from start-up, for alerts
+    SHARED_BREAKER_REDIS_ERRORS.labels(_operation)
 LIMIT_REJECTIONS = Counter(
     "llm_gateway_limit_rejections_total",
     "Requests refused by a tenant limit (rpm, tpm, budget).",

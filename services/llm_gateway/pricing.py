@@ -77,6 +77,7 @@ class ModelFacts:
     pricing: Pricing
     provider_model: str | None = None
     structured_output: bool = False  # response_format json_schema accepted upstream
+    tool_calling: bool = True  # `tools` accepted upstream
 
 
 _DEEPSEEK_V32 = Pricing(
@@ -90,7 +91,11 @@ _DEEPSEEK_V32 = Pricing(
 # 4K) and 64K for deepseek-reasoner (default 32K), per DeepSeek's 2025-09-29 documentation.
 DEFAULT_MODELS: dict[str, ModelFacts] = {
     "deepseek-chat": ModelFacts("deepseek", 131_072, 8_192, 4_096, _DEEPSEEK_V32),
-    "deepseek-reasoner": ModelFacts("deepseek", 131_072, 65_536, 32_768, _DEEPSEEK_V32),
+    # DeepSeek documents function calling for deepseek-chat only (a reasoner request with
+    # tools is served by deepseek-chat upstream): the gateway routes tools to chat models.
+    "deepseek-reasoner": ModelFacts(
+        "deepseek", 131_072, 65_536, 32_768, _DEEPSEEK_V32, tool_calling=False
+    ),
 }
 
 DEFAULT_ROUTES: dict[str, list[str]] = {

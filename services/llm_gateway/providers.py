@@ -1,5 +1,9 @@
 """OpenAI-compatible chat-completions and embeddings client over httpx (one per provider).
 
+A provider may hold several deployments (keys and base URLs, deployments.py): each attempt
+picks one (weighted, least in flight), says which in its answer or error (`key_id`, never
+the key) and in an HTTP client span, and cools it down alone after a 429/401/403.
+
 Every attempt has an *absolute* deadline on top of httpx's connect/read/write/pool
 timeouts: DeepSeek keeps queued requests open for up to 10 minutes by sending blank lines
 (or `: keep-alive` SSE comments), which reset an idle read timeout forever.
@@ -23,11 +27,17 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import httpx
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 
+from libs.common.tracing import tracer
+from services.llm_gateway import metrics
 from services.llm_gateway.catalog import Provider
+from services.llm_gateway.deployments import Balancer, Slot
+from services.llm_gateway.domain import ToolCall, ToolCallDelta
 from services.llm_gateway.pricing import Usage
 from services.llm_gateway.transport import AiohttpTransport, env_proxy
 
@@ -38,6 +48,7 @@ from services.llm_gateway.transport import AiohttpTransport, env_proxy
 if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
 
+_tracer = tracer(__name__)
 USER_AGENT = "finsight-llm-gateway"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MAX_ERROR_MESSAGE = 300
@@ -67,10 +78,13 @@ class ProviderError(Exception):
         self.status = status
         self.kind = kind  # status | connect | timeout | protocol
         self.retry_after = retry_after
+        self.key_id = ""  # the deployment that answered (or failed to)
+        # Another key of the provider can take the retry at once (this one cools down).
+        self.retry_elsewhere = False
 
     @property
     def retryable(self) -> bool:
-        return self.status is None or self.status in RETRYABLE_STATUSES
+        return self.status is None or self.status in RETRYABLE_STATUSES or self.retry_elsewhere
 
     @property
     def client_error(self) -> bool:
@@ -93,6 +107,8 @@ class ProviderAnswer:
     usage: Usage | None
     model: str
     request_id: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    key_id: str = ""
 
 
 @dataclass
@@ -103,6 +119,7 @@ class EmbeddingAnswer:
     usage: Usage | None  # None: the provider sent no `usage.prompt_tokens`
     model: str
     request_id: str
+    key_id: str = ""
 
     @property
     def dimensions(self) -> int:
@@ -113,6 +130,14 @@ class EmbeddingAnswer:
 class StreamDelta:
     content: str = ""
     reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+@dataclass
+class _PartialCall:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -121,11 +146,52 @@ class StreamState:
 
     model: str = ""
     request_id: str = ""
+    key_id: str = ""
     finish_reason: str = ""
     usage: Usage | None = None
     content_parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
+    calls: dict[int, _PartialCall] = field(default_factory=dict)  # by the provider's index
     done: bool = False
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls assembled from their pieces, in index order."""
+        return [ToolCall(c.id, c.name, "".join(c.arguments)) for _, c in sorted(self.calls.items())]
+
+    def absorb_calls(self, raw: object) -> tuple[ToolCallDelta, ...]:
+        """Fold one chunk's `delta.tool_calls` into the calls; the pieces, renumbered 0, 1, …
+        in order of first appearance. Raises _Malformed on a piece that is not a call."""
+        if not raw:
+            return ()
+        if not isinstance(raw, list):
+            raise _Malformed("`tool_calls` is not a list")
+        pieces = []
+        for item in raw:
+            if not isinstance(item, Mapping):
+                raise _Malformed("a tool call piece is not an object")
+            index = item.get("index", len(self.calls) - 1 if self.calls else 0)
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise _Malformed("a tool call piece has a bad index")
+            function = item.get("function") or {}
+            if not isinstance(function, Mapping):
+                raise _Malformed("a tool call piece has a bad `function`")
+            new = index not in self.calls
+            call = self.calls.setdefault(index, _PartialCall())
+            call_id = str(item.get("id") or "")
+            name = str(function.get("name") or "")
+            arguments = _arguments_text(function.get("arguments"))
+            if call_id and not call.id:
+                call.id = call_id
+            else:
+                call_id = ""
+            call.name += name
+            if arguments:
+                call.arguments.append(arguments)
+            if new or call_id or name or arguments:
+                position = sorted(self.calls).index(index)
+                pieces.append(ToolCallDelta(position, call_id, name, arguments))
+        return tuple(pieces)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -166,8 +232,78 @@ def parse_usage(raw: object) -> Usage | None:
     )
 
 
+def _arguments_text(value: object) -> str:
+    """A call's arguments as JSON text (some servers send an object instead of a string)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_tool_calls(raw: object) -> list[ToolCall]:
+    """`message.tool_calls` of a whole answer; raises _Malformed on anything else."""
+    if not raw:
+        return []
+    if not isinstance(raw, list):
+        raise _Malformed("`tool_calls` is not a list")
+    calls = []
+    for i, item in enumerate(raw):
+        function = item.get("function") if isinstance(item, Mapping) else None
+        if not isinstance(function, Mapping) or not function.get("name"):
+            raise _Malformed(f"tool_calls[{i}] has no function name")
+        calls.append(
+            ToolCall(
+                str(item.get("id") or f"call_{i}"),
+                str(function["name"]),
+                _arguments_text(function.get("arguments")),
+            )
+        )
+    return calls
+
+
 def _int(value: object) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+@dataclass
+class _Target(Slot):
+    """A deployment with its URLs and the headers of its current key."""
+
+    chat_text: str = ""
+    embeddings_text: str = ""
+    address: str = ""
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        base = self.deployment.base_url
+        self.chat_text = f"{base}/chat/completions"
+        self.embeddings_text = f"{base}/embeddings"
+        self.chat_url = httpx.URL(self.chat_text)
+        self.embeddings_url = httpx.URL(self.embeddings_text)
+        self.address = self.chat_url.host
+        self.port = self.chat_url.port or (443 if self.chat_url.scheme == "https" else 80)
+        self._key: str | None = None
+        self._headers = self._build(None)
+
+    def headers(self) -> tuple[httpx.Headers, httpx.Headers]:
+        """(JSON, event-stream) headers with the deployment's current key (rebuilt when the
+        key file changed)."""
+        key = self.deployment.key.current()
+        if key != self._key:
+            self._headers = self._build(key)
+        return self._headers
+
+    def _build(self, key: str | None) -> tuple[httpx.Headers, httpx.Headers]:
+        self._key = key
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.Headers(headers), httpx.Headers({**headers, "Accept": "text/event-stream"})
 
 
 class ProviderClient:
@@ -191,25 +327,20 @@ class ProviderClient:
         pool_s: float,
         keepalive_expiry_s: float,
         transport: str = "aiohttp",
+        rate_limit_cooldown_s: float = 30.0,
+        auth_cooldown_s: float = 300.0,
     ) -> None:
         self.provider = provider
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        self._headers = httpx.Headers(headers)
-        self._stream_headers = httpx.Headers({**headers, "Accept": "text/event-stream"})
         self._timeouts = {"connect": connect_s, "read": read_s, "write": write_s, "pool": pool_s}
-        self.url = f"{provider.base_url}/chat/completions"
-        self._url = httpx.URL(self.url)
-        self.embeddings_url = f"{provider.base_url}/embeddings"
-        self._embeddings_url = httpx.URL(self.embeddings_url)
+        self.balancer = Balancer(
+            provider.name,
+            [_Target(d) for d in provider.deployments],
+            rate_limit_cooldown_s=rate_limit_cooldown_s,
+            auth_cooldown_s=auth_cooldown_s,
+        )
         # One TLS context for all transports (building one loads the CA bundle, ~70 ms), and
         # none for a plain-HTTP provider (a local vLLM/Ollama, the dev provider).
-        tls = self.url.startswith("https:")
+        tls = any(d.base_url.startswith("https:") for d in provider.deployments)
         ssl_context = httpx.create_ssl_context() if tls else None
         self._transports: list[httpx.AsyncBaseTransport]
         if transport == "aiohttp":
@@ -232,7 +363,7 @@ class ProviderClient:
                         max_keepalive_connections=per_shard,
                         keepalive_expiry=keepalive_expiry_s,
                     ),
-                    proxy=env_proxy(self.url),
+                    proxy=env_proxy(provider.base_url),
                 )
                 for _ in range(shards)
             ]
@@ -242,45 +373,92 @@ class ProviderClient:
         await asyncio.gather(*(t.aclose() for t in self._transports), return_exceptions=True)
 
     async def send(
-        self, payload: bytes, *, stream: bool = False, url: httpx.URL | None = None
+        self, payload: bytes, target: _Target, *, stream: bool = False, embeddings: bool = False
     ) -> httpx.Response:
-        """POST `payload` (to `/chat/completions` unless `url` says otherwise); the response's
-        body is not read yet (`aread()` or iterate it, then `aclose()`). httpx errors
-        propagate."""
+        """POST `payload` to the deployment's `/chat/completions` (or `/embeddings`); the
+        response's body is not read yet (`aread()` or iterate it, then `aclose()`). httpx
+        errors propagate."""
+        json_headers, stream_headers = target.headers()
         request = httpx.Request(
             "POST",
-            url or self._url,
-            headers=self._stream_headers if stream else self._headers,
+            target.embeddings_url if embeddings else target.chat_url,
+            headers=stream_headers if stream else json_headers,
             content=payload,
             extensions={"timeout": self._timeouts},
         )
         return await next(self._next).handle_async_request(request)
 
+    def _begin(self, target: _Target, embeddings: bool = False) -> Span:
+        """The HTTP client span of one attempt (a child of the GenAI attempt span)."""
+        target.in_flight += 1
+        url = target.embeddings_text if embeddings else target.chat_text
+        return _tracer.start_span(
+            "POST",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": "POST",
+                "url.full": url,
+                "server.address": target.address,
+                "server.port": target.port,
+                "finsight.llm.key_id": target.id,
+            },
+        )
+
+    def _end(self, target: _Target, span: Span, error: ProviderError | None, status: int) -> None:
+        target.in_flight -= 1
+        if status:
+            span.set_attribute("http.response.status_code", status)
+        outcome = "ok"
+        if error is not None:
+            error.key_id = target.id
+            outcome = error.outcome
+            span.set_attribute("error.type", outcome)
+            span.set_status(Status(StatusCode.ERROR, error.message[:200]))
+            if error.status is not None and self.balancer.refused(
+                target, error.status, error.retry_after
+            ):
+                error.retry_elsewhere = True
+                error.retry_after = None  # the cooled key's wait is not the next key's
+        metrics.child(metrics.KEY_REQUESTS, self.provider.name, target.id, outcome).inc()
+        span.end()
+
     # -- non-streaming ------------------------------------------------------------------------
     async def _post_json(
-        self, body: dict[str, Any], *, timeout_s: float, url: httpx.URL | None = None
-    ) -> bytes:
-        """POST and read the whole 200 answer within `timeout_s` (absolute), or raise
-        ProviderError (status, timeout, transport)."""
+        self, body: dict[str, Any], *, timeout_s: float, embeddings: bool = False
+    ) -> tuple[bytes, str]:
+        """POST to the deployment the balancer picks and read the whole 200 answer within
+        `timeout_s` (absolute): (the body, the deployment's id), or ProviderError (status,
+        timeout, transport) naming the deployment."""
         payload = json.dumps(body, ensure_ascii=False).encode()
+        target = cast(_Target, self.balancer.pick())
+        span = self._begin(target, embeddings)
+        error: ProviderError | None = None
+        status = 0
         try:
-            async with asyncio.timeout(timeout_s):
-                response = await self.send(payload, url=url)
-                try:
-                    content = await response.aread()
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise self._timeout(timeout_s) from None
-        except httpx.HTTPError as exc:
-            raise self._transport(exc) from None
-        if response.status_code != 200:
-            raise self._status_error(response.status_code, response.headers, content)
-        return content
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await self.send(payload, target, embeddings=embeddings)
+                    status = response.status_code
+                    try:
+                        content = await response.aread()
+                    finally:
+                        await response.aclose()
+            except TimeoutError:
+                error = self._timeout(timeout_s)
+            except httpx.HTTPError as exc:
+                error = self._transport(exc)
+            else:
+                if status != 200:
+                    error = self._status_error(status, response.headers, content)
+        finally:
+            self._end(target, span, error, status)
+        if error is not None:
+            raise error
+        return content, target.id
 
     async def complete(self, body: dict[str, Any], *, timeout_s: float) -> ProviderAnswer:
         """POST and read the whole answer within `timeout_s` (absolute), or raise ProviderError."""
-        content = await self._post_json(body, timeout_s=timeout_s)
+        content, key_id = await self._post_json(body, timeout_s=timeout_s)
         try:
             data = json.loads(content)
             choice = data["choices"][0]
@@ -292,7 +470,13 @@ class ProviderClient:
                 usage=parse_usage(data.get("usage")),
                 model=str(data.get("model") or body.get("model", "")),
                 request_id=str(data.get("id") or ""),
+                tool_calls=parse_tool_calls(message.get("tool_calls")),
+                key_id=key_id,
             )
+        except _Malformed as exc:
+            raise ProviderError(
+                self.provider.name, f"provider sent a malformed answer: {exc}", kind="protocol"
+            ) from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise ProviderError(
                 self.provider.name, "provider sent a malformed answer", kind="protocol"
@@ -304,7 +488,7 @@ class ProviderClient:
         input order. An answer that is not one finite vector of one common length per input
         (by `data[i].index`) is a malformed answer: ProviderError kind `protocol`, retried
         and fallen back like a dropped response."""
-        content = await self._post_json(body, timeout_s=timeout_s, url=self._embeddings_url)
+        content, key_id = await self._post_json(body, timeout_s=timeout_s, embeddings=True)
         expected = len(body.get("input") or ())
         try:
             data = json.loads(content)
@@ -327,6 +511,7 @@ class ProviderClient:
             usage,
             str(data.get("model") or body.get("model", "")),
             str(data.get("id") or ""),
+            key_id,
         )
 
     # -- streaming ----------------------------------------------------------------------------
@@ -421,24 +606,45 @@ class ProviderStream:
         self._cm: Any = None
         self._lines: AsyncIterator[str] | None = None
         self.state = StreamState(model=str(body.get("model", "")))
+        self._open: tuple[_Target, Span] | None = None  # until the HTTP span has ended
+        self._status = 0
 
     async def __aenter__(self) -> Self:
         payload = json.dumps(self._body, ensure_ascii=False).encode()
+        client = self._client
+        target = cast(_Target, client.balancer.pick())
+        self.state.key_id = target.id
+        self._open = (target, client._begin(target))
         try:
-            response = await self._client.send(payload, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._client._transport(exc) from None
-        if response.status_code != 200:
             try:
-                content = await response.aread()
-            except httpx.HTTPError:
-                content = b""
-            finally:
-                await response.aclose()
-            raise self._client._status_error(response.status_code, response.headers, content)
+                response = await client.send(payload, target, stream=True)
+            except httpx.HTTPError as exc:
+                raise client._transport(exc) from None
+            self._status = response.status_code
+            if response.status_code != 200:
+                try:
+                    content = await response.aread()
+                except httpx.HTTPError:
+                    content = b""
+                finally:
+                    await response.aclose()
+                raise client._status_error(response.status_code, response.headers, content)
+        except BaseException as exc:
+            self._finish(exc)
+            raise
         self._cm = response
         self._lines = response.aiter_lines()
         return self
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """End the HTTP span once (and free the deployment's in-flight slot)."""
+        if self._open is not None:
+            target, span = self._open
+            self._open = None
+            error = exc if isinstance(exc, ProviderError) else None
+            if exc is not None and error is None:
+                span.set_attribute("error.type", type(exc).__name__)
+            self._client._end(target, span, error, self._status)
 
     async def __aexit__(
         self,
@@ -446,8 +652,11 @@ class ProviderStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._cm is not None:
-            await self._cm.aclose()
+        try:
+            if self._cm is not None:
+                await self._cm.aclose()
+        finally:
+            self._finish(exc)
 
     async def next_delta(self) -> StreamDelta | None:
         """The next non-empty delta, or None at the end of the stream. Keep-alive comments
@@ -509,10 +718,18 @@ class ProviderStream:
         raw = choice.get("delta") or {}
         content = raw.get("content") or ""
         reasoning = raw.get("reasoning_content") or ""
-        if not content and not reasoning:
+        try:
+            calls = state.absorb_calls(raw.get("tool_calls"))
+        except _Malformed as exc:
+            raise ProviderError(
+                self._client.provider.name,
+                f"provider sent a malformed event: {exc}",
+                kind="protocol",
+            ) from None
+        if not content and not reasoning and not calls:
             return None
         if content:
             state.content_parts.append(content)
         if reasoning:
             state.reasoning_parts.append(reasoning)
-        return StreamDelta(content, reasoning)
+        return StreamDelta(content, reasoning, calls)

@@ -41,6 +41,8 @@ class RetryPolicy:
         return random.uniform(0, ceiling)
 
     def wait_s(self, retry_number: int, error: BaseException | None) -> float:
+        if getattr(error, "retry_elsewhere", False):
+            return 0.0  # another key of the provider takes it now (deployments.py)
         wait = self.backoff(retry_number)
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:

@@ -99,6 +99,7 @@ class OpenStream:
             error,
             response_id=state.request_id,
             finish_reason=state.finish_reason,
+            key_id=state.key_id,
             end=True,
         )
         _observe_duration(self.link, self.started)
@@ -164,7 +165,7 @@ class Router:
             started = time.perf_counter()
             outcome = "ok"
             try:
-                with self.breakers[link.provider.name].calling():
+                async with self.breakers[link.provider.name].attempt():
                     try:
                         answer = await call
                     except ProviderError as exc:
@@ -191,6 +192,7 @@ class Router:
                     None,
                     response_id=answer.request_id,
                     finish_reason=answer.finish_reason,
+                    key_id=answer.key_id,
                 )
             elif isinstance(answer, EmbeddingAnswer):
                 span.set_attribute("gen_ai.embeddings.dimension.count", answer.dimensions)
@@ -201,6 +203,7 @@ class Router:
                     answer.usage or Usage(prompt=link.prompt_tokens),
                     None,
                     response_id=answer.request_id,
+                    key_id=answer.key_id,
                 )
             return answer
 
@@ -223,7 +226,7 @@ class Router:
             stream = self.clients[link.provider.name].stream(link.body)
             outcome = "ok"
             try:
-                with self.breakers[link.provider.name].calling():
+                async with self.breakers[link.provider.name].attempt():
                     try:
                         async with asyncio.timeout(timeout):
                             await stream.__aenter__()
@@ -356,6 +359,8 @@ def _request_attributes(link: Link, attempt_no: int, stream: bool) -> dict[str, 
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             attrs[f"gen_ai.request.{key}"] = body[key]
+    if body.get("tools"):
+        attrs["finsight.llm.request.tools"] = len(body["tools"])
     return attrs
 
 
@@ -368,6 +373,7 @@ def _finish_span(
     *,
     response_id: str = "",
     finish_reason: str = "",
+    key_id: str = "",
     end: bool = False,
 ) -> None:
     """Response attributes and token-usage metrics (and, for manually started stream
@@ -376,6 +382,10 @@ def _finish_span(
         span.set_attribute("gen_ai.response.model", response_model)
     if response_id:
         span.set_attribute("gen_ai.response.id", response_id)
+    if isinstance(error, ProviderError):
+        key_id = error.key_id
+    if key_id:  # which of the provider's keys (deployments) served the attempt
+        span.set_attribute("finsight.llm.key_id", key_id)
     if finish_reason:
         span.set_attribute("gen_ai.response.finish_reasons", (finish_reason,))
     if usage is not None:
@@ -391,6 +401,8 @@ def _finish_span(
             _genai_child(metrics.GENAI_TOKEN_USAGE, link, "output").observe(usage.completion)
     if error is not None:
         span.set_attribute("error.type", _outcome(error))
+        if isinstance(error, CircuitOpen):  # refused by this replica's or the shared state
+            span.set_attribute("finsight.llm.circuit.scope", error.scope)
         if isinstance(error, ProviderError) and error.status is not None:
             span.set_attribute("http.response.status_code", error.status)
         span.set_status(Status(StatusCode.ERROR, str(error)[:200]))

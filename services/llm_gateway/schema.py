@@ -61,26 +61,29 @@ class AnswerSchema:
         return compact(value), []
 
 
-def load_schema(text: str, violations: Violations) -> AnswerSchema | None:
-    """The request's `json_schema` checked (a violation on `json_schema` when it is not)."""
+def load_schema(
+    text: str, violations: Violations, field: str = "json_schema"
+) -> AnswerSchema | None:
+    """A JSON Schema given as text (the request's `json_schema`, a tool's `parameters`),
+    checked; a violation on `field` when it is not one."""
     if not text:
         return None
     if len(text) > MAX_SCHEMA_BYTES // 4 and len(text.encode("utf-8")) > MAX_SCHEMA_BYTES:
-        violations.add("json_schema", f"at most {MAX_SCHEMA_BYTES} bytes of UTF-8")
+        violations.add(field, f"at most {MAX_SCHEMA_BYTES} bytes of UTF-8")
         return None
     try:
         document = json.loads(text)
     except ValueError as exc:
-        violations.add("json_schema", f"not valid JSON: {exc}")
+        violations.add(field, f"not valid JSON: {exc}")
         return None
     if not isinstance(document, dict):
-        violations.add("json_schema", "must be a JSON object (a JSON Schema document)")
+        violations.add(field, "must be a JSON object (a JSON Schema document)")
         return None
     try:
         Draft202012Validator.check_schema(document)
     except SchemaError as exc:
         where = exc.json_path if exc.path else "$"
-        violations.add("json_schema", _clip(f"not a valid JSON Schema at {where}: {exc.message}"))
+        violations.add(field, _clip(f"not a valid JSON Schema at {where}: {exc.message}"))
         return None
     return AnswerSchema(document, Draft202012Validator(document))
 

@@ -16,7 +16,14 @@ from google.type import date_pb2, money_pb2
 from finsight.common.v1 import common_pb2
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import Violations
-from services.llm_gateway.domain import Completion, CompletionRequest, Delta, EmbedRequest
+from services.llm_gateway.domain import (
+    Completion,
+    CompletionRequest,
+    Delta,
+    EmbedRequest,
+    Tool,
+    ToolCall,
+)
 from services.llm_gateway.domain import Message as ChatMessage
 from services.llm_gateway.gateway import CatalogView, Gateway
 from services.llm_gateway.pricing import Pricing, Usage, nanos_to_units, usd_to_nanos
@@ -27,6 +34,14 @@ _ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
     common_pb2.ROLE_USER: "user",
     common_pb2.ROLE_ASSISTANT: "assistant",
+    common_pb2.ROLE_TOOL: "tool",
+}
+_TOOL_CHOICE = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: "",
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+    pb.TOOL_CHOICE_MODE_FUNCTION: "function",
 }
 _FORMATS = {
     pb.RESPONSE_FORMAT_UNSPECIFIED: "text",
@@ -77,6 +92,8 @@ class LlmGatewayServicer:
             provider_request_id=completion.provider_request_id,
             redactions=_redactions(completion.redactions),
             schema_repaired=completion.schema_repaired,
+            tool_calls=_tool_calls(completion.tool_calls),
+            provider_key_id=completion.provider_key_id,
         )
 
     async def StreamComplete(
@@ -85,7 +102,16 @@ class LlmGatewayServicer:
         async for item in self.gateway.stream(_completion_request(request)):
             if isinstance(item, Delta):
                 yield pb.StreamCompleteResponse(
-                    delta=pb.CompletionDelta(content=item.content, reasoning_content=item.reasoning)
+                    delta=pb.CompletionDelta(
+                        content=item.content,
+                        reasoning_content=item.reasoning,
+                        tool_calls=[
+                            pb.ToolCallDelta(
+                                index=c.index, id=c.id, name=c.name, arguments=c.arguments
+                            )
+                            for c in item.tool_calls
+                        ],
+                    )
                 )
             else:
                 yield pb.StreamCompleteResponse(end=_end(item))
@@ -113,6 +139,7 @@ class LlmGatewayServicer:
             attempts=result.attempts,
             cached=result.cached,
             redactions=_redactions(result.redactions),
+            provider_key_id=result.provider_key_id,
         )
 
     async def CountTokens(
@@ -131,7 +158,16 @@ class LlmGatewayServicer:
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return _list_models(self.gateway.list_models())
+        out = _list_models(self.gateway.list_models())
+        for info in out.providers:  # the state shared by the replicas (breaker.py)
+            breaker = self.gateway.breakers.get(info.name)
+            if breaker is not None and info.available:
+                shared = breaker.shared_state
+                info.shared_circuit_state = (
+                    _CIRCUIT[shared] if shared else pb.CIRCUIT_STATE_UNSPECIFIED
+                )
+                info.shared_consecutive_failures = breaker.shared_failures
+        return out
 
     async def GetUsage(
         self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
@@ -176,9 +212,18 @@ class LlmGatewayServicer:
 # -- translation helpers ---------------------------------------------------------------------
 def _messages(messages: Any) -> list[ChatMessage]:
     return [
-        ChatMessage(_ROLES.get(m.role, "" if m.role == 0 else f"ROLE_{m.role}"), m.content)
+        ChatMessage(
+            _ROLES.get(m.role, "" if m.role == 0 else f"ROLE_{m.role}"),
+            m.content,
+            tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+            m.tool_call_id,
+        )
         for m in messages
     ]
+
+
+def _tool_calls(calls: list[ToolCall]) -> list[common_pb2.ToolCall]:
+    return [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
 def _completion_request(req: pb.CompleteRequest | pb.StreamCompleteRequest) -> CompletionRequest:
@@ -197,6 +242,9 @@ def _completion_request(req: pb.CompleteRequest | pb.StreamCompleteRequest) -> C
         cache_policy=_CACHE.get(req.cache_policy, f"unknown:{req.cache_policy}"),  # type: ignore[arg-type]
         cache_ttl_s=req.cache_ttl_seconds,
         json_schema=json_schema,
+        tools=[Tool(t.name, t.description, t.parameters) for t in req.tools],
+        tool_choice=_TOOL_CHOICE.get(req.tool_choice.mode, f"unknown:{req.tool_choice.mode}"),  # type: ignore[arg-type]
+        tool_choice_name=req.tool_choice.function_name,
     )
 
 
@@ -229,6 +277,8 @@ def _end(c: Completion) -> pb.CompletionEnd:
         dropped_message_indices=c.dropped,
         provider_request_id=c.provider_request_id,
         redactions=_redactions(c.redactions),
+        tool_calls=_tool_calls(c.tool_calls),
+        provider_key_id=c.provider_key_id,
     )
 
 
@@ -263,6 +313,8 @@ def _list_models(view: CatalogView) -> pb.ListModelsResponse:
                 available=mv.available,
                 circuit_state=_CIRCUIT.get(mv.circuit_state, pb.CIRCUIT_STATE_UNSPECIFIED),
                 kind=m.kind,
+                structured_output=m.structured_output,
+                tool_calling=m.tool_calling,
             )
         )
     for r in view.routes:
@@ -284,6 +336,17 @@ def _list_models(view: CatalogView) -> pb.ListModelsResponse:
                 consecutive_failures=p.failures,
             )
         )
+        info = out.providers[-1]
+        for k in p.keys:
+            key = info.keys.add(
+                id=k.id,
+                base_url=k.base_url,
+                weight=k.weight,
+                available=k.available,
+                in_flight=k.in_flight,
+            )
+            if k.cooling_until is not None:
+                key.cooling_down_until.FromDatetime(k.cooling_until)
     return out
 
 

@@ -21,6 +21,24 @@ DEEPSEEK_DEFAULT_BASE_URL = "https://api.deepseek.com"
 ModelKind = Literal["chat", "embedding"]
 
 
+class DeploymentSpec(BaseModel):
+    """One key (and optionally another base URL) of a provider; see deployments.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Names the deployment in usage, spans and metrics (never the key)",
+    )
+    base_url: str | None = Field(None, description="Default: the provider's base_url")
+    api_key: SecretStr | None = Field(None, description="Key inline (prefer api_key_env/_file)")
+    api_key_env: str | None = Field(None, description="Environment variable holding the key")
+    api_key_file: Path | None = Field(
+        None, description="File holding the key, re-read when it changes (rotation)"
+    )
+    weight: int = Field(1, ge=1, le=1000, description="Share of the load (relative)")
+
+
 class ProviderSpec(BaseModel):
     """An OpenAI-compatible provider. Unset knobs take the LLM_GATEWAY_* defaults."""
 
@@ -42,15 +60,21 @@ class ProviderSpec(BaseModel):
         description="Outside the deployment: LLM_GATEWAY_PII_POLICY applies (false for a "
         "model server you run yourself)",
     )
+    deployments: list[DeploymentSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Several keys / base URLs balanced by weight and in-flight requests, "
+        "each cooled down on its own after 429/401/403; empty = one, from the fields above",
+    )
 
-    def resolved_key(self) -> str | None:
-        if self.api_key is not None and self.api_key.get_secret_value():
-            return self.api_key.get_secret_value()
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            return os.environ[self.api_key_env]
-        if self.api_key_file is not None:
-            return self.api_key_file.read_text(encoding="utf-8").strip() or None
-        return None
+
+def fixed_key(inline: SecretStr | None, env: str | None) -> str | None:
+    """An inline key, else the environment variable's value, else None."""
+    if inline is not None and inline.get_secret_value():
+        return inline.get_secret_value()
+    if env and os.environ.get(env):
+        return os.environ[env]
+    return None
 
 
 class ModelSpec(BaseModel):
@@ -77,6 +101,11 @@ class ModelSpec(BaseModel):
         None,
         description="Chat models: the provider accepts response_format json_schema (native "
         "schema-constrained output); default false (DeepSeek: json_object only)",
+    )
+    tool_calling: bool | None = Field(
+        None,
+        description="Chat models: the provider accepts `tools` (function calling); default "
+        "true (shipped deepseek-reasoner: false)",
     )
     # -- embedding models -------------------------------------------------------------------
     input_per_mtok: Decimal | None = Field(

@@ -105,6 +105,7 @@ class UsageEvent:
     provider_request_id: str = ""
     redactions: dict[str, int] = field(default_factory=dict)  # kind → count, never values
     operation: str = "chat"  # chat | embeddings
+    provider_key_id: str = ""  # the provider's deployment that answered ("" on a cache hit)
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -179,6 +180,7 @@ class UsageLedger:
             "provider_request_id": event.provider_request_id,
             "redactions": ",".join(f"{k}:{n}" for k, n in sorted(event.redactions.items())),
             "operation": event.operation,
+            "provider_key_id": event.provider_key_id,
         }
         s = settlement
         day, ts = event.at.strftime("%Y%m%d"), f"{event.at.timestamp():.3f}"

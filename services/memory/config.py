@@ -130,7 +130,23 @@ class MemorySettings(CommonSettings):
         le=1,
         description="Cosine similarity below which a fact's vector is not a match (neither "
         "a candidate nor relevance) and the zero of vector_normalized; unrelated texts score "
-        "about -0.1 to 0.1 with the local model",
+        "about -0.1 to 0.1 with the local model (the plain cosine: users below "
+        "MEMORY_RECALL_CENTER_MIN_FACTS)",
+    )
+    memory_recall_center_min_facts: int = Field(
+        100,
+        ge=0,
+        description="From this many embedded facts of a user on, vector similarity is the "
+        "cosine of vectors centred on the mean of the user's fact vectors (what all of "
+        "them share says nothing about which one a query means); below it, and with 0, "
+        "the plain cosine",
+    )
+    memory_recall_center_min_similarity: float = Field(
+        0.1,
+        ge=-1,
+        le=1,
+        description="MEMORY_RECALL_MIN_SIMILARITY for centred similarities (they run lower: "
+        "unrelated texts score about -0.13 to 0.09 with the local model)",
     )
     memory_recall_rrf_k: int = Field(
         60, ge=1, le=10_000, description="The k of reciprocal-rank fusion: 1 / (k + rank)"
@@ -197,6 +213,32 @@ class MemorySettings(CommonSettings):
     )
     memory_extraction_timeout_s: float = Field(
         30.0, gt=0, le=600, description="Longest wait for one extraction call"
+    )
+    memory_extraction_catchup_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between catch-up passes that offer the extractor the user turns "
+        "it never handled (queue full, crash, gateway down), for opted-in tenants and "
+        "consenting users (0 = no catch-up)",
+    )
+    memory_extraction_catchup_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Grace period: a turn younger than this is left to the extraction that "
+        "its AppendMessages queued",
+    )
+    memory_extraction_catchup_max_age_s: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="Turns older than this are not caught up (bounds the cost of a user who "
+        "opts in with a long history; 0 = any age the message retention keeps)",
+    )
+    memory_extraction_catchup_batch: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Turns one catch-up pass offers at most (per replica pass, all tenants); "
+        "it never fills more than half of MEMORY_EXTRACTION_QUEUE_MAX",
     )
 
     memory_recall_index_max_entries: int = Field(

@@ -15,7 +15,8 @@ Opt-in twice: the tenant (MEMORY_EXTRACTION_TENANTS) and the user (SetConsent
 - Bounded: a queue of MEMORY_EXTRACTION_QUEUE_MAX batches (an offer to a full queue is
   dropped and counted), and MEMORY_EXTRACTION_TOKENS_PER_MINUTE per tenant and replica.
 - Degrades to doing nothing: a gateway that fails or answers nonsense costs a metric and a
-  log line, never an AppendMessages error, and the messages stay unhandled.
+  log line, never an AppendMessages error, and the messages stay unhandled until the
+  catch-up pass (services/memory/catchup.py) offers them again.
 - Runs with the identity of the caller that appended (the context is copied into the
   job), so the gateway bills the right tenant and the caller's key is forwarded.
 
@@ -251,6 +252,10 @@ class Extractor:
         self._known_facts = known_facts
         self._allowed = allowed
         self._worker: asyncio.Task[None] | None = None
+        # Message ids of the jobs queued or running: the catch-up pass skips them.
+        self.in_flight: set[str] = set()
+        # Whether the last gateway call answered: while not, the catch-up pass only probes.
+        self.gateway_ok = True
 
     def enabled_for(self, tenant: str) -> bool:
         return "*" in self.tenants or tenant in self.tenants
@@ -271,13 +276,24 @@ class Extractor:
         if not mine or not self.enabled_for(tenant):
             return False
         job = Job(tenant, user_id, session_id, mine, contextvars.copy_context())
+        if not self.submit(job):
+            metrics.EXTRACTIONS.labels("dropped_queue_full").inc()
+            return False
+        return True
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job (False: the queue is full, nothing queued)."""
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            metrics.EXTRACTIONS.labels("dropped_queue_full").inc()
             return False
+        self.in_flight.update(m.message_id for m in job.turns)
         metrics.EXTRACTION_QUEUE.set(self.queue.qsize())
         return True
+
+    @property
+    def queue_depth(self) -> int:
+        return self.queue.qsize()
 
     async def _run(self) -> None:
         while True:
@@ -292,6 +308,7 @@ class Extractor:
                 metrics.EXTRACTIONS.labels("error").inc()
                 log.exception("fact extraction failed")
             finally:
+                self.in_flight.difference_update(m.message_id for m in job.turns)
                 self.queue.task_done()
 
     async def process(self, job: Job) -> str:
@@ -316,10 +333,12 @@ class Extractor:
         try:
             answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt)
         except ExtractionUnavailable as exc:
+            self.gateway_ok = False
             log.warning("fact extraction skipped: gateway failed", extra={"error": str(exc)})
             return "gateway_failed"
         finally:
             metrics.EXTRACTION_SECONDS.observe(time.perf_counter() - started)
+        self.gateway_ok = True
         proposals, refused = parse_operations(answer, {f.fact_id for f in known})
         if refused:
             metrics.EXTRACTION_PROPOSALS.labels("refused").inc(refused)

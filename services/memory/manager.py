@@ -39,6 +39,7 @@ from libs.common.untrusted import screen
 from services.memory import limits as lim
 from services.memory import metrics, pagination, recall
 from services.memory.batcher import Batcher
+from services.memory.catchup import ExtractionCatchUp
 from services.memory.config import MemorySettings
 from services.memory.context_builder import BuiltContext, FlaggedFacts, build_context
 from services.memory.embedding import Embedder, EmbeddingUnavailable
@@ -52,8 +53,10 @@ from services.memory.models import (
     AuditRecord,
     Consent,
     ErasureCounts,
+    ExtractionCounts,
     Fact,
     FactFilter,
+    FactsPageKey,
     Fusion,
     NewFact,
     NewMessage,
@@ -87,6 +90,20 @@ ExportItem = Consent | Fact | StoredMessage | AuditEntry
 class HistoryPage:
     messages: list[StoredMessage]
     next_page_token: str
+
+
+@dataclass(frozen=True)
+class FactsPage:
+    facts: list[Fact]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class ExtractionStatus:
+    tenant_enabled: bool
+    user_consented: bool
+    counts: ExtractionCounts
+    replica_queue_depth: int
 
 
 class MemoryManager:
@@ -124,8 +141,15 @@ class MemoryManager:
             vector_weight=settings.memory_recall_vector_weight,
             rrf_k=settings.memory_recall_rrf_k,
             min_similarity=settings.memory_recall_min_similarity,
+            center_min_facts=settings.memory_recall_center_min_facts,
+            center_min_similarity=settings.memory_recall_center_min_similarity,
         )
         self.extractor = self._build_extractor(completer)
+        self.catchup = (
+            ExtractionCatchUp(settings, store, self.extractor, hot.redis)
+            if self.extractor is not None
+            else None
+        )
 
     def start(self) -> None:
         self.token_counter.start()
@@ -135,8 +159,12 @@ class MemoryManager:
             self._reembedder = asyncio.create_task(self._reembed_loop())
         if self.extractor is not None:
             self.extractor.start()
+        if self.catchup is not None:
+            self.catchup.start()
 
     async def close(self) -> None:
+        if self.catchup is not None:
+            await self.catchup.close()
         if self.extractor is not None:
             await self.extractor.close()
         if self._reembedder is not None:
@@ -448,6 +476,56 @@ class MemoryManager:
             replace(r, flagged=bool(f.injection_signals)) for r, f in zip(out, facts, strict=True)
         ]
 
+    async def list_facts(
+        self,
+        user_id: str,
+        kinds: list[str],
+        include_history: bool,
+        page_size: int,
+        page_token: str,
+    ) -> FactsPage:
+        """A page of the user's facts (ListFacts), from the store: the recall index holds
+        current facts only, and no cache holds facts."""
+        tenant = context.current_tenant()
+        binding = pagination.facts_binding(tenant, user_id, kinds, include_history)
+        after = pagination.decode_facts_token(page_token, binding)
+        with _tracer.start_as_current_span("memory.list_facts") as span:
+            rows = await self.store.list_facts(
+                tenant, user_id, kinds, include_history, after, page_size + 1, now_us()
+            )
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            span.set_attribute("memory.list_facts.facts", len(rows))
+            span.set_attribute("memory.list_facts.history", include_history)
+        await self._audit_read(
+            replace(self._audit("ListFacts", user_id), target_ids=tuple(f.fact_id for f in rows))
+        )
+        token = (
+            pagination.encode_facts_token(
+                binding, FactsPageKey(rows[-1].created_us, rows[-1].fact_id)
+            )
+            if more and rows
+            else ""
+        )
+        return FactsPage(rows, token)
+
+    async def extraction_status(self, user_id: str) -> ExtractionStatus:
+        """GetExtractionStatus: opt-ins, the store's counts, this replica's queue."""
+        tenant = context.current_tenant()
+        with _tracer.start_as_current_span("memory.extraction_status"):
+            consent, counts = await asyncio.gather(
+                self.store.get_consent(tenant, user_id),
+                self.store.extraction_counts(tenant, user_id, now_us()),
+            )
+        await self._audit_read(self._audit("GetExtractionStatus", user_id))
+        extractor = self.extractor
+        return ExtractionStatus(
+            tenant_enabled=extractor is not None and extractor.enabled_for(tenant),
+            user_consented=consent.long_term_memory and consent.fact_extraction,
+            counts=counts,
+            replica_queue_depth=extractor.queue_depth if extractor is not None else 0,
+        )
+
     # -- extraction (services/memory/extraction.py) ------------------------------------------
     def _build_extractor(self, completer: Completer | None) -> Extractor | None:
         tenants = self.settings.memory_extraction_tenants
@@ -483,7 +561,14 @@ class MemoryManager:
         """A current fact that means the same as the proposal; the fact an UPDATE
         supersedes is not its duplicate."""
         top = await self._recall(
-            job.tenant, job.user_id, proposal.text, FactFilter(), 3, RecallMode.VECTOR, vector
+            job.tenant,
+            job.user_id,
+            proposal.text,
+            FactFilter(),
+            3,
+            RecallMode.VECTOR,
+            vector,
+            raw_similarity=True,
         )
         return any(
             s.fact.fact_id != proposal.supersedes
@@ -628,14 +713,18 @@ class MemoryManager:
         k: int,
         mode: RecallMode | None = None,
         vector: QueryVector | None = None,
+        raw_similarity: bool = False,
     ) -> list[ScoredFact]:
-        """`vector`: the query's, when the caller has it already (else embedded here)."""
+        """`vector`: the query's, when the caller has it already (else embedded here).
+        `raw_similarity`: plain cosine, not centred (what dedup thresholds are measured on)."""
         asked = mode or self.weights.mode
         with _tracer.start_as_current_span("memory.recall.bm25") as span:
             if vector is None:
                 vector = await self._query_vector(query, asked)
             served = asked if vector is not None else RecallMode.LEXICAL
             weights = replace(self.weights, mode=served)
+            if raw_similarity:
+                weights = replace(weights, center_min_facts=0)
             index = await self._user_index(tenant, user_id)
             args = (tenant, user_id, query, flt, k, now_us(), weights)
             if index is None and served is RecallMode.LEXICAL:

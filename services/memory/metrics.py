@@ -132,3 +132,22 @@ REINDEXED = Counter(
     "finsight_memory_reindexed_facts_total",
     "Facts whose postings the background re-index rebuilt with the current tokenizer.",
 )
+EXTRACTION_CATCHUP_TURNS = Counter(
+    "finsight_memory_extraction_catchup_turns_total",
+    "User turns the catch-up pass offered the extractor again (never handled: queue full, "
+    "crash, gateway down, throttled); what became of their jobs is in "
+    "finsight_memory_extractions_total.",
+)
+EXTRACTION_CATCHUP_PENDING = Gauge(
+    "finsight_memory_extraction_catchup_pending_turns",
+    "Unhandled user turns of consenting users the last catch-up pass found due (older than "
+    "MEMORY_EXTRACTION_CATCHUP_AGE_S), counted up to the pass's batch "
+    "(MEMORY_EXTRACTION_CATCHUP_BATCH): 0 = caught up.",
+)
+EXTRACTION_CATCHUP_PASSES = Counter(
+    "finsight_memory_extraction_catchup_passes_total",
+    "Catch-up passes, by outcome: ran, probe (the gateway failed last: one job to test it), "
+    "queue_full (half of the queue or more is taken: nothing offered), skipped_lock (another "
+    "replica holds this interval's pass), error (the store failed).",
+    ("outcome",),
+)

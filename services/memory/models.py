@@ -264,6 +264,11 @@ class RecallWeights:
     vector_weight: float = 0.7
     rrf_k: int = 60
     min_similarity: float = 0.0
+    # Vector similarity is the cosine of vectors centred on the mean of the user's fact
+    # vectors once the user has this many embedded facts (0: raw cosine; recall_index.py),
+    # and then `center_min_similarity` is its floor instead of `min_similarity`.
+    center_min_facts: int = 0
+    center_min_similarity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -383,3 +388,21 @@ class PurgeCounts:
             "sessions_deleted": self.sessions,
             "audit_entries_deleted": self.audit_entries,
         }
+
+
+@dataclass(frozen=True)
+class FactsPageKey:
+    """Where a ListFacts page continues: after this (created_us, fact_id)."""
+
+    created_us: int
+    fact_id: str
+
+
+@dataclass(frozen=True)
+class ExtractionCounts:
+    """A user's extraction progress, from the store (GetExtractionStatus)."""
+
+    messages_pending: int = 0
+    messages_extracted: int = 0
+    last_extracted_us: int | None = None
+    extracted_facts: int = 0

@@ -1,4 +1,4 @@
-"""Opaque page tokens of GetHistory, and serving a page from a cached window.
+"""Opaque page tokens of GetHistory and ListFacts, and serving a page from a cached window.
 
 A token names the session, the order and the boundary sequence the next page continues
 from; it is base64url JSON (opaque to callers, who must only echo it back). A token used
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+from collections.abc import Sequence
 
 from libs.common.errors import InvalidArgument
 from services.memory.hot_tier import Window
-from services.memory.models import Order, Page
+from services.memory.models import FactsPageKey, Order, Page
 
 
 def encode_token(session_id: str, order: Order, boundary: int) -> str:
@@ -76,3 +78,41 @@ def page_from_window(
         messages = window.between(begin, before - 1) if begin <= before - 1 else []
         return Page(list(reversed(messages)), None)
     return None
+
+
+# -- ListFacts -------------------------------------------------------------------------------
+# A ListFacts token names the last fact of its page (created_us, fact_id) and a digest of the
+# request it continues (tenant, user, kinds, history): used with another request it is
+# INVALID_ARGUMENT, like a GetHistory token of another session.
+def facts_binding(tenant: str, user_id: str, kinds: Sequence[str], include_history: bool) -> str:
+    raw = json.dumps([tenant, user_id, sorted(set(kinds)), include_history], separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def encode_facts_token(binding: str, key: FactsPageKey) -> str:
+    raw = json.dumps(
+        {"r": binding, "c": key.created_us, "f": key.fact_id}, separators=(",", ":")
+    ).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_facts_token(token: str, binding: str) -> FactsPageKey | None:
+    """Where the page continues (None for an empty token = first page)."""
+    if not token:
+        return None
+    bad = InvalidArgument.field(
+        "page_token", "is not a page token of this user, kinds and include_history"
+    )
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if (
+        not isinstance(data, dict)
+        or data.get("r") != binding
+        or not isinstance(data.get("c"), int)
+        or isinstance(data.get("c"), bool)
+        or not isinstance(data.get("f"), str)
+    ):
+        raise bad
+    return FactsPageKey(int(data["c"]), data["f"])

@@ -333,6 +333,46 @@ class MemoryServicer:
         )
         return pb.ForgetResponse(fact_ids=deleted)
 
+    async def ListFacts(self, request: pb.ListFactsRequest, ctx: Ctx) -> pb.ListFactsResponse:
+        v = Violations()
+        lim.check_id(v, "user_id", request.user_id)
+        if len(request.kinds) > lim.MAX_FILTER_VALUES:
+            v.add("kinds", f"at most {lim.MAX_FILTER_VALUES} kinds")
+        for i, kind in enumerate(request.kinds[: lim.MAX_FILTER_VALUES]):
+            lim.check_kind(v, f"kinds[{i}]", kind)
+        lim.check_range(v, "page_size", request.page_size, 1, lim.MAX_PAGE_SIZE)
+        v.check(len(request.page_token) <= 1024, "page_token", "is not a page token")
+        v.raise_if_any()
+        page = await self.manager.list_facts(
+            request.user_id,
+            list(dict.fromkeys(request.kinds)),
+            request.include_history,
+            request.page_size or lim.DEFAULT_PAGE_SIZE,
+            request.page_token,
+        )
+        return pb.ListFactsResponse(
+            facts=[_fact_pb(f) for f in page.facts], next_page_token=page.next_page_token
+        )
+
+    async def GetExtractionStatus(
+        self, request: pb.GetExtractionStatusRequest, ctx: Ctx
+    ) -> pb.GetExtractionStatusResponse:
+        v = Violations()
+        lim.check_id(v, "user_id", request.user_id)
+        v.raise_if_any()
+        status = await self.manager.extraction_status(request.user_id)
+        out = pb.GetExtractionStatusResponse(
+            tenant_enabled=status.tenant_enabled,
+            user_consented=status.user_consented,
+            messages_pending=status.counts.messages_pending,
+            messages_extracted=status.counts.messages_extracted,
+            extracted_facts=status.counts.extracted_facts,
+            replica_queue_depth=status.replica_queue_depth,
+        )
+        if status.counts.last_extracted_us is not None:
+            out.last_extraction_time.CopyFrom(_ts(status.counts.last_extracted_us))
+        return out
+
     async def BuildContext(
         self, request: pb.BuildContextRequest, ctx: Ctx
     ) -> pb.BuildContextResponse:

@@ -34,8 +34,10 @@ from services.memory.models import (
     Consent,
     ErasureCounts,
     Extracted,
+    ExtractionCounts,
     Fact,
     FactFilter,
+    FactsPageKey,
     InsertedFacts,
     NewFact,
     Order,
@@ -857,6 +859,92 @@ def write_extraction(
             [[tenant, user_id, m, now_us] for m in fresh],
         )
     return Extracted(remembered, superseded, inserted)
+
+
+def extraction_counts(cur: Cursor, tenant: str, user_id: str, now_us: int) -> ExtractionCounts:
+    """The user's unhandled user turns, handled turns (and the last handling time), and
+    current, unexpired extracted facts."""
+    pending = cur.execute(
+        "SELECT count(*) FROM messages m WHERE m.tenant = ? AND m.user_id = ? "
+        "AND m.role = 'user' AND NOT EXISTS (SELECT 1 FROM extracted_messages e "
+        "WHERE e.tenant = ? AND e.user_id = m.user_id AND e.message_id = m.message_id)",
+        [tenant, user_id, tenant],
+    ).fetchone()
+    handled = cur.execute(
+        "SELECT count(*), epoch_us(max(processed_at)) FROM extracted_messages "
+        "WHERE tenant = ? AND user_id = ?",
+        [tenant, user_id],
+    ).fetchone()
+    facts = cur.execute(
+        "SELECT count(*) FROM facts f WHERE f.tenant = ? AND f.user_id = ? "
+        "AND f.origin = 'extracted' AND f.valid_to IS NULL "
+        "AND (f.expires_at IS NULL OR f.expires_at > make_timestamp(?))",
+        [tenant, user_id, now_us],
+    ).fetchone()
+    assert pending is not None and handled is not None and facts is not None
+    return ExtractionCounts(
+        int(pending[0]),
+        int(handled[0]),
+        None if handled[1] is None else int(handled[1]),
+        int(facts[0]),
+    )
+
+
+def unextracted_messages(
+    cur: Cursor, tenant: str, before_us: int, after_us: int | None, limit: int
+) -> list[StoredMessage]:
+    """Up to `limit` of the tenant's user turns stored before `before_us` (and at or after
+    `after_us`) that the extractor never handled, of users who consent to extraction,
+    oldest first (the catch-up pass)."""
+    rows = cur.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.tenant = ? AND m.user_id IN "
+        "(SELECT c.user_id FROM consent c WHERE c.tenant = ? AND c.long_term_memory "
+        "AND c.fact_extraction) AND m.role = 'user' AND m.created_at < make_timestamp(?) "
+        "AND m.created_at >= make_timestamp(?) AND NOT EXISTS (SELECT 1 FROM "
+        "extracted_messages e WHERE e.tenant = m.tenant AND e.user_id = m.user_id "
+        "AND e.message_id = m.message_id) "
+        "ORDER BY m.created_at, m.session_id, m.seq LIMIT ?",
+        [tenant, tenant, before_us, after_us or 0, limit],
+    ).fetchall()
+    return [_message(r) for r in rows]
+
+
+def list_facts(
+    cur: Cursor,
+    tenant: str,
+    user_id: str,
+    kinds: Sequence[str],
+    include_history: bool,
+    after: FactsPageKey | None,
+    limit: int,
+    now_us: int,
+) -> list[Fact]:
+    """A page of the user's unexpired facts by (created_at, fact_id), after `after`; current
+    ones only unless `include_history`."""
+    sql = (
+        f"SELECT {_FACT_COLUMNS} FROM facts f WHERE f.tenant = ? AND f.user_id = ? "
+        "AND (f.expires_at IS NULL OR f.expires_at > make_timestamp(?)) "
+        "AND (? OR f.valid_to IS NULL) "
+        "AND (len(?::VARCHAR[]) = 0 OR list_contains(?::VARCHAR[], f.kind)) "
+        "AND (epoch_us(f.created_at), f.fact_id) > (?, ?) "
+        "ORDER BY f.created_at, f.fact_id LIMIT ?"
+    )
+    key = after or FactsPageKey(-(2**62), "")
+    rows = cur.execute(
+        sql,
+        [
+            tenant,
+            user_id,
+            now_us,
+            include_history,
+            list(kinds),
+            list(kinds),
+            key.created_us,
+            key.fact_id,
+            limit,
+        ],
+    ).fetchall()
+    return [_fact(r) for r in rows]
 
 
 # -- re-indexing (a new tokenizer version) --------------------------------------------------

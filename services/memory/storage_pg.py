@@ -63,8 +63,10 @@ from services.memory.models import (
     Consent,
     ErasureCounts,
     Extracted,
+    ExtractionCounts,
     Fact,
     FactFilter,
+    FactsPageKey,
     FactsVersion,
     IndexSnapshot,
     InsertedFacts,
@@ -421,6 +423,43 @@ EXPORT_AUDIT = f"""
     WHERE a.tenant = %(tenant)s AND a.user_id = %(user_id)s
       AND (a.logged_at, a.audit_id) > (%(after_at)s::timestamptz, %(after_id)s)
     ORDER BY a.logged_at, a.audit_id LIMIT %(limit)s"""
+
+# ListFacts: a page of the user's unexpired facts by (created_at, fact_id).
+LIST_FACTS = f"""
+    SELECT {_FACT_COLUMNS} FROM facts f
+    WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s
+      AND (f.expires_at IS NULL OR f.expires_at > %(now)s::timestamptz)
+      AND (%(history)s OR f.valid_to IS NULL)
+      AND (%(kinds)b::text[] IS NULL OR f.kind = ANY(%(kinds)b::text[]))
+      AND (%(after_at)s::timestamptz IS NULL
+           OR (f.created_at, f.fact_id) > (%(after_at)s::timestamptz, %(after_id)s::text))
+    ORDER BY f.created_at, f.fact_id LIMIT %(limit)s"""
+
+# Extraction status and catch-up.
+COUNT_PENDING_TURNS = """
+    SELECT count(*) FROM messages m
+    WHERE m.tenant = %(tenant)s AND m.user_id = %(user_id)s AND m.role = 'user'
+      AND NOT EXISTS (SELECT 1 FROM extracted_messages e
+                      WHERE e.tenant = %(tenant)s AND e.user_id = m.user_id
+                        AND e.message_id = m.message_id)"""
+EXTRACTED_TURNS = f"""
+    SELECT count(*), {_us("max(e.processed_at)")} FROM extracted_messages e
+    WHERE e.tenant = %(tenant)s AND e.user_id = %(user_id)s"""
+COUNT_EXTRACTED_FACTS = """
+    SELECT count(*) FROM facts f
+    WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND f.origin = 'extracted'
+      AND f.valid_to IS NULL AND (f.expires_at IS NULL OR f.expires_at > %(now)s::timestamptz)"""
+UNEXTRACTED_TURNS = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages m
+    JOIN consent c ON c.tenant = m.tenant AND c.user_id = m.user_id
+    WHERE m.tenant = %(tenant)s AND c.tenant = %(tenant)s
+      AND c.long_term_memory AND c.fact_extraction AND m.role = 'user'
+      AND m.created_at < %(before)s::timestamptz
+      AND (%(after)s::timestamptz IS NULL OR m.created_at >= %(after)s::timestamptz)
+      AND NOT EXISTS (SELECT 1 FROM extracted_messages e
+                      WHERE e.tenant = %(tenant)s AND e.user_id = m.user_id
+                        AND e.message_id = m.message_id)
+    ORDER BY m.created_at, m.session_id, m.seq LIMIT %(limit)s"""
 
 # Erasure.
 LOCK_USER_SESSIONS = """
@@ -1348,6 +1387,65 @@ async def write_extraction(
     return Extracted(remembered, superseded, inserted)
 
 
+async def list_facts(
+    conn: Conn,
+    tenant: str,
+    user_id: str,
+    kinds: Sequence[str],
+    include_history: bool,
+    after: FactsPageKey | None,
+    limit: int,
+    now_us: int,
+) -> list[Fact]:
+    rows = await _all(
+        conn,
+        LIST_FACTS,
+        {
+            "tenant": tenant,
+            "user_id": user_id,
+            "now": _dt(now_us),
+            "history": include_history,
+            "kinds": list(kinds) or None,
+            "after_at": _dt(after.created_us) if after else None,
+            "after_id": after.fact_id if after else "",
+            "limit": limit,
+        },
+    )
+    return [_fact(r) for r in rows]
+
+
+async def extraction_counts(conn: Conn, tenant: str, user_id: str, now_us: int) -> ExtractionCounts:
+    who = {"tenant": tenant, "user_id": user_id}
+    async with conn.pipeline() as pipe:
+        pending = await conn.execute(COUNT_PENDING_TURNS, who)
+        handled = await conn.execute(EXTRACTED_TURNS, who)
+        facts = await conn.execute(COUNT_EXTRACTED_FACTS, {**who, "now": _dt(now_us)})
+        await pipe.sync()
+        n_pending, n_handled, n_facts = (
+            await pending.fetchone(),
+            await handled.fetchone(),
+            await facts.fetchone(),
+        )
+    assert n_pending is not None and n_handled is not None and n_facts is not None
+    return ExtractionCounts(
+        int(n_pending[0]),
+        int(n_handled[0]),
+        None if n_handled[1] is None else int(n_handled[1]),
+        int(n_facts[0]),
+    )
+
+
+async def unextracted_messages(
+    conn: Conn, tenant: str, before_us: int, after_us: int | None, limit: int
+) -> list[StoredMessage]:
+    rows = await _all(
+        conn,
+        UNEXTRACTED_TURNS,
+        {"tenant": tenant, "before": _dt(before_us), "after": _dt(after_us), "limit": limit},
+    )
+    return [_message(r) for r in rows]
+
+
 def _vector_bytes(vector: np.ndarray | None) -> bytes | None:
     """A vector as the `embedding` column holds it: raw little-endian float32."""
     return None if vector is None else np.asarray(vector, "<f4").tobytes()
@@ -1699,6 +1797,38 @@ class PgStore:
 
     async def extraction_allowed(self, tenant: str, user_id: str) -> bool:
         return await self.db.read("extraction_allowed", extraction_allowed, tenant, user_id)
+
+    async def list_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        kinds: Sequence[str],
+        include_history: bool,
+        after: FactsPageKey | None,
+        limit: int,
+        now_us: int,
+    ) -> list[Fact]:
+        return await self.db.read(
+            "list_facts",
+            list_facts,
+            tenant,
+            user_id,
+            kinds,
+            include_history,
+            after,
+            limit,
+            now_us,
+        )
+
+    async def extraction_counts(self, tenant: str, user_id: str, now_us: int) -> ExtractionCounts:
+        return await self.db.read("extraction_counts", extraction_counts, tenant, user_id, now_us)
+
+    async def unextracted_messages(
+        self, tenant: str, before_us: int, after_us: int | None, limit: int
+    ) -> list[StoredMessage]:
+        return await self.db.read(
+            "unextracted_messages", unextracted_messages, tenant, before_us, after_us, limit
+        )
 
     async def facts_to_embed(self, tenant: str, model: str, limit: int) -> list[ToEmbed]:
         return await self.db.read("facts_to_embed", facts_to_embed, tenant, model, limit)

@@ -42,8 +42,10 @@ from services.memory.models import (
     Consent,
     ErasureCounts,
     Extracted,
+    ExtractionCounts,
     Fact,
     FactFilter,
+    FactsPageKey,
     FactsVersion,
     IndexSnapshot,
     InsertedFacts,
@@ -190,6 +192,31 @@ class MemoryStore(Protocol):
         audit: AuditRecord,
     ) -> Extracted | None:
         """The extractor's proposals in one transaction (`storage.write_extraction`)."""
+        ...
+
+    async def extraction_counts(self, tenant: str, user_id: str, now_us: int) -> ExtractionCounts:
+        """The user's pending and handled turns and current extracted facts."""
+        ...
+
+    async def unextracted_messages(
+        self, tenant: str, before_us: int, after_us: int | None, limit: int
+    ) -> list[StoredMessage]:
+        """Up to `limit` user turns of the tenant, stored in [after_us, before_us), never
+        handled by the extractor, of users consenting to extraction; oldest first."""
+        ...
+
+    async def list_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        kinds: Sequence[str],
+        include_history: bool,
+        after: FactsPageKey | None,
+        limit: int,
+        now_us: int,
+    ) -> list[Fact]:
+        """Up to `limit` of the user's unexpired facts (of `kinds`, if any; current only
+        unless `include_history`) by (created_us, fact_id), after `after`."""
         ...
 
     async def export_facts(
@@ -449,6 +476,45 @@ class DuckStore:
             message_ids,
             now_us,
             audit,
+        )
+
+    async def extraction_counts(self, tenant: str, user_id: str, now_us: int) -> ExtractionCounts:
+        return await self.db.read(
+            "extraction_counts", storage.extraction_counts, tenant, user_id, now_us
+        )
+
+    async def unextracted_messages(
+        self, tenant: str, before_us: int, after_us: int | None, limit: int
+    ) -> list[StoredMessage]:
+        return await self.db.read(
+            "unextracted_messages",
+            storage.unextracted_messages,
+            tenant,
+            before_us,
+            after_us,
+            limit,
+        )
+
+    async def list_facts(
+        self,
+        tenant: str,
+        user_id: str,
+        kinds: Sequence[str],
+        include_history: bool,
+        after: FactsPageKey | None,
+        limit: int,
+        now_us: int,
+    ) -> list[Fact]:
+        return await self.db.read(
+            "list_facts",
+            storage.list_facts,
+            tenant,
+            user_id,
+            kinds,
+            include_history,
+            after,
+            limit,
+            now_us,
         )
 
     async def export_facts(self, tenant: str, user_id: str, after: str, limit: int) -> list[Fact]:

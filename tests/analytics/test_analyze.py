@@ -198,7 +198,7 @@ async def test_llm_answers_from_the_computed_numbers_and_memory_keeps_the_exchan
     # contract, then the question, as fenced data in a user message.
     body = (await stack.control.requests())[-1]["body"]
     sent = body["messages"]
-    assert body["response_format"] == {"type": "json_object"}
+    assert body["response_format"] == {"type": "json_object"}  # DeepSeek: the gateway's schema
     assert sent[0]["role"] == "system" and "Use only the numbers" in sent[0]["content"]
     assert DATA_NOTICE in sent[0]["content"]
     numbers = next(m["content"] for m in sent if m["content"].startswith("METRICS"))
@@ -206,9 +206,11 @@ async def test_llm_answers_from_the_computed_numbers_and_memory_keeps_the_exchan
     assert f"Sharpe {aapl.sharpe:.3f}" in numbers
     assert f"CAGR {aapl.cagr * 100:+.2f}%" in numbers
     assert f"beta {aapl.relative.beta:.3f}" in numbers
-    assert sent[-2]["role"] == "system" and '"figures"' in sent[-2]["content"]
-    assert sent[-1]["role"] == "user" and QUESTION in sent[-1]["content"]
-    assert "FINSIGHT-DATA" in sent[-1]["content"]
+    assert sent[-3]["role"] == "system" and '"figures"' in sent[-3]["content"]
+    assert sent[-2]["role"] == "user" and QUESTION in sent[-2]["content"]
+    assert "FINSIGHT-DATA" in sent[-2]["content"]
+    # The gateway's instruction with the answer schema (DeepSeek takes json_object only).
+    assert sent[-1]["role"] == "system" and "JSON Schema" in sent[-1]["content"]
     assert not any(QUESTION in m["content"] for m in sent if m["role"] == "system")
 
     channel, memory = stack.memory_stub()
@@ -251,7 +253,7 @@ async def test_llm_answers_from_the_computed_numbers_and_memory_keeps_the_exchan
     sent = (await stack.control.requests())[before]["body"]["messages"]
     contents = [m["content"] for m in sent]
     assert any(QUESTION in c for c in contents) and any(reply.narrative in c for c in contents)
-    assert "And the drawdowns?" in contents[-1]
+    assert "And the drawdowns?" in contents[-2]  # then the gateway's schema instruction
 
 
 async def without_llm(stack: Stack, req: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
@@ -394,15 +396,13 @@ async def test_no_llm_provider_configured_gives_rules_commentary(
     assert "FAILED_PRECONDITION NO_PROVIDER_CONFIGURED" in llm
 
 
-async def test_a_wrong_figure_is_marked_and_a_reply_ignoring_the_contract_is_repaired_once(
-    stack: Stack,
-) -> None:
+async def test_a_wrong_figure_is_marked_and_the_marked_answer_is_stored(stack: Stack) -> None:
     await stack.control.reset()
     a = stack.analytics
     want = expected_metrics()
     vol = f"{want['AAPL'].volatility * 100:.1f}%"
     prose = f"AAPL was the riskier one, with volatility of {vol} and a total return of +9.9%."
-    await stack.control.script({"content": prose}, {"content": prose})  # ignores JSON twice
+    await stack.control.script(structured(prose, (vol, "AAPL", "volatility")))
     reply = await a.stub.Analyze(
         request("sess-annotate", question="Which was riskier, and what did it return?"),
         metadata=a.keys.md(a.keys.reader_a),
@@ -410,7 +410,7 @@ async def test_a_wrong_figure_is_marked_and_a_reply_ignoring_the_contract_is_rep
     )
     assert reply.commentary_source == pb.COMMENTARY_SOURCE_LLM
     g = reply.grounding
-    assert g.outcome == pb.GROUNDING_OUTCOME_ANNOTATED and not g.cited
+    assert g.outcome == pb.GROUNDING_OUTCOME_ANNOTATED and g.cited
     assert g.figures_checked == 2
     assert [(u.text, reply.narrative[u.start : u.end]) for u in g.unverified_figures] == [
         ("+9.9%", "+9.9%")
@@ -418,12 +418,6 @@ async def test_a_wrong_figure_is_marked_and_a_reply_ignoring_the_contract_is_rep
     assert "total return" in g.unverified_figures[0].reason
     assert reply.narrative == prose.replace("+9.9%", "+9.9% [unverified]")
     assert any(w.startswith("grounding_unverified: 1 of 2") for w in reply.warnings)
-    # One repair round: the schema error went back to the model, then the prose was checked.
-    sent = await stack.control.requests()
-    assert len(sent) == 2
-    repair = sent[1]["body"]["messages"]
-    assert repair[-2] == {"role": "assistant", "content": prose}
-    assert "did not follow the required JSON format" in repair[-1]["content"]
     # The stored answer is the one returned, marks included.
     channel, memory = stack.memory_stub()
     async with channel:
@@ -432,6 +426,43 @@ async def test_a_wrong_figure_is_marked_and_a_reply_ignoring_the_contract_is_rep
             metadata=a.keys.md(a.keys.reader_a),
         )
     assert history.messages[1].message.content == reply.narrative
+
+
+async def test_the_gateway_enforces_the_answer_schema_and_repairs_once_else_the_rules_answer(
+    stack: Stack,
+) -> None:
+    await stack.control.reset()
+    a = stack.analytics
+    want = expected_metrics()
+    vol = f"{want['AAPL'].volatility * 100:.1f}%"
+    prose = f"AAPL was the riskier one, with volatility of {vol}."
+    question = "Which was riskier?"
+    await stack.control.script({"content": prose}, structured(prose, (vol, "AAPL", "volatility")))
+    reply = await a.stub.Analyze(
+        request("sess-repair", question=question), metadata=a.keys.md(a.keys.reader_a), timeout=20
+    )
+    assert reply.commentary_source == pb.COMMENTARY_SOURCE_LLM
+    assert reply.narrative == prose and reply.grounding.cited
+    assert reply.grounding.outcome == pb.GROUNDING_OUTCOME_VERIFIED
+    sent = await stack.control.requests()
+    assert len(sent) == 2  # the gateway's repair round: the bad reply and its errors went back
+    schema = sent[0]["body"]["messages"][-1]
+    assert schema["role"] == "system" and "JSON Schema" in schema["content"]
+    assert '"figures"' in schema["content"]
+    repair = sent[1]["body"]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": prose}
+    assert "not valid against the JSON Schema" in repair[-1]["content"]
+
+    await stack.control.reset()
+    await stack.control.script({"content": prose}, {"content": prose})  # ignores it twice
+    reply = await a.stub.Analyze(
+        request("sess-unstructured", question="Which one was the riskier?"),
+        metadata=a.keys.md(a.keys.reader_a),
+        timeout=20,
+    )
+    assert reply.commentary_source == pb.COMMENTARY_SOURCE_RULES
+    assert any(w.startswith("llm_unstructured:") for w in reply.warnings)
+    assert reply.narrative != prose and len(await stack.control.requests()) == 2
 
 
 @pytest.mark.parametrize("policy", ["reject", "off"])

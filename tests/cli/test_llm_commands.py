@@ -1,4 +1,4 @@
-"""`finsight complete` (with --schema) and `finsight embed` against the in-process suite (the
+"""`finsight complete` (with --schema, with --tools) and `finsight embed` against the in-process suite (the
 gateway on the dev provider)."""
 
 from __future__ import annotations
@@ -51,6 +51,48 @@ async def test_complete_usage_errors(cli: Any, tmp_path: Path) -> None:
     wrong.write_text('{"type": "objekt"}')
     r = await cli("complete", f"x {uuid.uuid4().hex[:8]}", "--schema", str(wrong))
     assert r.code == 1 and "INVALID_ARGUMENT" in r.err and "json_schema" in r.err
+
+
+async def test_complete_with_tools_prints_the_calls_the_model_made(
+    cli: Any, stack: Any, tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools.json"
+    tools.write_text(
+        json.dumps(
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_quote",
+                        "description": "Last price of a ticker",
+                        "parameters": {"type": "object", "properties": {"t": {"type": "string"}}},
+                    },
+                },
+                {"name": "news"},
+            ]
+        )
+    )
+    stack.provider.state.script(
+        [{"tool_calls": [{"id": "call_q", "name": "get_quote", "arguments": {"t": "MSFT"}}]}]
+    )
+    r = await cli(
+        "complete",
+        f"MSFT price {uuid.uuid4().hex[:8]}",
+        "--tools",
+        str(tools),
+        "--tool-choice",
+        "get_quote",
+    )
+    assert r.code == 0, r.err
+    assert r.out.strip() == 'tool call call_q: get_quote({"t": "MSFT"})'
+    body = [e for e in stack.provider.state.log if e["path"].endswith("/chat/completions")][-1][
+        "body"
+    ]
+    assert [t["function"]["name"] for t in body["tools"]] == ["get_quote", "news"]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_quote"}}
+    tools.write_text('{"name": "x"}')
+    r = await cli("complete", "x", "--tools", str(tools))
+    assert r.code == 2 and "JSON list" in r.err
 
 
 async def test_embed_prints_vectors_from_the_embedding_route(cli: Any) -> None:

@@ -35,6 +35,16 @@ async def memory_call(stack: Stack, method: str, request: Any) -> Any:
         )
 
 
+async def exported(stack: Stack, user: str) -> list[pb.ExportUserDataResponse]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['memory']}") as channel:
+        call = memory_pb2_grpc.MemoryServiceStub(channel).ExportUserData(
+            pb.ExportUserDataRequest(user_id=user),
+            metadata=(("authorization", f"Bearer {stack.keys.admin}"),),
+            timeout=10,
+        )
+        return [item async for item in call]
+
+
 async def remember(stack: Stack, user: str, *facts: pb.NewFact) -> list[str]:
     reply = await memory_call(stack, "Remember", pb.RememberRequest(user_id=user, facts=facts))
     return [f.fact_id for f in reply.facts]
@@ -112,7 +122,7 @@ async def test_facts_lists_remembered_facts(cli: Any, stack: Stack) -> None:
         pb.NewFact(text="Prefers dividend stocks", kind="preference", source_session_id="fac-s1"),
     )
     second = await remember(stack, "fac-1", pb.NewFact(text="Holds CLIX since 2023"))
-    # Messages come after the facts in the export: reading stops there.
+    # Messages of the user are no facts: ListFacts never returns them.
     await memory_call(
         stack,
         "AppendMessages",
@@ -155,6 +165,11 @@ async def test_facts_lists_remembered_facts(cli: Any, stack: Stack) -> None:
 
     r = await cli("memory", "facts", "bad user!")
     assert r.code == 1 and "INVALID_ARGUMENT" in r.err
+
+    # Listing facts is a read (ListFacts), never an export of the user's data.
+    items = await exported(stack, "fac-1")
+    rpcs = [item.audit_entry.rpc for item in items if item.HasField("audit_entry")]
+    assert rpcs.count("ExportUserData") == 1 and "ListFacts" in rpcs  # this export only
 
 
 async def test_chat_facts_command(cli: Any, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,3 +270,37 @@ def test_show_facts_when_only_superseded_facts_are_left() -> None:
     assert "u: no facts yet (1 superseded: --history lists them)" in console.export_text()
     show_facts(console, "u", old, history=True)
     assert "Owns a boat" in console.export_text()
+
+
+async def test_extraction_status(cli: Any, stack: Stack) -> None:
+    await cli("memory", "consent", "ext-1", "--long-term-memory", "on", "--fact-extraction", "on")
+    await memory_call(
+        stack,
+        "AppendMessages",
+        pb.AppendMessagesRequest(
+            session_id="ext-s1",
+            user_id="ext-1",
+            messages=[
+                pb.NewMessage(
+                    message=common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="I hold gold")
+                ),
+                pb.NewMessage(
+                    message=common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="Ok")
+                ),
+            ],
+        ),
+    )
+    r = await cli("--json", "memory", "extraction", "ext-1")
+    assert r.code == 0, r.err
+    data = r.json()
+    assert data["user_id"] == "ext-1" and data["user_consented"] is True
+    assert data["tenant_enabled"] is False  # the stack's memory opts no tenant in
+    assert (data["messages_pending"], data["messages_extracted"]) == (1, 0)  # user turns only
+    assert data["last_extraction_time"] is None and data["replica_queue_depth"] == 0
+    r = await cli("memory", "extraction", "ext-1")
+    text = words(r.out)
+    assert "Fact extraction for ext-1" in text and "tenant opted in no" in text
+    assert "user consented yes" in text and "turns pending 1" in text
+    assert "last extraction never" in text and "needs the tenant's opt-in" in text
+    r = await cli("memory", "extraction", "bad user!")
+    assert r.code == 1 and "INVALID_ARGUMENT" in r.err

@@ -251,6 +251,24 @@ def test_fit_keeps_late_system_message_and_drops_tool_outputs_with_their_turn() 
     assert result.kept == messages[3:]
 
 
+def test_fit_keeps_the_answered_turn_whole_with_its_tool_calls_and_results() -> None:
+    messages = [
+        ("system", "S"),
+        ("user", "old " * 30),
+        ("assistant", "old answer " * 30),
+        ("user", "price of AAPL?"),
+        ("assistant", "quote(AAPL)"),
+        ("tool", "189.5 " * 40),
+        ("assistant", "quote(MSFT)"),
+        ("tool", "410.2 " * 40),
+    ]
+    result = fit_messages(messages, count_messages([messages[0], *messages[3:]]))
+    assert result.dropped_indices == [1, 2]
+    assert result.kept == [messages[0], *messages[3:]]
+    with pytest.raises(ContextOverflowError):  # the turn's results are never dropped
+        fit_messages(messages, count_messages(messages[:1] + messages[3:]) - 1)
+
+
 def test_fit_overflow_raises_value_error() -> None:
     minimum = [HISTORY[0], HISTORY[-1]]
     needed = count_messages(minimum)

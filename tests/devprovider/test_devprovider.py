@@ -129,6 +129,68 @@ async def test_json_object_response_format(client: httpx.AsyncClient) -> None:
     assert json.loads(content["message"]["content"]) == {"echo": "prices?"}
 
 
+async def test_json_answers_follow_the_schema_they_are_given(client: httpx.AsyncClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string"},
+            "score": {"type": "integer", "minimum": 3},
+            "kind": {"enum": ["a", "b"]},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        },
+        "required": ["answer", "score", "kind", "tags"],
+    }
+    want = {"answer": "echo: prices?", "score": 3, "kind": "a", "tags": ["echo: prices?"]}
+    native = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    body = chat("prices?", response_format=native)
+    content = (await client.post("/chat/completions", json=body)).json()["choices"][0]
+    assert json.loads(content["message"]["content"]) == want
+    # As the gateway asks a provider without native structured output.
+    body = chat("prices?", response_format={"type": "json_object"})
+    body["messages"].append(
+        {"role": "system", "content": "valid against this JSON Schema:\n" + json.dumps(schema)}
+    )
+    content = (await client.post("/chat/completions", json=body)).json()["choices"][0]
+    assert json.loads(content["message"]["content"]) == want
+
+
+async def test_scripted_tool_calls_whole_and_streamed(
+    client: httpx.AsyncClient, control: DevProviderControl
+) -> None:
+    tools = [{"type": "function", "function": {"name": "quote", "parameters": {}}}]
+    calls = [{"id": "c1", "name": "quote", "arguments": {"ticker": "AAPL"}}]
+    await control.script({"tool_calls": calls}, {"tool_calls": calls})
+    answer = (await client.post("/chat/completions", json=chat("q", tools=tools))).json()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "quote", "arguments": '{"ticker": "AAPL"}'},
+        }
+    ]
+    body = chat("q", tools=tools, stream=True)
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        events = data_events([line async for line in response.aiter_lines()])
+    pieces = [
+        json.loads(e)["choices"][0]["delta"].get("tool_calls") for e in events if e != "[DONE]"
+    ]
+    pieces = [p[0] for p in pieces if p]
+    assert pieces[0]["id"] == "c1" and pieces[0]["function"]["name"] == "quote"
+    assert "".join(p["function"]["arguments"] for p in pieces) == '{"ticker": "AAPL"}'
+    assert len(pieces) > 2
+
+
+async def test_tool_messages_must_answer_a_call(client: httpx.AsyncClient) -> None:
+    body = chat("q")
+    body["messages"].append({"role": "tool", "content": "r", "tool_call_id": "nope"})
+    response = await client.post("/chat/completions", json=body)
+    assert response.status_code == 400 and "tool" in response.json()["error"]["message"]
+    body = chat("q", tool_choice="auto")
+    assert (await client.post("/chat/completions", json=body)).status_code == 400
+
+
 async def test_streaming_with_usage(client: httpx.AsyncClient) -> None:
     body = chat("one two three", stream=True, stream_options={"include_usage": True})
     async with client.stream("POST", "/chat/completions", json=body) as response:

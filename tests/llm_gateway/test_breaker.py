@@ -12,6 +12,7 @@ import pytest
 from libs.devprovider import DEFAULT_API_KEY, DevProvider
 from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
 from services.llm_gateway.catalog import Provider
+from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.providers import ProviderClient, ProviderError
 
 BODY: dict[str, Any] = {
@@ -27,7 +28,7 @@ async def client(provider: DevProvider) -> AsyncIterator[ProviderClient]:
     spec = Provider(
         name="dev",
         base_url=provider.root_url,
-        api_key=DEFAULT_API_KEY,
+        deployments=(Deployment("default", provider.root_url, KeySource(DEFAULT_API_KEY)),),
         requires_key=True,
         system="deepseek",
         max_connections=4,

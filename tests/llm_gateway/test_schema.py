@@ -207,10 +207,10 @@ async def test_cache_hit_on_the_same_request_and_schema(
     again = await gw.complete(text, json_schema=SCHEMA_TEXT, temperature=0)
     assert again.cached and again.content == first.content and nanos(again.cost) == 0
     assert len(await control.requests()) == 2
-    # Another schema is another entry (the dev provider's own JSON echo answers it).
+    # Another schema is another entry (the dev provider answers it following the schema).
     other = json.dumps({"type": "object", "required": ["echo"]})
     fresh = await gw.complete(text, json_schema=other, temperature=0)
-    assert not fresh.cached and json.loads(fresh.content) == {"echo": text}
+    assert not fresh.cached and json.loads(fresh.content) == {"echo": f"echo: {text}"}
     assert len(await control.requests()) == 3
 
 

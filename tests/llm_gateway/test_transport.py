@@ -12,6 +12,7 @@ import pytest
 
 from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
 from services.llm_gateway.catalog import Provider
+from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.providers import ProviderClient, ProviderError
 from services.llm_gateway.transport import AiohttpTransport, env_proxy
 from tests.conftest import free_port
@@ -25,7 +26,7 @@ def _provider(base_url: str) -> Provider:
     return Provider(
         name="dev",
         base_url=base_url,
-        api_key=DEFAULT_API_KEY,
+        deployments=(Deployment("default", base_url, KeySource(DEFAULT_API_KEY)),),
         requires_key=True,
         system="deepseek",
         max_connections=8,

@@ -49,6 +49,11 @@ def valid_requests(
             mpb.ForgetRequest(user_id=user, fact_ids=["fct_" + "0" * 32]),
             mpb.ForgetRequest(user_id=user, filter=mpb.FactFilter(tags=["no-such-tag"])),
         ],
+        "MemoryService.ListFacts": [
+            mpb.ListFactsRequest(user_id=user, page_size=10),
+            mpb.ListFactsRequest(user_id=user, kinds=["pref"], include_history=True),
+        ],
+        "MemoryService.GetExtractionStatus": [mpb.GetExtractionStatusRequest(user_id=user)],
         "MemoryService.BuildContext": [
             mpb.BuildContextRequest(
                 session_id=session, user_id=user, query="how risky?", token_budget=1024

@@ -166,6 +166,19 @@ class Attacker:
         )
         return [item async for item in call]
 
+    async def op_list_facts(self, r: random.Random) -> list[Message]:
+        req = mpb.ListFactsRequest(
+            user_id=self.user(r), include_history=r.random() < 0.5, kinds=r.choice([[], ["goal"]])
+        )
+        return [await self.mem.ListFacts(req, metadata=self.md, timeout=10)]
+
+    async def op_extraction_status(self, r: random.Random) -> list[Message]:
+        req = mpb.GetExtractionStatusRequest(user_id=self.user(r))
+        reply = await self.mem.GetExtractionStatus(req, metadata=self.md, timeout=10)
+        # A's users have messages and facts; B's view of the same ids counts B's rows only.
+        assert reply.extracted_facts == 0 and reply.messages_extracted == 0, reply
+        return [reply]
+
     async def op_consent_read(self, r: random.Random) -> list[Message]:
         req = mpb.GetConsentRequest(user_id=self.user(r))
         return [await self.mem.GetConsent(req, metadata=self.md, timeout=10)]
