@@ -13,7 +13,9 @@
   and offline restore.
 
 Every statement is timed into `finsight_db_query_seconds{db,statement}` by a
-stable statement name (never SQL text), and slow ones are logged.
+stable statement name (never SQL text), and slow ones are logged; each `read` and
+`write` is a `db.system.name=duckdb` client span of that name (`libs.common.dbspans`),
+from the call to its result (for a write: queueing, the group's transaction and COMMIT).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from libs.common import metrics
+from libs.common.dbspans import duckdb_spans
 from libs.common.migrations import Migration, MigrationError, load_migrations, pending
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,7 @@ class Database:
         self._wake: asyncio.Event | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._spans = duckdb_spans(name)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def open(self) -> list[int]:
@@ -175,9 +179,10 @@ class Database:
     # -- reads -------------------------------------------------------------------------------
     async def read(self, statement: str, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(cursor, *args)` on the reader pool; `statement` names it in metrics."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._readers, self._timed, statement, fn, args
-        )
+        with self._spans.span(statement, statement):
+            return await asyncio.get_running_loop().run_in_executor(
+                self._readers, self._timed, statement, fn, args
+            )
 
     def _timed(self, statement: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         cur = self._cursor()
@@ -199,10 +204,11 @@ class Database:
         """
         if self._wake is None or self._closing:
             raise RuntimeError(f"database {self.name} is not accepting writes")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Job(statement, fn, args, future))
-        self._wake.set()
-        return await future
+        with self._spans.span(statement, statement):
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._queue.append(_Job(statement, fn, args, future))
+            self._wake.set()
+            return await future
 
     async def _write_loop(self) -> None:
         assert self._wake is not None

@@ -28,6 +28,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import DataError, NoScriptError, RedisError, ResponseError
 
 from libs.common import metrics
+from libs.common.dbspans import redis_spans
 from libs.common.errors import ResourceExhausted, Unavailable
 from libs.common.logging import ThrottledLog
 
@@ -232,13 +233,15 @@ class TokenBucket:
         self.fail_mode = fail_mode
         self._script = redis.register_script(_BUCKET_LUA)
         self._batcher = script_batcher(redis)
+        self._spans = redis_spans(redis)
 
     async def take(self, key: str, *, rate: float, burst: float, cost: float = 1.0) -> Decision:
         """Spend `cost` tokens from bucket `key`; on a Redis failure follow the fail mode."""
         try:
-            allowed, retry_ms, tokens = await self._batcher.run(
-                self._script, [key], [rate, burst, cost]
-            )
+            with self._spans.span("ratelimit.take", "EVALSHA"):
+                allowed, retry_ms, tokens = await self._batcher.run(
+                    self._script, [key], [rate, burst, cost]
+                )
         except (RedisError, OSError) as exc:
             metrics.RATELIMIT_REDIS_ERRORS.labels(fail_mode=self.fail_mode).inc()
             redis_down_log.warning(

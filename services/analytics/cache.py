@@ -14,6 +14,7 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.dbspans import redis_spans
 from libs.common.logging import ThrottledLog
 from services.analytics.telemetry import RESULT_CACHE
 
@@ -25,6 +26,7 @@ class ResultCache:
     def __init__(self, redis: Redis | None, ttl_s: int) -> None:
         self.redis = redis
         self.ttl_s = ttl_s
+        self._spans = redis_spans(redis) if redis is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -38,9 +40,10 @@ class ResultCache:
     async def get(self, key: str) -> bytes | None:
         if not self.enabled:
             return None
-        assert self.redis is not None
+        assert self.redis is not None and self._spans is not None
         try:
-            value = await self.redis.get(key)
+            with self._spans.span("analytics.result_cache.get", "GET"):
+                value = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             RESULT_CACHE.labels("error").inc()
             redis_down_log.warning("result cache read failed", extra={"error": type(exc).__name__})
@@ -51,9 +54,10 @@ class ResultCache:
     async def put(self, key: str, value: bytes) -> None:
         if not self.enabled:
             return
-        assert self.redis is not None
+        assert self.redis is not None and self._spans is not None
         try:
-            await self.redis.set(key, value, ex=self.ttl_s)
+            with self._spans.span("analytics.result_cache.put", "SET"):
+                await self.redis.set(key, value, ex=self.ttl_s)
         except (RedisError, OSError) as exc:
             RESULT_CACHE.labels("error").inc()
             redis_down_log.warning("result cache write failed", extra={"error": type(exc).__name__})

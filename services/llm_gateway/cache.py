@@ -19,6 +19,7 @@ from dataclasses import asdict
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.dbspans import redis_spans
 from libs.common.logging import ThrottledLog
 from services.llm_gateway import metrics
 from services.llm_gateway.domain import Completion, Embeddings, ToolCall
@@ -40,10 +41,13 @@ class ResponseCache:
         self.redis = redis
         self.default_ttl_s = default_ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self._spans = redis_spans(redis)
 
     async def get(self, key: str) -> Completion | None:
         try:
-            raw = await self.redis.get(key)
+            with self._spans.span("llm.cache.get", "GET") as span:
+                raw = await self.redis.get(key)
+                span.set_attribute("finsight.llm.cache.hit", raw is not None)
         except (RedisError, OSError) as exc:
             metrics.CACHE.labels("error").inc()
             redis_down_log.warning("cache read failed", extra={"error": type(exc).__name__})
@@ -70,11 +74,14 @@ class ResponseCache:
             raw = json.dumps(asdict(completion), ensure_ascii=False).encode()
         if len(raw) > self.max_entry_bytes:
             return
-        await self.redis.set(key, raw, ex=ttl_s or self.default_ttl_s)
+        with self._spans.span("llm.cache.put", "SET"):
+            await self.redis.set(key, raw, ex=ttl_s or self.default_ttl_s)
 
     async def get_embeddings(self, key: str) -> Embeddings | None:
         try:
-            raw = await self.redis.get(key)
+            with self._spans.span("llm.cache.get_embeddings", "GET") as span:
+                raw = await self.redis.get(key)
+                span.set_attribute("finsight.llm.cache.hit", raw is not None)
         except (RedisError, OSError) as exc:
             metrics.CACHE.labels("error").inc()
             redis_down_log.warning("cache read failed", extra={"error": type(exc).__name__})

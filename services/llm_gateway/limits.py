@@ -18,7 +18,9 @@ load, with the other requests' scripts: `libs.common.ratelimit.ScriptBatcher`):
 
 Keys carry the tenant as a hash tag (`llm:{acme}:rpm`) so one tenant's keys share a Redis
 Cluster slot. Redis unreachable: admission follows `FINSIGHT_RATE_LIMIT_FAIL_MODE`
-(open: admit without limits; closed: UNAVAILABLE).
+(open: admit without limits; closed: UNAVAILABLE). Each round trip is a Redis client span
+(`llm.limits.admit`, `llm.limits.release`, `llm.limits.spent_today`; `libs.common.dbspans`),
+one per script, not per command inside it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.dbspans import redis_spans
 from libs.common.errors import QuotaViolation, ResourceExhausted, Unavailable
 from libs.common.logging import ThrottledLog
 from libs.common.ratelimit import script_batcher
@@ -191,6 +194,7 @@ class TenantLimiter:
         self.fail_mode = fail_mode
         self._admit = redis.register_script(_ADMIT_LUA)
         self._batcher = script_batcher(redis)  # shared with the kit's rate limiter
+        self._spans = redis_spans(redis)
 
     async def admit(self, tenant: str, *, tokens: int, max_cost_nanos: int) -> Reservation:
         """Spend one request of the RPM, `tokens` of the TPM and reserve `max_cost_nanos` of
@@ -205,20 +209,21 @@ class TenantLimiter:
             return reservation
         day_key = budget_key(tenant, utc_day())
         try:
-            code, retry_ms, spent = await self._batcher.run(
-                self._admit,
-                [rpm_key(tenant), tpm_key(tenant), day_key],
-                [
-                    limits.rpm / 60.0,
-                    limits.rpm,
-                    limits.tpm / 60.0,
-                    limits.tpm,
-                    tpm_cost,
-                    -1 if budget is None else budget,
-                    reserve,
-                    _BUDGET_TTL_S,
-                ],
-            )
+            with self._spans.span("llm.limits.admit", "EVALSHA"):
+                code, retry_ms, spent = await self._batcher.run(
+                    self._admit,
+                    [rpm_key(tenant), tpm_key(tenant), day_key],
+                    [
+                        limits.rpm / 60.0,
+                        limits.rpm,
+                        limits.tpm / 60.0,
+                        limits.tpm,
+                        tpm_cost,
+                        -1 if budget is None else budget,
+                        reserve,
+                        _BUDGET_TTL_S,
+                    ],
+                )
         except (RedisError, OSError) as exc:
             redis_down_log.warning(
                 "tenant limits: redis unavailable",
@@ -282,16 +287,26 @@ class TenantLimiter:
 
     async def release(self, reservation: Reservation) -> None:
         """Undo a reservation whose request never got an answer."""
+        commands = [
+            *(["INCRBY"] if reservation.budget_key is not None else []),
+            *(["HINCRBYFLOAT"] if reservation.tokens else []),
+        ]
+        if not commands:
+            return
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if reservation.budget_key is not None:
-                    pipe.incrby(reservation.budget_key, -reservation.cost_nanos)
-                if reservation.tokens:
-                    pipe.hincrbyfloat(tpm_key(reservation.tenant), "tokens", reservation.tokens)
-                await pipe.execute()
+            with self._spans.pipeline(
+                "llm.limits.release", len(commands), transaction=False, command=commands[0]
+            ):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if reservation.budget_key is not None:
+                        pipe.incrby(reservation.budget_key, -reservation.cost_nanos)
+                    if reservation.tokens:
+                        pipe.hincrbyfloat(tpm_key(reservation.tenant), "tokens", reservation.tokens)
+                    await pipe.execute()
         except (RedisError, OSError) as exc:
             redis_down_log.warning("limit release failed", extra={"error": type(exc).__name__})
 
     async def spent_today(self, tenant: str) -> int:
-        value = await self.redis.get(budget_key(tenant, utc_day()))
+        with self._spans.span("llm.limits.spent_today", "GET"):
+            value = await self.redis.get(budget_key(tenant, utc_day()))
         return int(value or 0)

@@ -52,6 +52,7 @@ import pybreaker
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.dbspans import redis_spans
 from libs.common.logging import ThrottledLog
 from services.llm_gateway import metrics
 
@@ -340,6 +341,7 @@ class SharedBreakers:
         self._report = redis.register_script(_REPORT_LUA)
         self._trial = redis.register_script(_TRIAL_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
+        self._spans = redis_spans(redis)
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -423,9 +425,10 @@ class SharedBreakers:
     async def take_trial(self, c: SharedCircuit) -> tuple[int, int]:
         _, open_, tripped, trial = c.keys
         lease_ms = max(1, int(c.reset_s * 1000))
-        code, open_ms = await self._trial(
-            keys=[open_, tripped, trial], args=[self.replica_id, lease_ms]
-        )
+        with self._spans.span("llm.breaker.trial", "EVALSHA"):  # awaited by the request
+            code, open_ms = await self._trial(
+                keys=[open_, tripped, trial], args=[self.replica_id, lease_ms]
+            )
         return int(code), int(open_ms)
 
     async def release(self, c: SharedCircuit) -> None:

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from redis.asyncio import Redis
 
+from libs.common.dbspans import redis_spans
 from libs.common.ratelimit import script_batcher
 from services.llm_gateway import metrics
 from services.llm_gateway.limits import Settlement
@@ -137,6 +138,7 @@ class UsageLedger:
         self.retention_s = retention_days * 24 * 3600
         self._record = redis.register_script(_RECORD_LUA)
         self._batcher = script_batcher(redis)
+        self._spans = redis_spans(redis)
 
     async def record(
         self,
@@ -205,7 +207,8 @@ class UsageLedger:
         ]
         for name, value in fields.items():
             args += [name, value]
-        result = await self._batcher.run(self._record, keys, args)
+        with self._spans.span("llm.usage.record", "EVALSHA"):
+            result = await self._batcher.run(self._record, keys, args)
         crossed = [_str(t) for t in result[1:]]
         for threshold in crossed:
             metrics.child(metrics.BUDGET_THRESHOLD_CROSSED, threshold).inc()
@@ -223,17 +226,21 @@ class UsageLedger:
 
     async def cost_today(self, tenant: str, now: datetime) -> int:
         """The tenant's recorded cost today (UTC), nano-USD: what the thresholds compare."""
-        raw = await self.redis.hgetall(usage_key(tenant, now.date()))  # type: ignore[misc]
+        with self._spans.span("llm.usage.cost_today", "HGETALL"):
+            raw = await self.redis.hgetall(usage_key(tenant, now.date()))  # type: ignore[misc]
         return sum(int(v) for f, v in raw.items() if _str(f).endswith("|cost_nanos"))
 
     async def report(
         self, tenant: str, start: date, end: date, model: str | None = None
     ) -> list[UsageRowData]:
         days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for day in days:
-                pipe.hgetall(usage_key(tenant, day))
-            results = await pipe.execute()
+        with self._spans.pipeline(
+            "llm.usage.report", len(days), transaction=False, command="HGETALL"
+        ):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for day in days:
+                    pipe.hgetall(usage_key(tenant, day))
+                results = await pipe.execute()
         rows: list[UsageRowData] = []
         for day, raw in zip(days, results, strict=True):
             per_model: dict[str, dict[str, int]] = {}

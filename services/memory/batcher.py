@@ -12,6 +12,11 @@ client that gives up).
 
 If a batch fails, its items are retried one by one so one bad request cannot fail its
 neighbours (the same rule as the group committer below it).
+
+Tracing: the batch runs (its store call and `after_commit`) in the trace context of its
+first request, so that request's trace shows the DuckDB/PostgreSQL and Redis round trips
+it waited for as children of the span it submitted from; the others' traces show the
+wait (their own submitting span) without repeating them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
+
+from opentelemetry import context as otel_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,7 +46,8 @@ class Batcher(Generic[T, R]):
         self.run = run
         self.after_commit = after_commit
         self.max_batch = max_batch
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        # Each item with its caller's future and trace context (see the module docstring).
+        self._pending: list[tuple[T, asyncio.Future[R], otel_context.Context]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -58,7 +66,7 @@ class Batcher(Generic[T, R]):
         if self._closing:
             raise RuntimeError(f"batcher {self.name} is closed")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        self._pending.append((item, future, otel_context.get_current()))
         self._wake.set()
         return await future
 
@@ -73,8 +81,19 @@ class Batcher(Generic[T, R]):
             if self._closing:
                 return
 
-    async def _commit(self, batch: Sequence[tuple[T, asyncio.Future[R]]]) -> None:
-        items = [item for item, _ in batch]
+    async def _commit(
+        self, batch: Sequence[tuple[T, asyncio.Future[R], otel_context.Context]]
+    ) -> None:
+        token = otel_context.attach(batch[0][2])
+        try:
+            await self._commit_in_context(batch)
+        finally:
+            otel_context.detach(token)
+
+    async def _commit_in_context(
+        self, batch: Sequence[tuple[T, asyncio.Future[R], otel_context.Context]]
+    ) -> None:
+        items = [item for item, _, _ in batch]
         try:
             results = await self.run(items)
         except Exception as exc:
@@ -93,7 +112,7 @@ class Batcher(Generic[T, R]):
                 await self.after_commit(items, results)
             except Exception:  # after-commit work is best effort; the data is committed
                 log.exception("after-commit hook failed", extra={"batcher": self.name})
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             _settle(future, result=result)
 
 

@@ -30,7 +30,8 @@ committed could write erased messages back. `invalidate` bumps a generation coun
 local one, plus with `shared=True` one in Redis that every replica's fills check
 atomically); a fill that sees its generation moved writes nothing (shared) or deletes what
 it wrote (local). Redis errors are counted (`finsight_memory_redis_errors_total`) and
-never fail an RPC.
+never fail an RPC. Each round trip is a Redis client span `memory.hot_tier.<action>`
+(`libs.common.dbspans`; docs/architecture.md lists them).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common.dbspans import redis_spans
 from services.memory import metrics
 from services.memory.models import StoredMessage
 
@@ -163,6 +165,7 @@ class HotTier:
         # Not a window key: those have two ":"-separated parts after the prefix.
         self.generation_key = f"{prefix}:generation"
         self._fill_script = redis.register_script(_FILL)
+        self._spans = redis_spans(redis)
         self._flush_task: asyncio.Task[None] | None = None
         metrics.HOT_TIER_TRUSTED.set(0)
 
@@ -238,7 +241,8 @@ class HotTier:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for tenant, session_id, messages, incarnation in groups:
                     self._queue_add(pipe, self.key(tenant, session_id), messages, incarnation)
-                await pipe.execute()
+                with self._spans.span("memory.hot_tier.write_through", "MULTI", len(pipe)):
+                    await pipe.execute()
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("write_through").inc()
             self._distrust("write_through")
@@ -259,7 +263,8 @@ class HotTier:
     async def _add(self, key: str, messages: Sequence[StoredMessage], incarnation: int) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             self._queue_add(pipe, key, messages, incarnation)
-            await pipe.execute()
+            with self._spans.span("memory.hot_tier.fill", "MULTI", len(pipe)):
+                await pipe.execute()
 
     async def fill(
         self,
@@ -282,14 +287,16 @@ class HotTier:
                 members: list[Any] = []
                 for m in latest:
                     members += [m.sequence, encode(m, incarnation)]
-                await self._fill_script(
-                    keys=[key, self.generation_key],
-                    args=[seen.shared_generation or b"", self.ttl_ms, *members],
-                )
+                with self._spans.span("memory.hot_tier.fill", "EVALSHA"):
+                    await self._fill_script(
+                        keys=[key, self.generation_key],
+                        args=[seen.shared_generation or b"", self.ttl_ms, *members],
+                    )
                 return
             await self._add(key, latest, incarnation)
             if self.generation != seen.generation:  # an invalidation ran meanwhile: undo
-                await self.redis.unlink(key)
+                with self._spans.span("memory.hot_tier.fill_undo", "UNLINK"):
+                    await self.redis.unlink(key)
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("fill").inc()
             self._distrust("fill")
@@ -302,10 +309,12 @@ class HotTier:
             return 0
         try:
             if self.shared:  # before the deletes: a fill racing them must not land
-                await self.redis.incr(self.generation_key)
+                with self._spans.span("memory.hot_tier.generation", "INCR"):
+                    await self.redis.incr(self.generation_key)
             deleted = 0
             for i in range(0, len(names), 500):
-                deleted += int(await self.redis.unlink(*names[i : i + 500]))
+                with self._spans.span("memory.hot_tier.invalidate", "UNLINK"):
+                    deleted += int(await self.redis.unlink(*names[i : i + 500]))
             return deleted
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("invalidate").inc()
@@ -315,7 +324,8 @@ class HotTier:
     async def forget_window(self, tenant: str, session_id: str) -> None:
         """Drop a window the database says belongs to no session (never raises)."""
         try:
-            await self.redis.unlink(self.key(tenant, session_id))
+            with self._spans.span("memory.hot_tier.forget", "UNLINK"):
+                await self.redis.unlink(self.key(tenant, session_id))
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("invalidate").inc()
 
@@ -334,12 +344,14 @@ class HotTier:
         shared_generation: bytes | None = None
         try:
             if self.shared:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.zrange(self.key(tenant, session_id), 0, -1)
-                    pipe.get(self.generation_key)
-                    raw, shared_generation = await pipe.execute()
+                with self._spans.span("memory.hot_tier.lookup", "BATCH", 2):
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.zrange(self.key(tenant, session_id), 0, -1)
+                        pipe.get(self.generation_key)
+                        raw, shared_generation = await pipe.execute()
             else:
-                raw = await self.redis.zrange(self.key(tenant, session_id), 0, -1)
+                with self._spans.span("memory.hot_tier.lookup", "ZRANGE"):
+                    raw = await self.redis.zrange(self.key(tenant, session_id), 0, -1)
         except _FAILURES:
             metrics.REDIS_ERRORS.labels("read").inc()
             metrics.HOT_TIER_READS.labels("error").inc()

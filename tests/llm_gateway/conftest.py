@@ -14,8 +14,11 @@ from finsight.llm.v1 import llm_gateway_pb2 as pb
 from finsight.llm.v1 import llm_gateway_pb2_grpc as pb_grpc
 from libs.common.server import ServiceHost, start_service
 from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
+from services.llm_gateway.catalog import Provider
 from services.llm_gateway.config import GatewaySettings
+from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.main import setup
+from services.llm_gateway.providers import ProviderClient
 from tests.conftest import Keys, make_settings
 
 # Fast retries so failure tests stay quick; the policy itself is tested with real waits.
@@ -93,6 +96,48 @@ async def control(provider: DevProvider) -> AsyncIterator[DevProviderControl]:
     provider.state.reset()
     async with DevProviderControl(provider.base_url) as c:
         yield c
+    provider.state.reset()
+
+
+def dev_provider_spec(base_url: str, *, max_connections: int = 4) -> Provider:
+    """The dev provider as a catalog Provider (one deployment, the dev key), for client-level
+    tests."""
+    return Provider(
+        name="dev",
+        base_url=base_url,
+        deployments=(Deployment("default", base_url, KeySource(DEFAULT_API_KEY)),),
+        requires_key=True,
+        system="deepseek",
+        max_connections=max_connections,
+        attempt_timeout_s=5,
+        max_retries=0,
+        key_setting="DEEPSEEK_API_KEY",
+    )
+
+
+# A minimal chat body for ProviderClient-level tests.
+BODY: dict[str, Any] = {
+    "model": "deepseek-chat",
+    "max_tokens": 8,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+@pytest.fixture
+async def client(provider: DevProvider) -> AsyncIterator[ProviderClient]:
+    """A ProviderClient on the dev provider (reset before and after)."""
+    provider.state.reset()
+    c = ProviderClient(
+        dev_provider_spec(provider.root_url),
+        shards=2,
+        connect_s=1,
+        read_s=5,
+        write_s=5,
+        pool_s=1,
+        keepalive_expiry_s=5,
+    )
+    yield c
+    await c.aclose()
     provider.state.reset()
 
 

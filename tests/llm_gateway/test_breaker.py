@@ -3,45 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pybreaker
 import pytest
 
-from libs.devprovider import DEFAULT_API_KEY, DevProvider
+from libs.devprovider import DevProvider
 from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
-from services.llm_gateway.catalog import Provider
-from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.providers import ProviderClient, ProviderError
-
-BODY: dict[str, Any] = {
-    "model": "deepseek-chat",
-    "max_tokens": 8,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-
-
-@pytest.fixture
-async def client(provider: DevProvider) -> AsyncIterator[ProviderClient]:
-    provider.state.reset()
-    spec = Provider(
-        name="dev",
-        base_url=provider.root_url,
-        deployments=(Deployment("default", provider.root_url, KeySource(DEFAULT_API_KEY)),),
-        requires_key=True,
-        system="deepseek",
-        max_connections=4,
-        attempt_timeout_s=5,
-        max_retries=0,
-        key_setting="X",
-    )
-    c = ProviderClient(
-        spec, shards=2, connect_s=1, read_s=5, write_s=5, pool_s=1, keepalive_expiry_s=5
-    )
-    yield c
-    await c.aclose()
-    provider.state.reset()
+from tests.llm_gateway.conftest import BODY
 
 
 async def call(breaker: ProviderBreaker, client: ProviderClient) -> None:

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -19,43 +18,13 @@ from redis.asyncio import Redis
 from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from libs.common.tracing import configure_tracing
-from libs.devprovider import DEFAULT_API_KEY, DevProvider
+from libs.devprovider import DevProvider
 from services.llm_gateway import metrics
 from services.llm_gateway.breaker import CircuitOpen, ProviderBreaker
-from services.llm_gateway.catalog import Provider
-from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.providers import ProviderClient, ProviderError
 from services.llm_gateway.shared_breaker import SharedBreakers, breaker_key
 from tests.conftest import Keys, RedisProcess
-from tests.llm_gateway.conftest import Gw, start_gateway
-
-BODY: dict[str, Any] = {
-    "model": "deepseek-chat",
-    "max_tokens": 8,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-
-
-@pytest.fixture
-async def client(provider: DevProvider) -> AsyncIterator[ProviderClient]:
-    provider.state.reset()
-    spec = Provider(
-        name="dev",
-        base_url=provider.root_url,
-        deployments=(Deployment("default", provider.root_url, KeySource(DEFAULT_API_KEY)),),
-        requires_key=True,
-        system="deepseek",
-        max_connections=4,
-        attempt_timeout_s=5,
-        max_retries=0,
-        key_setting="X",
-    )
-    c = ProviderClient(
-        spec, shards=2, connect_s=1, read_s=5, write_s=5, pool_s=1, keepalive_expiry_s=5
-    )
-    yield c
-    await c.aclose()
-    provider.state.reset()
+from tests.llm_gateway.conftest import BODY, Gw, start_gateway
 
 
 class Replica:

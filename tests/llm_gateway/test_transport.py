@@ -11,34 +11,18 @@ import httpx
 import pytest
 
 from libs.devprovider import DEFAULT_API_KEY, DevProvider, DevProviderControl
-from services.llm_gateway.catalog import Provider
-from services.llm_gateway.deployments import Deployment, KeySource
 from services.llm_gateway.providers import ProviderClient, ProviderError
 from services.llm_gateway.transport import AiohttpTransport, env_proxy
 from tests.conftest import free_port
-from tests.llm_gateway.conftest import GatewayFactory
+from tests.llm_gateway.conftest import GatewayFactory, dev_provider_spec
 
 TRANSPORTS = ["aiohttp", "httpcore"]
 BODY = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi there"}]}
 
 
-def _provider(base_url: str) -> Provider:
-    return Provider(
-        name="dev",
-        base_url=base_url,
-        deployments=(Deployment("default", base_url, KeySource(DEFAULT_API_KEY)),),
-        requires_key=True,
-        system="deepseek",
-        max_connections=8,
-        attempt_timeout_s=5.0,
-        max_retries=0,
-        key_setting="DEEPSEEK_API_KEY",
-    )
-
-
 def _client(base_url: str, transport: str, *, read_s: float = 5.0) -> ProviderClient:
     return ProviderClient(
-        _provider(base_url),
+        dev_provider_spec(base_url, max_connections=8),
         shards=2,
         connect_s=2.0,
         read_s=read_s,
