@@ -43,7 +43,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import psycopg_pool
-from opentelemetry import trace
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from psycopg import errors as pg_errors
@@ -55,11 +54,11 @@ from tenacity import (
 )
 
 from libs.common import metrics
+from libs.common.dbspans import ClientSpan, DbSpans
 from libs.common.errors import Unavailable
 from libs.common.migrations import Migration, load_migrations, pending
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 Conn = psycopg.AsyncConnection[Any]
@@ -175,7 +174,17 @@ class PgDatabase:
         self.max_retries = max_retries
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
         self._closing = False
-        self._dbname = psycopg.conninfo.conninfo_to_dict(url).get("dbname") or ""
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        self._dbname = str(info.get("dbname") or "")
+        port = str(info.get("port") or "").split(",")[0]
+        # One span per statement, a leaf, only inside a trace (libs/common/dbspans.py).
+        self._spans = DbSpans(
+            "postgresql",
+            namespace=self._dbname,
+            server_address=str(info.get("host") or "").split(",")[0] or None,
+            server_port=int(port) if port.isdigit() else None,
+            summary=True,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _connect_kwargs(self) -> dict[str, Any]:
@@ -300,18 +309,8 @@ class PgDatabase:
             return False
 
     # -- statements --------------------------------------------------------------------------
-    def _span(self, statement: str) -> Any:
-        return _tracer.start_as_current_span(
-            statement,
-            kind=trace.SpanKind.CLIENT,
-            attributes={
-                "db.system": "postgresql",
-                "db.system.name": "postgresql",
-                "db.namespace": self._dbname,
-                "db.query.summary": statement,
-                "db.operation.name": statement,
-            },
-        )
+    def _span(self, statement: str) -> ClientSpan:
+        return self._spans.span(statement, statement)
 
     def _observe(self, statement: str, seconds: float) -> None:
         metrics.observe_statement(self.name, statement, seconds, self.slow_query_ms)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from libs.common.dbspans import redis_spans
+from libs.common.pg import Conn, PgDatabase
 from libs.common.tracing import configure_tracing
 from services.llm_gateway.limits import LimitPolicy, TenantLimiter
 from tests.conftest import free_port
@@ -139,3 +141,31 @@ async def test_with_redis_away_admission_fails_open_and_its_span_says_why(
     assert attrs(span)["error.type"] == RedisConnectionError.__qualname__
     assert attrs(span)["db.operation.name"] == "EVALSHA"
     await client.aclose()
+
+
+async def test_a_postgresql_statement_is_a_leaf_span_with_its_server_only_inside_a_trace(
+    tmp_path: Path, pg_url: str, exported: InMemorySpanExporter
+) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "001_items.sql").write_text("CREATE TABLE items (tenant TEXT, n INT);")
+    db = PgDatabase(pg_url, name="spans", migrations_dir=folder)
+    await db.open()
+    try:
+
+        async def count(conn: Conn) -> int:
+            row = await (await conn.execute("SELECT count(*) FROM items")).fetchone()
+            return int(row[0]) if row else 0
+
+        await db.read("count_items", count)  # no trace: no span
+        assert named(exported, "count_items") == []
+        with _tracer.start_as_current_span("request"):
+            assert await db.read("count_items", count) == 0
+        [span] = named(exported, "count_items")
+        a = attrs(span)
+        assert span.kind is SpanKind.CLIENT and span.parent is not None
+        assert a["db.system.name"] == a["db.system"] == "postgresql"
+        assert a["db.query.summary"] == a["db.operation.name"] == "count_items"
+        assert a["db.namespace"] and a["server.address"]
+    finally:
+        await db.close()
