@@ -207,12 +207,22 @@ class Caller:
         except grpc.RpcError as err:
             return err.code(), err, []  # type: ignore[attr-defined]
 
-    def serving(self, health_name: str) -> bool:
-        for name in ("", health_name):
-            reply = self.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+    def serving(self, health_name: str, within_s: float = 10.0) -> bool:
+        """Whether the service answers SERVING (overall and for `health_name`) within
+        `within_s`: a readiness blip while a heavy case runs (a DB ping timing out behind
+        it) is tolerated, as Kubernetes' failureThreshold tolerates it; a service that died
+        or stays unready is not."""
+        deadline = time.monotonic() + within_s
+        while True:
+            statuses = [
+                self.health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+                for name in ("", health_name)
+            ]
+            if all(s == health_pb2.HealthCheckResponse.SERVING for s in statuses):
+                return True
+            if time.monotonic() >= deadline:
                 return False
-        return True
+            time.sleep(0.2)
 
     def close(self) -> None:
         self.channel.close()
