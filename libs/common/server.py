@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from redis.asyncio import Redis
 
-from libs.common import heap, metrics
+from libs.common import metrics
 from libs.common.auth import KeyStore
 from libs.common.config import CommonSettings, S, load_settings_or_exit
 from libs.common.error_reporting import configure_error_reporting, flush
@@ -233,10 +233,6 @@ class ServiceHost:
             for name in self.service_names:
                 await self.health.set(name, status)
             metrics.SERVICE_READY.set(1 if ready else 0)
-        usage = heap.read()  # ~0.1 ms; every service, DuckDB or not
-        if usage is not None:
-            metrics.NATIVE_HEAP_BYTES.labels("in_use").set(usage.in_use)
-            metrics.NATIVE_HEAP_BYTES.labels("free").set(usage.free)
         return ready
 
     async def _readiness_loop(self) -> None:

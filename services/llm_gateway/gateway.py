@@ -59,6 +59,7 @@ from libs.common.tokens import (
 )
 from libs.common.tracing import tracer
 from services.llm_gateway import metrics
+from services.llm_gateway.accounting import AfterAnswer
 from services.llm_gateway.breaker import ProviderBreaker
 from services.llm_gateway.cache import ResponseCache, cache_key
 from services.llm_gateway.catalog import Catalog, Model, Route
@@ -278,6 +279,13 @@ class Gateway:
         self.stream_max_s = stream_max_s
         self.pii_policy: PiiPolicy = pii_policy
         self.pii_detector = pii_detector or PiiDetector()
+        self.after = AfterAnswer()
+
+    async def _admit(self, tenant: str, *, tokens: int, max_cost_nanos: int) -> Reservation:
+        """The tenant limits' admission, after this replica's pending accounting of the
+        tenant (accounting.py: its settlements and TPM refunds count as they always did)."""
+        await self.after.settled(tenant)
+        return await self.limiter.admit(tenant, tokens=tokens, max_cost_nanos=max_cost_nanos)
 
     # -- Complete -----------------------------------------------------------------------------
     async def complete(self, request: CompletionRequest) -> Completion:
@@ -288,10 +296,10 @@ class Gateway:
         try:
             hit = await self._cache_hit(plan)
             if hit is not None:
-                await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
+                await self._admit(tenant, tokens=0, max_cost_nanos=0)
                 await self._account(plan, hit, None, outcome="ok")
                 return plan.restored(hit)
-            reservation = await self.limiter.admit(
+            reservation = await self._admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
             routed = await self._reserved(
@@ -348,7 +356,7 @@ class Gateway:
         repair = _repair_link(link, first.content, errors)
         if repair is None:
             raise mismatch([plan.pii.restore(e) for e in errors], repaired=False)
-        second_reservation = await self.limiter.admit(
+        second_reservation = await self._admit(
             current_identity().tenant,
             tokens=repair.prompt_tokens + int(repair.body["max_tokens"]),
             max_cost_nanos=_max_cost(repair),
@@ -404,10 +412,10 @@ class Gateway:
         try:
             hit = await self._embed_cache_hit(plan)
             if hit is not None:
-                await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
+                await self._admit(tenant, tokens=0, max_cost_nanos=0)
                 await self._account(plan, hit, None, outcome="ok")
                 return hit
-            reservation = await self.limiter.admit(
+            reservation = await self._admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
             routed = await self._reserved(
@@ -492,6 +500,7 @@ class Gateway:
     async def _embed_cache_hit(self, plan: Plan) -> Embeddings | None:
         if not plan.cache_read or plan.cache_key is None:
             return None
+        await self.after.settled(current_identity().tenant)  # a repeat sees the last answer
         hit = await self.cache.get_embeddings(plan.cache_key)
         return None if hit is None else _as_cached(hit, plan)
 
@@ -511,12 +520,12 @@ class Gateway:
         try:
             hit = await self._cache_hit(plan)
             if hit is not None:
-                await self.limiter.admit(tenant, tokens=0, max_cost_nanos=0)
+                await self._admit(tenant, tokens=0, max_cost_nanos=0)
                 await self._account(plan, hit, None, outcome="ok")
                 yield Delta(plan.pii.restore(hit.content), plan.pii.restore(hit.reasoning))
                 yield hit
                 return
-            reservation = await self.limiter.admit(
+            reservation = await self._admit(
                 tenant, tokens=plan.reserve_tokens, max_cost_nanos=plan.max_cost_nanos
             )
             try:
@@ -746,18 +755,21 @@ class Gateway:
         links: list[Link] = []
         overflow: ContextOverflowError | None = None
         fits: dict[tuple[int, bool], Any] = {}
+        tools = _tools_wire(request)  # once per request: every link sends the same
         fallback = route.context_fallback
         if fallback and not usable(fallback):
             fallback = None
         for index, model in enumerate(chain):
             try:
-                link = self._link(model, request, fits, pii, schema)
+                link = self._link(model, request, fits, pii, tools, schema)
             except ContextOverflowError as exc:
                 overflow = overflow or exc
                 continue
             if index == 0 and link.dropped and fallback:
                 try:  # a larger-context model takes the whole conversation instead
-                    bigger = self._link(self.catalog.models[fallback], request, fits, pii, schema)
+                    bigger = self._link(
+                        self.catalog.models[fallback], request, fits, pii, tools, schema
+                    )
                 except ContextOverflowError:
                     bigger = None
                 if bigger is not None and not bigger.dropped:
@@ -765,7 +777,9 @@ class Gateway:
             links.append(link)
         if not links and fallback:
             try:
-                return [self._link(self.catalog.models[fallback], request, fits, pii, schema)]
+                return [
+                    self._link(self.catalog.models[fallback], request, fits, pii, tools, schema)
+                ]
             except ContextOverflowError as exc:
                 overflow = exc
         if not links:
@@ -786,6 +800,7 @@ class Gateway:
         request: CompletionRequest,
         fits: dict[tuple[int, bool], Any],
         pii: PiiScreen,
+        tools: tuple[list[dict[str, Any]], int] | None,
         schema: AnswerSchema | None = None,
     ) -> Link:
         max_tokens = min(request.max_tokens or model.default_max_tokens, model.max_output_tokens)
@@ -796,13 +811,9 @@ class Gateway:
             # further system message).
             instruction_tokens = message_costs([("system", "-"), ("system", schema.instruction)])[1]
             budget -= instruction_tokens
-        tools = _tools_wire(request)
         if tools:
-            # Templates render the tool definitions into the prompt: counted as a further
-            # system message holding their JSON (an upper bound: the JSON's punctuation).
-            tool_tokens = message_costs([("system", "-"), ("system", tools[1])])[1]
-            instruction_tokens += tool_tokens
-            budget -= tool_tokens
+            instruction_tokens += tools[1]
+            budget -= tools[1]
         redact = pii.redacted is not None and pii.policies[model.name] == "redact"
         messages = pii.redacted if redact and pii.redacted is not None else request.messages
         fit = fits.get((budget, redact))
@@ -887,6 +898,7 @@ class Gateway:
     async def _cache_hit(self, plan: Plan) -> Completion | None:
         if not plan.cache_read or plan.cache_key is None:
             return None
+        await self.after.settled(current_identity().tenant)  # a repeat sees the last answer
         hit = await self.cache.get(plan.cache_key)
         return None if hit is None else _as_cached(hit, plan)
 
@@ -956,22 +968,12 @@ class Gateway:
             and plan.cacheable(link)
         ):
             writes.append(self.cache.put(plan.cache_key, stored or completion, plan.cache_ttl_s))
-        try:
-            if len(writes) == 1:
-                await writes[0]
-            else:
-                await asyncio.gather(*writes)
-        except (RedisError, OSError) as exc:
-            # The answer exists and is returned; losing its accounting is logged loudly.
-            log.error(
-                "usage accounting failed",
-                extra={
-                    "error": type(exc).__name__,
-                    "tenant": identity.tenant,
-                    "model": model_name,
-                    "cost_nanos": completion.cost_nanos,
-                },
-            )
+        # After the answer (services/llm_gateway/accounting.py): the reservation already
+        # holds the maximum cost, and the tenant's next admission here waits for this write.
+        await self.after.submit(
+            identity.tenant,
+            _written(writes, tenant=identity.tenant, model=model_name, cost=completion.cost_nanos),
+        )
 
     # -- CountTokens, ListModels, GetUsage ------------------------------------------------------
     async def count_tokens(self, model_name: str, messages: list[Message]) -> TokenCount:
@@ -1053,6 +1055,7 @@ class Gateway:
         if model and model not in self.catalog.models:
             v.add("model", f"unknown model {model!r}")
         v.raise_if_any()
+        await self.after.settled()  # this replica's answers so far are in Redis
         try:
             rows = await self.ledger.report(tenant, start, end, model or None)
             budget = self.limiter.policy.for_tenant(tenant).daily_budget_nanos
@@ -1087,6 +1090,28 @@ def _observe_pii(route: Route, redactor: Redactor, outcome: str) -> None:
     )
 
 
+async def _written(
+    writes: list[Coroutine[Any, Any, Any]], *, tenant: str, model: str, cost: int
+) -> None:
+    """An answer's accounting writes (one round trip each, concurrently)."""
+    try:
+        if len(writes) == 1:
+            await writes[0]
+        else:
+            await asyncio.gather(*writes)
+    except (RedisError, OSError) as exc:
+        # The answer was returned; losing its accounting is logged loudly.
+        log.error(
+            "usage accounting failed",
+            extra={
+                "error": type(exc).__name__,
+                "tenant": tenant,
+                "model": model,
+                "cost_nanos": cost,
+            },
+        )
+
+
 def _deadline() -> float | None:
     left = remaining_time()
     return None if left is None else time.monotonic() + left - _DEADLINE_MARGIN_S
@@ -1100,8 +1125,10 @@ def _fit(messages: list[Message], budget: int) -> FitResult[Message]:
     return FitResult(kept, fit.dropped_indices, fit.total_tokens)
 
 
-def _tools_wire(request: CompletionRequest) -> tuple[list[dict[str, Any]], str] | None:
-    """The request's tools in OpenAI's form, and their JSON text (for counting)."""
+def _tools_wire(request: CompletionRequest) -> tuple[list[dict[str, Any]], int] | None:
+    """The request's tools in OpenAI's form, and what they cost in prompt tokens: templates
+    render the definitions into the prompt, so they count as a further system message
+    holding their JSON (an upper bound: the JSON's punctuation)."""
     if not request.tools:
         return None
     tools = []
@@ -1113,7 +1140,8 @@ def _tools_wire(request: CompletionRequest) -> tuple[list[dict[str, Any]], str] 
             json.loads(tool.parameters) if tool.parameters else {"type": "object", "properties": {}}
         )
         tools.append({"type": "function", "function": function})
-    return tools, json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    return tools, message_costs([("system", "-"), ("system", text)])[1]
 
 
 def _max_cost(link: Link) -> int:

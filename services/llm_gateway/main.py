@@ -133,6 +133,8 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
     if shared is not None:
         shared.start()  # polls from before the server starts: it learns what is open first
         host.on_shutdown(shared.aclose)
+    # Registered last, so it runs first: answers' accounting lands before Redis closes.
+    host.on_shutdown(gateway.after.drain)
 
 
 def release_freed_heap() -> None:

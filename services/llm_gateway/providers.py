@@ -135,6 +135,7 @@ class StreamDelta:
 
 @dataclass
 class _PartialCall:
+    position: int  # 0, 1, … in order of first appearance (what the pieces are renumbered to)
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
@@ -156,8 +157,9 @@ class StreamState:
 
     @property
     def tool_calls(self) -> list[ToolCall]:
-        """The calls assembled from their pieces, in index order."""
-        return [ToolCall(c.id, c.name, "".join(c.arguments)) for _, c in sorted(self.calls.items())]
+        """The calls assembled from their pieces, in order of first appearance (the positions
+        their streamed pieces carry)."""
+        return [ToolCall(c.id, c.name, "".join(c.arguments)) for c in self.calls.values()]
 
     def absorb_calls(self, raw: object) -> tuple[ToolCallDelta, ...]:
         """Fold one chunk's `delta.tool_calls` into the calls; the pieces, renumbered 0, 1, …
@@ -176,8 +178,10 @@ class StreamState:
             function = item.get("function") or {}
             if not isinstance(function, Mapping):
                 raise _Malformed("a tool call piece has a bad `function`")
-            new = index not in self.calls
-            call = self.calls.setdefault(index, _PartialCall())
+            call = self.calls.get(index)
+            new = call is None
+            if call is None:
+                call = self.calls[index] = _PartialCall(len(self.calls))
             call_id = str(item.get("id") or "")
             name = str(function.get("name") or "")
             arguments = _arguments_text(function.get("arguments"))
@@ -189,8 +193,7 @@ class StreamState:
             if arguments:
                 call.arguments.append(arguments)
             if new or call_id or name or arguments:
-                position = sorted(self.calls).index(index)
-                pieces.append(ToolCallDelta(position, call_id, name, arguments))
+                pieces.append(ToolCallDelta(call.position, call_id, name, arguments))
         return tuple(pieces)
 
 

@@ -63,6 +63,12 @@ class Gw:
             pb.CompleteRequest(**fields), metadata=self.md(who), timeout=timeout
         )
 
+    async def accounted(self, who: str = "alice") -> pb.GetUsageResponse:
+        """GetUsage, which waits for this gateway's pending accounting of the tenant: after
+        it, the answers so far are in Redis (counters, usage stream) and the metrics
+        (services/llm_gateway/accounting.py)."""
+        return await self.stub.GetUsage(pb.GetUsageRequest(), metadata=self.md(who))
+
     async def close(self) -> None:
         await self.channel.close()
         await self.host.drain_and_stop()

@@ -76,6 +76,7 @@ async def test_thresholds_fire_once_each_even_when_concurrent_requests_cross_tog
             )
             spent += sum(nanos(r.cost) for r in more if isinstance(r, pb.CompleteResponse))
         assert spent >= BUDGET
+        await gw.accounted()  # answers are accounted just after they are returned
         assert crossed("0.8") - before["0.8"] == 1
         assert crossed("1.0") - before["1.0"] == 1
 

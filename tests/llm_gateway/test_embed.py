@@ -399,6 +399,7 @@ async def test_the_usage_event_says_embeddings(
 ) -> None:
     inputs = unique("ledger entry")
     reply = await embed(egw, inputs)
+    await egw.accounted()  # answers are accounted just after they are returned
     redis = Redis.from_url(redis_url)
     try:
         events: list[Any] = await redis.xrevrange("llm:usage-events", count=50)  # type: ignore[assignment]

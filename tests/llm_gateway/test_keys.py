@@ -84,6 +84,7 @@ async def _split_by_weight(
     assert sorted(r.provider_key_id for r in replies) == ["east"] * 6 + ["west"] * 2
     paths = [e["path"] for e in await control.requests()]
     assert paths.count("/chat/completions") == 6 and paths.count("/v1/chat/completions") == 2
+    await gw.accounted()  # answers are accounted just after they are returned
     # Usage stream and ListModels name the key id, never the key.
     redis = Redis.from_url(private_redis.url)
     try:

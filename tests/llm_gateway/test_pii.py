@@ -150,6 +150,7 @@ async def test_cache_keys_entries_and_usage_events_hold_no_values(
         assert text == "echo: Summarise the account of carol@example.net"
         assert len(await control.requests()) == 1
 
+        await gw.accounted()  # answers are accounted just after they are returned
         secrets = [EMAIL, "bob@example.org", "carol@example.net"]
         keys = [k async for k in redis.scan_iter(match="llm:*")]
         assert keys and holds_any(b"".join(keys).decode(), secrets) == []
