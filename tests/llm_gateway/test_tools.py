@@ -16,6 +16,7 @@ from finsight.llm.v1 import llm_gateway_pb2 as pb
 from libs.common.errors import status_info
 from libs.common.tokens import count_text
 from libs.devprovider import DevProviderControl
+from services.llm_gateway.providers import StreamState
 from tests.llm_gateway.conftest import GatewayFactory, Gw, assistant, system, user
 
 QUOTE_PARAMS = {
@@ -303,3 +304,27 @@ async def test_bad_tools_and_tool_messages_are_invalid_argument_with_every_field
     found = await violations(gw, tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
     assert found == {"tool_choice": "needs `tools`"}
     assert await control.requests() == []  # nothing reached the provider
+
+
+def test_stream_pieces_keep_the_position_their_call_was_first_seen_at() -> None:
+    """A provider may number its calls in any order: the pieces are renumbered by first
+    appearance, once, and the assembled calls come in that order too."""
+    state = StreamState()
+
+    def piece(index: int, **fields: Any) -> dict[str, Any]:
+        return {"index": index, **fields}
+
+    first = state.absorb_calls(
+        [piece(3, id="c3", function={"name": "quote", "arguments": '{"s":'})]
+    )
+    second = state.absorb_calls([piece(1, id="c1", function={"name": "news", "arguments": "{}"})])
+    third = state.absorb_calls([piece(3, function={"arguments": '"IBM"}'})])
+    assert [(p.index, p.id, p.name) for p in (*first, *second)] == [
+        (0, "c3", "quote"),
+        (1, "c1", "news"),
+    ]
+    assert [(p.index, p.arguments) for p in third] == [(0, '"IBM"}')]  # not re-numbered
+    assert [(c.id, c.name, c.arguments) for c in state.tool_calls] == [
+        ("c3", "quote", '{"s":"IBM"}'),
+        ("c1", "news", "{}"),
+    ]
