@@ -878,11 +878,11 @@ def instrument(app: MemoryApp, timings: Timings) -> None:
         timings.done_at[job.turns[0].message_id] = now
         return outcome
 
-    async def timed_complete(system: str, user: str) -> str:
+    async def timed_complete(system: str, user: str, *, fresh: bool = False) -> str:
         timings.tokens.append(estimate_tokens(system, user) + extractor.answer_tokens)
         started = time.perf_counter()
         try:
-            return await complete(system, user)
+            return await complete(system, user, fresh=fresh)
         finally:
             timings.gateway_s.append(time.perf_counter() - started)
 

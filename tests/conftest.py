@@ -110,6 +110,9 @@ class Keys:
     bob: str  # tenant "globex": another tenant
     expired: str  # expired key
     narrow: str  # tenant "acme", scope "nothing" only
+    # caller "memory", tenant "t-memory", scopes llm_gateway and tenant.delegate (a service
+    # key that may act for other tenants: x-finsight-on-behalf-of-tenant)
+    service: str = "k-service-666666"
 
     def metadata(self, key: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {key}"),)
@@ -142,6 +145,13 @@ def write_keys(path: Path) -> Keys:
             key_id="expired",
         ),
         key_entry(keys.narrow, caller="narrow", tenant="acme", scopes=["nothing"], key_id="narrow"),
+        key_entry(
+            keys.service,
+            caller="memory",
+            tenant="t-memory",
+            scopes=["llm_gateway", "tenant.delegate"],
+            key_id="memory-service",
+        ),
     ]
     path.write_text(json.dumps({"keys": entries}))
     return keys

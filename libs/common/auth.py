@@ -12,6 +12,14 @@ most once a second), so adding or revoking a key needs no restart; a file that
 fails to parse keeps the previous keys and is logged.
 
 Scopes: `*` grants everything, `memory.*` grants every `memory.` scope, else exact.
+
+Delegation: a service key that holds the scope `tenant.delegate` itself (listed by that
+exact name: neither `*` nor `tenant.*` grants it) may send the metadata
+`x-finsight-on-behalf-of-tenant: <tenant>`; the call then runs in that tenant (usage,
+limits, budgets, data) as the same caller and key (`Identity.key_tenant` keeps the key's
+own tenant, for the access log). A header without the scope is PERMISSION_DENIED (naming
+the key's own tenant is a no-op), a malformed tenant INVALID_ARGUMENT. With auth off every
+claim is trusted: honoured.
 Generate a key with `python -m libs.common.auth new-key --caller NAME --tenant T --scopes a,b`
 (`--add-to FILE` adds its entry to a keys file, `--json` for scripts: libs/common/keytool.py).
 """
@@ -23,14 +31,15 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from libs.common.errors import PermissionDenied, Unauthenticated
+from libs.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +52,15 @@ class Identity:
     tenant: str
     scopes: frozenset[str]
     key_id: str
+    # Set when the key acts for another tenant (delegation): the key's own tenant.
+    key_tenant: str = ""
 
     def has_scope(self, scope: str) -> bool:
         return scope_granted(self.scopes, scope)
+
+    @property
+    def delegated(self) -> bool:
+        return bool(self.key_tenant)
 
 
 ANONYMOUS = Identity(caller="anonymous", tenant="default", scopes=frozenset({"*"}), key_id="")
@@ -162,6 +177,49 @@ def require_scope(identity: Identity, scope: str | None) -> None:
             reason="SCOPE_MISSING",
             metadata={"scope": scope},
         )
+
+
+DELEGATE_SCOPE = "tenant.delegate"
+ON_BEHALF_OF_HEADER = "x-finsight-on-behalf-of-tenant"
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def on_behalf_of(
+    identity: Identity,
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    *,
+    trusted: bool = False,
+) -> Identity:
+    """The identity the call runs as: `identity`, or, when the metadata names a tenant in
+    `x-finsight-on-behalf-of-tenant`, that tenant's (same caller, key and scopes). Only a
+    key listing `tenant.delegate` itself may: `*` does not grant it (an operator's or a
+    tenant admin's wildcard key must not act in other tenants). `trusted` (auth off)
+    honours the header without a scope."""
+    values = [v for k, v in metadata or () if k == ON_BEHALF_OF_HEADER]
+    if not values:
+        return identity
+    if len(values) > 1:
+        raise InvalidArgument(
+            f"send {ON_BEHALF_OF_HEADER!r} at most once", reason="ON_BEHALF_OF_INVALID"
+        )
+    raw = values[0]
+    tenant = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise InvalidArgument(
+            f"{ON_BEHALF_OF_HEADER!r} must be a tenant id (1-128 characters from "
+            "[A-Za-z0-9._-], starting with a letter or digit)",
+            reason="ON_BEHALF_OF_INVALID",
+        )
+    if tenant == identity.tenant:  # its own tenant: nothing to grant
+        return identity
+    if not trusted and DELEGATE_SCOPE not in identity.scopes:
+        raise PermissionDenied(
+            f"caller {identity.caller!r} may not act for another tenant: "
+            f"{ON_BEHALF_OF_HEADER!r} needs the key's explicit scope {DELEGATE_SCOPE!r}",
+            reason="DELEGATION_NOT_ALLOWED",
+            metadata={"scope": DELEGATE_SCOPE},
+        )
+    return replace(identity, tenant=tenant, key_tenant=identity.key_tenant or identity.tenant)
 
 
 def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

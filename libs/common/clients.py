@@ -11,7 +11,9 @@ whose caller has no time left fails with DEADLINE_EXCEEDED without being sent.
 Auth: the caller's own key is forwarded when the call is made while handling
 an RPC, so the downstream service sees the same identity and tenant; outside
 an RPC (background jobs) the service's own key (`FINSIGHT_SERVICE_API_KEY`)
-is used.
+is used. A call that acts for a tenant (a delegated inbound call, or background work in
+`context.acting_for(tenant)`) also carries `x-finsight-on-behalf-of-tenant`, so the
+callee bills and scopes it to that tenant (libs/common/auth.py, "Delegation").
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from libs.common import context, metrics
+from libs.common.auth import ON_BEHALF_OF_HEADER
 from libs.common.config import CommonSettings
 from libs.common.errors import DeadlineExceeded
 
@@ -71,6 +74,9 @@ class _ClientInterceptor(
             key = context.inbound_bearer() or self.service_key
             if key:
                 metadata["authorization"] = f"Bearer {key}"
+            tenant = context.on_behalf_of_tenant()
+            if tenant and ON_BEHALF_OF_HEADER not in metadata:
+                metadata[ON_BEHALF_OF_HEADER] = tenant
         return grpc.aio.ClientCallDetails(
             method=details.method,
             timeout=timeout,

@@ -6,6 +6,8 @@ Held in contextvars, so it follows the handling task and any task it spawns.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from libs.common.auth import ANONYMOUS, Identity
@@ -13,6 +15,7 @@ from libs.common.auth import ANONYMOUS, Identity
 _identity: ContextVar[Identity] = ContextVar("finsight_identity", default=ANONYMOUS)
 _deadline: ContextVar[float | None] = ContextVar("finsight_deadline", default=None)
 _bearer: ContextVar[str | None] = ContextVar("finsight_bearer", default=None)
+_on_behalf_of: ContextVar[str | None] = ContextVar("finsight_on_behalf_of", default=None)
 
 
 def current_identity() -> Identity:
@@ -36,8 +39,35 @@ def inbound_bearer() -> str | None:
     return _bearer.get()
 
 
-def bind(identity: Identity, time_remaining: float | None, bearer: str | None) -> None:
-    """Called by the server interceptor inside the RPC's task."""
+def on_behalf_of_tenant() -> str | None:
+    """The tenant downstream calls act for (`x-finsight-on-behalf-of-tenant`): the tenant
+    of a delegated inbound call, or of a background job bound with `on_behalf_of`."""
+    return _on_behalf_of.get()
+
+
+def bind(
+    identity: Identity,
+    time_remaining: float | None,
+    bearer: str | None,
+    *,
+    on_behalf_of: str | None = None,
+) -> None:
+    """Called by the server interceptor inside the RPC's task (and by background jobs:
+    `on_behalf_of` makes their calls with the service key act for that tenant)."""
     _identity.set(identity)
     _deadline.set(None if time_remaining is None else time.monotonic() + time_remaining)
     _bearer.set(bearer)
+    _on_behalf_of.set(on_behalf_of or (identity.tenant if identity.delegated else None))
+
+
+@contextmanager
+def acting_for(tenant: str) -> Iterator[None]:
+    """Background work on a tenant's data: downstream calls inside carry the service's own
+    key (no caller key is forwarded) and act for `tenant` (the key needs scope
+    `tenant.delegate`), so usage, limits and budgets are the tenant's."""
+    bearer, behalf = _bearer.set(None), _on_behalf_of.set(tenant)
+    try:
+        yield
+    finally:
+        _on_behalf_of.reset(behalf)
+        _bearer.reset(bearer)

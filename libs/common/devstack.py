@@ -46,7 +46,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from libs.common.auth import key_entry, new_key
+from libs.common.auth import DELEGATE_SCOPE, key_entry, new_key
 from libs.common.keytool import KeysFileError, put_entry
 from libs.common.pg import describe_url, with_database
 from libs.common.server import wait_for_serving
@@ -175,7 +175,11 @@ def ensure_dev_key(data_dir: Path) -> tuple[str, Path]:
         key = new_key()
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
-    entry = key_entry(key, caller="developer", tenant="dev", scopes=["*"], key_id=DEV_KEY_ID)
+    # tenant.delegate: the key is also the services' own (FINSIGHT_SERVICE_API_KEY), and
+    # memory's background gateway calls act for the data's tenant (`*` does not grant it).
+    entry = key_entry(
+        key, caller="developer", tenant="dev", scopes=["*", DELEGATE_SCOPE], key_id=DEV_KEY_ID
+    )
     put_entry(keys_file, entry)
     return key, keys_file
 

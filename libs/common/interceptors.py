@@ -27,7 +27,14 @@ import grpc
 from grpc_status import rpc_status
 
 from libs.common import context, metrics
-from libs.common.auth import ANONYMOUS, Identity, KeyStore, bearer_from_metadata, require_scope
+from libs.common.auth import (
+    ANONYMOUS,
+    Identity,
+    KeyStore,
+    bearer_from_metadata,
+    on_behalf_of,
+    require_scope,
+)
 from libs.common.error_reporting import report_exception
 from libs.common.errors import FinsightError, Internal, Unauthenticated
 from libs.common.ratelimit import TokenBucket
@@ -174,6 +181,10 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             if not exempt:
                 require_scope(identity, policy.scope)
         rpc.identity = identity
+        if not exempt:  # x-finsight-on-behalf-of-tenant (delegation: libs/common/auth.py)
+            identity = rpc.identity = on_behalf_of(
+                identity, metadata, trusted=self.keystore is None
+            )
         context.bind(identity, ctx.time_remaining(), bearer)
         if self.limiter is not None and not exempt:
             limit = self.rate_limits.get(policy.method_class) or self.rate_limits["default"]
@@ -302,6 +313,9 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
             "tenant": rpc.identity.tenant,
             "peer": rpc.peer,
         }
+        if rpc.identity.delegated:  # acting for `tenant`: the key's own tenant and id
+            extra["key_tenant"] = rpc.identity.key_tenant
+            extra["key_id"] = rpc.identity.key_id
         if rpc.reason and rpc.code != grpc.StatusCode.OK:
             extra["reason"] = rpc.reason
         if rpc.error_id:

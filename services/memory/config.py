@@ -240,6 +240,14 @@ class MemorySettings(CommonSettings):
         description="Turns one catch-up pass offers at most (per replica pass, all tenants); "
         "it never fills more than half of MEMORY_EXTRACTION_QUEUE_MAX",
     )
+    memory_extraction_catchup_max_attempts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Failed extractions of a user turn (its own fault: an answer that does "
+        "not parse, a gateway refusal such as INVALID_ARGUMENT) after which the catch-up no "
+        "longer offers it; gateway outages and throttling never count (0 = no cap)",
+    )
 
     memory_recall_index_max_entries: int = Field(
         12_000_000,
@@ -248,7 +256,28 @@ class MemorySettings(CommonSettings):
         description="Cap of the in-process recall index, in 16-byte entries: a posting is "
         "one, a fact ~5, a 256-d vector 64 (a user with 100k facts and vectors ~7.4M, "
         "~120 MiB); least recently used users are evicted, a user whose index alone exceeds "
-        "it is served by SQL (hybrid: a transient load per Recall). 0 = always SQL",
+        "it is served by SQL (hybrid: a transient load per Recall, or pgvector). 0 = always SQL",
+    )
+    memory_recall_pgvector: Literal["on", "off"] = Field(
+        "on",
+        description="PostgreSQL: users over MEMORY_RECALL_INDEX_MAX_ENTRIES are recalled in "
+        "hybrid/vector mode from pgvector candidates (the extension is created at start-up; "
+        "missing or not creatable: a warning, and the transient load per Recall as with off)",
+    )
+    memory_recall_pgvector_candidates: int = Field(
+        200,
+        ge=10,
+        le=1000,
+        description="Candidates the pgvector path takes per Recall by cosine, by BM25 and by "
+        "lexical score: max(10 k, this) each; scored exactly as the in-process index scores "
+        "them",
+    )
+    memory_recall_pgvector_min_facts: int = Field(
+        20_000,
+        ge=1,
+        description="Mirrored vectors from which a user served by the pgvector path gets an "
+        "HNSW index of their own (built concurrently, in the background); below it the "
+        "nearest facts are found by an exact scan of the user's vectors",
     )
 
     # BuildContext.

@@ -95,7 +95,8 @@ class LocalEmbedder:
 
 class GatewayEmbedder:
     """The gateway's Embed RPC through a Finsight channel (the caller's key is forwarded
-    while handling an RPC; background jobs use the service key)."""
+    while handling an RPC; background jobs use the service key, acting for the tenant
+    whose facts they embed: `context.acting_for`)."""
 
     MAX_BATCH = 256  # EmbedRequest.inputs
 

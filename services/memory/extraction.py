@@ -16,7 +16,9 @@ Opt-in twice: the tenant (MEMORY_EXTRACTION_TENANTS) and the user (SetConsent
   dropped and counted), and MEMORY_EXTRACTION_TOKENS_PER_MINUTE per tenant and replica.
 - Degrades to doing nothing: a gateway that fails or answers nonsense costs a metric and a
   log line, never an AppendMessages error, and the messages stay unhandled until the
-  catch-up pass (services/memory/catchup.py) offers them again.
+  catch-up pass (services/memory/catchup.py) offers them again; a turn whose jobs fail
+  for a reason of their own (an answer that does not parse, a gateway refusal such as
+  INVALID_ARGUMENT) is given up after MEMORY_EXTRACTION_CATCHUP_MAX_ATTEMPTS of them.
 - Runs with the identity of the caller that appended (the context is copied into the
   job), so the gateway bills the right tenant and the caller's key is forwarded.
 
@@ -83,8 +85,32 @@ shares.")."""
 )
 
 
+# Gateway codes that say nothing about the job (down, overloaded, slow, misconfigured key):
+# they never count against a turn's catch-up attempts (MEMORY_EXTRACTION_CATCHUP_MAX_ATTEMPTS).
+TRANSIENT_CODES = frozenset(
+    {
+        "UNAVAILABLE",
+        "RESOURCE_EXHAUSTED",
+        "DEADLINE_EXCEEDED",
+        "CANCELLED",
+        "ABORTED",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+    }
+)
+
+
 class ExtractionUnavailable(Exception):
-    """The gateway could not answer (down, timeout, refusal)."""
+    """The gateway could not answer (down, timeout, refusal); `code` is its gRPC status."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        """Down or busy (try again later), rather than refusing this job."""
+        return self.code in TRANSIENT_CODES
 
 
 @dataclass(frozen=True)
@@ -97,7 +123,9 @@ class Proposal:
 
 
 class Completer(Protocol):
-    async def complete_json(self, system: str, user: str) -> str: ...
+    async def complete_json(self, system: str, user: str, *, fresh: bool = False) -> str:
+        """The model's answer; `fresh`: never a cached one (a retry after a bad answer)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -114,7 +142,7 @@ class GatewayCompleter:
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
 
-    async def complete_json(self, system: str, user: str) -> str:
+    async def complete_json(self, system: str, user: str, *, fresh: bool = False) -> str:
         request = llm_gateway_pb2.CompleteRequest(
             model=self.route,
             messages=[
@@ -124,11 +152,14 @@ class GatewayCompleter:
             max_tokens=self.max_tokens,
             temperature=0.0,
             response_format=llm_gateway_pb2.RESPONSE_FORMAT_JSON_OBJECT,
+            # temperature 0 is cacheable: a retry must not get the answer that failed again.
+            cache_policy=llm_gateway_pb2.CACHE_POLICY_REFRESH if fresh else 0,
         )
         try:
             reply = await self.stub.Complete(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise ExtractionUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+            code = exc.code().name
+            raise ExtractionUnavailable(f"{code}: {exc.details()}", code) from exc
         return reply.content
 
     async def close(self) -> None:
@@ -148,16 +179,22 @@ def build_prompt(turns: Sequence[StoredMessage], known: Sequence[Fact]) -> str:
     )
 
 
+def operations_of(answer: str) -> list[Any] | None:
+    """The answer's `operations` list, or None when the answer is not such an object."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return None
+    ops = data.get("operations") if isinstance(data, dict) else None
+    return ops if isinstance(ops, list) else None
+
+
 def parse_operations(answer: str, known_ids: set[str]) -> tuple[list[Proposal], int]:
     """The valid ADD/UPDATE proposals of a model answer, and how many items were refused
     (malformed, unknown op, empty or oversized text). An UPDATE naming a fact the model
     was not shown becomes an ADD: a proposal never closes a fact it could not see."""
-    try:
-        data = json.loads(answer)
-    except ValueError:
-        return [], 1
-    ops = data.get("operations") if isinstance(data, dict) else None
-    if not isinstance(ops, list):
+    ops = operations_of(answer)
+    if ops is None:
         return [], 1
     out: list[Proposal] = []
     refused = 0
@@ -202,6 +239,7 @@ class Job:
     session_id: str
     turns: tuple[StoredMessage, ...]
     context: contextvars.Context
+    fresh: bool = False  # a retry of turns whose extraction failed: skip the gateway cache
 
 
 class TokenWindow:
@@ -256,6 +294,9 @@ class Extractor:
         self.in_flight: set[str] = set()
         # Whether the last gateway call answered: while not, the catch-up pass only probes.
         self.gateway_ok = True
+        # Told of a job that failed for a reason of its own (an unparseable answer, the
+        # gateway refusing it), with that reason: the catch-up counts attempts per turn.
+        self.on_failure: Callable[[Job, str], Awaitable[None]] | None = None
 
     def enabled_for(self, tenant: str) -> bool:
         return "*" in self.tenants or tenant in self.tenants
@@ -331,16 +372,34 @@ class Extractor:
             return "throttled"
         started = time.perf_counter()
         try:
-            answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt)
+            if job.fresh:
+                answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt, fresh=True)
+            else:
+                answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt)
         except ExtractionUnavailable as exc:
-            self.gateway_ok = False
+            # A refusal of this job (INVALID_ARGUMENT…) is an answer: only an outage probes.
+            self.gateway_ok = not exc.transient
             log.warning("fact extraction skipped: gateway failed", extra={"error": str(exc)})
+            if not exc.transient:
+                await self._failed(job, f"gateway_{exc.code.lower()}")
             return "gateway_failed"
         finally:
             metrics.EXTRACTION_SECONDS.observe(time.perf_counter() - started)
         self.gateway_ok = True
+        if operations_of(answer) is None:  # not an answer at all: the turns stay unhandled
+            log.warning("fact extraction skipped: the model's answer does not parse")
+            await self._failed(job, "unparseable")
+            return "unparseable"
         proposals, refused = parse_operations(answer, {f.fact_id for f in known})
         if refused:
             metrics.EXTRACTION_PROPOSALS.labels("refused").inc(refused)
         await self._handle(job, proposals)
         return "ok"
+
+    async def _failed(self, job: Job, reason: str) -> None:
+        if self.on_failure is None:
+            return
+        try:
+            await self.on_failure(job, reason)
+        except Exception:  # counting attempts must never fail the job's bookkeeping
+            log.exception("extraction attempt not counted")

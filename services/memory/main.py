@@ -22,6 +22,7 @@ from services.memory.embedding import Embedder, GatewayEmbedder, LocalEmbedder
 from services.memory.extraction import GatewayCompleter
 from services.memory.hot_tier import HotTier
 from services.memory.manager import MemoryManager
+from services.memory.pgvector import PgVector
 from services.memory.retention import Purger
 from services.memory.servicer import MemoryServicer
 from services.memory.store import MemoryStore, open_store
@@ -75,6 +76,16 @@ async def build(host: ServiceHost, redis: Redis) -> MemoryApp:
         else None
     )
     manager = MemoryManager(settings, store, hot, embedder=embedder, completer=completer)
+    if isinstance(db, PgDatabase):  # large users' vector recall (docs/memory.md, pgvector)
+        manager.pgvector = await PgVector.open(
+            db,
+            settings.memory_recall_pgvector == "on",
+            settings.memory_recall_pgvector_candidates,
+            settings.memory_recall_pgvector_min_facts,
+            settings.memory_reembed_batch,
+        )
+        if manager.pgvector is not None:
+            host.on_shutdown(manager.pgvector.close)  # runs before db.close (reverse order)
     manager.start()
     host.on_shutdown(manager.close)  # runs before db.close (reverse order)
     purger = Purger(settings, store, hot, manager.index)

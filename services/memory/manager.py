@@ -71,6 +71,7 @@ from services.memory.models import (
     StoredMessage,
     now_us,
 )
+from services.memory.pgvector import PgVector
 from services.memory.recall_index import RecallIndex, UserIndex
 from services.memory.store import MemoryStore
 from services.memory.token_counter import TokenCounter
@@ -124,6 +125,8 @@ class MemoryManager:
         self.index = (
             index if index is not None else RecallIndex(settings.memory_recall_index_max_entries)
         )
+        # PostgreSQL with pgvector (services/memory/pgvector.py), set by main.build.
+        self.pgvector: PgVector | None = None
         self.appends: Batcher[AppendRequest, AppendResult] = Batcher(
             "append_batch", store.append_batch, after_commit=self._write_through
         )
@@ -184,6 +187,8 @@ class MemoryManager:
                 await self.reindex_pass()
                 if self.embedder is not None:
                     await self.reembed_pass()
+                if self.pgvector is not None:
+                    await self.pgvector.mirror_pass(await self.store.retention_tenants())
             except asyncio.CancelledError:
                 raise
             except Exception:  # a store outage: try again next round
@@ -225,7 +230,8 @@ class MemoryManager:
         with _tracer.start_as_current_span("memory.reembed") as span:
             for tenant in await self.store.retention_tenants():
                 while rows := await self.store.facts_to_embed(tenant, model, batch):
-                    vectors = await self._embed("reembed", [r.text for r in rows])
+                    with context.acting_for(tenant):  # billed to the tenant, not to memory
+                        vectors = await self._embed("reembed", [r.text for r in rows])
                     if vectors is None:
                         pending += await self.store.count_to_embed(tenant, model)
                         break
@@ -727,7 +733,24 @@ class MemoryManager:
                 weights = replace(weights, center_min_facts=0)
             index = await self._user_index(tenant, user_id)
             args = (tenant, user_id, query, flt, k, now_us(), weights)
-            if index is None and served is RecallMode.LEXICAL:
+            candidates = None
+            if index is None and vector is not None and self.pgvector is not None:
+                # PostgreSQL: candidates from pgvector, scored by the same code (pgvector.py).
+                candidates = await self.pgvector.candidates_index(
+                    tenant,
+                    user_id,
+                    self._index_model,
+                    [recall.term_key(tenant, user_id, t) for t in recall.query_terms(query)],
+                    flt,
+                    k,
+                    args[5],
+                    vector,
+                    weights,
+                )
+            if candidates is not None:
+                path = "pgvector"
+                found = await search_indexed(self.store, candidates, *args, vector)
+            elif index is None and served is RecallMode.LEXICAL:
                 path = "sql"
                 found = await self.store.recall_facts(*args)
             elif index is None:
@@ -944,6 +967,11 @@ class MemoryManager:
             )
         finally:
             self.index.invalidate((tenant, user_id))
+        if self.pgvector is not None:
+            try:  # their definitions name the user: gone with the user's rows
+                await self.pgvector.drop_user_indexes(tenant, user_id)
+            except Exception:
+                log.exception("dropping an erased user's HNSW index failed (drop it by hand)")
         cached = await self.hot.invalidate((tenant, s) for s in counts.session_ids)
         metrics.ERASURES.inc()
         log.info(

@@ -39,7 +39,9 @@ RECALL_RESULTS = Histogram(
 RECALL_SERVED = Counter(
     "finsight_memory_recall_served_total",
     "Recalls (incl. those of BuildContext) by how they were scored: index (in-process "
-    "per-user index) or sql (index disabled, or the user's index over the cap).",
+    "per-user index), sql (lexical; index disabled, or the user's index over the cap), "
+    "transient (hybrid/vector over the cap: a full load per Recall) or pgvector "
+    "(hybrid/vector over the cap on PostgreSQL: candidates from pgvector).",
     ("path",),
 )
 RECALL_INDEX_LOADS = Counter(
@@ -109,8 +111,8 @@ REEMBEDDED = Counter(
 EXTRACTIONS = Counter(
     "finsight_memory_extractions_total",
     "Fact-extraction jobs (the user turns of one AppendMessages), by outcome: ok, "
-    "no_consent, throttled (MEMORY_EXTRACTION_TOKENS_PER_MINUTE), gateway_failed, error, "
-    "dropped_queue_full.",
+    "no_consent, throttled (MEMORY_EXTRACTION_TOKENS_PER_MINUTE), gateway_failed, "
+    "unparseable (the model's answer is not the JSON asked for), error, dropped_queue_full.",
     ("outcome",),
 )
 EXTRACTION_PROPOSALS = Counter(
@@ -144,10 +146,25 @@ EXTRACTION_CATCHUP_PENDING = Gauge(
     "MEMORY_EXTRACTION_CATCHUP_AGE_S), counted up to the pass's batch "
     "(MEMORY_EXTRACTION_CATCHUP_BATCH): 0 = caught up.",
 )
+EXTRACTION_GIVEN_UP = Counter(
+    "finsight_memory_extraction_given_up_total",
+    "User turns the catch-up no longer offers: their extraction failed for a reason of "
+    "its own (unparseable answer, gateway refusal) MEMORY_EXTRACTION_CATCHUP_MAX_ATTEMPTS "
+    "times; outages never count.",
+)
 EXTRACTION_CATCHUP_PASSES = Counter(
     "finsight_memory_extraction_catchup_passes_total",
     "Catch-up passes, by outcome: ran, probe (the gateway failed last: one job to test it), "
     "queue_full (half of the queue or more is taken: nothing offered), skipped_lock (another "
     "replica holds this interval's pass), error (the store failed).",
     ("outcome",),
+)
+PGVECTOR_AVAILABLE = Gauge(
+    "finsight_memory_pgvector_available",
+    "1 when the pgvector recall path is on (PostgreSQL, MEMORY_RECALL_PGVECTOR=on, extension "
+    "created); 0 when off or unavailable (users over the index cap: transient index load).",
+)
+PGVECTOR_MIRRORED = Counter(
+    "finsight_memory_pgvector_mirrored_facts_total",
+    "Fact vectors copied from facts.embedding (bytea) into the pgvector column.",
 )

@@ -67,6 +67,21 @@ RECENTRE_GROWTH = 1.125
 
 
 @dataclass(frozen=True)
+class Corpus:
+    """Statistics of a user's whole fact set for an index that holds only some of their
+    facts (the pgvector path's candidates, services/memory/pgvector.py), so that the same
+    scoring code gives every candidate the score the full index would: BM25's N (live
+    facts), avgdl and df per query term key, and the mean of the user's fact vectors of
+    the index's model (`vectors` of them; None: none)."""
+
+    live: int
+    avgdl: float
+    df: dict[int, int]
+    mean: np.ndarray | None = None
+    vectors: int = 0
+
+
+@dataclass(frozen=True)
 class _Live:
     """Which facts are live for `since_us <= now < until_us`, and what depends on it."""
 
@@ -75,6 +90,7 @@ class _Live:
     mask: np.ndarray | None  # None: all
     count: int
     length_norm: np.ndarray  # K1 * (1 - B + B * doc_len / avgdl), per fact
+    n: int = 0  # BM25's N: `count`, or the corpus' live facts
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,8 @@ class UserIndex:
     # this model: it scores 0 on the vector part), and the model ("": no vectors held).
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     model: str = ""
+    # Whole-set statistics when this index holds only some of the user's facts (None: all).
+    corpus: Corpus | None = None
     _live_cache: list[_Live | None] = field(
         default_factory=lambda: [None], compare=False, repr=False
     )
@@ -182,10 +200,16 @@ class UserIndex:
     # -- building ----------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, facts: pa.Table, postings: pa.Table, version: int = 0, model: str = ""
+        cls,
+        facts: pa.Table,
+        postings: pa.Table,
+        version: int = 0,
+        model: str = "",
+        corpus: Corpus | None = None,
     ) -> UserIndex:
         """From a user's facts and their postings (any order; the loader sorts postings
-        by term key in SQL, which saves the sort here), keeping the vectors of `model`."""
+        by term key in SQL, which saves the sort here), keeping the vectors of `model`;
+        `corpus`: the statistics of all the user's facts when these are only some."""
         facts = facts.sort_by("fact_no")
         fact_no = facts["fact_no"].to_numpy()
         kinds_enc = pc.dictionary_encode(facts["kind"]).combine_chunks()
@@ -209,6 +233,7 @@ class UserIndex:
             version=version,
             vectors=_model_vectors(facts, model),
             model=model,
+            corpus=corpus,
         )
 
     def contains(self, fact_nos: np.ndarray) -> np.ndarray:
@@ -333,6 +358,8 @@ class UserIndex:
         mask = None if count == len(live) else live
         gone = self.expires_us[~live] if mask is not None else self.expires_us[:0]
         avgdl = float(self.doc_len[live].sum()) / count if count else 1.0
+        if self.corpus is not None and self.corpus.live:
+            avgdl = self.corpus.avgdl
         k1, b = recall.K1, recall.B
         entry = _Live(
             since_us=int(gone.max()) if len(gone) else -_NEVER,
@@ -342,6 +369,7 @@ class UserIndex:
             # The BM25 length normalisation, written as storage.recall_facts writes it
             # (same operations in the same order: same floating-point result).
             length_norm=k1 * (1 - b + b * self.doc_len / avgdl),
+            n=count if self.corpus is None else self.corpus.live,
         )
         self._live_cache[0] = entry  # a racing thread computes the same value
         return entry
@@ -463,10 +491,10 @@ class UserIndex:
             if live.mask is not None:
                 alive = live.mask[pos]
                 pos, tf = pos[alive], tf[alive]
-            df = len(pos)
-            if df == 0:
+            if len(pos) == 0:
                 continue
-            idf = math.log(1 + (live.count - df + 0.5) / (df + 0.5))
+            df = len(pos) if self.corpus is None else self.corpus.df.get(key, len(pos))
+            idf = math.log(1 + (live.n - df + 0.5) / (df + 0.5))
             bm[pos] += idf * tf * (k1 + 1) / (tf + live.length_norm[pos])
         return bm
 
@@ -518,7 +546,12 @@ class UserIndex:
         v = self.vectors
         squares = np.einsum("ij,ij->i", v, v).astype(np.float64)
         count = int(np.count_nonzero(squares > 0))
-        mean = v.sum(axis=0, dtype=np.float64) / count if count else np.zeros(self.dimensions)
+        if self.corpus is not None:  # the mean of all the user's vectors, not of these
+            count = self.corpus.vectors if self.corpus.mean is not None else 0
+        if self.corpus is not None and self.corpus.mean is not None and count:
+            mean = np.asarray(self.corpus.mean, np.float64)
+        else:
+            mean = v.sum(axis=0, dtype=np.float64) / count if count else np.zeros(self.dimensions)
         entry = _Centre(count, count, mean, _distances(v, squares, mean))
         self._centre_cache[0] = entry  # a racing thread computes the same value
         return entry

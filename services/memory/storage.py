@@ -865,7 +865,9 @@ def extraction_counts(cur: Cursor, tenant: str, user_id: str, now_us: int) -> Ex
     """The user's unhandled user turns, handled turns (and the last handling time), and
     current, unexpired extracted facts."""
     pending = cur.execute(
-        "SELECT count(*) FROM messages m WHERE m.tenant = ? AND m.user_id = ? "
+        "SELECT count(*) FROM messages m JOIN consent c ON c.tenant = m.tenant "
+        "AND c.user_id = m.user_id WHERE m.tenant = ? AND m.user_id = ? "
+        "AND c.long_term_memory AND c.fact_extraction AND m.created_at >= c.extraction_since "
         "AND m.role = 'user' AND NOT EXISTS (SELECT 1 FROM extracted_messages e "
         "WHERE e.tenant = ? AND e.user_id = m.user_id AND e.message_id = m.message_id)",
         [tenant, user_id, tenant],
@@ -894,12 +896,13 @@ def unextracted_messages(
     cur: Cursor, tenant: str, before_us: int, after_us: int | None, limit: int
 ) -> list[StoredMessage]:
     """Up to `limit` of the tenant's user turns stored before `before_us` (and at or after
-    `after_us`) that the extractor never handled, of users who consent to extraction,
-    oldest first (the catch-up pass)."""
+    `after_us`) that the extractor never handled, of users who consent to extraction and
+    stored since their opt-in, oldest first (the catch-up pass)."""
     rows = cur.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.tenant = ? AND m.user_id IN "
-        "(SELECT c.user_id FROM consent c WHERE c.tenant = ? AND c.long_term_memory "
-        "AND c.fact_extraction) AND m.role = 'user' AND m.created_at < make_timestamp(?) "
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.tenant = ? AND EXISTS (SELECT 1 "
+        "FROM consent c WHERE c.tenant = ? AND c.user_id = m.user_id AND c.long_term_memory "
+        "AND c.fact_extraction AND m.created_at >= c.extraction_since) "
+        "AND m.role = 'user' AND m.created_at < make_timestamp(?) "
         "AND m.created_at >= make_timestamp(?) AND NOT EXISTS (SELECT 1 FROM "
         "extracted_messages e WHERE e.tenant = m.tenant AND e.user_id = m.user_id "
         "AND e.message_id = m.message_id) "
@@ -1116,11 +1119,19 @@ def set_consent(
     fact_extraction: bool = False,
 ) -> tuple[Consent, int]:
     extraction = long_term_memory and fact_extraction
+    # An opt-in keeps the time it began while it lasts (the catch-up mines turns since then).
+    since = cur.execute(
+        "SELECT epoch_us(extraction_since) FROM consent WHERE tenant = ? AND user_id = ? "
+        "AND fact_extraction",
+        [tenant, user_id],
+    ).fetchone()
+    since_us = (since[0] if since and since[0] is not None else now_us) if extraction else None
     cur.execute("DELETE FROM consent WHERE tenant = ? AND user_id = ?", [tenant, user_id])
     cur.execute(
         "INSERT INTO consent (tenant, user_id, long_term_memory, updated_at, updated_by, "
-        "fact_extraction) VALUES (?, ?, ?, make_timestamp(?), ?, ?)",
-        [tenant, user_id, long_term_memory, now_us, audit.caller, extraction],
+        "fact_extraction, extraction_since) VALUES (?, ?, ?, make_timestamp(?), ?, ?, "
+        "make_timestamp(?))",
+        [tenant, user_id, long_term_memory, now_us, audit.caller, extraction, since_us],
     )
     deleted: list[str] = []
     if not long_term_memory:

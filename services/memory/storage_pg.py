@@ -337,13 +337,19 @@ RECALL_NO_TERMS = f"""
     {_RANKED}"""
 
 # Consent.
+# An opt-in to extraction keeps the time it began while it lasts (the catch-up mines turns
+# stored since then); opting out clears it.
 UPSERT_CONSENT = """
-    INSERT INTO consent (tenant, user_id, long_term_memory, updated_at, updated_by,
-                         fact_extraction)
-    VALUES (%(tenant)s, %(user_id)s, %(value)s, %(at)s, %(by)s, %(extraction)s)
+    INSERT INTO consent AS c (tenant, user_id, long_term_memory, updated_at, updated_by,
+                              fact_extraction, extraction_since)
+    VALUES (%(tenant)s, %(user_id)s, %(value)s, %(at)s, %(by)s, %(extraction)s,
+            CASE WHEN %(extraction)s THEN %(at)s::timestamptz END)
     ON CONFLICT (tenant, user_id) DO UPDATE SET
         long_term_memory = excluded.long_term_memory,
         fact_extraction = excluded.fact_extraction,
+        extraction_since = CASE WHEN excluded.fact_extraction
+                                THEN coalesce(c.extraction_since, excluded.extraction_since)
+                           END,
         updated_at = excluded.updated_at,
         updated_by = excluded.updated_by"""
 GET_CONSENT = f"""
@@ -438,7 +444,9 @@ LIST_FACTS = f"""
 # Extraction status and catch-up.
 COUNT_PENDING_TURNS = """
     SELECT count(*) FROM messages m
+    JOIN consent c ON c.tenant = m.tenant AND c.user_id = m.user_id
     WHERE m.tenant = %(tenant)s AND m.user_id = %(user_id)s AND m.role = 'user'
+      AND c.long_term_memory AND c.fact_extraction AND m.created_at >= c.extraction_since
       AND NOT EXISTS (SELECT 1 FROM extracted_messages e
                       WHERE e.tenant = %(tenant)s AND e.user_id = m.user_id
                         AND e.message_id = m.message_id)"""
@@ -454,7 +462,7 @@ UNEXTRACTED_TURNS = f"""
     JOIN consent c ON c.tenant = m.tenant AND c.user_id = m.user_id
     WHERE m.tenant = %(tenant)s AND c.tenant = %(tenant)s
       AND c.long_term_memory AND c.fact_extraction AND m.role = 'user'
-      AND m.created_at < %(before)s::timestamptz
+      AND m.created_at >= c.extraction_since AND m.created_at < %(before)s::timestamptz
       AND (%(after)s::timestamptz IS NULL OR m.created_at >= %(after)s::timestamptz)
       AND NOT EXISTS (SELECT 1 FROM extracted_messages e
                       WHERE e.tenant = %(tenant)s AND e.user_id = m.user_id
@@ -1065,8 +1073,15 @@ async def load_recall_index(
         },
         schema=INDEX_POSTINGS_SCHEMA,
     )
+    facts = index_facts_table(rows)
+    version, reset = (int(v) for v in version_row) if version_row else (0, 0)
+    return IndexSnapshot(facts, postings, version, reset)
+
+
+def index_facts_table(rows: Sequence[Sequence[Any]]) -> pa.Table:
+    """Rows of `INDEX_FACTS`' columns as the recall index's facts table."""
     columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [()] * 10
-    facts = pa.table(
+    return pa.table(
         {
             "fact_no": pa.array(columns[0], pa.int64()),
             "fact_id": pa.array(columns[1], pa.string()),
@@ -1083,8 +1098,6 @@ async def load_recall_index(
         },
         schema=INDEX_FACTS_SCHEMA,
     )
-    version, reset = (int(v) for v in version_row) if version_row else (0, 0)
-    return IndexSnapshot(facts, postings, version, reset)
 
 
 async def facts_version(conn: Conn, tenant: str, user_id: str) -> FactsVersion:

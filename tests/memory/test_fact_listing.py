@@ -23,9 +23,11 @@ def _fields(info: Any) -> list[str]:
     return [v.field for v in info.field_violations]
 
 
-async def _consent(store: MemoryStore, tenant: str, user: str, extraction: bool = True) -> None:
+async def _consent(
+    store: MemoryStore, tenant: str, user: str, extraction: bool = True, at: int = NOW - 5 * DAY
+) -> None:
     await store.set_consent(
-        tenant, user, True, NOW - DAY, replace(AUDIT, tenant=tenant, user_id=user), extraction
+        tenant, user, True, at, replace(AUDIT, tenant=tenant, user_id=user), extraction
     )
 
 
@@ -159,6 +161,37 @@ async def test_extraction_counts_and_unextracted_turns(store: MemoryStore) -> No
     later = await store.extraction_counts("acme", "u1", NOW + 400 * DAY)
     assert later.extracted_facts == 1  # no expiry was set
     assert (await store.extraction_counts("globex", "u1", NOW)).messages_extracted == 0
+
+
+async def test_turns_from_before_an_opt_in_are_never_mined(store: MemoryStore) -> None:
+    """The catch-up mines (and GetExtractionStatus counts as pending) only turns stored
+    since the user's current opt-in; changing another consent keeps the opt-in's start,
+    opting out and in again starts it anew."""
+    results = await store.append_batch(
+        [
+            request("s1", "u1", "before", at=NOW - 4 * DAY),
+            request("s1", "u1", "after", at=NOW - 2 * DAY),
+            request("s1", "u1", "later", at=NOW - DAY // 2),
+        ]
+    )
+    before, after, later = (r.new_messages[0].message_id for r in results)
+
+    async def due() -> list[str]:
+        return [m.message_id for m in await store.unextracted_messages("acme", NOW, None, 10)]
+
+    assert await due() == []  # no consent yet: nothing is mined
+    assert (await store.extraction_counts("acme", "u1", NOW)).messages_pending == 0
+    await _consent(store, "acme", "u1", at=NOW - 3 * DAY)
+    assert before not in await due()
+    assert await due() == [after, later]
+    assert (await store.extraction_counts("acme", "u1", NOW)).messages_pending == 2
+    await _consent(store, "acme", "u1", at=NOW - DAY)  # re-stated while on: same start
+    assert await due() == [after, later]
+    await _consent(store, "acme", "u1", extraction=False, at=NOW - DAY)
+    assert await due() == []
+    await _consent(store, "acme", "u1", at=NOW - DAY)  # a new opt-in starts now
+    assert await due() == [later]
+    assert (await store.extraction_counts("acme", "u1", NOW)).messages_pending == 1
 
 
 # -- through the RPC -------------------------------------------------------------------------

@@ -151,6 +151,7 @@ async def test_a_user_beyond_the_index_is_ranked_the_same_by_a_transient_load(
     before = REGISTRY.get_sample_value("finsight_memory_recall_served_total", {"path": "transient"})
     memory.app.manager.index.max_entries = 0  # as if the user were over the cap
     memory.app.manager.index.clear()
+    memory.app.manager.pgvector = None  # PostgreSQL's pgvector path: tests/memory/test_pgvector.py
     transient = [await recall_ids(memory, "u1", q, pb.RECALL_MODE_HYBRID, k=20) for q in queries]
     after = REGISTRY.get_sample_value("finsight_memory_recall_served_total", {"path": "transient"})
     assert (after or 0) - (before or 0) == len(queries)
