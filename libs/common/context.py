@@ -11,11 +11,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from libs.common.auth import ANONYMOUS, Identity
+from libs.common.ratelimit import CallerLimit
 
 _identity: ContextVar[Identity] = ContextVar("finsight_identity", default=ANONYMOUS)
 _deadline: ContextVar[float | None] = ContextVar("finsight_deadline", default=None)
 _bearer: ContextVar[str | None] = ContextVar("finsight_bearer", default=None)
 _on_behalf_of: ContextVar[str | None] = ContextVar("finsight_on_behalf_of", default=None)
+_caller_limit: ContextVar[CallerLimit | None] = ContextVar("finsight_caller_limit", default=None)
 
 
 def current_identity() -> Identity:
@@ -58,6 +60,18 @@ def bind(
     _deadline.set(None if time_remaining is None else time.monotonic() + time_remaining)
     _bearer.set(bearer)
     _on_behalf_of.set(on_behalf_of or (identity.tenant if identity.delegated else None))
+
+
+def defer_caller_limit(limit: CallerLimit | None) -> None:
+    """Called by the server interceptor for a method whose handler spends the caller's
+    rate limit itself (`MethodPolicy.limit_in_handler`)."""
+    _caller_limit.set(limit)
+
+
+def deferred_caller_limit() -> CallerLimit | None:
+    """The caller's rate limit this RPC's handler is to spend, if not spent yet."""
+    limit = _caller_limit.get()
+    return None if limit is None or limit.spent else limit
 
 
 @contextmanager

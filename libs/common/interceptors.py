@@ -37,7 +37,7 @@ from libs.common.auth import (
 )
 from libs.common.error_reporting import report_exception
 from libs.common.errors import FinsightError, Internal, Unauthenticated
-from libs.common.ratelimit import TokenBucket
+from libs.common.ratelimit import CallerLimit, TokenBucket
 from libs.common.wire import Undecodable, message_class, tolerant
 
 access_log = logging.getLogger("finsight.access")
@@ -52,6 +52,10 @@ class MethodPolicy:
 
     scope: str | None
     method_class: str = "default"
+    # The handler spends the caller's rate limit in a Redis script of its own, before any
+    # side effect (libs.common.ratelimit.CallerLimit; the gateway's tenant admission):
+    # one round trip fewer per call. Spent here if the handler did not.
+    limit_in_handler: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class _Rpc:
     code: grpc.StatusCode = grpc.StatusCode.OK
     error_id: str | None = None
     reason: str | None = None
+    caller_limit: CallerLimit | None = None  # set when the handler spends it
     # Read while the call is alive: ctx.peer() after a client cancelled a server stream
     # touches the freed C-core call and can crash the process (seen with grpcio 1.85).
     peer: str = ""
@@ -188,17 +193,36 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
         context.bind(identity, ctx.time_remaining(), bearer)
         if self.limiter is not None and not exempt:
             limit = self.rate_limits.get(policy.method_class) or self.rate_limits["default"]
-            try:
-                await self.limiter.enforce(
-                    f"rl:{identity.tenant}:{identity.caller}:{rpc.service}:{policy.method_class}",
-                    rate=limit.rate,
-                    burst=limit.burst,
-                    subject=f"caller:{identity.caller}",
-                    what=f"{policy.method_class} requests on {rpc.service}",
-                )
-            except FinsightError:
-                metrics.RATELIMIT_REJECTED.labels(rpc.service, policy.method_class).inc()
-                raise
+            caller = CallerLimit(
+                # `{tenant}`: the hash tag the gateway's tenant keys share (one Cluster slot)
+                key=f"rl:{identity.tenant}:{identity.caller}:{rpc.service}:{policy.method_class}",
+                rate=limit.rate,
+                burst=limit.burst,
+                subject=f"caller:{identity.caller}",
+                what=f"{policy.method_class} requests on {rpc.service}",
+                service=rpc.service,
+                method_class=policy.method_class,
+            )
+            if policy.limit_in_handler:
+                rpc.caller_limit = caller
+                context.defer_caller_limit(caller)
+            else:
+                await self.limiter.spend(caller)
+
+    async def _spend_deferred(self, rpc: _Rpc, exc: BaseException | None) -> BaseException | None:
+        """The caller's token when the handler did not spend it: after an error (the
+        caller's refusal replaces it: a throttled caller hears that first, as when the
+        interceptor spends it up front), or after an answer given without admission."""
+        limit = rpc.caller_limit
+        if limit is None or limit.spent or self.limiter is None:
+            return exc
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+        try:
+            await self.limiter.spend(limit)
+        except FinsightError as refused:
+            return refused if exc is not None else None  # an answer given stays given
+        return exc
 
     # -- wrappers ----------------------------------------------------------------------------
     def _wrap_unary(
@@ -220,9 +244,12 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
                     request = _count_received(request, rpc)
                 elif isinstance(request, Undecodable):
                     raise request.error()
-                return await behavior(request, ctx)
+                reply = await behavior(request, ctx)
+                if rpc.caller_limit is not None:
+                    await self._spend_deferred(rpc, None)
+                return reply
             except BaseException as exc:
-                await self._fail(rpc, ctx, exc)
+                await self._fail(rpc, ctx, await self._spend_deferred(rpc, exc) or exc)
                 raise  # unreachable for mapped errors: _fail aborts
             finally:
                 self._finish(rpc, ctx)
@@ -256,8 +283,10 @@ class FinsightServerInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                 else:  # a handler that writes with ctx.write() and returns None
                     await result
+                if rpc.caller_limit is not None:
+                    await self._spend_deferred(rpc, None)
             except BaseException as exc:
-                await self._fail(rpc, ctx, exc)
+                await self._fail(rpc, ctx, await self._spend_deferred(rpc, exc) or exc)
                 raise
             finally:
                 self._finish(rpc, ctx)

@@ -227,6 +227,41 @@ class Decision:
     remaining: float
 
 
+def rate_limited(retry_after_s: float, *, subject: str, what: str) -> ResourceExhausted:
+    """The error of a refused caller (RESOURCE_EXHAUSTED, RetryInfo, QuotaFailure)."""
+    from libs.common.errors import QuotaViolation
+
+    return ResourceExhausted(
+        f"rate limit exceeded for {what}; retry in {retry_after_s:.2f}s",
+        reason="RATE_LIMITED",
+        retry_after=retry_after_s,
+        quota=[QuotaViolation(subject=subject, description=what)],
+    )
+
+
+@dataclass
+class CallerLimit:
+    """One RPC's spend from its caller's bucket (`FINSIGHT_RATE_LIMIT_*`), when the method's
+    handler spends it itself (`MethodPolicy.limit_in_handler`): in a Redis script it runs
+    anyway (the gateway's tenant admission, one round trip instead of two), before any side
+    effect. The bucket is this module's (`key`, hash layout, algorithm); the interceptor
+    spends it when the handler did not (an error before admission, an answer without one),
+    so every call spends one token, as with `TokenBucket.enforce` in the interceptor."""
+
+    key: str
+    rate: float
+    burst: float
+    subject: str
+    what: str
+    service: str
+    method_class: str
+    spent: bool = False
+
+    def refused(self, retry_after_s: float) -> ResourceExhausted:
+        metrics.RATELIMIT_REJECTED.labels(self.service, self.method_class).inc()
+        return rate_limited(retry_after_s, subject=self.subject, what=self.what)
+
+
 class TokenBucket:
     def __init__(self, redis: Redis, *, fail_mode: Literal["open", "closed"] = "open") -> None:
         self.redis = redis
@@ -262,12 +297,12 @@ class TokenBucket:
     ) -> Decision:
         decision = await self.take(key, rate=rate, burst=burst, cost=cost)
         if not decision.allowed:
-            from libs.common.errors import QuotaViolation
-
-            raise ResourceExhausted(
-                f"rate limit exceeded for {what}; retry in {decision.retry_after_s:.2f}s",
-                reason="RATE_LIMITED",
-                retry_after=decision.retry_after_s,
-                quota=[QuotaViolation(subject=subject, description=what)],
-            )
+            raise rate_limited(decision.retry_after_s, subject=subject, what=what)
         return decision
+
+    async def spend(self, limit: CallerLimit) -> None:
+        """`limit`'s token, refused with its error (and counted) when the bucket is empty."""
+        limit.spent = True
+        decision = await self.take(limit.key, rate=limit.rate, burst=limit.burst)
+        if not decision.allowed:
+            raise limit.refused(decision.retry_after_s)

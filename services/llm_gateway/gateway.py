@@ -41,7 +41,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from libs.common.context import current_identity, remaining_time
+from libs.common.context import current_identity, deferred_caller_limit, remaining_time
 from libs.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -285,7 +285,13 @@ class Gateway:
         """The tenant limits' admission, after this replica's pending accounting of the
         tenant (accounting.py: its settlements and TPM refunds count as they always did)."""
         await self.after.settled(tenant)
-        return await self.limiter.admit(tenant, tokens=tokens, max_cost_nanos=max_cost_nanos)
+        return await self.limiter.admit(
+            tenant,
+            tokens=tokens,
+            max_cost_nanos=max_cost_nanos,
+            # The caller's rate limit, in the same round trip (main.py: limit_in_handler).
+            caller=deferred_caller_limit(),
+        )
 
     # -- Complete -----------------------------------------------------------------------------
     async def complete(self, request: CompletionRequest) -> Completion:

@@ -34,10 +34,11 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from libs.common import metrics as kit_metrics
 from libs.common.dbspans import redis_spans
 from libs.common.errors import QuotaViolation, ResourceExhausted, Unavailable
 from libs.common.logging import ThrottledLog
-from libs.common.ratelimit import script_batcher
+from libs.common.ratelimit import CallerLimit, script_batcher
 from services.llm_gateway import metrics
 from services.llm_gateway.pricing import nanos_to_units, usd_to_nanos
 from services.llm_gateway.specs import TenantLimitsSpec
@@ -45,10 +46,13 @@ from services.llm_gateway.specs import TenantLimitsSpec
 log = logging.getLogger(__name__)
 redis_down_log = ThrottledLog(log)  # once per 10 s while Redis is away, not per request
 
-# KEYS: rpm bucket, tpm bucket, budget key.
+# KEYS: rpm bucket, tpm bucket, budget key, caller bucket ('' = none: spent elsewhere).
 # ARGV: rpm rate/s, rpm burst, tpm rate/s, tpm burst, tpm cost, budget nanos (-1 = none),
-#       reserve nanos, budget ttl s.
-# Returns {code, retry_ms, spent}: code 0 admitted, 1 rpm, 2 tpm, 3 budget refused.
+#       reserve nanos, budget ttl s, caller rate/s, caller burst.
+# Returns {code, retry_ms, spent}: code 0 admitted, 1 rpm, 2 tpm, 3 budget, 4 caller refused.
+# The caller bucket is the kit's (libs.common.ratelimit: same layout, same algorithm, cost
+# 1): spent first, and kept spent when a tenant limit then refuses, as when the interceptor
+# spends it before the handler runs.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -65,6 +69,16 @@ end
 local function save(key, tokens, rate, burst)
   redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', now)
   redis.call('PEXPIRE', key, math.ceil(burst / rate * 1000) + 1000)
+end
+if KEYS[4] ~= '' then
+  local rate, burst = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local tokens = refill(KEYS[4], rate, burst)
+  if tokens >= 1 then
+    save(KEYS[4], tokens - 1, rate, burst)
+  else
+    save(KEYS[4], tokens, rate, burst)
+    return {4, math.ceil((1 - tokens) / rate * 1000), '0'}
+  end
 end
 local rpm_rate, rpm_burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tpm_rate, tpm_burst, tpm_cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -196,23 +210,31 @@ class TenantLimiter:
         self._batcher = script_batcher(redis)  # shared with the kit's rate limiter
         self._spans = redis_spans(redis)
 
-    async def admit(self, tenant: str, *, tokens: int, max_cost_nanos: int) -> Reservation:
+    async def admit(
+        self, tenant: str, *, tokens: int, max_cost_nanos: int, caller: CallerLimit | None = None
+    ) -> Reservation:
         """Spend one request of the RPM, `tokens` of the TPM and reserve `max_cost_nanos` of
         today's budget, atomically; RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo) when over.
-        `tokens=0, max_cost_nanos=0` spends only the request (response-cache hits)."""
+        `tokens=0, max_cost_nanos=0` spends only the request (response-cache hits).
+        `caller`: the caller's rate limit, spent first in the same round trip (its refusal
+        is the kit's RATE_LIMITED)."""
         limits = self.policy.for_tenant(tenant)
         tpm_cost = min(tokens, limits.tpm) if limits.tpm > 0 else 0
         budget = limits.daily_budget_nanos
         reserve = max_cost_nanos if budget is not None else 0
         reservation = Reservation(tenant, 0, None, 0)
-        if limits.rpm <= 0 and tpm_cost <= 0 and reserve <= 0:
+        if caller is not None:
+            caller.spent = True
+        if limits.rpm <= 0 and tpm_cost <= 0 and reserve <= 0 and caller is None:
             return reservation
         day_key = budget_key(tenant, utc_day())
         try:
-            with self._spans.span("llm.limits.admit", "EVALSHA"):
+            with self._spans.span("llm.limits.admit", "EVALSHA") as span:
+                if caller is not None:
+                    span.set_attribute("finsight.ratelimit.caller", True)
                 code, retry_ms, spent = await self._batcher.run(
                     self._admit,
-                    [rpm_key(tenant), tpm_key(tenant), day_key],
+                    [rpm_key(tenant), tpm_key(tenant), day_key, caller.key if caller else ""],
                     [
                         limits.rpm / 60.0,
                         limits.rpm,
@@ -222,9 +244,13 @@ class TenantLimiter:
                         -1 if budget is None else budget,
                         reserve,
                         _BUDGET_TTL_S,
+                        caller.rate if caller else 0,
+                        caller.burst if caller else 0,
                     ],
                 )
         except (RedisError, OSError) as exc:
+            if caller is not None:  # the kit's alert on its limiter counts this one too
+                kit_metrics.RATELIMIT_REDIS_ERRORS.labels(fail_mode=self.fail_mode).inc()
             redis_down_log.warning(
                 "tenant limits: redis unavailable",
                 extra={"fail_mode": self.fail_mode, "error": type(exc).__name__},
@@ -237,6 +263,9 @@ class TenantLimiter:
                 ) from None
             return reservation
         code, retry_s = int(code), int(retry_ms) / 1000.0
+        if code == 4:
+            assert caller is not None
+            raise caller.refused(retry_s)
         if code == 1:
             metrics.LIMIT_REJECTIONS.labels("rpm").inc()
             raise ResourceExhausted(

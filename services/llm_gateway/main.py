@@ -9,6 +9,7 @@ import ctypes.util
 from redis.asyncio import Redis
 
 from finsight.llm.v1 import llm_gateway_pb2_grpc
+from libs.common.interceptors import MethodPolicy
 from libs.common.server import ServiceHost, main_entry
 from libs.common.tokens import get_tokenizer
 from services.llm_gateway.breaker import ProviderBreaker
@@ -128,6 +129,10 @@ async def setup(host: ServiceHost, redis: Redis) -> None:
         return True  # setup only gets here with a valid catalog and a loaded tokenizer
 
     host.add_readiness_check("config", config_loaded)
+    # Each call's token from its caller's rate limit is spent in the tenant admission
+    # script, the round trip those calls make anyway (libs.common.ratelimit.CallerLimit).
+    for method in ("Complete", "StreamComplete", "Embed"):
+        host.add_policy(method, MethodPolicy(host.interceptor.default_scope, limit_in_handler=True))
     for client in clients:
         host.on_shutdown(client.aclose)
     if shared is not None:

@@ -137,7 +137,7 @@ async def test_a_complete_is_one_trace_of_its_provider_attempt_and_redis_round_t
         timeout=30,
     )
     assert reply.content
-    expected = ("chat deepseek-chat", "ratelimit.take", "llm.limits.admit", "llm.usage.record")
+    expected = ("chat deepseek-chat", "llm.limits.admit", "llm.usage.record")
     spans = await receiver.wait_for(t.has(COMPLETE, *expected))
     root = t.server_span(spans, COMPLETE)
     assert root is not None
@@ -166,16 +166,17 @@ async def test_a_complete_is_one_trace_of_its_provider_attempt_and_redis_round_t
     assert a["server.address"] == "127.0.0.1" and a["server.port"] == stack.provider.port
     assert a["finsight.llm.cost_usd"] > 0
 
-    # One CLIENT span per Redis round trip of the request, in request order: the caller's
-    # rate limit, the tenant's RPM/TPM/budget admission, then (after the answer) the
-    # accounting.
+    # One CLIENT span per Redis round trip of the request, in request order: the admission
+    # (the caller's rate limit with the tenant's RPM/TPM/budget: one script), then (after
+    # the answer) the accounting.
     port = stack.redis.port
-    (take,) = by_name(below, "ratelimit.take")
+    assert not by_name(below, "ratelimit.take"), tree  # spent by the admission script
     (admit,) = by_name(below, "llm.limits.admit")
     (record,) = by_name(below, "llm.usage.record")
-    for span in (take, admit, record):
+    for span in (admit, record):
         check_redis_span(span, "EVALSHA", port)
-    assert take.end_ns <= admit.start_ns <= admit.end_ns <= attempt.start_ns, tree
+    assert admit.attributes["finsight.ratelimit.caller"] is True
+    assert root.start_ns <= admit.start_ns <= admit.end_ns <= attempt.start_ns, tree
     assert attempt.end_ns <= record.start_ns, tree
     # Not cacheable (no temperature 0): the response cache is never asked.
     assert not by_name(below, "llm.cache.get"), tree
@@ -367,6 +368,9 @@ async def test_an_analyze_is_one_trace_across_the_three_services(
     # In the order the question is answered: context, completion, then the exchange stored.
     order = [servers[BUILD_CONTEXT], servers[COMPLETE], servers[APPEND]]
     assert all(a.end_ns <= b.start_ns for a, b in itertools.pairwise(order)), tree
-    # Every service's own Redis round trips are in the same trace (the kit's rate limit).
+    # Every service's own Redis round trips are in the same trace (the kit's rate limit:
+    # the gateway spends it in its admission script).
     takes = {s.service for s in below if s.name == "ratelimit.take"}
-    assert takes == {"analytics", "memory", "llm-gateway"}, tree
+    assert takes == {"analytics", "memory"}, tree
+    (admit,) = [s for s in below if s.name == "llm.limits.admit"]
+    assert admit.service == "llm-gateway" and admit.attributes["finsight.ratelimit.caller"]
