@@ -56,6 +56,7 @@ from services.memory.models import (
 )
 from services.memory.recall_index import Corpus, UserIndex
 from services.memory.storage_pg import (
+    _BM25_CTES,
     _FILTER,
     _LIVE,
     _US_PER_DAY,
@@ -110,25 +111,7 @@ _K1, _B = recall.K1, recall.B
 # BM25 that pass the filter, and the n best by the lexical score (recency and importance
 # count too); 2 = (live facts, avgdl). Same statistics as storage_pg.RECALL_TERMS.
 LEXICAL = f"""
-    WITH stats AS MATERIALIZED (
-        SELECT count(*)::float8 AS n, sum(f.doc_len)::float8 / count(*) AS avgdl
-        FROM facts f WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND {_LIVE}),
-    hits AS MATERIALIZED (
-        SELECT t.fact_no, t.term_key, t.tf, f.doc_len
-        FROM fact_terms t
-        JOIN facts f ON f.tenant = t.tenant AND f.user_id = t.user_id AND f.fact_no = t.fact_no
-        WHERE t.tenant = %(tenant)s AND t.user_id = %(user_id)s
-          AND t.term_key = ANY(%(keys)b::bigint[]) AND {_LIVE}),
-    df AS MATERIALIZED (SELECT h.term_key, count(*)::float8 AS df FROM hits h GROUP BY h.term_key),
-    bm AS MATERIALIZED (
-        SELECT h.fact_no,
-               sum(ln(1::float8 + (s.n - d.df + 0.5::float8) / (d.df + 0.5::float8)) * h.tf
-                   * {_K1 + 1!r}::float8
-                   / (h.tf + {_K1!r}::float8 * (1::float8 - {_B!r}::float8
-                        + {_B!r}::float8 * h.doc_len / s.avgdl))) AS bm25
-        FROM hits h JOIN df d ON d.term_key = h.term_key CROSS JOIN stats s
-        GROUP BY h.fact_no),
-    cand AS MATERIALIZED (
+{_BM25_CTES}    cand AS MATERIALIZED (
         SELECT b.fact_no, f.fact_id, b.bm25,
                %(w_bm25)s::float8 * b.bm25 / max(b.bm25) OVER ()
                    + %(w_rec)s::float8 * exp(-ln(2::float8)

@@ -303,7 +303,10 @@ _RANKED = """
     SELECT s.fact_no, s.bm25, s.bm25_norm, s.recency, s.importance, s.score FROM scored s
     ORDER BY round(s.score * 1e12::float8) / 1e12::float8 DESC, s.fact_id
     LIMIT %(k)s""".format(created_us=_us("c.created_at"))
-RECALL_TERMS = f"""
+# BM25 of the query terms over the user's live facts: the CTEs `stats` (N, avgdl), `hits`,
+# `df` and `bm` (fact_no, bm25), shared by RECALL_TERMS and the pgvector path's candidates
+# (services/memory/pgvector.py), so both score with the same statistics.
+_BM25_CTES = f"""
     WITH stats AS MATERIALIZED (
         SELECT count(*)::float8 AS n, sum(f.doc_len)::float8 / count(*) AS avgdl
         FROM facts f WHERE f.tenant = %(tenant)s AND f.user_id = %(user_id)s AND {_LIVE}),
@@ -322,7 +325,9 @@ RECALL_TERMS = f"""
                         + {_B!r}::float8 * h.doc_len / s.avgdl))) AS bm25
         FROM hits h JOIN df d ON d.term_key = h.term_key CROSS JOIN stats s
         GROUP BY h.fact_no),
-    cand AS (
+"""
+RECALL_TERMS = f"""
+{_BM25_CTES}    cand AS (
         SELECT f.fact_no, f.fact_id, f.importance, f.created_at, b.bm25
         FROM bm b
         JOIN facts f ON f.tenant = %(tenant)s AND f.user_id = %(user_id)s
