@@ -194,8 +194,11 @@ def parse_operations(answer: str, known_ids: set[str]) -> tuple[list[Proposal], 
     (malformed, unknown op, empty or oversized text). An UPDATE naming a fact the model
     was not shown becomes an ADD: a proposal never closes a fact it could not see."""
     ops = operations_of(answer)
-    if ops is None:
-        return [], 1
+    return ([], 1) if ops is None else proposals_of(ops, known_ids)
+
+
+def proposals_of(ops: list[Any], known_ids: set[str]) -> tuple[list[Proposal], int]:
+    """`parse_operations` for an answer's `operations` list, already parsed."""
     out: list[Proposal] = []
     refused = 0
     for item in ops[: MAX_PROPOSALS * 2]:
@@ -372,10 +375,7 @@ class Extractor:
             return "throttled"
         started = time.perf_counter()
         try:
-            if job.fresh:
-                answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt, fresh=True)
-            else:
-                answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt)
+            answer = await self.completer.complete_json(SYSTEM_PROMPT, prompt, fresh=job.fresh)
         except ExtractionUnavailable as exc:
             # A refusal of this job (INVALID_ARGUMENT…) is an answer: only an outage probes.
             self.gateway_ok = not exc.transient
@@ -386,11 +386,12 @@ class Extractor:
         finally:
             metrics.EXTRACTION_SECONDS.observe(time.perf_counter() - started)
         self.gateway_ok = True
-        if operations_of(answer) is None:  # not an answer at all: the turns stay unhandled
+        ops = operations_of(answer)
+        if ops is None:  # not an answer at all: the turns stay unhandled
             log.warning("fact extraction skipped: the model's answer does not parse")
             await self._failed(job, "unparseable")
             return "unparseable"
-        proposals, refused = parse_operations(answer, {f.fact_id for f in known})
+        proposals, refused = proposals_of(ops, {f.fact_id for f in known})
         if refused:
             metrics.EXTRACTION_PROPOSALS.labels("refused").inc(refused)
         await self._handle(job, proposals)
